@@ -1,0 +1,11 @@
+"""The one exception type for bad user input.
+
+Every check of a user-supplied value (a name, a path, a number, a config key)
+raises :class:`CstarError` with a single-line message that names the problem
+and the fix. The CLI prints it as ``error: <message>`` and exits with code 2,
+so users never see a traceback from deep inside torch.
+"""
+
+
+class CstarError(ValueError):
+    """Bad user input: the message names the problem and how to fix it."""
