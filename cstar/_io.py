@@ -1,0 +1,105 @@
+"""Atomic files, checkpoints and run directories.
+
+Everything cstar writes goes through :func:`atomic_write_bytes` (a temporary
+file in the target's directory, flushed and fsynced, then ``os.replace``), so a
+killed process or a full disk never leaves a half-written file behind: the
+previous version stays intact. Checkpoints hold only tensors and plain Python
+values and are read back with ``torch.load(weights_only=True)``, which never
+unpickles arbitrary code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._errors import CstarError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; the parent directory must exist."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON record as a line (a log: appends are not atomic, lines are)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+    """Save a dict of tensors and plain values atomically (loadable with weights_only)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint`, refusing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CstarError(f"checkpoint {path} does not exist: pass the path of a checkpoint.pt written by 'cstar train'")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CstarError(
+            f"cannot read checkpoint {path} ({first_line[:160]}): it is corrupt, truncated or not a cstar "
+            "checkpoint; cstar only loads tensors and plain values (weights_only), never pickled code"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CstarError(f"{path} is not a cstar checkpoint (no 'model' entry): pass a checkpoint.pt written by 'cstar train'")
+    return state
+
+
+def prepare_run_dir(path: str | os.PathLike, *, force: bool = False, resume: bool = False) -> Path:
+    """Create the output directory of a run.
+
+    An existing non-empty directory is an error unless ``resume`` (keep it) or
+    ``force`` (empty it first) is given.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CstarError(f"output path {path} is a file: choose a directory with --out")
+    if path.is_dir() and any(path.iterdir()):
+        if resume:
+            return path
+        if not force:
+            raise CstarError(
+                f"output directory {path} already exists and is not empty: pass --force to overwrite it, "
+                "--resume to continue its run, or choose another --out"
+            )
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CstarError(f"cannot create output directory {path} ({exc.strerror}): choose a writable --out") from None
+    return path

@@ -1,0 +1,113 @@
+"""AttackSpec: one attack with its settings, as named in configs and result tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+from torch import nn
+
+from cstar._errors import CstarError
+from cstar.attacks._autoattack import autoattack
+from cstar.attacks._common import check_count, check_norm, check_number
+from cstar.attacks._gradient import fgsm, nfgsm, pgd
+
+NAMES = ("fgsm", "pgd", "nfgsm", "autoattack")
+_FORMS = "'fgsm', 'fgsm-rs', 'nfgsm', 'pgd<steps>' (e.g. 'pgd20'), 'pgd<steps>x<restarts>' (e.g. 'pgd50x5'), 'aa' or 'autoattack'"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+    """An attack and its settings; call it as ``spec(model, x, y, **options)``.
+
+    Fields:
+        name: "fgsm", "pgd", "nfgsm" or "autoattack".
+        eps: radius in input units (e.g. 8/255).
+        step: step size; ``None`` uses the attack's default (PGD: ``eps / 4``,
+            i.e. 2/255 at 8/255; FGSM: ``eps``, or ``1.25 * eps`` with random
+            start; N-FGSM: ``eps``). Not used by AutoAttack.
+        steps: iterations (PGD only; 1 otherwise).
+        norm: "linf" or "l2" (N-FGSM: "linf" only).
+        random_start: FGSM and PGD only; ``None`` uses the attack's default
+            (FGSM: False, PGD: True).
+        restarts: PGD only; see :func:`cstar.attacks.pgd`.
+    """
+
+    name: str
+    eps: float
+    step: float | None = None
+    steps: int = 1
+    norm: str = "linf"
+    random_start: bool | None = None
+    restarts: int = 1
+
+    def __post_init__(self) -> None:
+        if self.name not in NAMES:
+            raise CstarError(f"unknown attack {self.name!r}; use one of {', '.join(map(repr, NAMES))}")
+        check_number("eps", self.eps)
+        check_norm(self.norm)
+        if self.step is not None:
+            check_number("step", self.step, positive=True)
+        check_count("steps", self.steps)
+        check_count("restarts", self.restarts)
+        if self.name != "pgd" and (self.steps != 1 or self.restarts != 1):
+            raise CstarError(f"{self.name} takes one step and no restarts; use name='pgd' for steps or restarts")
+        if self.name == "nfgsm" and self.norm != "linf":
+            raise CstarError("nfgsm is an L-inf attack; pass norm='linf' or use 'pgd' for L2")
+        if self.name in ("nfgsm", "autoattack") and self.random_start is not None:
+            raise CstarError(f"{self.name} has no random_start setting; leave it None")
+        if self.name == "autoattack" and self.step is not None:
+            raise CstarError("autoattack chooses its own step sizes; leave step None")
+
+    @property
+    def label(self) -> str:
+        """Short name for tables: "fgsm", "fgsm-rs", "nfgsm", "pgd20", "pgd50x5", "autoattack"."""
+        if self.name == "fgsm":
+            return "fgsm-rs" if self.random_start else "fgsm"
+        if self.name == "pgd":
+            return f"pgd{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
+        return self.name
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **options) -> torch.Tensor:
+        """Run the attack; ``options`` go to the attack function (e.g. ``amp_dtype``,
+        ``model_mode``, ``generator`` for gradient attacks; ``batch_size``, ``log``
+        for AutoAttack)."""
+        if self.name == "autoattack":
+            return autoattack(model, x, y, self.eps, norm=self.norm, **options)
+        if self.name == "nfgsm":
+            return nfgsm(model, x, y, self.eps, step=self.step, **options)
+        if self.name == "fgsm":
+            return fgsm(
+                model, x, y, self.eps, norm=self.norm, random_start=bool(self.random_start), step=self.step, **options
+            )
+        step = self.eps / 4 if self.step is None else self.step
+        random_start = True if self.random_start is None else self.random_start
+        return pgd(
+            model, x, y, self.eps, step, self.steps,
+            norm=self.norm, random_start=random_start, restarts=self.restarts, **options,
+        )
+
+
+def parse_attack(text: str, eps: float, norm: str = "linf", step: float | None = None) -> AttackSpec:
+    """Parse an attack name such as "fgsm", "pgd20", "pgd50x5" or "aa" into an :class:`AttackSpec`.
+
+    Forms: "fgsm", "fgsm-rs" (random start), "nfgsm", "pgd<steps>",
+    "pgd<steps>x<restarts>", "aa" / "autoattack" (case-insensitive). ``eps``,
+    ``norm`` and ``step`` fill the spec; ``step=None`` keeps the attack's default.
+    ``parse_attack(spec.label, spec.eps, spec.norm, spec.step)`` gives back
+    ``spec`` when its ``random_start`` is the default (``None``).
+    """
+    key = text.strip().lower() if isinstance(text, str) else ""
+    if key in ("fgsm", "fgsm-rs"):
+        return AttackSpec("fgsm", eps, step=step, norm=norm, random_start=True if key == "fgsm-rs" else None)
+    if key == "nfgsm":
+        return AttackSpec("nfgsm", eps, step=step, norm=norm)
+    if key in ("aa", "autoattack"):
+        return AttackSpec("autoattack", eps, step=step, norm=norm)
+    match = re.fullmatch(r"pgd(\d+)(?:x(\d+))?", key)
+    if match:
+        return AttackSpec(
+            "pgd", eps, step=step, steps=int(match[1]), norm=norm, restarts=int(match[2] or 1)
+        )
+    raise CstarError(f"unknown attack {text!r}; use one of {_FORMS}")

@@ -1,0 +1,372 @@
+"""The ``cstar`` command line: ``train``, ``eval``, ``info`` and ``demo``.
+
+Every option can also come from a YAML or JSON file given with ``--config``
+(keys are the long option names with dashes or underscores; flags given on the
+command line win). A run's resolved options are saved to ``config.yaml`` in its
+output directory, beside ``env.json`` (versions, device, seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import __version__, data, models
+from ._env import environment
+from ._errors import CstarError
+from ._io import atomic_write_text, load_checkpoint, prepare_run_dir, save_checkpoint, write_json
+from .counting import count_flops, count_params, format_table, layer_table
+from .evaluate import evaluate, format_results
+from .train import METHODS, OPTIMIZERS, SCHEDULES, TrainConfig, fit
+
+# Options that control the command itself and are not saved to config.yaml.
+_NOT_SAVED = {"command", "config", "force", "resume", "func"}
+
+
+def parse_eps(text: str) -> float:
+    """A radius given as a decimal (``0.3``) or a fraction (``8/255``)."""
+    try:
+        value = float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number: write e.g. 0.3 or 8/255") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: inputs are in [0, 1], so use 0 <= eps <= 1")
+    return value
+
+
+def _model_kwargs(pairs: list[str]) -> dict:
+    """``["width=16", "dropout=0.1"]`` -> ``{"width": 16, "dropout": 0.1}`` (values parsed as YAML)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise CstarError(f"--model-arg '{pair}' is not KEY=VALUE: write e.g. --model-arg width=16")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CstarError(f"--device {name} but no CUDA GPU is visible: use --device cpu, or install a CUDA build of torch")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise CstarError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from None
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required, help=f"dataset: {', '.join(sorted(data.DATASETS))}")
+    g.add_argument("--root", default=None, help="dataset root folder (default: $CSTAR_DATA or ~/.cache/cstar/data)")
+    g.add_argument("--download", action="store_true", help="download the official archive if it is missing")
+    g.add_argument("--eps", type=parse_eps, default=None,
+                   help="L-inf radius, e.g. 8/255 (default: the dataset's threat model: mnist 0.3, fashion_mnist 0.1, cifar 8/255)")
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=required, help=f"architecture: {', '.join(models.list_models())}")
+    g.add_argument("--width", type=int, default=None, help="base width of resnet18 / preact_resnet18 (64 in the paper)")
+    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra keyword for the model builder, e.g. widen_factor=4 (repeatable)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="output directory (default: runs/<command>-<model>-<data>-<time>)")
+    g.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    g.add_argument("--config", default=None, help="YAML/JSON file of option values (command-line flags win)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cstar", description="Compact, structured and adversarially robust CNNs.")
+    parser.add_argument("--version", action="version", version=f"cstar {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="adversarially train a dense model",
+                       description="Adversarially train a model (PGD-AT, FGSM-RS, N-FGSM or TRADES) and evaluate it.")
+    _add_model_args(t)
+    _add_data_args(t)
+    d = TrainConfig.__dataclass_fields__
+    g = t.add_argument_group("training")
+    g.add_argument("--method", choices=METHODS, default="pgd", help="training attack/objective (default: pgd)")
+    g.add_argument("--epochs", type=int, default=d["epochs"].default)
+    g.add_argument("--batch-size", type=int, default=d["batch_size"].default)
+    g.add_argument("--attack-steps", type=int, default=d["attack_steps"].default, help="PGD/TRADES steps (default: 10)")
+    g.add_argument("--attack-step", type=parse_eps, default=None,
+                   help="attack step size (default: 2.5*eps/steps for PGD, 1.25*eps for FGSM-RS, eps for N-FGSM)")
+    g.add_argument("--eps-warmup", type=float, default=0.0, help="epochs over which eps ramps up from 0 (default: 0)")
+    g.add_argument("--trades-beta", type=float, default=d["trades_beta"].default)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    g.add_argument("--lr", type=float, default=d["lr"].default, help="peak learning rate (default: 0.1)")
+    g.add_argument("--momentum", type=float, default=d["momentum"].default)
+    g.add_argument("--weight-decay", type=float, default=d["weight_decay"].default)
+    g.add_argument("--schedule", choices=SCHEDULES, default="cosine")
+    g.add_argument("--warmup-epochs", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value")
+    g.add_argument("--amp", action="store_true", help="mixed precision (float16 autocast) on CUDA")
+    g.add_argument("--val-size", type=int, default=1000,
+                   help="training images held out (from the end) for the per-epoch PGD check (default: 1000)")
+    g.add_argument("--check-size", type=int, default=d["check_size"].default)
+    g.add_argument("--select", choices=("last", "best"), default="last",
+                   help="keep the last epoch or the one with the best PGD check (default: last)")
+    g.add_argument("--no-overfit-guard", action="store_true",
+                   help="do not stop when the PGD check collapses (catastrophic overfitting)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    e = t.add_argument_group("final evaluation")
+    e.add_argument("--eval-attacks", default="clean,pgd20", help="comma-separated (default: clean,pgd20)")
+    e.add_argument("--eval-n", type=int, default=None, help="evaluate the first N test images (default: all)")
+    _add_run_args(t)
+    t.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint under attack",
+                        description="Clean, FGSM, PGD-k and AutoAttack accuracy of a saved model.")
+    ev.add_argument("checkpoint", help="checkpoint.pt (or best.pt) written by 'cstar train'")
+    _add_data_args(ev, required=False)
+    ev.add_argument("--attacks", default="clean,pgd20", help="comma-separated: clean, fgsm, pgdK, aa (default: clean,pgd20)")
+    ev.add_argument("--step", type=parse_eps, default=None, help="PGD step size (default: eps/4)")
+    ev.add_argument("--n", type=int, default=None, help="evaluate the first N test images (default: all)")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--json", default=None, help="write a RobustBench-style JSON here")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--config", default=None, help="YAML/JSON file of option values")
+    ev.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="parameters and MACs per layer of a model",
+                       description="Print a model's layers with parameters, MACs (multiply-accumulates) and output shapes.")
+    i.add_argument("checkpoint", nargs="?", default=None, help="a checkpoint (or give --model)")
+    _add_model_args(i, required=False)
+    i.add_argument("--data", default=None, help="dataset whose input shape and classes to use (default: cifar10)")
+    i.add_argument("--num-classes", type=int, default=None)
+    i.add_argument("--config", default=None)
+    i.set_defaults(func=cmd_info)
+
+    m = sub.add_parser("demo", help="a small robust training run on scikit-learn's digits (no download)",
+                       description="Adversarially train a small CNN on scikit-learn's 8x8 digits and print a results table.")
+    m.add_argument("--out", default=None, help="output directory (default: runs/demo-<time>)")
+    m.add_argument("--epochs", type=int, default=30)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--force", action="store_true")
+    m.add_argument("--config", default=None)
+    m.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise CstarError(f"config file {p} does not exist: pass the path of a YAML or JSON file")
+    try:
+        values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise CstarError(f"config file {p} is not valid YAML/JSON ({str(exc).splitlines()[0]}): fix its syntax") from None
+    if not isinstance(values, dict):
+        raise CstarError(f"config file {p} must hold a mapping of option: value, not a {type(values).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line, with defaults taken from ``--config`` when given."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        values = _load_config_file(args.config)
+        sub = parser._subparsers._group_actions[0].choices[args.command]  # the chosen subcommand's parser
+        known = {a.dest for a in sub._actions} - {"help"} - _NOT_SAVED
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CstarError(f"unknown option(s) {', '.join(unknown)} in {args.config}: valid options for "
+                             f"'cstar {args.command}' are {', '.join(sorted(known))}")
+        for key in ("eps", "attack_step", "step"):
+            if isinstance(values.get(key), str):
+                try:
+                    values[key] = parse_eps(values[key])
+                except argparse.ArgumentTypeError as exc:
+                    raise CstarError(f"{key} in {args.config}: {exc}") from None
+        sub.set_defaults(**values)
+        args = parser.parse_args(argv)
+    return args
+
+
+def _build_model(args: argparse.Namespace, spec: data.DatasetSpec, num_classes: int) -> torch.nn.Module:
+    kwargs = _model_kwargs(args.model_arg)
+    if args.width is not None:
+        kwargs["width"] = args.width
+    c, h, _ = spec.image_shape
+    return models.create(args.model, num_classes, in_channels=c, input_size=h, mean=spec.mean, std=spec.std, **kwargs)
+
+
+def _default_out(kind: str, *parts: str) -> Path:
+    return Path("runs") / "-".join([kind, *[p for p in parts if p], time.strftime("%Y%m%d-%H%M%S")])
+
+
+def _split_validation(train_set, val_size: int):
+    """Hold out the last ``val_size`` training images for the per-epoch check."""
+    if val_size <= 0:
+        return train_set, None
+    if val_size >= len(train_set):
+        raise CstarError(f"--val-size {val_size} leaves no training data ({len(train_set)} images): use a smaller value")
+    n = len(train_set) - val_size
+    return train_set.subset(torch.arange(n)), train_set.subset(torch.arange(n, len(train_set)))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    spec = data.DATASETS.get(args.data)
+    if spec is None:
+        raise CstarError(f"unknown dataset '{args.data}': choose one of {', '.join(sorted(data.DATASETS))}")
+    eps = spec.eps if args.eps is None else args.eps
+    config = TrainConfig(
+        method=args.method, epochs=args.epochs, batch_size=args.batch_size, eps=eps,
+        attack_steps=args.attack_steps, attack_step=args.attack_step, eps_warmup_epochs=args.eps_warmup,
+        trades_beta=args.trades_beta, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
+        grad_clip=args.grad_clip, amp=args.amp, check_size=args.check_size, overfit_guard=not args.no_overfit_guard,
+        select=args.select, seed=args.seed, progress=not args.no_progress)
+    eval_attacks = [a.strip() for a in args.eval_attacks.split(",") if a.strip()]
+    device = _device(args.device)
+    train_set = data.load(args.data, args.root, split="train", download=args.download)
+    test_set = data.load(args.data, args.root, split="test", download=args.download)
+    model = _build_model(args, train_set.spec, train_set.num_classes).to(device)
+    train_part, val_part = _split_validation(train_set, args.val_size)
+    out = prepare_run_dir(args.out or _default_out("train", args.model, args.data), force=args.force, resume=args.resume)
+    saved = {k: v for k, v in vars(args).items() if k not in _NOT_SAVED}
+    atomic_write_text(out / "config.yaml", yaml.safe_dump({**saved, "eps": eps}, sort_keys=False))
+    write_json(out / "env.json", environment(device, args.seed))
+    print(f"cstar train: {args.model} on {args.data} ({len(train_part)} train / {len(test_set)} test images), "
+          f"{args.method} eps={eps:.4g}, {count_params(model):,} parameters, device {device}; output in {out}")
+
+    loader = data.make_loader(train_part, config.batch_size, train=True, device=device, seed=args.seed)
+    val = None
+    if val_part is not None:
+        val = (val_part.images.to(device).float() / 255, val_part.labels.to(device))
+    t0 = time.perf_counter()
+    history = fit(model, loader, config, val=val, out_dir=out, resume=args.resume)
+    train_seconds = time.perf_counter() - t0
+    save_checkpoint(out / "model.pt", {"model": model.state_dict(), "model_config": model.cstar_config,
+                                       "dataset": args.data, "eps": eps})
+    result = evaluate(model, test_set, eval_attacks, eps=eps, n=args.eval_n, seed=args.seed,
+                      out_path=out / "results.json",
+                      meta={"model": args.model, "dataset": args.data, "method": args.method,
+                            "epochs_run": len(history), "train_seconds": round(train_seconds, 1)})
+    print(format_results({f"{args.model} ({args.method})": result}))
+    print(f"trained in {train_seconds / 60:.1f} min; results in {out / 'results.json'}, model in {out / 'model.pt'}")
+    return 0
+
+
+def _model_from_checkpoint(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    state = load_checkpoint(path, map_location=device)
+    config = state.get("model_config")
+    if not config:
+        raise CstarError(f"{path} has no model description (model_config): it was not written by 'cstar train'")
+    model = models.create(**config)
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if missing or unexpected:
+        raise CstarError(f"{path} does not match its architecture '{config['name']}' "
+                         f"(missing {len(missing)}, unexpected {len(unexpected)} tensors): the file is corrupt or edited")
+    return model.to(device), state
+
+
+def _run_config_beside(path: str) -> dict:
+    """The config.yaml of the run a checkpoint belongs to, if there is one."""
+    cfg = Path(path).parent / "config.yaml"
+    return yaml.safe_load(cfg.read_text(encoding="utf-8")) if cfg.is_file() else {}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    model, state = _model_from_checkpoint(args.checkpoint, device)
+    run = _run_config_beside(args.checkpoint)
+    name = args.data or state.get("dataset") or run.get("data")
+    if name is None:
+        raise CstarError(f"which dataset? {args.checkpoint} does not say: pass --data")
+    root = args.root if args.root is not None else run.get("root")
+    test_set = data.load(name, root, split="test", download=args.download)
+    if test_set.num_classes != model.cstar_config["num_classes"]:
+        raise CstarError(f"{args.checkpoint} predicts {model.cstar_config['num_classes']} classes but {name} has "
+                         f"{test_set.num_classes}: evaluate it on the dataset it was trained on")
+    eps = args.eps if args.eps is not None else state.get("eps", test_set.spec.eps)
+    attacks_to_run = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    result = evaluate(model, test_set, attacks_to_run, eps=eps, step=args.step, n=args.n, batch_size=args.batch_size,
+                      seed=args.seed, out_path=args.json, progress=True,
+                      meta={"model": model.cstar_config["name"], "dataset": name, "checkpoint": str(args.checkpoint)})
+    print(format_results({Path(args.checkpoint).parent.name or "model": result}))
+    print(f"{result['subset']} of the {name} test set, eps={eps:.4g}; seconds per attack: {result['seconds']}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    if args.checkpoint:
+        model, _ = _model_from_checkpoint(args.checkpoint, torch.device("cpu"))
+        cfg = model.cstar_config
+        shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+    else:
+        if not args.model:
+            raise CstarError("give a checkpoint or --model NAME")
+        spec = data.DATASETS.get(args.data or "cifar10")
+        if spec is None:
+            raise CstarError(f"unknown dataset '{args.data}': choose one of {', '.join(sorted(data.DATASETS))}")
+        model = _build_model(args, spec, args.num_classes or spec.num_classes)
+        shape = spec.image_shape
+    rows = layer_table(model, shape)
+    print(format_table(rows))
+    print(f"parameters: {count_params(model):,}   MACs per image: {count_flops(model, shape):,}   input: {tuple(shape)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """PGD adversarial training of small_cnn on scikit-learn's digits, then a robustness table."""
+    spec = data.DATASETS["digits"]
+    torch.manual_seed(args.seed)
+    train_set = data.load("digits", split="train")
+    test_set = data.load("digits", split="test")
+    out = prepare_run_dir(args.out or _default_out("demo"), force=args.force)
+    write_json(out / "env.json", environment("cpu", args.seed))
+    c, h, _ = spec.image_shape
+    rows = {}
+    for method in ("clean", "pgd"):
+        torch.manual_seed(args.seed)
+        model = models.create("small_cnn", spec.num_classes, in_channels=c, input_size=h, mean=spec.mean, std=spec.std)
+        config = TrainConfig(method=method, epochs=args.epochs, batch_size=64, eps=spec.eps, attack_steps=7,
+                             optimizer="adam", lr=2e-3, weight_decay=1e-4, check_size=0, seed=args.seed,
+                             progress=False)
+        atomic_write_text(out / f"config-{method}.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        t0 = time.perf_counter()
+        fit(model, data.make_loader(train_set, config.batch_size, train=True, seed=args.seed), config)
+        seconds = time.perf_counter() - t0
+        rows[f"small_cnn, {method} training"] = evaluate(model, test_set, ("clean", "fgsm", "pgd20"), eps=spec.eps,
+                                                         seed=args.seed)
+        print(f"trained small_cnn with {method} training in {seconds:.1f} s", flush=True)
+    write_json(out / "results.json", rows)
+    print(f"\nscikit-learn digits, {len(test_set)} test images, L-inf eps={spec.eps}: accuracy (%)")
+    print(format_results(rows))
+    print(f"results in {out / 'results.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        return args.func(args)
+    except CstarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Robust evaluation: clean, FGSM, PGD-k and AutoAttack accuracy.
+
+:func:`evaluate` streams the test set batch by batch (adversarial examples are
+never all held in memory), runs every attack on the same inputs with the model
+in eval mode, and returns accuracies in [0, 1]. With ``out_path`` it also writes
+a JSON in the spirit of RobustBench's model cards (accuracies in percent).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import attacks
+from ._errors import CstarError
+from ._io import write_json
+
+DEFAULT_ATTACKS = ("clean", "pgd20")
+
+
+def _batches(data, n: int | None, batch_size: int, device: torch.device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x float in [0,1], y) batches of the first ``n`` examples of ``data`` on ``device``.
+
+    ``data`` is a dataset with ``images``/``labels`` tensors (uint8 images are
+    scaled by 1/255), an ``(images, labels)`` pair, or an iterable of batches.
+    """
+    if hasattr(data, "images") and hasattr(data, "labels"):
+        data = (data.images, data.labels)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
+        x_all, y_all = data
+        if len(x_all) != len(y_all):
+            raise CstarError(f"{len(x_all)} images but {len(y_all)} labels: pass matching images and labels")
+        count = len(x_all) if n is None else min(n, len(x_all))
+        for i in range(0, count, batch_size):
+            x = x_all[i:min(i + batch_size, count)].to(device)
+            x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+            yield x, y_all[i:min(i + batch_size, count)].to(device)
+        return
+    seen = 0
+    for x, y in data:
+        if n is not None and seen >= n:
+            return
+        if n is not None and seen + len(y) > n:
+            x, y = x[:n - seen], y[:n - seen]
+        seen += len(y)
+        x = x.to(device)
+        yield (x.float() / 255 if x.dtype == torch.uint8 else x), y.to(device)
+
+
+def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.AttackSpec] = DEFAULT_ATTACKS, *,
+             eps: float, norm: str = "linf", step: float | None = None, n: int | None = None, batch_size: int = 256,
+             seed: int = 0, out_path: str | Path | None = None, meta: dict | None = None,
+             progress: bool = False) -> dict:
+    """Accuracy of ``model`` on ``data`` under each attack.
+
+    ``attacks_to_run`` holds ``"clean"``, attack names understood by
+    :func:`cstar.attacks.parse_attack` (``"fgsm"``, ``"pgd20"``, ``"aa"``...) or
+    :class:`~cstar.attacks.AttackSpec` objects. ``n`` evaluates the first ``n``
+    examples (all when None). ``step`` overrides the PGD step (default from
+    ``parse_attack``). Returns ``{"accuracy": {label: float}, "n_examples": int,
+    "subset": str, "eps": float, "norm": str, "seconds": {label: float}}``.
+    """
+    if n is not None and n < 1:
+        raise CstarError(f"n={n}: evaluate at least one example, or pass n=None for the whole set")
+    specs = []
+    for a in attacks_to_run:
+        if isinstance(a, attacks.AttackSpec) or a == "clean":
+            specs.append(a)
+        else:
+            specs.append(attacks.parse_attack(a, eps, norm=norm, step=step))
+    labels = [s if s == "clean" else s.label for s in specs]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = dict.fromkeys(labels, 0)
+    seconds = dict.fromkeys(labels, 0.0)
+    total = 0
+    torch.manual_seed(seed)
+    try:
+        for xb, yb in _batches(data, n, batch_size, device):
+            total += len(yb)
+            for spec, label in zip(specs, labels):
+                t0 = time.perf_counter()
+                x_eval = xb if spec == "clean" else spec(model, xb, yb)
+                with torch.no_grad():
+                    correct[label] += (model(x_eval).argmax(1) == yb).sum().item()
+                seconds[label] += time.perf_counter() - t0
+            if progress:
+                print(f"  {total} images: " + "  ".join(f"{k} {correct[k] / total:.4f}" for k in labels), flush=True)
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise CstarError("the evaluation data is empty: pass a dataset with at least one example")
+    result = {
+        "accuracy": {k: correct[k] / total for k in labels},
+        "n_examples": total,
+        "subset": f"first {total} examples" if n is not None else f"all {total} examples",
+        "eps": eps,
+        "norm": norm,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    }
+    if out_path is not None:
+        write_json(out_path, robustbench_card(result, meta or {}))
+    return result
+
+
+def robustbench_card(result: dict, meta: dict) -> dict:
+    """A RobustBench-style model card: accuracies in percent, threat model, eps."""
+    acc = result["accuracy"]
+    card = {
+        **meta,
+        "threat_model": {"linf": "Linf", "l2": "L2"}.get(result["norm"], result["norm"]),
+        "eps": result["eps"],
+        "n_examples": result["n_examples"],
+        "subset": result["subset"],
+    }
+    for label, value in acc.items():
+        key = "autoattack_acc" if label == "autoattack" else f"{label}_acc"
+        card[key] = round(100 * value, 2)
+    card["seconds"] = result["seconds"]
+    return card
+
+
+def format_results(rows: dict[str, dict], labels: Sequence[str] | None = None) -> str:
+    """A markdown table: one row per model/phase, one column per attack (percent)."""
+    labels = list(labels or next(iter(rows.values()))["accuracy"].keys())
+    lines = ["| model | n | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for name, res in rows.items():
+        cells = [f"{100 * res['accuracy'][k]:.2f}" if k in res["accuracy"] else "-" for k in labels]
+        lines.append(f"| {name} | {res['n_examples']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

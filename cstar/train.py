@@ -1,0 +1,354 @@
+"""Adversarial training: PGD-AT (Madry), FGSM-RS, N-FGSM and TRADES.
+
+:func:`fit` trains any ``nn.Module`` that maps images in [0, 1] to logits. Each
+epoch it logs a JSON record (loss, adversarial training accuracy, learning rate,
+images per second, and a PGD check on a held-out set), writes a checkpoint
+atomically, and watches the PGD check for catastrophic overfitting (the robust
+accuracy of single-step training collapsing while training accuracy rises):
+when it happens, training stops and the best epoch's weights are restored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import attacks
+from ._errors import CstarError
+from ._io import append_jsonl, load_checkpoint, save_checkpoint
+
+METHODS = ("pgd", "fgsm_rs", "nfgsm", "trades", "clean")
+SCHEDULES = ("cosine", "onecycle", "multistep", "constant")
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of an adversarial training run (defaults: CIFAR-10, PGD-10 AT).
+
+    ``eps`` and ``attack_step`` are L-inf radii in input units ([0, 1] images).
+    ``attack_step=None`` picks the method's usual step: ``2.5 * eps / attack_steps``
+    for PGD and TRADES, ``1.25 * eps`` for FGSM-RS, ``eps`` for N-FGSM.
+    ``eps_warmup_epochs`` ramps eps linearly from 0 (helps MNIST at eps 0.3).
+    ``lr`` is the peak learning rate; ``warmup_epochs`` ramps it linearly first.
+    ``check_size`` images of the validation set get a PGD-``check_steps`` check
+    after every epoch; ``select="best"`` keeps the epoch with the best check.
+    """
+
+    method: str = "pgd"
+    epochs: int = 10
+    batch_size: int = 128
+    eps: float = 8 / 255
+    attack_steps: int = 10
+    attack_step: float | None = None
+    eps_warmup_epochs: float = 0.0
+    trades_beta: float = 6.0
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    grad_clip: float | None = None
+    amp: bool = False
+    check_size: int = 512
+    check_steps: int = 10
+    overfit_guard: bool = True
+    select: str = "last"
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`CstarError` on a value that cannot work."""
+        _choice("method", self.method, METHODS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("select", self.select, ("last", "best"))
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and 0 <= self.eps <= 1):
+            raise CstarError(f"eps={self.eps} is out of range: inputs are in [0, 1], so use 0 <= eps <= 1 (e.g. 8/255 = {8/255:.5f})")
+        if self.method not in ("clean",) and self.eps == 0:
+            raise CstarError(f"eps=0 with method '{self.method}' is clean training: pass --method clean or a positive --eps")
+        for name in ("epochs", "batch_size", "attack_steps", "check_steps"):
+            if int(getattr(self, name)) < 1:
+                raise CstarError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.check_size < 0:
+            raise CstarError(f"check_size={self.check_size} must be >= 0 (0 turns the per-epoch PGD check off)")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise CstarError(f"lr={self.lr} must be a positive number")
+        if self.weight_decay < 0:
+            raise CstarError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.attack_step is not None and not self.attack_step > 0:
+            raise CstarError(f"attack_step={self.attack_step} must be positive (or omitted for the method's default)")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise CstarError(f"grad_clip={self.grad_clip} must be positive (or omitted to turn clipping off)")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from a dict (e.g. a YAML config); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CstarError(f"unknown training option(s) {', '.join(unknown)}: valid options are {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def step_size(self) -> float:
+        if self.attack_step is not None:
+            return self.attack_step
+        if self.method in ("pgd", "trades"):
+            return 2.5 * self.eps / self.attack_steps
+        if self.method == "fgsm_rs":
+            return 1.25 * self.eps
+        return self.eps
+
+
+def _choice(name: str, value: str, valid: Iterable[str]) -> None:
+    if value not in valid:
+        raise CstarError(f"unknown {name} '{value}': choose one of {', '.join(valid)}")
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay on all parameters) or Adam (decoupled weight decay)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adam":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at optimiser step ``step`` (0-based), in [0, 1]."""
+    total = config.epochs * steps_per_epoch
+    warmup = config.warmup_epochs * steps_per_epoch
+    if config.schedule == "onecycle":
+        # Triangle: 0 -> peak at 40% of the run -> 0 at the end (Wong et al. 2020).
+        peak = 0.4 * total
+        return step / peak if step < peak else max(0.0, (total - step) / (total - peak))
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1.0, total - warmup)
+    if config.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if config.schedule == "multistep":
+        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+    return 1.0
+
+
+def _training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, eps: float,
+                   amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The method's loss on one batch, and the logits it was computed from."""
+    step = config.step_size() * (eps / config.eps if config.eps else 1.0)
+    if config.method == "clean" or eps == 0:
+        x_train = x
+    elif config.method == "pgd":
+        x_train = attacks.pgd(model, x, y, eps, step, config.attack_steps, amp_dtype=amp_dtype)
+    elif config.method == "fgsm_rs":
+        x_train = attacks.fgsm(model, x, y, eps, random_start=True, step=step, amp_dtype=amp_dtype)
+    elif config.method == "nfgsm":
+        x_train = attacks.nfgsm(model, x, y, eps, noise=2 * eps, step=step, amp_dtype=amp_dtype)
+    else:  # trades
+        return _trades_loss(model, x, y, config, eps, step, amp_dtype)
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(x_train)
+    return F.cross_entropy(logits.float(), y), logits
+
+
+def _trades_loss(model, x, y, config, eps, step, amp_dtype):
+    """TRADES (Zhang et al. 2019): CE on clean inputs + beta * KL(clean || adversarial)."""
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        clean_probs = F.softmax(model(x).float(), dim=1)
+
+    def kl_to_clean(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(F.log_softmax(logits.float(), dim=1), probs, reduction="sum")
+
+    x_adv = attacks.pgd(model, x, clean_probs, eps, step, config.attack_steps, loss_fn=kl_to_clean, amp_dtype=amp_dtype)
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits_clean = model(x)
+        logits_adv = model(x_adv)
+    robust = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits_clean.float(), dim=1),
+                      reduction="batchmean")
+    return F.cross_entropy(logits_clean.float(), y) + config.trades_beta * robust, logits_adv
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += (model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
+    return correct / max(1, len(x))
+
+
+def robust_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
+                 batch_size: int = 256, seed: int = 0) -> tuple[float, float]:
+    """(clean, PGD-``steps``) accuracy on (x, y); step ``2.5 * eps / steps``, eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        clean = _accuracy(model, x, y, batch_size)
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        correct = 0
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            x_adv = attacks.pgd(model, xb, yb, eps, 2.5 * eps / steps, steps, generator=generator)
+            with torch.no_grad():
+                correct += (model(x_adv).argmax(1) == yb).sum().item()
+        return clean, correct / max(1, len(x))
+    finally:
+        model.train(was_training)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch.Tensor, torch.Tensor] | None = None,
+        out_dir: str | Path | None = None, resume: bool = False) -> list[dict]:
+    """Adversarially train ``model`` in place; return the per-epoch log records.
+
+    ``train_loader`` yields ``(x, y)`` batches on the training device with x in
+    [0, 1] (see :func:`cstar.data.make_loader`; ``set_epoch`` is called when it
+    exists). ``val`` is an (images, labels) pair on that device for the per-epoch
+    PGD check. With ``out_dir``, writes ``metrics.jsonl``, ``checkpoint.pt``
+    (each epoch, atomically) and ``best.pt``; ``resume=True`` continues from
+    ``checkpoint.pt``.
+    """
+    device = next(model.parameters()).device
+    amp_dtype = None
+    if config.amp:
+        if device.type == "cuda":
+            amp_dtype = torch.float16
+        else:
+            warnings.warn("amp=True has no effect on the CPU: training in float32", stacklevel=2)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is not None)
+    optimizer = make_optimizer(model, config)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise CstarError(f"the training set gives no batch of size {config.batch_size}: lower --batch-size")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s, steps_per_epoch))
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / "checkpoint.pt" if out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    history: list[dict] = []
+    best = {"epoch": -1, "robust": -1.0}
+    start_epoch = 0
+    torch.manual_seed(config.seed)
+
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        _set_rng_state(state["rng"])
+
+    stopped_early = False
+    for epoch in range(start_epoch, config.epochs):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        model.train()
+        t0 = time.perf_counter()
+        seen, correct, loss_sum = 0, 0, 0.0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress,
+                   leave=False, dynamic_ncols=True)
+        for i, (x, y) in enumerate(bar):
+            progress = epoch + i / steps_per_epoch
+            eps = config.eps * min(1.0, progress / config.eps_warmup_epochs) if config.eps_warmup_epochs else config.eps
+            loss, logits = _training_loss(model, x, y, config, eps, amp_dtype)
+            if not torch.isfinite(loss):
+                where = f"the last good checkpoint is {ckpt_path}" if ckpt_path and ckpt_path.exists() else "no checkpoint was written yet"
+                raise CstarError(f"training diverged at epoch {epoch + 1}, step {i + 1} (loss is {loss.item()}); "
+                                 f"{where}: lower --lr or set --grad-clip")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            seen += len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.item() * len(y)
+            if i % 10 == 0 or i == steps_per_epoch - 1:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                                img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        train_time = time.perf_counter() - t0
+        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "eps": eps,
+                  "train_loss": loss_sum / seen, "train_adv_acc": correct / seen,
+                  "train_seconds": round(train_time, 2), "images_per_second": round(seen / train_time, 1)}
+        if val is not None and config.check_size > 0:
+            xv, yv = val[0][:config.check_size], val[1][:config.check_size]
+            record["val_clean"], record["val_pgd"] = robust_check(model, xv, yv, config.eps, config.check_steps)
+            stopped_early = _watch_robustness(model, record, best, out, config)
+        history.append(record)
+        _print_record(record, config)
+        if out is not None:
+            append_jsonl(out / "metrics.jsonl", record)
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch + 1, "config": config.to_dict(), "history": history, "best": best,
+                "rng": _rng_state(), "model_config": getattr(model, "cstar_config", None)})
+        if stopped_early:
+            break
+
+    if (config.select == "best" or stopped_early) and best["epoch"] > 0 and best["epoch"] != history[-1]["epoch"]:
+        model.load_state_dict(best["state"] if "state" in best else
+                              load_checkpoint(out / "best.pt", map_location=device)["model"])
+        print(f"restored the weights of epoch {best['epoch']} (best PGD check {best['robust']:.3f})")
+    return history
+
+
+def _watch_robustness(model: nn.Module, record: dict, best: dict, out: Path | None, config: TrainConfig) -> bool:
+    """Track the best PGD check; return True when robustness has collapsed."""
+    robust = record["val_pgd"]
+    if robust > best["robust"]:
+        best.update(epoch=record["epoch"], robust=robust)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if out is not None:
+            save_checkpoint(out / "best.pt", {"model": state, "epoch": record["epoch"], "val_pgd": robust})
+            best.pop("state", None)
+        else:
+            best["state"] = state
+    collapsed = best["robust"] >= 0.05 and robust < 0.5 * best["robust"]
+    if collapsed:
+        record["catastrophic_overfitting"] = True
+        warnings.warn(
+            f"catastrophic overfitting at epoch {record['epoch']}: PGD-{config.check_steps} check fell to "
+            f"{robust:.3f} from {best['robust']:.3f} (epoch {best['epoch']})"
+            + ("; stopping and restoring the best epoch" if config.overfit_guard else ""), stacklevel=3)
+    return collapsed and config.overfit_guard
+
+
+def _print_record(record: dict, config: TrainConfig) -> None:
+    if not config.progress:
+        return
+    text = (f"epoch {record['epoch']:>3}/{config.epochs}  loss {record['train_loss']:.4f}  "
+            f"adv-acc {record['train_adv_acc']:.4f}  lr {record['lr']:.4g}  {record['images_per_second']:.0f} img/s")
+    if "val_pgd" in record:
+        text += f"  check: clean {record['val_clean']:.3f} pgd{config.check_steps} {record['val_pgd']:.3f}"
+    print(text, flush=True)

@@ -1,0 +1,151 @@
+"""The command line end to end on tiny real data, and its answers to bad input."""
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cstar.cli import main
+
+TRAIN_FAST = ["--epochs", "1", "--attack-steps", "2", "--batch-size", "64", "--val-size", "100",
+              "--check-size", "50", "--eval-attacks", "clean,pgd5", "--no-progress", "--optimizer", "adam",
+              "--lr", "0.002"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    assert main(["train", "--model", "small_cnn", "--data", "digits", "--out", str(out), *TRAIN_FAST]) == 0
+    return out
+
+
+def test_train_writes_a_complete_run_directory(trained):
+    names = {p.name for p in trained.iterdir()}
+    assert {"config.yaml", "env.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "results.json"} <= names
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    assert config["model"] == "small_cnn" and config["epochs"] == 1 and config["eps"] == pytest.approx(0.2)
+    env = json.loads((trained / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["seed"] == 0
+    card = json.loads((trained / "results.json").read_text())
+    assert 0 <= card["pgd5_acc"] <= card["clean_acc"] <= 100 and card["n_examples"] == 360
+
+
+def test_eval_reads_dataset_and_eps_from_the_run(trained, capsys):
+    code, out, _ = run(capsys, "eval", trained / "model.pt", "--attacks", "clean,fgsm", "--n", "100",
+                       "--json", trained / "eval.json")
+    assert code == 0, out
+    card = json.loads((trained / "eval.json").read_text())
+    assert card["n_examples"] == 100 and card["dataset"] == "digits" and card["eps"] == pytest.approx(0.2)
+    assert "| clean | fgsm |" in out
+
+
+def test_info_prints_layers_params_and_macs(capsys):
+    code, out, _ = run(capsys, "info", "--model", "resnet20", "--data", "cifar10")
+    assert code == 0
+    assert "parameters:" in out and "MACs per image:" in out and "conv" in out.lower()
+
+
+def test_config_file_supplies_options_and_flags_win(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": "small_cnn", "data": "digits", "epochs": 3, "eps": "1/10"}))
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--config", cfg, "--epochs", "1", "--out", out, *TRAIN_FAST[2:])
+    assert code == 0, err
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["epochs"] == 1 and saved["eps"] == pytest.approx(0.1)
+
+
+def error_line(capsys, *argv):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+def test_unknown_model_names_the_choices(capsys, tmp_path):
+    line = error_line(capsys, "train", "--model", "resnet1000", "--data", "digits", "--out", tmp_path / "x")
+    assert "resnet1000" in line and "resnet18" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_dataset_names_the_choices(capsys, tmp_path):
+    line = error_line(capsys, "train", "--model", "small_cnn", "--data", "imagenet22k", "--out", tmp_path / "x")
+    assert "imagenet22k" in line and "mnist" in line
+
+
+def test_root_without_files_says_where_it_looked(capsys, tmp_path):
+    line = error_line(capsys, "train", "--model", "small_cnn", "--data", "mnist", "--root", tmp_path,
+                      "--out", tmp_path / "x")
+    assert str(tmp_path) in line and "--download" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_corrupt_archive_is_reported(capsys, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / f"{name}.gz").write_bytes(b"this is not gzip")
+    line = error_line(capsys, "train", "--model", "small_cnn", "--data", "mnist", "--root", tmp_path,
+                      "--out", tmp_path / "x")
+    assert "train-images-idx3-ubyte.gz" in line
+
+
+def test_eps_out_of_range(capsys, tmp_path):
+    line = error_line(capsys, "train", "--model", "small_cnn", "--data", "digits", "--eps", "8", "--out", tmp_path)
+    assert "eps" in line and "[0, 1]" in line
+
+
+def test_existing_output_directory_needs_force(capsys, trained):
+    before = sorted(p.name for p in trained.iterdir())
+    line = error_line(capsys, "train", "--model", "small_cnn", "--data", "digits", "--out", trained)
+    assert "--force" in line and "--resume" in line
+    assert sorted(p.name for p in trained.iterdir()) == before
+
+
+def test_wrong_number_of_classes(capsys, trained, tmp_path):
+    root = tmp_path / "cifar"
+    _write_tiny_cifar100(root)
+    line = error_line(capsys, "eval", trained / "model.pt", "--data", "cifar100", "--root", root)
+    assert "10 classes" in line and "100" in line
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: small_cnn\ndata: digits\nepoch: 3\n")
+    line = error_line(capsys, "train", "--config", cfg, "--out", tmp_path / "x")
+    assert "epoch" in line and "epochs" in line
+
+
+def test_foreign_checkpoint_is_refused(capsys, tmp_path):
+    path = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3), "fn": os.getcwd}, path)  # needs pickled code to load
+    line = error_line(capsys, "eval", path, "--data", "digits")
+    assert "foreign.pt" in line
+
+
+def _write_tiny_cifar100(root: Path) -> None:
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for split, n in (("train", 20), ("test", 10)):
+        batch = {b"data": np.zeros((n, 3072), dtype=np.uint8), b"fine_labels": list(range(n)),
+                 b"coarse_labels": [0] * n, b"filenames": [b"x.png"] * n}
+        with open(folder / split, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [b"c%d" % i for i in range(100)]}, f)

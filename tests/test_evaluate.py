@@ -1,0 +1,102 @@
+"""Robust evaluation: accuracies against an independent count, subsets, streaming, JSON card."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cstar import attacks
+from cstar._errors import CstarError
+from cstar.evaluate import evaluate, format_results
+
+
+@pytest.fixture(scope="module")
+def model_and_data():
+    torch.manual_seed(0)
+    x = torch.rand(300, 1, 8, 8)
+    y = (x.mean(dim=(1, 2, 3)) > 0.5).long()  # a task a linear model learns
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval(), x, y
+
+
+def test_clean_accuracy_equals_a_direct_count(model_and_data):
+    model, x, y = model_and_data
+    result = evaluate(model, (x, y), ["clean"], eps=0.05, batch_size=64)
+    expected = (model(x).argmax(1) == y).float().mean().item()
+    assert result["accuracy"]["clean"] == pytest.approx(expected)
+    assert result["n_examples"] == 300 and result["subset"] == "all 300 examples"
+
+
+def test_pgd_accuracy_equals_attacking_the_whole_set_at_once(model_and_data):
+    model, x, y = model_and_data
+    spec = attacks.AttackSpec("pgd", eps=0.05, step=0.0125, steps=10, random_start=False)
+    result = evaluate(model, (x, y), ["clean", spec], eps=0.05, batch_size=64)
+    x_adv = attacks.pgd(model, x, y, 0.05, 0.0125, 10, random_start=False)
+    expected = (model(x_adv).argmax(1) == y).float().mean().item()
+    assert result["accuracy"][spec.label] == pytest.approx(expected)
+    assert result["accuracy"][spec.label] < result["accuracy"]["clean"]
+
+
+def test_first_n_examples_only(model_and_data):
+    model, x, y = model_and_data
+    result = evaluate(model, (x, y), ["clean"], eps=0.05, n=50)
+    expected = (model(x[:50]).argmax(1) == y[:50]).float().mean().item()
+    assert result["n_examples"] == 50 and result["subset"] == "first 50 examples"
+    assert result["accuracy"]["clean"] == pytest.approx(expected)
+
+
+def test_an_iterable_of_batches_gives_the_same_result_as_tensors(model_and_data):
+    model, x, y = model_and_data
+    batches = [(x[i:i + 37], y[i:i + 37]) for i in range(0, 300, 37)]
+    a = evaluate(model, batches, ["clean", "fgsm"], eps=0.05, n=200)
+    b = evaluate(model, (x, y), ["clean", "fgsm"], eps=0.05, n=200)
+    assert a["accuracy"] == b["accuracy"] and a["n_examples"] == 200
+
+
+def test_uint8_images_are_scaled_to_unit_range(model_and_data):
+    model, x, y = model_and_data
+    x8 = (x * 255).round().to(torch.uint8)
+    a = evaluate(model, (x8, y), ["clean"], eps=0.05)
+    b = evaluate(model, (x8.float() / 255, y), ["clean"], eps=0.05)
+    assert a["accuracy"] == b["accuracy"]
+
+
+def test_model_mode_is_restored(model_and_data):
+    model, x, y = model_and_data
+    model.train()
+    evaluate(model, (x, y), ["clean", "pgd5"], eps=0.05, n=20)
+    assert model.training
+    model.eval()
+
+
+def test_writes_a_robustbench_style_card(model_and_data, tmp_path):
+    model, x, y = model_and_data
+    path = tmp_path / "card.json"
+    result = evaluate(model, (x, y), ["clean", "pgd10"], eps=0.05, out_path=path, meta={"model": "linear"})
+    card = json.loads(path.read_text())
+    assert card["model"] == "linear" and card["threat_model"] == "Linf" and card["eps"] == 0.05
+    assert card["clean_acc"] == pytest.approx(100 * result["accuracy"]["clean"], abs=0.01)
+    assert card["pgd10_acc"] == pytest.approx(100 * result["accuracy"]["pgd10"], abs=0.01)
+
+
+def test_empty_data_and_bad_n_are_errors(model_and_data):
+    model, x, y = model_and_data
+    with pytest.raises(CstarError, match="empty"):
+        evaluate(model, (x[:0], y[:0]), ["clean"], eps=0.05)
+    with pytest.raises(CstarError, match="n=0"):
+        evaluate(model, (x, y), ["clean"], eps=0.05, n=0)
+    with pytest.raises(CstarError):
+        evaluate(model, (x, y), ["pgd-lots"], eps=0.05)
+
+
+def test_format_results_is_a_markdown_table(model_and_data):
+    model, x, y = model_and_data
+    table = format_results({"m": evaluate(model, (x, y), ["clean"], eps=0.05)})
+    assert table.splitlines()[0] == "| model | n | clean |"
+    assert "| m | 300 |" in table

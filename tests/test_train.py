@@ -1,0 +1,192 @@
+"""Adversarial training loop: schedules, config checks, methods, checkpoints, resume, guards."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cstar import data, train
+from cstar._errors import CstarError
+from cstar.train import TrainConfig, fit, lr_factor
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train_set = data.load("digits", split="train")
+    test_set = data.load("digits", split="test")
+    return train_set, test_set
+
+
+def as_float(ds):
+    return ds.images.float() / 255, ds.labels
+
+
+def config(**kw):
+    base = dict(method="pgd", epochs=2, batch_size=64, eps=0.1, attack_steps=3, optimizer="adam", lr=3e-3,
+                weight_decay=0.0, check_size=100, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_cosine_schedule_starts_at_peak_and_ends_near_zero():
+    cfg = config(schedule="cosine", epochs=4)
+    assert lr_factor(cfg, 0, 10) == pytest.approx(1.0)
+    assert lr_factor(cfg, 39, 10) < 0.01
+    assert lr_factor(cfg, 20, 10) == pytest.approx(0.5, abs=0.02)
+
+
+def test_onecycle_peaks_at_forty_percent():
+    cfg = config(schedule="onecycle", epochs=10)
+    values = [lr_factor(cfg, s, 10) for s in range(100)]
+    assert max(values) == pytest.approx(1.0)
+    assert values.index(max(values)) == 40
+    assert values[0] == 0.0 and values[-1] < 0.03
+
+
+def test_warmup_ramps_linearly():
+    cfg = config(schedule="constant", warmup_epochs=1, epochs=3)
+    assert lr_factor(cfg, 0, 10) == pytest.approx(0.1)
+    assert lr_factor(cfg, 4, 10) == pytest.approx(0.5)
+    assert lr_factor(cfg, 25, 10) == 1.0
+
+
+def test_multistep_divides_by_ten_at_half_and_three_quarters():
+    cfg = config(schedule="multistep", epochs=4)
+    assert [lr_factor(cfg, s, 10) for s in (0, 20, 30)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+@pytest.mark.parametrize("bad", [dict(method="madry"), dict(eps=2.0), dict(eps=float("nan")), dict(lr=0),
+                                 dict(epochs=0), dict(schedule="step"), dict(method="pgd", eps=0.0)])
+def test_bad_config_values_raise_cstar_error(bad):
+    with pytest.raises(CstarError):
+        config(**bad)
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(CstarError, match="epoch_count"):
+        TrainConfig.from_dict({"epoch_count": 3})
+
+
+def test_default_step_sizes_follow_the_method():
+    assert config(method="pgd", eps=8 / 255, attack_steps=10).step_size() == pytest.approx(2 / 255)
+    assert config(method="fgsm_rs", eps=0.1).step_size() == pytest.approx(0.125)
+    assert config(method="nfgsm", eps=0.1).step_size() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("method", ["pgd", "fgsm_rs", "nfgsm", "trades"])
+def test_each_method_makes_the_model_more_robust_than_clean_training(digits, method):
+    train_set, test_set = digits
+    x, y = as_float(test_set)
+    loader = data.make_loader(train_set, 64, train=True, seed=0)
+    results = {}
+    for m in ("clean", method):
+        model = tiny_model()
+        fit(model, loader, config(method=m, epochs=6, check_size=0))
+        results[m] = train.robust_check(model, x, y, eps=0.1, steps=10)
+    assert results["clean"][0] > 0.8  # clean training learns the task
+    assert results[method][0] > 0.6
+    assert results[method][1] > results["clean"][1] + 0.1
+
+
+def test_fit_writes_metrics_and_checkpoint_each_epoch(digits, tmp_path):
+    train_set, test_set = digits
+    loader = data.make_loader(train_set, 64, train=True, seed=0)
+    history = fit(tiny_model(), loader, config(epochs=2), val=as_float(test_set), out_dir=tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert {"val_clean", "val_pgd", "train_loss", "images_per_second"} <= set(history[-1])
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and (tmp_path / "best.pt").exists()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+class _Hooked:
+    """Wraps a loader: calls ``on_epoch(epoch)`` at each ``set_epoch``; raises KeyboardInterrupt
+    (a simulated kill) when epoch ``kill_at`` starts."""
+
+    def __init__(self, loader, on_epoch=None, kill_at=None):
+        self.loader, self.on_epoch, self.kill_at, self.epoch = loader, on_epoch, kill_at, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        if self.on_epoch:
+            self.on_epoch(epoch)
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        if self.epoch == self.kill_at:
+            raise KeyboardInterrupt
+        return iter(self.loader)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(digits, tmp_path):
+    train_set, test_set = digits
+    val = as_float(test_set)
+    full = tiny_model()
+    fit(full, data.make_loader(train_set, 64, train=True, seed=0), config(epochs=3), val=val, out_dir=tmp_path / "a")
+
+    killed = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), _Hooked(data.make_loader(train_set, 64, train=True, seed=0), kill_at=2), config(epochs=3),
+            val=val, out_dir=killed)
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    resumed = tiny_model(seed=1)
+    fit(resumed, data.make_loader(train_set, 64, train=True, seed=0), config(epochs=3), val=val, out_dir=killed,
+        resume=True)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+    def losses(path):
+        return [(r["epoch"], r["train_loss"]) for r in map(json.loads, path.read_text().splitlines())]
+
+    assert losses(killed / "metrics.jsonl") == losses(tmp_path / "a" / "metrics.jsonl")
+
+
+def test_divergence_stops_with_a_clear_error(digits, tmp_path):
+    train_set, _ = digits
+    loader = data.make_loader(train_set, 64, train=True, seed=0)
+    model = tiny_model()
+    with torch.no_grad():
+        model[1].weight.fill_(float("nan"))
+    with pytest.raises(CstarError, match="diverged at epoch 1, step 1"):
+        fit(model, loader, config(), out_dir=tmp_path)
+
+
+def _snapshotting_loader(model, train_set, snapshots, **kw):
+    def snap(epoch):
+        snapshots[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+    return _Hooked(data.make_loader(train_set, 64, train=True, seed=0), on_epoch=snap, **kw)
+
+
+def test_overfit_guard_stops_and_restores_the_best_epoch(digits, monkeypatch, tmp_path):
+    train_set, test_set = digits
+    checks = iter([(0.9, 0.5), (0.9, 0.6), (0.95, 0.1), (0.95, 0.0)])
+    monkeypatch.setattr(train, "robust_check", lambda *a, **k: next(checks))
+    model, snapshots = tiny_model(), {}
+    with pytest.warns(UserWarning, match="catastrophic overfitting"):
+        history = fit(model, _snapshotting_loader(model, train_set, snapshots), config(epochs=4),
+                      val=as_float(test_set), out_dir=tmp_path)
+    assert len(history) == 3 and history[-1]["catastrophic_overfitting"]
+    for k, v in model.state_dict().items():  # the weights after epoch 2 = those when epoch 3 started
+        torch.testing.assert_close(v, snapshots[2][k])
+
+
+def test_select_best_keeps_the_best_check_without_an_output_dir(digits, monkeypatch):
+    train_set, test_set = digits
+    checks = iter([(0.9, 0.5), (0.9, 0.4)])
+    monkeypatch.setattr(train, "robust_check", lambda *a, **k: next(checks))
+    model, snapshots = tiny_model(), {}
+    fit(model, _snapshotting_loader(model, train_set, snapshots), config(epochs=2, select="best"),
+        val=as_float(test_set))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, snapshots[1][k])
