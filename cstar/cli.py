@@ -63,18 +63,18 @@ def _device(name: str) -> torch.device:
         raise CstarError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from None
 
 
-def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=required, help=f"dataset: {', '.join(sorted(data.DATASETS))}")
+    g.add_argument("--data", help=f"dataset: {', '.join(sorted(data.DATASETS))}")
     g.add_argument("--root", default=None, help="dataset root folder (default: $CSTAR_DATA or ~/.cache/cstar/data)")
     g.add_argument("--download", action="store_true", help="download the official archive if it is missing")
     g.add_argument("--eps", type=parse_eps, default=None,
                    help="L-inf radius, e.g. 8/255 (default: the dataset's threat model: mnist 0.3, fashion_mnist 0.1, cifar 8/255)")
 
 
-def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=required, help=f"architecture: {', '.join(models.list_models())}")
+    g.add_argument("--model", help=f"architecture: {', '.join(models.list_models())}")
     g.add_argument("--width", type=int, default=None, help="base width of resnet18 / preact_resnet18 (64 in the paper)")
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra keyword for the model builder, e.g. widen_factor=4 (repeatable)")
@@ -90,10 +90,18 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (a CstarError), not a usage dump."""
+
+    def error(self, message: str):
+        raise CstarError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cstar", description="Compact, structured and adversarially robust CNNs.")
+    parser = _Parser(prog="cstar", description="Compact, structured and adversarially robust CNNs.")
     parser.add_argument("--version", action="version", version=f"cstar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.subcommands = sub.choices  # name -> parser, for --config defaults
 
     t = sub.add_parser("train", help="adversarially train a dense model",
                        description="Adversarially train a model (PGD-AT, FGSM-RS, N-FGSM or TRADES) and evaluate it.")
@@ -134,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a checkpoint under attack",
                         description="Clean, FGSM, PGD-k and AutoAttack accuracy of a saved model.")
     ev.add_argument("checkpoint", help="checkpoint.pt (or best.pt) written by 'cstar train'")
-    _add_data_args(ev, required=False)
+    _add_data_args(ev)
     ev.add_argument("--attacks", default="clean,pgd20", help="comma-separated: clean, fgsm, pgdK, aa (default: clean,pgd20)")
     ev.add_argument("--step", type=parse_eps, default=None, help="PGD step size (default: eps/4)")
     ev.add_argument("--n", type=int, default=None, help="evaluate the first N test images (default: all)")
@@ -148,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="parameters and MACs per layer of a model",
                        description="Print a model's layers with parameters, MACs (multiply-accumulates) and output shapes.")
     i.add_argument("checkpoint", nargs="?", default=None, help="a checkpoint (or give --model)")
-    _add_model_args(i, required=False)
+    _add_model_args(i)
     i.add_argument("--data", default=None, help="dataset whose input shape and classes to use (default: cifar10)")
     i.add_argument("--num-classes", type=int, default=None)
     i.add_argument("--config", default=None)
@@ -184,7 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.config:
         values = _load_config_file(args.config)
-        sub = parser._subparsers._group_actions[0].choices[args.command]  # the chosen subcommand's parser
+        sub = parser.subcommands[args.command]
         known = {a.dest for a in sub._actions} - {"help"} - _NOT_SAVED
         unknown = sorted(set(values) - known)
         if unknown:
@@ -201,6 +209,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _require(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name, None) is None:
+            raise CstarError(f"--{name} is required: give it on the command line or as '{name}:' in --config")
+
+
 def _build_model(args: argparse.Namespace, spec: data.DatasetSpec, num_classes: int) -> torch.nn.Module:
     kwargs = _model_kwargs(args.model_arg)
     if args.width is not None:
@@ -213,21 +227,38 @@ def _default_out(kind: str, *parts: str) -> Path:
     return Path("runs") / "-".join([kind, *[p for p in parts if p], time.strftime("%Y%m%d-%H%M%S")])
 
 
-def _split_validation(train_set, val_size: int):
-    """Hold out the last ``val_size`` training images for the per-epoch check."""
-    if val_size <= 0:
+def _validation(train_set, test_set, val_size: int, check_size: int, device: torch.device):
+    """Split the training set into (training part, validation tensors) for the per-epoch check.
+
+    In-memory datasets hold out their last ``val_size`` training images. A folder
+    dataset cannot be split cheaply, so its check uses the first ``check_size``
+    images of its validation folder (said in the log).
+    """
+    if val_size <= 0 or check_size <= 0:
         return train_set, None
+    if isinstance(train_set, data.FolderData):
+        print(f"per-epoch check on the first {check_size} images of the validation folder")
+        xs, ys, seen = [], [], 0
+        for x, y in data.make_loader(test_set, min(256, check_size), train=False, device=device):
+            xs.append(x)
+            ys.append(y)
+            seen += len(y)
+            if seen >= check_size:
+                break
+        return train_set, (torch.cat(xs)[:check_size], torch.cat(ys)[:check_size])
     if val_size >= len(train_set):
         raise CstarError(f"--val-size {val_size} leaves no training data ({len(train_set)} images): use a smaller value")
     n = len(train_set) - val_size
-    return train_set.subset(torch.arange(n)), train_set.subset(torch.arange(n, len(train_set)))
+    held_out = train_set.subset(torch.arange(n, len(train_set)))
+    return train_set.subset(torch.arange(n)), (held_out.images.to(device).float() / 255, held_out.labels.to(device))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    spec = data.DATASETS.get(args.data)
-    if spec is None:
-        raise CstarError(f"unknown dataset '{args.data}': choose one of {', '.join(sorted(data.DATASETS))}")
-    eps = spec.eps if args.eps is None else args.eps
+    _require(args, "model", "data")
+    device = _device(args.device)
+    train_set = data.load(args.data, args.root, split="train", download=args.download)
+    test_set = data.load(args.data, args.root, split="test", download=args.download)
+    eps = train_set.spec.eps if args.eps is None else args.eps
     config = TrainConfig(
         method=args.method, epochs=args.epochs, batch_size=args.batch_size, eps=eps,
         attack_steps=args.attack_steps, attack_step=args.attack_step, eps_warmup_epochs=args.eps_warmup,
@@ -236,22 +267,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         grad_clip=args.grad_clip, amp=args.amp, check_size=args.check_size, overfit_guard=not args.no_overfit_guard,
         select=args.select, seed=args.seed, progress=not args.no_progress)
     eval_attacks = [a.strip() for a in args.eval_attacks.split(",") if a.strip()]
-    device = _device(args.device)
-    train_set = data.load(args.data, args.root, split="train", download=args.download)
-    test_set = data.load(args.data, args.root, split="test", download=args.download)
     model = _build_model(args, train_set.spec, train_set.num_classes).to(device)
-    train_part, val_part = _split_validation(train_set, args.val_size)
+    train_part, val = _validation(train_set, test_set, args.val_size, config.check_size, device)
     out = prepare_run_dir(args.out or _default_out("train", args.model, args.data), force=args.force, resume=args.resume)
     saved = {k: v for k, v in vars(args).items() if k not in _NOT_SAVED}
     atomic_write_text(out / "config.yaml", yaml.safe_dump({**saved, "eps": eps}, sort_keys=False))
     write_json(out / "env.json", environment(device, args.seed))
     print(f"cstar train: {args.model} on {args.data} ({len(train_part)} train / {len(test_set)} test images), "
           f"{args.method} eps={eps:.4g}, {count_params(model):,} parameters, device {device}; output in {out}")
-
     loader = data.make_loader(train_part, config.batch_size, train=True, device=device, seed=args.seed)
-    val = None
-    if val_part is not None:
-        val = (val_part.images.to(device).float() / 255, val_part.labels.to(device))
     t0 = time.perf_counter()
     history = fit(model, loader, config, val=val, out_dir=out, resume=args.resume)
     train_seconds = time.perf_counter() - t0
@@ -315,9 +339,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         if not args.model:
             raise CstarError("give a checkpoint or --model NAME")
-        spec = data.DATASETS.get(args.data or "cifar10")
-        if spec is None:
+        key = (args.data or "cifar10").lower().replace("-", "_")
+        if key not in data.DATASETS:
             raise CstarError(f"unknown dataset '{args.data}': choose one of {', '.join(sorted(data.DATASETS))}")
+        spec = data.DATASETS[key]
         model = _build_model(args, spec, args.num_classes or spec.num_classes)
         shape = spec.image_shape
     rows = layer_table(model, shape)

@@ -76,7 +76,9 @@ def _dummy_input(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor
     if len(shape) == 3:
         shape = (1, *shape)
     if len(shape) != 4 or shape[0] != 1 or any(not isinstance(d, int) or d < 1 for d in shape):
-        raise CstarError(f"input_shape must be (C, H, W) or (1, C, H, W) of positive ints, got {input_shape!r}")
+        raise CstarError(
+            f"input_shape must be (C, H, W) or (1, C, H, W) of positive ints, got {input_shape!r}"
+        )
     reference = next(model.parameters(), None)
     if reference is None:
         reference = next(model.buffers(), None)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from . import attacks
+from .data import make_loader
 from ._errors import CstarError
 from ._io import write_json
 
@@ -40,6 +41,8 @@ def _batches(data, n: int | None, batch_size: int, device: torch.device) -> Iter
             x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
             yield x, y_all[i:min(i + batch_size, count)].to(device)
         return
+    if isinstance(data, torch.utils.data.Dataset):  # e.g. an image folder: stream it with workers
+        data = make_loader(data, batch_size, train=False, device=device)
     seen = 0
     for x, y in data:
         if n is not None and seen >= n:

@@ -75,7 +75,9 @@ def check_inputs(x: object, y: object, clip: tuple[float, float]) -> tuple[float
         raise CstarError("x must be a floating-point tensor with a batch dimension, e.g. shape (N, C, H, W)")
     if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise CstarError(f"y must be a tensor with one entry per input ({x.shape[0]}), got {got}; pass labels of shape (N,)")
+        raise CstarError(
+            f"y must be a tensor with one entry per input ({x.shape[0]}), got {got}; pass labels of shape (N,)"
+        )
     if x.numel():
         x_min, x_max = (v.item() for v in torch.aminmax(x.detach()))
         if not (lo - 1e-6 <= x_min and x_max <= hi + 1e-6):

@@ -132,8 +132,8 @@ def _run(
         x_adv = _single_run(model, x_work, y, **settings)
         for _ in range(restarts - 1):
             with torch.no_grad():
-                hit = _logits(model, x_adv, amp_dtype).argmax(dim=1) == y
-            left = (~hit if targeted else hit).nonzero().squeeze(1)
+                matches = _logits(model, x_adv, amp_dtype).argmax(dim=1) == y
+            left = (~matches if targeted else matches).nonzero().squeeze(1)
             if left.numel() == 0:
                 break
             x_adv[left] = _single_run(model, x_work[left], y[left], **settings)

@@ -14,7 +14,10 @@ from cstar.attacks._common import check_count, check_norm, check_number
 from cstar.attacks._gradient import fgsm, nfgsm, pgd
 
 NAMES = ("fgsm", "pgd", "nfgsm", "autoattack")
-_FORMS = "'fgsm', 'fgsm-rs', 'nfgsm', 'pgd<steps>' (e.g. 'pgd20'), 'pgd<steps>x<restarts>' (e.g. 'pgd50x5'), 'aa' or 'autoattack'"
+_FORMS = (
+    "'fgsm', 'fgsm-rs', 'nfgsm', 'pgd<steps>' (e.g. 'pgd20'), 'pgd<steps>x<restarts>' (e.g. 'pgd50x5'), "
+    "'aa' or 'autoattack'"
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,7 +53,8 @@ def _file_digests(path: Path) -> dict[str, str]:
 
 
 def _mismatches(digests: dict[str, str], expected: dict[str, str]) -> list[str]:
-    return [f"{k} expected {v}, got {digests[k]}" for k, v in expected.items() if digests[k] != v.lower()]
+    return [f"{kind} expected {value}, got {digests[kind]}"
+            for kind, value in expected.items() if digests[kind] != value.lower()]
 
 
 def download(url: str, dest_path: str | os.PathLike, sha256: str | None = None,

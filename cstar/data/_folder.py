@@ -3,6 +3,7 @@
 import copy
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from .._errors import CstarError
-from ._spec import AUGMENTS, DATASETS, Augment
+from ._spec import DATASETS, Augment, check_augment
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp")
 _SCALE = (0.08, 1.0)
@@ -90,8 +91,7 @@ class FolderData(torch.utils.data.Dataset):
 
     def __init__(self, folder: str | os.PathLike, image_size: int = 224, augment: Augment = "none",
                  seed: tuple[int, ...] | None = None):
-        if augment not in AUGMENTS:
-            raise CstarError(f"unknown augment {augment!r}: use one of {', '.join(AUGMENTS)}")
+        check_augment(augment)
         if image_size < 1:
             raise CstarError(f"image_size must be a positive number of pixels, got {image_size}")
         self.folder = Path(folder)
@@ -99,9 +99,8 @@ class FolderData(torch.utils.data.Dataset):
         self.augment = augment
         self.seed = seed
         self.classes, self.samples = _scan(self.folder)
-        self.spec = DATASETS["imagefolder"].__class__(
-            **{**DATASETS["imagefolder"].__dict__, "num_classes": len(self.classes),
-               "image_shape": (3, image_size, image_size)})
+        self.spec = replace(DATASETS["imagefolder"], num_classes=len(self.classes),
+                            image_shape=(3, image_size, image_size))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -112,8 +111,7 @@ class FolderData(torch.utils.data.Dataset):
 
     def with_augment(self, augment: Augment, seed: tuple[int, ...] | None = None) -> "FolderData":
         """A shallow copy (same file list) with another augmentation and seed."""
-        if augment not in AUGMENTS:
-            raise CstarError(f"unknown augment {augment!r}: use one of {', '.join(AUGMENTS)}")
+        check_augment(augment)
         view = copy.copy(self)
         view.augment, view.seed = augment, seed
         return view

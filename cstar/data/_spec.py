@@ -3,8 +3,16 @@
 from dataclasses import dataclass
 from typing import Literal
 
+from .._errors import CstarError
+
 Augment = Literal["crop_flip", "crop", "none"]
 AUGMENTS = ("crop_flip", "crop", "none")
+
+
+def check_augment(augment: str) -> None:
+    """Raise ``CstarError`` unless ``augment`` is one of ``AUGMENTS``."""
+    if augment not in AUGMENTS:
+        raise CstarError(f"unknown augment {augment!r}: use one of {', '.join(AUGMENTS)}")
 
 
 @dataclass(frozen=True)

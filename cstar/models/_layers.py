@@ -18,23 +18,29 @@ class Normalize(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        mean_t = torch.as_tensor(mean, dtype=torch.float32)
-        std_t = torch.as_tensor(std, dtype=torch.float32)
-        if mean_t.dim() != 1 or std_t.shape != mean_t.shape:
+        try:
+            mean_l, std_l = [float(v) for v in mean], [float(v) for v in std]
+        except (TypeError, ValueError):
             raise CstarError(
-                f"Normalize needs mean and std as two lists of equal length, "
-                f"got shapes {tuple(mean_t.shape)} and {tuple(std_t.shape)}; pass one value per channel"
+                f"Normalize needs lists of numbers for mean and std, got {mean!r} and {std!r}"
+            ) from None
+        if not mean_l or len(mean_l) != len(std_l):
+            raise CstarError(
+                f"Normalize needs mean and std of equal, non-zero length, "
+                f"got {len(mean_l)} and {len(std_l)}; pass one value per channel"
             )
-        if not bool((std_t > 0).all()):
-            raise CstarError(f"Normalize std must be positive, got {std_t.tolist()}; pass std > 0")
-        self.register_buffer("mean", mean_t.reshape(1, -1, 1, 1))
-        self.register_buffer("std", std_t.reshape(1, -1, 1, 1))
+        if min(std_l) <= 0:
+            raise CstarError(f"Normalize std must be positive, got {std_l}; pass std > 0")
+        self.register_buffer("mean", torch.tensor(mean_l).reshape(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std_l).reshape(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
     def extra_repr(self) -> str:
-        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+        mean = [round(v, 4) for v in self.mean.flatten().tolist()]
+        std = [round(v, 4) for v in self.std.flatten().tolist()]
+        return f"mean={mean}, std={std}"
 
 
 def init_weights(model: nn.Module) -> None:

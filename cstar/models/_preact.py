@@ -29,7 +29,9 @@ class _PreActBlock(nn.Module):
         self.relu2 = nn.ReLU()
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.projects = stride != 1 or in_planes != planes
-        self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False) if self.projects else nn.Identity()
+        self.shortcut = (
+            nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False) if self.projects else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.relu1(self.bn1(x))

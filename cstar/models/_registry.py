@@ -27,6 +27,16 @@ def register(name: str) -> Callable[[Builder], Builder]:
     def decorate(builder: Builder) -> Builder:
         if name in _BUILDERS:
             raise CstarError(f"model name {name!r} is already registered; register under another name")
+        params = inspect.signature(builder).parameters
+        bad = [k for k in _COMMON if k not in params] + [
+            k for k, p in params.items()
+            if k not in _COMMON and (p.default is p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        ]
+        if bad:
+            raise CstarError(
+                f"builder for {name!r} must take keyword arguments {', '.join(_COMMON)} and options with "
+                f"defaults only; fix: {', '.join(bad)}"
+            )
         _BUILDERS[name] = builder
         return builder
 
@@ -99,7 +109,8 @@ def create(
         raise CstarError(f"unknown option(s) {', '.join(unknown)} for model {name!r}; valid options: {valid}")
     options.update(kw)
     model = builder(
-        num_classes=num_classes, in_channels=in_channels, input_size=input_size, mean=mean_l, std=std_l, **options
+        num_classes=num_classes, in_channels=in_channels, input_size=input_size,
+        mean=mean_l, std=std_l, **options,
     )
     model.cstar_config = {
         "name": name,

@@ -153,7 +153,10 @@ def resnet20(*, num_classes, in_channels, input_size, mean, std) -> nn.Module:
 
 @register("resnet18_imagenet")
 def resnet18_imagenet(*, num_classes, in_channels, input_size, mean, std) -> nn.Module:
-    """ImageNet ResNet-18 (BasicBlocks 2-2-2-2, widths 64-512); made for 224 px, any size >= 32 works."""
+    """ImageNet ResNet-18 (BasicBlocks 2-2-2-2, widths 64-512).
+
+    Made for 224 px; any size >= 32 works.
+    """
     return _ResNet(
         _BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512),
         imagenet_stem=True, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
@@ -162,7 +165,10 @@ def resnet18_imagenet(*, num_classes, in_channels, input_size, mean, std) -> nn.
 
 @register("resnet50_imagenet")
 def resnet50_imagenet(*, num_classes, in_channels, input_size, mean, std) -> nn.Module:
-    """ImageNet ResNet-50 (Bottlenecks 3-4-6-3, output widths 256-2048); made for 224 px, any size >= 32 works."""
+    """ImageNet ResNet-50 (Bottlenecks 3-4-6-3, output widths 256-2048).
+
+    Made for 224 px; any size >= 32 works.
+    """
     return _ResNet(
         _Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512),
         imagenet_stem=True, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,

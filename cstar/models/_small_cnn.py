@@ -9,9 +9,14 @@ from ._registry import register
 
 
 class _SmallCNN(nn.Module):
-    """conv5x5(32)-ReLU-maxpool2, conv5x5(64)-ReLU-maxpool2, Linear(64 (s/4)^2, 1024)-ReLU, Linear(1024, classes)."""
+    """conv5x5(32)-ReLU-maxpool2, conv5x5(64)-ReLU-maxpool2, Linear(64 (s/4)^2, 1024)-ReLU, Linear(1024, C).
 
-    def __init__(self, *, input_size: int, num_classes: int, in_channels: int, mean: list[float], std: list[float]):
+    Input (N, in_channels, s, s) with s = ``input_size``; output (N, C) logits.
+    """
+
+    def __init__(
+        self, *, input_size: int, num_classes: int, in_channels: int, mean: list[float], std: list[float]
+    ) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.conv1 = nn.Conv2d(in_channels, 32, 5, padding=2)
@@ -34,7 +39,14 @@ class _SmallCNN(nn.Module):
 
 @register("small_cnn")
 def small_cnn(*, num_classes, in_channels, input_size, mean, std) -> nn.Module:
-    """Madry-style small CNN for inputs of side ``input_size`` >= 4 (28 for MNIST: 3.27M params; 8 for digits)."""
+    """Madry-style small CNN for inputs of side ``input_size`` >= 4.
+
+    28 for MNIST (3.27M params), 8 for sklearn digits.
+    """
     if input_size < 4:
-        raise CstarError(f"small_cnn needs input_size >= 4 (it pools twice), got {input_size}; resize the images")
-    return _SmallCNN(input_size=input_size, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+        raise CstarError(
+            f"small_cnn needs input_size >= 4 (it pools twice), got {input_size}; resize the images"
+        )
+    return _SmallCNN(
+        input_size=input_size, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std
+    )

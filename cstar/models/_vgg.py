@@ -30,7 +30,9 @@ class _ConvBNReLU(nn.Module):
 class _VGG(nn.Module):
     """``features`` is a ModuleList of conv-BN-ReLU blocks and max-pools; ``fc`` the classifier."""
 
-    def __init__(self, *, input_size: int, num_classes: int, in_channels: int, mean: list[float], std: list[float]):
+    def __init__(
+        self, *, input_size: int, num_classes: int, in_channels: int, mean: list[float], std: list[float]
+    ) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.features = nn.ModuleList()
@@ -56,5 +58,9 @@ class _VGG(nn.Module):
 def vgg16(*, num_classes, in_channels, input_size, mean, std) -> nn.Module:
     """VGG-16-BN for inputs of side ``input_size`` >= 32 (14.7M params at 32 px, 10 classes)."""
     if input_size < 32:
-        raise CstarError(f"vgg16 needs input_size >= 32 (it pools 5 times), got {input_size}; resize the images")
-    return _VGG(input_size=input_size, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+        raise CstarError(
+            f"vgg16 needs input_size >= 32 (it pools 5 times), got {input_size}; resize the images"
+        )
+    return _VGG(
+        input_size=input_size, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std
+    )
