@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     e = t.add_argument_group("final evaluation")
     e.add_argument("--eval-attacks", default="clean,pgd20", help="comma-separated (default: clean,pgd20)")
+    e.add_argument("--eval-step", type=parse_eps, default=None, help="PGD step size for evaluation (default: eps/4)")
     e.add_argument("--eval-n", type=int, default=None, help="evaluate the first N test images (default: all)")
     _add_run_args(t)
     t.set_defaults(func=cmd_train)
@@ -281,7 +282,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_seconds = time.perf_counter() - t0
     save_checkpoint(out / "model.pt", {"model": model.state_dict(), "model_config": model.cstar_config,
                                        "dataset": args.data, "eps": eps})
-    result = evaluate(model, test_set, eval_attacks, eps=eps, n=args.eval_n, seed=args.seed,
+    result = evaluate(model, test_set, eval_attacks, eps=eps, step=args.eval_step, n=args.eval_n, seed=args.seed,
                       out_path=out / "results.json",
                       meta={"model": args.model, "dataset": args.data, "method": args.method,
                             "epochs_run": len(history), "train_seconds": round(train_seconds, 1)})
