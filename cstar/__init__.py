@@ -15,9 +15,9 @@ from . import attacks, data, models
 from ._errors import CstarError
 from .counting import count_flops, count_params, layer_table
 from .evaluate import evaluate
-from .train import TrainConfig, fit
+from .train import TrainConfig, TrainHook, fit
 
 __all__ = [
-    "CstarError", "TrainConfig", "attacks", "count_flops", "count_params", "data", "evaluate", "fit",
+    "CstarError", "TrainConfig", "TrainHook", "attacks", "count_flops", "count_params", "data", "evaluate", "fit",
     "layer_table", "models", "__version__",
 ]

@@ -116,6 +116,32 @@ class TrainConfig:
         return self.eps
 
 
+class TrainHook:
+    """Extends :func:`fit` without forking it (ADMM is one); every method is optional.
+
+    ``penalty(model)`` returns a scalar added to the loss of every step (or None);
+    ``after_step(model, step)`` runs after each optimiser step (``step`` counts
+    from 1 over the whole run); ``after_epoch(model, record)`` may add fields to
+    the epoch's log record; ``state_dict``/``load_state_dict`` put the hook's
+    state into the checkpoint so that ``resume`` restores it.
+    """
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def after_epoch(self, model: nn.Module, record: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def _choice(name: str, value: str, valid: Iterable[str]) -> None:
     if value not in valid:
         raise CstarError(f"unknown {name} '{value}': choose one of {', '.join(valid)}")
@@ -224,7 +250,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch.Tensor, torch.Tensor] | None = None,
-        out_dir: str | Path | None = None, resume: bool = False) -> list[dict]:
+        out_dir: str | Path | None = None, resume: bool = False, hooks: Iterable[TrainHook] = ()) -> list[dict]:
     """Adversarially train ``model`` in place; return the per-epoch log records.
 
     ``train_loader`` yields ``(x, y)`` batches on the training device with x in
@@ -232,8 +258,10 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
     exists). ``val`` is an (images, labels) pair on that device for the per-epoch
     PGD check. With ``out_dir``, writes ``metrics.jsonl``, ``checkpoint.pt``
     (each epoch, atomically) and ``best.pt``; ``resume=True`` continues from
-    ``checkpoint.pt``.
+    ``checkpoint.pt``. ``hooks`` (:class:`TrainHook`) add loss terms, per-step
+    and per-epoch work, and checkpointed state.
     """
+    hooks = list(hooks)
     device = next(model.parameters()).device
     amp_dtype = None
     if config.amp:
@@ -264,6 +292,8 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
         scaler.load_state_dict(state["scaler"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
         _set_rng_state(state["rng"])
+        for hook, hook_state in zip(hooks, state.get("hooks", [])):
+            hook.load_state_dict(hook_state)
 
     stopped_early = False
     for epoch in range(start_epoch, config.epochs):
@@ -278,6 +308,10 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
             progress = epoch + i / steps_per_epoch
             eps = config.eps * min(1.0, progress / config.eps_warmup_epochs) if config.eps_warmup_epochs else config.eps
             loss, logits = _training_loss(model, x, y, config, eps, amp_dtype)
+            for hook in hooks:
+                extra = hook.penalty(model)
+                if extra is not None:
+                    loss = loss + extra
             if not torch.isfinite(loss):
                 where = f"the last good checkpoint is {ckpt_path}" if ckpt_path and ckpt_path.exists() else "no checkpoint was written yet"
                 raise CstarError(f"training diverged at epoch {epoch + 1}, step {i + 1} (loss is {loss.item()}); "
@@ -290,6 +324,9 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            step = epoch * steps_per_epoch + i + 1
+            for hook in hooks:
+                hook.after_step(model, step)
             seen += len(y)
             correct += (logits.argmax(1) == y).sum().item()
             loss_sum += loss.item() * len(y)
@@ -304,6 +341,8 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
             xv, yv = val[0][:config.check_size], val[1][:config.check_size]
             record["val_clean"], record["val_pgd"] = robust_check(model, xv, yv, config.eps, config.check_steps)
             stopped_early = _watch_robustness(model, record, best, out, config)
+        for hook in hooks:
+            hook.after_epoch(model, record)
         history.append(record)
         _print_record(record, config)
         if out is not None:
@@ -312,7 +351,8 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch + 1, "config": config.to_dict(), "history": history, "best": best,
-                "rng": _rng_state(), "model_config": getattr(model, "cstar_config", None)})
+                "rng": _rng_state(), "model_config": getattr(model, "cstar_config", None),
+                "hooks": [hook.state_dict() for hook in hooks]})
         if stopped_early:
             break
 

@@ -196,3 +196,49 @@ def test_select_best_keeps_the_best_check_without_an_output_dir(digits, monkeypa
         val=as_float(test_set))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, snapshots[1][k])
+
+
+class _CountingShrinkHook(train.TrainHook):
+    """Pulls every weight towards zero; counts steps; checkpoints its count."""
+
+    def __init__(self, strength):
+        self.strength, self.steps, self.epochs = strength, 0, 0
+
+    def penalty(self, model):
+        return self.strength * sum(p.pow(2).sum() for p in model.parameters())
+
+    def after_step(self, model, step):
+        self.steps = step
+
+    def after_epoch(self, model, record):
+        self.epochs += 1
+        record["hook_steps"] = self.steps
+
+    def state_dict(self):
+        return {"steps": self.steps, "epochs": self.epochs}
+
+    def load_state_dict(self, state):
+        self.steps, self.epochs = state["steps"], state["epochs"]
+
+
+def test_hooks_add_a_penalty_see_every_step_and_log(digits):
+    train_set, _ = digits
+    norms = {}
+    for strength in (0.0, 1.0):
+        model, hook = tiny_model(), _CountingShrinkHook(strength)
+        loader = data.make_loader(train_set, 64, train=True, seed=0)
+        history = fit(model, loader, config(method="clean", epochs=2, check_size=0), hooks=[hook])
+        norms[strength] = sum(p.pow(2).sum().item() for p in model.parameters())
+    assert norms[1.0] < 0.5 * norms[0.0]
+    assert hook.steps == 2 * len(loader) and history[-1]["hook_steps"] == hook.steps
+
+
+def test_hook_state_is_checkpointed_and_resumed(digits, tmp_path):
+    train_set, _ = digits
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), _Hooked(data.make_loader(train_set, 64, train=True, seed=0), kill_at=1),
+            config(method="clean", epochs=2, check_size=0), out_dir=tmp_path, hooks=[_CountingShrinkHook(0.0)])
+    hook = _CountingShrinkHook(0.0)
+    fit(tiny_model(), data.make_loader(train_set, 64, train=True, seed=0), config(method="clean", epochs=2, check_size=0),
+        out_dir=tmp_path, resume=True, hooks=[hook])
+    assert hook.epochs == 2 and hook.steps == 2 * (len(train_set) // 64)
