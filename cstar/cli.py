@@ -163,6 +163,36 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--config", default=None)
     i.set_defaults(func=cmd_info)
 
+    c = sub.add_parser("compress", help="CSTAR: robust low-rank compression to a target ratio",
+                       description="Dense robust model -> global ranks -> ADMM adversarial training -> decomposition "
+                                   "-> adversarial fine-tuning -> evaluation. Training sections (dense, admm_train, "
+                                   "finetune) and admm take YAML mappings, e.g. --finetune '{epochs: 3, lr: 0.01}', "
+                                   "or nested keys in --config (see configs/).")
+    c.add_argument("--checkpoint", default=None,
+                   help="dense robust model to start from (model.pt of 'cstar train'); without it, one is trained")
+    _add_model_args(c)
+    _add_data_args(c)
+    g = c.add_argument_group("compression")
+    g.add_argument("--ratio", type=float, default=8.0, help="target compression ratio (default: 8)")
+    g.add_argument("--budget", choices=("params", "flops", "joint"), default="params",
+                   help="what the ratio counts: parameters, MACs, or both (with --flops-ratio)")
+    g.add_argument("--flops-ratio", type=float, default=None, help="MACs ratio of a joint budget")
+    g.add_argument("--rank-method", choices=("global", "uniform"), default="global")
+    g.add_argument("--exclude", default=None, help="comma-separated layers kept dense (default: first conv, classifier)")
+    g.add_argument("--method", choices=METHODS, default=None, help="training attack of every phase (default: pgd)")
+    g.add_argument("--dense", type=_yaml_mapping, default=None, help="dense training settings (YAML mapping)")
+    g.add_argument("--admm-train", type=_yaml_mapping, default=None, help="ADMM-phase training settings")
+    g.add_argument("--admm", type=_yaml_mapping, default=None, help="ADMM settings: rho, rho_growth, interval...")
+    g.add_argument("--finetune", type=_yaml_mapping, default=None, help="fine-tuning settings")
+    g.add_argument("--train-n", type=int, default=None, help="train on the first N training images only")
+    g.add_argument("--val-size", type=int, default=1000, help="training images held out for per-epoch checks")
+    g.add_argument("--eval-attacks", default="clean,pgd20")
+    g.add_argument("--eval-n", type=int, default=None, help="evaluate on the first N test images (default: all)")
+    g.add_argument("--autoattack-n", type=int, default=0, help="AutoAttack the final model on the first N test images")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    _add_run_args(c)
+    c.set_defaults(func=cmd_compress)
+
     m = sub.add_parser("demo", help="a small robust training run on scikit-learn's digits (no download)",
                        description="Adversarially train a small CNN on scikit-learn's 8x8 digits and print a results table.")
     m.add_argument("--out", default=None, help="output directory (default: runs/demo-<time>)")
@@ -172,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config", default=None)
     m.set_defaults(func=cmd_demo)
     return parser
+
+
+def _yaml_mapping(text: str) -> dict:
+    """A YAML mapping given on the command line, e.g. ``'{epochs: 3, lr: 0.01}'``."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a YAML mapping: write e.g. '{{epochs: 3, lr: 0.01}}'")
+    return value
 
 
 def _load_config_file(path: str) -> dict:
@@ -268,6 +309,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         grad_clip=args.grad_clip, amp=args.amp, check_size=args.check_size, overfit_guard=not args.no_overfit_guard,
         select=args.select, seed=args.seed, progress=not args.no_progress)
     eval_attacks = [a.strip() for a in args.eval_attacks.split(",") if a.strip()]
+    torch.manual_seed(args.seed)  # the initial weights
     model = _build_model(args, train_set.spec, train_set.num_classes).to(device)
     train_part, val = _validation(train_set, test_set, args.val_size, config.check_size, device)
     out = prepare_run_dir(args.out or _default_out("train", args.model, args.data), force=args.force, resume=args.resume)
@@ -349,6 +391,63 @@ def cmd_info(args: argparse.Namespace) -> int:
     rows = layer_table(model, shape)
     print(format_table(rows))
     print(f"parameters: {count_params(model):,}   MACs per image: {count_flops(model, shape):,}   input: {tuple(shape)}")
+    return 0
+
+
+def _phase_config(section: dict | None, common: dict) -> TrainConfig:
+    values = {**common, **(section or {})}
+    for key in ("eps", "attack_step"):
+        if isinstance(values.get(key), str):
+            values[key] = parse_eps(values[key])
+    return TrainConfig.from_dict(values)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .compress import CompressConfig, compress
+
+    _require(args, "data")
+    device = _device(args.device)
+    train_set = data.load(args.data, args.root, split="train", download=args.download)
+    test_set = data.load(args.data, args.root, split="test", download=args.download)
+    if args.train_n is not None:
+        if not 0 < args.train_n <= len(train_set):
+            raise CstarError(f"--train-n {args.train_n} must be between 1 and {len(train_set)}")
+        train_set = train_set.take(args.train_n)
+    eps = train_set.spec.eps if args.eps is None else args.eps
+    common = {"eps": eps, "seed": args.seed, "progress": not args.no_progress}
+    if args.method:
+        common["method"] = args.method
+    config = CompressConfig(
+        ratio=args.ratio, budget=args.budget, flops_ratio=args.flops_ratio, rank_method=args.rank_method,
+        exclude=[e.strip() for e in args.exclude.split(",")] if args.exclude else None,
+        dense=_phase_config(args.dense, common), admm_train=_phase_config(args.admm_train, common),
+        finetune=_phase_config({"epochs": 5, "lr": 0.01, **(args.finetune or {})}, common),
+        eval_attacks=[a.strip() for a in args.eval_attacks.split(",") if a.strip()], eval_n=args.eval_n,
+        autoattack_n=args.autoattack_n)
+    if args.admm:
+        from .admm import ADMMConfig
+
+        config.admm = ADMMConfig.from_dict(args.admm)
+    if args.checkpoint:
+        model, _ = _model_from_checkpoint(args.checkpoint, device)
+    else:
+        _require(args, "model")
+        torch.manual_seed(args.seed)  # the initial weights
+        model = _build_model(args, train_set.spec, train_set.num_classes).to(device)
+    out = prepare_run_dir(args.out or _default_out("compress", args.model or "model", args.data, f"{args.ratio:g}x"),
+                          force=args.force, resume=args.resume)
+    saved = {k: v for k, v in vars(args).items() if k not in _NOT_SAVED}
+    atomic_write_text(out / "config.yaml", yaml.safe_dump({**saved, "eps": eps}, sort_keys=False))
+    write_json(out / "env.json", environment(device, args.seed))
+    print(f"cstar compress: {model.cstar_config['name'] if hasattr(model, 'cstar_config') else 'model'} on "
+          f"{args.data}, target {args.ratio:g}x ({args.budget}), eps={eps:.4g}, output in {out}", flush=True)
+    results = compress(model, train_set, test_set, config, out, pretrained=args.checkpoint is not None,
+                       resume=args.resume, val_size=args.val_size, seed=args.seed)
+    print(f"\nparameters {results['params']['dense']:,} -> {results['params']['compressed']:,} "
+          f"({results['params']['ratio']:.2f}x)" + (f", MACs {results['macs']['ratio']:.2f}x" if "macs" in results else ""))
+    for phase, acc in results["accuracy"].items():
+        print(f"  {phase:>16}: " + "  ".join(f"{k} {100 * v:.2f}%" for k, v in acc.items()))
+    print(f"model in {out / 'model'}, report in {out / 'report.md'}")
     return 0
 
 
