@@ -80,6 +80,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="extra keyword for the model builder, e.g. widen_factor=4 (repeatable)")
 
 
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("rank plan")
+    g.add_argument("--ratio", type=float, default=None, help="target compression ratio, e.g. 16")
+    g.add_argument("--budget", choices=("params", "flops", "joint"), default="params",
+                   help="what the ratio counts: parameters, MACs, or both (with --flops-ratio)")
+    g.add_argument("--flops-ratio", type=float, default=None, help="MACs ratio of a joint budget")
+    g.add_argument("--rank-method", choices=("global", "uniform"), default="global")
+    g.add_argument("--exclude", default=None, help="comma-separated layers kept dense (default: first conv, classifier)")
+    g.add_argument("--multiple-of", type=int, default=1, help="round ranks to multiples of this (default: 1)")
+
+
+def _plan_kwargs(args: argparse.Namespace) -> dict:
+    _require(args, "ratio")
+    return {"ratio": args.ratio, "budget": args.budget, "flops_ratio": args.flops_ratio, "method": args.rank_method,
+            "exclude": [e.strip() for e in args.exclude.split(",")] if args.exclude else None,
+            "multiple_of": args.multiple_of}
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="output directory (default: runs/<command>-<model>-<data>-<time>)")
@@ -142,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint under attack",
                         description="Clean, FGSM, PGD-k and AutoAttack accuracy of a saved model.")
-    ev.add_argument("checkpoint", help="checkpoint.pt (or best.pt) written by 'cstar train'")
+    ev.add_argument("checkpoint", help="model.pt / checkpoint.pt of 'cstar train', or a cstar.save directory")
     _add_data_args(ev)
     ev.add_argument("--attacks", default="clean,pgd20", help="comma-separated: clean, fgsm, pgdK, aa (default: clean,pgd20)")
     ev.add_argument("--step", type=parse_eps, default=None, help="PGD step size (default: eps/4)")
@@ -192,6 +210,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     _add_run_args(c)
     c.set_defaults(func=cmd_compress)
+
+    r = sub.add_parser("ranks", help="print the global rank plan for a target ratio",
+                       description="Select Tucker-2/SVD ranks of every compressible layer for a target ratio and "
+                                   "print the plan (ranks, parameters, MACs, retained energy).")
+    r.add_argument("checkpoint", nargs="?", default=None, help="a trained model (else --model, randomly initialised)")
+    _add_model_args(r)
+    r.add_argument("--data", default=None, help="dataset whose input shape and classes to use (default: cifar10)")
+    _add_plan_args(r)
+    r.add_argument("--json", default=None, help="also write the plan as JSON here")
+    r.add_argument("--config", default=None)
+    r.set_defaults(func=cmd_ranks)
+
+    dc = sub.add_parser("decompose", help="factorise a dense model by a rank plan (no training)",
+                        description="Select ranks for a ratio (or read a plan) and write the factorised model "
+                                    "(cstar.save format). This is post-hoc low-rank compression, without ADMM.")
+    dc.add_argument("checkpoint", help="the dense model: model.pt of 'cstar train' or a cstar.save directory")
+    _add_plan_args(dc)
+    dc.add_argument("--plan", default=None, help="a plan JSON from 'cstar ranks --json' (instead of --ratio)")
+    dc.add_argument("--n-iter", type=int, default=0, help="HOOI sweeps refining each Tucker-2 factorisation")
+    dc.add_argument("--out", required=True, help="output directory of the factorised model")
+    dc.add_argument("--config", default=None)
+    dc.set_defaults(func=cmd_decompose)
+
+    x = sub.add_parser("export", help="export a model to ONNX or TorchScript",
+                       description="Export a saved model (cstar.save directory or checkpoint) for deployment.")
+    x.add_argument("model", help="a cstar.save directory or a checkpoint.pt")
+    x.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    x.add_argument("--out", required=True, help="output file (.onnx or .pt)")
+    x.add_argument("--config", default=None)
+    x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", help="a small robust training run on scikit-learn's digits (no download)",
                        description="Adversarially train a small CNN on scikit-learn's 8x8 digits and print a results table.")
@@ -354,7 +402,10 @@ def _run_config_beside(path: str) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     device = _device(args.device)
-    model, state = _model_from_checkpoint(args.checkpoint, device)
+    if Path(args.checkpoint).is_dir():  # a cstar.save directory
+        model, state = _load_model(args.checkpoint, device), {}
+    else:
+        model, state = _model_from_checkpoint(args.checkpoint, device)
     run = _run_config_beside(args.checkpoint)
     name = args.data or state.get("dataset") or run.get("data")
     if name is None:
@@ -369,16 +420,79 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(model, test_set, attacks_to_run, eps=eps, step=args.step, n=args.n, batch_size=args.batch_size,
                       seed=args.seed, out_path=args.json, progress=True,
                       meta={"model": model.cstar_config["name"], "dataset": name, "checkpoint": str(args.checkpoint)})
-    print(format_results({Path(args.checkpoint).parent.name or "model": result}))
+    path = Path(args.checkpoint)
+    print(format_results({(path.name if path.is_dir() else path.parent.name) or "model": result}))
     print(f"{result['subset']} of the {name} test set, eps={eps:.4g}; seconds per attack: {result['seconds']}")
+    return 0
+
+
+def _load_model(path: str, device: torch.device = torch.device("cpu")) -> torch.nn.Module:
+    """A cstar.save directory or a checkpoint written by 'cstar train'."""
+    if Path(path).is_dir():
+        from .serialize import load
+
+        return load(path, map_location=device)
+    return _model_from_checkpoint(path, device)[0]
+
+
+def _input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    cfg = getattr(model, "cstar_config", None)
+    if not cfg:
+        raise CstarError("the model has no cstar_config, so its input shape is unknown: use a built-in model")
+    return (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+
+
+def _model_for_planning(args: argparse.Namespace) -> torch.nn.Module:
+    if args.checkpoint:
+        return _load_model(args.checkpoint)
+    if not args.model:
+        raise CstarError("give a checkpoint or --model NAME")
+    key = (args.data or "cifar10").lower().replace("-", "_")
+    if key not in data.DATASETS:
+        raise CstarError(f"unknown dataset '{args.data}': choose one of {', '.join(sorted(data.DATASETS))}")
+    spec = data.DATASETS[key]
+    return _build_model(args, spec, getattr(args, "num_classes", None) or spec.num_classes)
+
+
+def cmd_ranks(args: argparse.Namespace) -> int:
+    from .lowrank import select_ranks
+
+    torch.manual_seed(0)
+    model = _model_for_planning(args)
+    plan = select_ranks(model, **_plan_kwargs(args))
+    print(plan.table())
+    if args.json:
+        plan.save(args.json)
+        print(f"plan written to {args.json}")
+    return 0
+
+
+def cmd_decompose(args: argparse.Namespace) -> int:
+    from .lowrank import RankPlan, decompose, select_ranks
+    from .serialize import save
+
+    model = _load_model(args.checkpoint)
+    plan = RankPlan.load(args.plan) if args.plan else select_ranks(model, **_plan_kwargs(args))
+    factorised = decompose(model, plan, n_iter=args.n_iter)
+    out = save(factorised, args.out)
+    print(plan.table())
+    print(f"factorised model written to {out} ({count_params(model):,} -> {count_params(factorised):,} parameters)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .serialize import export
+
+    model = _load_model(args.model)
+    path = export(model, args.out, format=args.format, input_shape=_input_shape(model))
+    print(f"{args.format} model written to {path}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     if args.checkpoint:
-        model, _ = _model_from_checkpoint(args.checkpoint, torch.device("cpu"))
-        cfg = model.cstar_config
-        shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+        model = _load_model(args.checkpoint)
+        shape = _input_shape(model)
     else:
         if not args.model:
             raise CstarError("give a checkpoint or --model NAME")
@@ -390,6 +504,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         shape = spec.image_shape
     rows = layer_table(model, shape)
     print(format_table(rows))
+    factorised = getattr(model, "cstar_lowrank", None)
+    if factorised:
+        print("\nfactorised layers (Tucker-2 ranks are r_out, r_in):")
+        for name, layer in factorised.items():
+            print(f"  {name:<28} {layer['kind']:<8} ranks {', '.join(map(str, layer['ranks']))}")
     print(f"parameters: {count_params(model):,}   MACs per image: {count_flops(model, shape):,}   input: {tuple(shape)}")
     return 0
 

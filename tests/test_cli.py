@@ -149,3 +149,36 @@ def _write_tiny_cifar100(root: Path) -> None:
             pickle.dump(batch, f)
     with open(folder / "meta", "wb") as f:
         pickle.dump({b"fine_label_names": [b"c%d" % i for i in range(100)]}, f)
+
+
+def test_ranks_prints_a_plan_meeting_the_ratio(capsys, tmp_path):
+    code, out, _ = run(capsys, "ranks", "--model", "resnet20", "--ratio", "4", "--budget", "flops",
+                       "--json", tmp_path / "plan.json")
+    assert code == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert 4.0 <= plan["flops_ratio"] <= 4.0 * 1.02
+    assert "flops budget" in out
+
+
+def test_decompose_info_export_and_eval_of_a_factorised_model(trained, tmp_path, capsys):
+    out = tmp_path / "dec"
+    code, text, err = run(capsys, "decompose", trained / "model.pt", "--ratio", "3", "--out", out)
+    assert code == 0, err
+    assert (out / "model.json").exists() and (out / "model.safetensors").exists()
+    code, text, _ = run(capsys, "info", out)
+    assert code == 0 and "factorised layers" in text and "ranks" in text
+    code, _, err = run(capsys, "export", out, "--format", "torchscript", "--out", tmp_path / "m.pt")
+    assert code == 0, err
+    scripted = torch.jit.load(str(tmp_path / "m.pt"))
+    from cstar.serialize import load
+
+    x = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(scripted(x), load(out)(x))
+    code, text, err = run(capsys, "eval", out, "--data", "digits", "--attacks", "clean", "--n", "50")
+    assert code == 0, err
+    assert "| dec | 50 |" in text
+
+
+def test_ratio_below_one_is_an_error(capsys):
+    line = error_line(capsys, "ranks", "--model", "resnet20", "--ratio", "0.5")
+    assert "ratio" in line

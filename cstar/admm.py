@@ -1,0 +1,179 @@
+"""ADMM for adversarial training under low-rank constraints (CSTAR's Algorithm 2).
+
+The problem ``min_W E[max_delta CE(f(x + delta; W), y)]`` subject to ``W_l`` having
+Tucker-2 (conv) or SVD (linear, 1x1 conv) ranks ``r_l`` is split, per compressed
+layer, into the weights ``W`` (trained by SGD), an auxiliary ``Z`` (the projection
+onto the rank constraint) and a scaled dual ``U``:
+
+- W-step, every optimiser step: the adversarial loss plus
+  ``rho/2 * sum_l ||W_l - Z_l + U_l||^2`` (:meth:`ADMM.penalty`);
+- Z-step, every ``interval`` steps (default once an epoch):
+  ``Z_l = Proj_{r_l}(W_l + U_l)`` (:func:`cstar.lowrank.tucker2_project` or
+  :func:`cstar.lowrank.svd_project`: Algorithm 1);
+- U-step, right after: ``U_l <- U_l + W_l - Z_l``.
+
+``rho`` may grow by ``rho_growth`` at every Z-step up to ``rho_max``; ranks may be
+re-selected globally at the first ``reselect`` Z-steps. The primal residual
+``||W_l - Z_l|| / ||W_l||`` of every layer is recorded at every Z-step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from ._errors import CstarError
+from .lowrank import RankPlan, select_ranks, svd_project, tucker2_project
+from .train import TrainHook
+
+
+@dataclass
+class ADMMConfig:
+    """ADMM settings. ``interval=None`` runs the Z/U steps once an epoch;
+    ``n_iter`` HOOI sweeps refine each Tucker-2 projection (0: plain HOSVD)."""
+
+    rho: float = 1e-3
+    rho_growth: float = 1.0
+    rho_max: float = 1.0
+    interval: int | None = None
+    n_iter: int = 0
+    reselect: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.rho > 0 and math.isfinite(self.rho)):
+            raise CstarError(f"rho={self.rho} must be a positive number (default 1e-3)")
+        if self.rho_growth < 1:
+            raise CstarError(f"rho_growth={self.rho_growth} must be >= 1 (1 keeps rho constant)")
+        if self.rho_max < self.rho:
+            raise CstarError(f"rho_max={self.rho_max} is below rho={self.rho}: raise rho_max")
+        if self.interval is not None and self.interval < 1:
+            raise CstarError(f"interval={self.interval} must be >= 1 optimiser steps (or None: once an epoch)")
+        if self.n_iter < 0 or self.reselect < 0:
+            raise CstarError("n_iter and reselect must be >= 0")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ADMMConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CstarError(f"unknown ADMM option(s) {', '.join(unknown)}: valid options are {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def project(weight: torch.Tensor, kind: str, ranks: tuple[int, ...], n_iter: int = 0) -> torch.Tensor:
+    """The nearest weight (as the decomposition finds it) of the planned ranks."""
+    if kind == "tucker2":
+        return tucker2_project(weight, tuple(ranks), n_iter=n_iter)
+    if kind == "svd":
+        return svd_project(weight, ranks[0])
+    raise CstarError(f"cannot project a layer of kind '{kind}': expected 'tucker2' or 'svd'")
+
+
+class ADMM(TrainHook):
+    """ADMM state (``Z``, ``U``, ``rho``) for the compressed layers of ``plan``.
+
+    ``steps_per_epoch`` sets the default interval. ``select_kwargs`` (the
+    arguments ``plan`` was made with, for :func:`cstar.lowrank.select_ranks`) are
+    needed only when ``config.reselect > 0``.
+    """
+
+    def __init__(self, model: nn.Module, plan: RankPlan, config: ADMMConfig, steps_per_epoch: int,
+                 select_kwargs: dict | None = None) -> None:
+        if config.reselect and select_kwargs is None:
+            raise CstarError("ADMM rank re-selection needs the select_ranks arguments (select_kwargs)")
+        self.config, self.select_kwargs = config, select_kwargs
+        self.interval = config.interval or steps_per_epoch
+        self.rho = config.rho
+        self.z_steps = 0
+        self.history: list[dict] = []
+        self._set_plan(model, plan)
+        with torch.no_grad():
+            self.Z = {name: self._project(name, w.detach()) for name, w in self._weights(model).items()}
+            self.U = {name: torch.zeros_like(w) for name, w in self._weights(model).items()}
+
+    def _set_plan(self, model: nn.Module, plan: RankPlan) -> None:
+        modules = dict(model.named_modules())
+        missing = [name for name in plan.layers if name not in modules]
+        if missing:
+            raise CstarError(f"the rank plan names layers the model lacks ({', '.join(missing[:3])}): "
+                             "make the plan from this model with select_ranks")
+        self.plan = plan
+        self.names = [name for name, layer in plan.layers.items() if layer.kind != "dense"]
+        if not self.names:
+            raise CstarError("the rank plan compresses no layer: choose a higher ratio")
+
+    def _weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        modules = dict(model.named_modules())
+        return {name: modules[name].weight for name in self.names}
+
+    def _project(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        layer = self.plan.layers[name]
+        return project(weight, layer.kind, layer.ranks, self.config.n_iter)
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        """``rho/2 * sum_l ||W_l - Z_l + U_l||^2`` (a differentiable scalar)."""
+        total = sum((w - self.Z[n] + self.U[n]).pow(2).sum() for n, w in self._weights(model).items())
+        return 0.5 * self.rho * total
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        if step % self.interval == 0:
+            self.z_step(model, step)
+
+    @torch.no_grad()
+    def z_step(self, model: nn.Module, step: int | None = None) -> dict:
+        """Z- and U-steps (and rank re-selection, at first); returns the residual record."""
+        if self.z_steps < self.config.reselect:
+            self._reselect(model)
+        residuals = {}
+        for name, w in self._weights(model).items():
+            w = w.detach()
+            self.Z[name] = self._project(name, w + self.U[name])
+            self.U[name] += w - self.Z[name]
+            residuals[name] = ((w - self.Z[name]).norm() / w.norm().clamp_min(1e-12)).item()
+        self.z_steps += 1
+        record = {"z_step": self.z_steps, "step": step, "rho": self.rho,
+                  "residual_mean": sum(residuals.values()) / len(residuals),
+                  "residual_max": max(residuals.values()), "residual": residuals}
+        self.history.append(record)
+        self.rho = min(self.config.rho_max, self.rho * self.config.rho_growth)
+        return record
+
+    def _reselect(self, model: nn.Module) -> None:
+        """New global ranks from the current weights; a newly compressed layer's dual starts at 0
+        (every Z is recomputed by the Z-step that follows)."""
+        self._set_plan(model, select_ranks(model, **self.select_kwargs))
+        self.U = {n: self.U.get(n, torch.zeros_like(w)) for n, w in self._weights(model).items()}
+
+    def after_epoch(self, model: nn.Module, record: dict) -> None:
+        if self.history:
+            last = self.history[-1]
+            record.update(admm_rho=last["rho"], admm_residual_mean=last["residual_mean"],
+                          admm_residual_max=last["residual_max"], admm_z_steps=self.z_steps)
+
+    @torch.no_grad()
+    def residuals(self, model: nn.Module) -> dict[str, float]:
+        """``||W_l - Proj(W_l)|| / ||W_l||`` now, per layer: how far W is from the constraint."""
+        return {n: ((w - self._project(n, w)).norm() / w.norm().clamp_min(1e-12)).item()
+                for n, w in self._weights(model).items()}
+
+    @torch.no_grad()
+    def project_weights(self, model: nn.Module) -> None:
+        """Replace every compressed layer's weight by its projection (the final hard projection)."""
+        for name, w in self._weights(model).items():
+            w.copy_(self._project(name, w))
+
+    def state_dict(self) -> dict:
+        return {"Z": self.Z, "U": self.U, "rho": self.rho, "z_steps": self.z_steps, "history": self.history,
+                "plan": self.plan.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.plan = RankPlan.from_dict(state["plan"])
+        self.names = [name for name, layer in self.plan.layers.items() if layer.kind != "dense"]
+        self.Z, self.U = state["Z"], state["U"]
+        self.rho, self.z_steps, self.history = state["rho"], state["z_steps"], state["history"]

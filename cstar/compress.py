@@ -1,0 +1,248 @@
+"""The CSTAR pipeline (Algorithm 2): a dense robust model in, a compact robust one out.
+
+Phases, each recorded in ``<out>/phases.json`` when it completes, so that
+``resume=True`` skips what is done and continues a half-done training phase from
+its last epoch checkpoint:
+
+1. ``dense``: adversarial training of the dense model (skipped for a pretrained one);
+2. ``ranks``: global rank selection for the target ratio (``plan.json``);
+3. ``admm``: ADMM adversarial training under the rank constraints;
+4. ``decompose``: final projection, then exact decomposition into factorised layers;
+5. ``finetune``: adversarial fine-tuning of the factorised model;
+6. ``evaluate``: clean and robust accuracy of every phase's model.
+
+The outputs are a saved model (``<out>/model``, :func:`cstar.save` format),
+``results.json`` and ``report.md`` (with PNG plots when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import data as data_module
+from ._errors import CstarError
+from ._io import load_checkpoint, save_checkpoint, write_json
+from .admm import ADMM, ADMMConfig
+from .counting import count_flops, count_params
+from .evaluate import evaluate
+from .lowrank import RankPlan, decompose, select_ranks
+from .report import write_report
+from .serialize import save
+from .train import TrainConfig, fit
+
+PHASES = ("dense", "ranks", "admm", "decompose", "finetune", "evaluate")
+
+
+@dataclass
+class CompressConfig:
+    """Settings of a compression run.
+
+    ``ratio`` is whole-model dense/compressed parameters (``budget="params"``),
+    MACs (``"flops"``), or parameters with ``flops_ratio`` on MACs (``"joint"``).
+    ``dense`` trains the dense model when none is given; ``admm_train`` and
+    ``finetune`` are the adversarial training settings of phases 3 and 5.
+    Evaluation: ``eval_attacks`` on the first ``eval_n`` test images (all when
+    None); AutoAttack on the first ``autoattack_n`` for the final model (0: off).
+    """
+
+    ratio: float = 8.0
+    budget: str = "params"
+    flops_ratio: float | None = None
+    rank_method: str = "global"
+    exclude: list[str] | None = None
+    min_rank: int = 1
+    multiple_of: int = 1
+    dense: TrainConfig = field(default_factory=TrainConfig)
+    admm_train: TrainConfig = field(default_factory=TrainConfig)
+    admm: ADMMConfig = field(default_factory=ADMMConfig)
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.01))
+    eval_attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])
+    eval_n: int | None = None
+    autoattack_n: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CompressConfig":
+        """From a nested dict (a YAML preset); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CstarError(f"unknown compress option(s) {', '.join(unknown)}: valid options are "
+                             f"{', '.join(sorted(known))}")
+        values = dict(values)
+        for key in ("dense", "admm_train", "finetune"):
+            if isinstance(values.get(key), dict):
+                values[key] = TrainConfig.from_dict(values[key])
+        if isinstance(values.get("admm"), dict):
+            values["admm"] = ADMMConfig.from_dict(values["admm"])
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def select_kwargs(self) -> dict:
+        return {"ratio": self.ratio, "budget": self.budget, "flops_ratio": self.flops_ratio,
+                "method": self.rank_method, "exclude": self.exclude, "min_rank": self.min_rank,
+                "multiple_of": self.multiple_of}
+
+
+class _Phases:
+    """``phases.json``: what is done, with each phase's wall time and results."""
+
+    def __init__(self, out: Path, resume: bool) -> None:
+        self.path = out / "phases.json"
+        self.done: dict[str, dict] = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
+
+    def finish(self, phase: str, **info) -> None:
+        self.done[phase] = info
+        write_json(self.path, self.done)
+
+
+def _held_out(train_set, val_size: int, device):
+    """(training part, (x, y) of the last ``val_size`` images) for per-epoch checks."""
+    if val_size <= 0 or not hasattr(train_set, "subset"):
+        return train_set, None
+    n = len(train_set) - val_size
+    held = train_set.subset(torch.arange(n, len(train_set)))
+    return train_set.subset(torch.arange(n)), (held.images.to(device).float() / 255, held.labels.to(device))
+
+
+def _train(model, train_part, val, config: TrainConfig, out: Path, resume: bool, hooks=(), seed: int = 0):
+    device = next(model.parameters()).device
+    loader = data_module.make_loader(train_part, config.batch_size, train=True, device=device, seed=seed)
+    t0 = time.perf_counter()
+    history = fit(model, loader, config, val=val, out_dir=out, resume=resume, hooks=hooks)
+    return history, time.perf_counter() - t0
+
+
+def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_dir: str | Path, *,
+             pretrained: bool = False, resume: bool = False, val_size: int = 1000, seed: int = 0) -> dict:
+    """Run the CSTAR pipeline on ``model`` (trained in place) and return the results dict.
+
+    ``train_set``/``test_set`` are :mod:`cstar.data` datasets. ``pretrained=True``
+    skips dense training. Files go to ``out_dir`` (see the module docstring).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    phases = _Phases(out, resume)
+    device = next(model.parameters()).device
+    train_part, val = _held_out(train_set, val_size, device)
+    write_json(out / "compress_config.json", config.to_dict())
+
+    # 1. dense
+    if "dense" in phases.done:
+        model.load_state_dict(load_checkpoint(out / "dense.pt", map_location=device)["model"])
+    elif pretrained:
+        save_checkpoint(out / "dense.pt", {"model": model.state_dict()})
+        phases.finish("dense", seconds=0.0, trained=False)
+    else:
+        history, seconds = _train(model, train_part, val, config.dense, out / "dense", resume, seed=seed)
+        save_checkpoint(out / "dense.pt", {"model": model.state_dict()})
+        phases.finish("dense", seconds=round(seconds, 1), trained=True, epochs=len(history))
+    dense_model = copy.deepcopy(model)
+
+    # 2. ranks
+    if "ranks" in phases.done:
+        plan = RankPlan.load(out / "plan.json")
+    else:
+        t0 = time.perf_counter()
+        plan = select_ranks(model, **config.select_kwargs())
+        plan.save(out / "plan.json")
+        phases.finish("ranks", seconds=round(time.perf_counter() - t0, 2), ratio=plan.ratio,
+                      flops_ratio=plan.flops_ratio)
+    print(plan.table())
+
+    # 3. ADMM
+    steps_per_epoch = len(data_module.make_loader(train_part, config.admm_train.batch_size, train=True))
+    admm = ADMM(model, plan, config.admm, steps_per_epoch,
+                select_kwargs=config.select_kwargs() if config.admm.reselect else None)
+    if "admm" in phases.done:
+        state = load_checkpoint(out / "admm.pt", map_location=device)
+        model.load_state_dict(state["model"])
+        admm.load_state_dict(state["admm"])
+    else:
+        history, seconds = _train(model, train_part, val, config.admm_train, out / "admm", resume, hooks=[admm],
+                                  seed=seed)
+        save_checkpoint(out / "admm.pt", {"model": model.state_dict(), "admm": admm.state_dict()})
+        phases.finish("admm", seconds=round(seconds, 1), epochs=len(history), z_steps=admm.z_steps,
+                      final_residual=admm.residuals(model))
+    plan = admm.plan  # ranks may have been re-selected
+
+    # 4. projection and exact decomposition
+    if "decompose" in phases.done:
+        factorised = decompose(model, plan).to(device)
+        factorised.load_state_dict(load_checkpoint(out / "decomposed.pt", map_location=device)["model"])
+    else:
+        t0 = time.perf_counter()
+        admm.project_weights(model)
+        factorised = decompose(model, plan).to(device)
+        gap = _output_gap(model, factorised, test_set, device)
+        save_checkpoint(out / "decomposed.pt", {"model": factorised.state_dict()})
+        phases.finish("decompose", seconds=round(time.perf_counter() - t0, 2), output_gap=gap,
+                      params=count_params(factorised))
+    projected = copy.deepcopy(factorised)
+
+    # 5. fine-tuning
+    if "finetune" not in phases.done:
+        history, seconds = _train(factorised, train_part, val, config.finetune, out / "finetune", resume, seed=seed)
+        phases.finish("finetune", seconds=round(seconds, 1), epochs=len(history))
+    else:
+        factorised.load_state_dict(load_checkpoint(out / "finetune" / "checkpoint.pt", map_location=device)["model"])
+    save(factorised, out / "model")
+
+    # 6. evaluation
+    if "evaluate" not in phases.done:
+        t0 = time.perf_counter()
+        evaluations = _evaluate_phases(dense_model, projected, factorised, test_set, config)
+        phases.finish("evaluate", seconds=round(time.perf_counter() - t0, 1), results=evaluations)
+    results = _results(phases.done, plan, dense_model, factorised, config)
+    write_json(out / "results.json", results)
+    write_report(out, results, plan, admm.history)
+    return results
+
+
+@torch.no_grad()
+def _output_gap(projected_dense: nn.Module, factorised: nn.Module, test_set, device) -> float:
+    """Largest absolute logit difference between the projected dense model and its decomposition."""
+    x = test_set.images[:64].to(device).float() / 255 if hasattr(test_set, "images") else None
+    if x is None:
+        return float("nan")
+    projected_dense.eval()
+    factorised.eval()
+    return (projected_dense(x) - factorised(x)).abs().max().item()
+
+
+def _evaluate_phases(dense, projected, final, test_set, config: CompressConfig) -> dict:
+    eps = config.finetune.eps
+    evaluations = {}
+    for phase, model in (("dense", dense), ("admm_projected", projected), ("final", final)):
+        result = evaluate(model, test_set, config.eval_attacks, eps=eps, n=config.eval_n)
+        evaluations[phase] = result
+        print(f"{phase}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in result["accuracy"].items()), flush=True)
+    if config.autoattack_n:
+        evaluations["final_autoattack"] = evaluate(final, test_set, ["autoattack"], eps=eps, n=config.autoattack_n,
+                                                   batch_size=100)
+    return evaluations
+
+
+def _results(done: dict, plan: RankPlan, dense: nn.Module, final: nn.Module, config: CompressConfig) -> dict:
+    shape = plan.input_shape
+    dense_params, final_params = count_params(dense), count_params(final)
+    results = {
+        "config": config.to_dict(),
+        "params": {"dense": dense_params, "compressed": final_params, "ratio": dense_params / final_params},
+        "phases": {name: {k: v for k, v in info.items() if k != "results"} for name, info in done.items()},
+        "accuracy": {phase: r["accuracy"] for phase, r in done.get("evaluate", {}).get("results", {}).items()},
+        "eval_subset": {phase: r["subset"] for phase, r in done.get("evaluate", {}).get("results", {}).items()},
+        "plan": {"target": plan.target, "budget": plan.budget, "ratio": plan.ratio, "flops_ratio": plan.flops_ratio},
+    }
+    if shape is not None:
+        dense_macs, final_macs = count_flops(dense, shape), count_flops(final, shape)
+        results["macs"] = {"dense": dense_macs, "compressed": final_macs, "ratio": dense_macs / final_macs}
+    return results

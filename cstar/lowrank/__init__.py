@@ -1,0 +1,20 @@
+"""Low-rank engine: Tucker-2 / SVD factorisation, global rank selection and model decomposition.
+
+- :func:`mode_spectra`, :func:`tucker2`, :func:`tucker2_project`, :func:`svd_factors`,
+  :func:`svd_project`: factorise or project one weight (``_tucker.py``).
+- :func:`select_ranks` -> :class:`RankPlan` of :class:`LayerPlan`: the ranks of every
+  layer for a target compression ratio (``_ranks.py``).
+- :func:`decompose`: a copy of a model with every planned layer replaced by its
+  factorised form, :class:`Tucker2Conv2d`, :class:`LowRankConv1x1` or
+  :class:`LowRankLinear` (``_decompose.py``, ``_layers.py``).
+"""
+
+from ._decompose import decompose
+from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
+from ._ranks import LayerPlan, RankPlan, select_ranks
+from ._tucker import mode_spectra, svd_factors, svd_project, tucker2, tucker2_project
+
+__all__ = [
+    "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "Tucker2Conv2d", "decompose", "mode_spectra",
+    "select_ranks", "svd_factors", "svd_project", "tucker2", "tucker2_project",
+]

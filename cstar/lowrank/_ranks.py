@@ -1,0 +1,517 @@
+"""Rank selection: the ranks of every compressible layer for a target compression ratio.
+
+Compressible layers are plain ``nn.Conv2d`` with ``groups=1`` and a kernel larger
+than 1x1 (Tucker-2, ranks ``(r_out, r_in)``) and plain 1x1 ``nn.Conv2d`` and
+``nn.Linear`` (SVD, ranks ``(r,)``). Every other parameter is a fixed cost.
+
+A layer's *energy* at given ranks is the share of its squared Frobenius norm
+that the truncated factorisation keeps: for Tucker-2 exactly
+``||core[:r_out, :r_in]||^2 / ||W||^2`` in the full HOSVD bases (a table over
+all rank pairs, :func:`hosvd_energy`), for SVD the cumulative share of the
+squared singular values. Shares are normalised per layer, so layers of any size
+are comparable; a dense layer has energy 1.
+
+``method="global"`` maximises the sum over layers of log(energy), i.e. the
+product of the layers' retained shares, under the budget: every layer starts at
+``min_rank`` and, with a heap, the rank (one mode, grown by ``multiple_of``)
+whose log-energy gain per unit of added cost is largest is grown, as long as
+the budget allows; the plan's cost then ends within one smallest step of the
+budget. (The plain sum of energies would trade a big layer down to rank 1 for a
+few dense small ones; the log makes a near-zero share prohibitively costly.) A
+layer whose factorised cost would reach its dense cost on a budget measure is
+kept dense (kind ``"dense"``). ``method="uniform"`` keeps the same rank
+fraction in every mode of every layer, the largest that fits (bisection), as a
+baseline.
+
+Costs are exact: parameters as :func:`cstar.counting.count_params` counts the
+factorised model, MACs as :func:`cstar.counting.count_flops` does (a Tucker-2
+layer's first 1x1 conv runs at the input resolution, its core and last conv at
+the output resolution; MAC multipliers come from one traced forward pass).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import numbers
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._errors import CstarError
+from .._io import write_json
+from ..counting import LayerStats, count_params, layer_table
+from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
+from ._tucker import hosvd_energy, mode_spectra
+
+_BUDGETS = ("params", "flops", "joint")
+_METHODS = ("global", "uniform")
+_BISECTION_STEPS = 60
+_ENERGY_FLOOR = 1e-12  # log(0) guard for a layer whose leading components carry no energy
+
+
+@dataclass
+class LayerPlan:
+    """The plan of one compressible layer.
+
+    ``kind`` is ``"tucker2"`` (ranks ``(r_out, r_in)``), ``"svd"`` (ranks ``(r,)``)
+    or ``"dense"`` (kept as is; ranks are the full mode sizes). ``params`` and
+    ``macs`` (per image; None without an input shape) are those of the layer as
+    planned, ``dense_*`` those of the original layer; ``energy`` in [0, 1] is the
+    retained normalised spectral energy; ``shape`` is the original weight's shape.
+    """
+
+    kind: str
+    ranks: tuple[int, ...]
+    dense_params: int
+    params: int
+    dense_macs: int | None
+    macs: int | None
+    energy: float
+    shape: tuple[int, ...] = ()
+
+
+@dataclass
+class RankPlan:
+    """Ranks of every compressible layer of a model, with exact cost accounting.
+
+    ``target`` is the requested ratio (on parameters for ``budget="params"`` and
+    ``"joint"``, on MACs for ``"flops"``); ``flops_target`` the MACs ratio of a
+    ``"joint"`` budget. ``excluded`` lists the compressible layers kept dense on
+    request, ``skipped`` the declined ones with the reason. Totals are for the
+    whole model (every parameter; MACs None without an ``input_shape``).
+    """
+
+    layers: dict[str, LayerPlan]
+    target: float
+    budget: str
+    method: str
+    input_shape: tuple[int, ...] | None
+    excluded: list[str]
+    skipped: dict[str, str]
+    dense_params: int
+    params: int
+    dense_macs: int | None
+    macs: int | None
+    flops_target: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        """Dense parameters / planned parameters, whole model."""
+        return self.dense_params / self.params
+
+    @property
+    def flops_ratio(self) -> float | None:
+        """Dense MACs / planned MACs, whole model (None without an input shape)."""
+        if self.macs is None or self.dense_macs is None:
+            return None
+        return self.dense_macs / self.macs
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict (tuples as lists; ``ratio``/``flops_ratio`` added for readers)."""
+        d = asdict(self)
+        d["input_shape"] = None if self.input_shape is None else list(self.input_shape)
+        for layer in d["layers"].values():
+            layer["ranks"], layer["shape"] = list(layer["ranks"]), list(layer["shape"])
+        d["ratio"], d["flops_ratio"] = self.ratio, self.flops_ratio
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RankPlan":
+        """Inverse of :meth:`to_dict`."""
+        if not isinstance(d, dict):
+            raise CstarError(f"a rank plan must be a dict from RankPlan.to_dict(), got {type(d).__name__}")
+        names, layer_names = list(cls.__dataclass_fields__), list(LayerPlan.__dataclass_fields__)
+        missing = [k for k in names if k not in d]
+        if missing:
+            raise CstarError(f"not a rank plan: missing {', '.join(missing)}; pass a dict from RankPlan.to_dict()")
+        layers = {}
+        for name, layer in d["layers"].items():
+            missing = [k for k in layer_names if k not in layer]
+            if missing:
+                raise CstarError(f"rank plan layer {name!r} lacks {', '.join(missing)}; pass a dict from to_dict()")
+            values = {k: layer[k] for k in layer_names}
+            values["ranks"], values["shape"] = tuple(layer["ranks"]), tuple(layer["shape"])
+            layers[name] = LayerPlan(**values)
+        values = {k: d[k] for k in names}
+        values["layers"] = layers
+        values["input_shape"] = None if d["input_shape"] is None else tuple(d["input_shape"])
+        values["excluded"], values["skipped"] = list(d["excluded"]), dict(d["skipped"])
+        return cls(**values)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON, atomically; the parent directory must exist."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise CstarError(f"cannot save rank plan: directory {path.parent} does not exist; create it first")
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RankPlan":
+        """Read a plan written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise CstarError(f"rank plan {path} does not exist: pass a JSON file written by RankPlan.save")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CstarError(
+                f"rank plan {path} is not valid JSON ({exc}); pass a file written by RankPlan.save"
+            ) from None
+        return cls.from_dict(d)
+
+    def table(self) -> str:
+        """Aligned text: one row per layer, then whole-model totals with both ratios."""
+        header = ("layer", "kind", "shape", "ranks", "params", "MACs", "energy")
+        rows = [
+            (name, p.kind, "x".join(map(str, p.shape)), ",".join(map(str, p.ranks)),
+             f"{p.dense_params:,} -> {p.params:,}", _macs_text(p.dense_macs, p.macs), f"{p.energy:.3f}")
+            for name, p in self.layers.items()
+        ]
+        flops = "-" if self.flops_ratio is None else f"{self.flops_ratio:.2f}x"
+        total = ("total", "", "", "", f"{self.dense_params:,} -> {self.params:,}",
+                 _macs_text(self.dense_macs, self.macs), "")
+        widths = [max(len(r[i]) for r in (header, *rows, total)) for i in range(len(header))]
+
+        def line(cells: tuple[str, ...]) -> str:
+            padded = (c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            return "  ".join(padded).rstrip()
+
+        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
+        lines = [line(header), rule, *map(line, rows), rule, line(total),
+                 f"ratio {self.ratio:.2f}x params, {flops} MACs ({self.method} ranks, {self.budget} budget)"]
+        if self.excluded:
+            lines.append(f"excluded (kept dense): {', '.join(self.excluded)}")
+        lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _macs_text(dense: int | None, planned: int | None) -> str:
+    return "-" if dense is None else f"{dense / 1e6:,.2f}M -> {planned / 1e6:,.2f}M"
+
+
+@dataclass
+class _Layer:
+    """A compressible layer: shape, exact cost formulas and retained-energy table."""
+
+    name: str
+    kind: str  # "tucker2" or "svd"
+    shape: tuple[int, ...]
+    dims: tuple[int, ...]  # the mode sizes: (C_out, C_in), or (min(out, in),)
+    retained: np.ndarray  # retained energy share, indexed by ranks: shape (dims[0] + 1, ...)
+    bias: int
+    in_pos: int | None  # spatial positions the first factor runs at, summed over calls (None: no input shape)
+    out_pos: int | None  # positions (rows, for a linear) of the output, summed over calls
+    dense_params: int = field(init=False)
+    dense_macs: int | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dense_params = math.prod(self.shape) + self.bias
+        self.dense_macs = None if self.out_pos is None else self.out_pos * math.prod(self.shape)
+
+    def params(self, ranks: tuple[int, ...] | None) -> int:
+        if ranks is None:
+            return self.dense_params
+        if self.kind == "svd":
+            return ranks[0] * (self.shape[0] + self.shape[1]) + self.bias
+        c_out, c_in, kh, kw = self.shape
+        r_out, r_in = ranks
+        return c_in * r_in + r_out * r_in * kh * kw + r_out * c_out + self.bias
+
+    def macs(self, ranks: tuple[int, ...] | None) -> int | None:
+        if ranks is None or self.out_pos is None:
+            return self.dense_macs
+        if self.kind == "svd":
+            return self.out_pos * ranks[0] * (self.shape[0] + self.shape[1])
+        c_out, c_in, kh, kw = self.shape
+        r_out, r_in = ranks
+        return self.in_pos * c_in * r_in + self.out_pos * r_out * (r_in * kh * kw + c_out)
+
+    def energy(self, ranks: tuple[int, ...] | None) -> float:
+        return 1.0 if ranks is None else float(self.retained[ranks])
+
+
+def _retained_svd(matrix: torch.Tensor) -> np.ndarray:
+    """[0, s_1, s_1 + s_2, ..., 1]: the share of ``||matrix||^2`` kept at each rank (all 1 for zero)."""
+    spectrum = min(mode_spectra(matrix[:, :, None, None]), key=len).double().cpu()
+    total = float(spectrum.sum())
+    if total <= 0:
+        return np.ones(len(spectrum) + 1)
+    return np.concatenate([[0.0], torch.cumsum(spectrum / total, 0).numpy()])
+
+
+def _decline_reason(module: nn.Module) -> str | None:
+    """Why a Conv2d/Linear cannot be factorised, or None."""
+    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    if type(module) is not base:
+        return f"{type(module).__name__} subclasses {base.__name__}: its forward may differ from a plain layer's"
+    if base is nn.Linear:
+        return None
+    if module.groups != 1:
+        return f"grouped conv (groups={module.groups}): Tucker-2 needs groups=1"
+    if module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r}: factorised layers pad with zeros"
+    if isinstance(module.padding, str):
+        return f"padding={module.padding!r} given as a string: factorised layers need explicit padding"
+    return None
+
+
+def _survey(model: nn.Module, exclude: list[str] | None
+            ) -> tuple[list[tuple[str, nn.Module]], list[str], dict[str, str]]:
+    """Split the model's Conv2d/Linear layers into candidates, excluded names and skipped (name -> reason)."""
+    modules = dict(model.named_modules())
+    layers = [(n, m) for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if exclude is None:
+        convs = [n for n, m in layers if isinstance(m, nn.Conv2d)]
+        linears = [n for n, m in layers if isinstance(m, nn.Linear)]
+        exclude = convs[:1] + linears[-1:]
+    else:
+        if not isinstance(exclude, (list, tuple)) or not all(isinstance(e, str) for e in exclude):
+            raise CstarError(f"exclude must be a list of module names, got {exclude!r}; e.g. exclude=['conv1', 'fc']")
+        unknown = [e for e in exclude if e not in modules]
+        if unknown:
+            known = ", ".join(n for n, _ in layers[:8])
+            raise CstarError(
+                f"exclude names unknown module(s) {', '.join(map(repr, unknown))}; layers include: {known}"
+            )
+    factorised = [n for n, m in modules.items() if isinstance(m, (Tucker2Conv2d, LowRankConv1x1, LowRankLinear))]
+    candidates, excluded, skipped = [], [], {}
+    for name, module in layers:
+        if any(name.startswith(f + ".") for f in factorised):
+            skipped[name] = "part of an already factorised layer"
+        elif any(name == e or name.startswith(e + ".") for e in exclude):
+            excluded.append(name)
+        elif (reason := _decline_reason(module)) is not None:
+            skipped[name] = reason
+        else:
+            candidates.append((name, module))
+    return candidates, excluded, skipped
+
+
+def _default_input_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    cfg = getattr(model, "cstar_config", None)
+    if isinstance(cfg, dict) and "in_channels" in cfg and "input_size" in cfg:
+        return (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+    return None
+
+
+def _positions(module: nn.Module, row: LayerStats | None) -> tuple[int, int]:
+    """(input positions, output positions) summed over calls, from a ``layer_table`` row (None: never ran).
+
+    Input positions assume every call has the first call's shapes.
+    """
+    out_pos = 0 if row is None else row.macs // math.prod(module.weight.shape)
+    if out_pos == 0 or isinstance(module, nn.Linear):
+        return out_pos, out_pos
+    in_hw, out_hw = math.prod(row.in_shape[2:]), math.prod(row.out_shape[2:])
+    return round(out_pos * in_hw / out_hw), out_pos
+
+
+def _describe(name: str, module: nn.Module, positions: tuple[int, int] | None) -> _Layer:
+    weight = module.weight.detach()
+    bias = 0 if module.bias is None else module.bias.numel()
+    in_pos, out_pos = (None, None) if positions is None else positions
+    if isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1):
+        return _Layer(name, "tucker2", tuple(weight.shape), tuple(weight.shape[:2]),
+                      hosvd_energy(weight).cpu().numpy(), bias, in_pos, out_pos)
+    retained = _retained_svd(weight.reshape(weight.shape[0], weight.shape[1]))
+    return _Layer(name, "svd", tuple(weight.shape), (len(retained) - 1,), retained, bias, in_pos, out_pos)
+
+
+def _check_ratio(what: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 1:
+        raise CstarError(
+            f"{what} must be a number > 1 (dense size / compressed size), got {value!r}; e.g. 16 for 16x"
+        )
+    return float(value)
+
+
+def _check_positive_int(what: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise CstarError(f"{what} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _log_energy(layer: _Layer, ranks: tuple[int, ...] | None) -> float:
+    return math.log(max(layer.energy(ranks), _ENERGY_FLOOR))
+
+
+class _Allocator:
+    """Budget bookkeeping shared by the two methods; a layer's state is its ranks, or None for dense."""
+
+    def __init__(self, layers: list[_Layer], measures: tuple[str, ...], limits: tuple[float, ...],
+                 min_rank: int, multiple_of: int) -> None:
+        self.layers, self.measures, self.limits = layers, measures, limits
+        self.min_rank, self.multiple_of = min_rank, multiple_of
+
+    def cost(self, layer: _Layer, ranks: tuple[int, ...] | None) -> tuple[int, ...]:
+        return tuple(getattr(layer, m)(ranks) for m in self.measures)
+
+    def settle(self, layer: _Layer, ranks: tuple[int, ...]) -> tuple[int, ...] | None:
+        """``ranks``, or None (dense) when that would cost as much as the dense layer on a budget measure."""
+        dense = self.cost(layer, None)
+        return None if any(c >= d for c, d in zip(self.cost(layer, ranks), dense)) else ranks
+
+    def fits(self, states: list) -> bool:
+        totals = [sum(c) for c in zip(*(self.cost(layer, s) for layer, s in zip(self.layers, states)))]
+        return all(t <= limit for t, limit in zip(totals, self.limits))
+
+    def at_fraction(self, fraction: float) -> list:
+        """Every mode at ``fraction`` of its size (rounded up to ``multiple_of``, at least ``min_rank``)."""
+        m = self.multiple_of
+        return [self.settle(layer, tuple(min(d, max(self.min_rank, m * math.ceil(fraction * d / m)))
+                                         for d in layer.dims))
+                for layer in self.layers]
+
+    def uniform(self) -> list:
+        low, high = 0.0, 1.0
+        if self.fits(self.at_fraction(high)):
+            return self.at_fraction(high)
+        for _ in range(_BISECTION_STEPS):
+            middle = (low + high) / 2
+            low, high = (middle, high) if self.fits(self.at_fraction(middle)) else (low, middle)
+        return self.at_fraction(low)
+
+    def _step(self, index: int, ranks: tuple[int, ...], mode: int) -> tuple[tuple[int, ...] | None, float] | None:
+        """The state after growing ``mode`` by one step, and its energy gain; None at full rank."""
+        layer, m = self.layers[index], self.multiple_of
+        if ranks[mode] >= layer.dims[mode]:
+            return None
+        grown = list(ranks)
+        grown[mode] = min(layer.dims[mode], (ranks[mode] // m + 1) * m)
+        state = self.settle(layer, tuple(grown))
+        return state, _log_energy(layer, state) - _log_energy(layer, ranks)
+
+    def greedy(self) -> list:
+        states = self.at_fraction(0.0)
+        used = [sum(c) for c in zip(*(self.cost(layer, s) for layer, s in zip(self.layers, states)))]
+        version = [0] * len(states)
+        heap: list = []
+
+        def push(i: int) -> None:
+            if states[i] is None:
+                return
+            current = self.cost(self.layers[i], states[i])
+            for mode in range(len(states[i])):
+                step = self._step(i, states[i], mode)
+                if step is None:
+                    continue
+                delta = [n - c for n, c in zip(self.cost(self.layers[i], step[0]), current)]
+                weighted = sum(d / max(limit, 1.0) for d, limit in zip(delta, self.limits))
+                score = step[1] / weighted if weighted > 0 else math.inf
+                heapq.heappush(heap, (-score, i, mode, version[i]))
+
+        for i in range(len(states)):
+            push(i)
+        while heap:
+            _, i, mode, seen = heapq.heappop(heap)
+            if seen != version[i]:
+                continue
+            state, _ = self._step(i, states[i], mode)
+            new_used = [u + n - c for u, n, c in zip(used, self.cost(self.layers[i], state),
+                                                     self.cost(self.layers[i], states[i]))]
+            if any(u > limit for u, limit in zip(new_used, self.limits)):
+                continue
+            states[i], used = state, new_used
+            version[i] += 1
+            push(i)
+        return states
+
+
+def select_ranks(model: nn.Module, ratio: float, *, budget: str = "params", flops_ratio: float | None = None,
+                 input_shape: tuple[int, int, int] | None = None, method: str = "global",
+                 exclude: list[str] | None = None, min_rank: int = 1, multiple_of: int = 1) -> RankPlan:
+    """Choose the ranks of every compressible layer so that the whole model is ``ratio`` times smaller.
+
+    ``budget``: ``"params"`` (ratio on parameters), ``"flops"`` (ratio on MACs)
+    or ``"joint"`` (``ratio`` on parameters and ``flops_ratio`` on MACs at once).
+    ``input_shape`` (C, H, W) defaults to the model's ``cstar_config``; it is
+    required for the MACs budgets and otherwise only fills the MACs columns.
+    ``exclude`` names modules kept dense, with everything inside them (default:
+    the first conv and the last linear, the classifier). ``method``: ``"global"``
+    (maximal product of retained energy shares, see the module docstring) or
+    ``"uniform"``. Ranks are multiples of ``multiple_of`` (or ``min_rank``, or a
+    full mode size). The achieved ratio is >= the target and, for ``"global"``,
+    as close to it as the smallest rank step allows.
+    """
+    if not isinstance(model, nn.Module):
+        raise CstarError(f"select_ranks needs an nn.Module, got {type(model).__name__}")
+    ratio = _check_ratio("ratio", ratio)
+    if budget not in _BUDGETS:
+        raise CstarError(f"unknown budget {budget!r}; choose one of: {', '.join(_BUDGETS)}")
+    if method not in _METHODS:
+        raise CstarError(f"unknown method {method!r}; choose one of: {', '.join(_METHODS)}")
+    if budget == "joint":
+        if flops_ratio is None:
+            raise CstarError("budget='joint' needs flops_ratio (the MACs ratio to meet beside ratio); pass it")
+        flops_ratio = _check_ratio("flops_ratio", flops_ratio)
+    elif flops_ratio is not None:
+        raise CstarError(f"flops_ratio is only used with budget='joint' (got budget={budget!r}); drop it or "
+                         "pass budget='joint'")
+    min_rank = _check_positive_int("min_rank", min_rank)
+    multiple_of = _check_positive_int("multiple_of", multiple_of)
+    if input_shape is not None and not isinstance(input_shape, (tuple, list)):
+        raise CstarError(f"input_shape must be a tuple (C, H, W), got {input_shape!r}")
+    shape = tuple(input_shape) if input_shape is not None else _default_input_shape(model)
+    if shape is None and budget != "params":
+        raise CstarError(f"budget={budget!r} counts MACs, which needs input_shape=(C, H, W); the model has no "
+                         "cstar_config to take it from: pass input_shape")
+
+    candidates, excluded, skipped = _survey(model, exclude)
+    if not candidates:
+        hint = "; the first conv and the classifier are excluded by default: pass exclude=[]" if exclude is None else ""
+        raise CstarError(f"nothing to compress: the model has no plain Conv2d (groups=1) or Linear layer "
+                         f"outside the exclusions {excluded}{hint}")
+    rows = {r.name: r for r in layer_table(model, shape)} if shape is not None else None
+    layers = [_describe(n, m, None if rows is None else _positions(m, rows.get(n))) for n, m in candidates]
+
+    dense = {"params": count_params(model),
+             "macs": None if rows is None else sum(r.macs for r in rows.values())}
+    measures = {"params": ("params",), "flops": ("macs",), "joint": ("params", "macs")}[budget]
+    targets = {"params": (ratio,), "flops": (ratio,), "joint": (ratio, flops_ratio)}[budget]
+    fixed = {m: dense[m] - sum(getattr(layer, f"dense_{m}") for layer in layers) for m in measures}
+    limits = tuple(dense[m] / t - fixed[m] for m, t in zip(measures, targets))
+    allocator = _Allocator(layers, measures, limits, min_rank, multiple_of)
+
+    smallest = allocator.at_fraction(0.0)
+    if not allocator.fits(smallest):
+        _raise_unreachable(allocator, smallest, dense, fixed, targets, excluded, exclude is None, min_rank)
+    states = allocator.greedy() if method == "global" else allocator.uniform()
+
+    plans = {}
+    for layer, state in zip(layers, states):
+        plans[layer.name] = LayerPlan(
+            kind="dense" if state is None else layer.kind,
+            ranks=layer.dims if state is None else state,
+            dense_params=layer.dense_params, params=layer.params(state),
+            dense_macs=layer.dense_macs, macs=layer.macs(state),
+            energy=layer.energy(state), shape=layer.shape,
+        )
+    params = dense["params"] - sum(p.dense_params - p.params for p in plans.values())
+    macs = None if rows is None else dense["macs"] - sum(p.dense_macs - p.macs for p in plans.values())
+    return RankPlan(
+        layers=plans, target=ratio, budget=budget, method=method, input_shape=shape,
+        excluded=excluded, skipped=skipped, dense_params=dense["params"], params=params,
+        dense_macs=dense["macs"], macs=macs, flops_target=flops_ratio,
+    )
+
+
+def _raise_unreachable(allocator: _Allocator, smallest: list, dense: dict, fixed: dict, targets: tuple[float, ...],
+                       excluded: list[str], default_exclusions: bool, min_rank: int) -> None:
+    parts = []
+    for m, target in zip(allocator.measures, targets):
+        least = fixed[m] + sum(getattr(layer, m)(s) for layer, s in zip(allocator.layers, smallest))
+        if dense[m] / least >= target:
+            continue
+        what = "parameters" if m == "params" else "MACs"
+        parts.append(f"{target:g}x on {what} is unreachable (at most {dense[m] / least:.2f}x)")
+    if default_exclusions and excluded:
+        fix = (f"the first conv and the classifier ({', '.join(excluded)}) are excluded by default and kept dense: "
+               "pass exclude=[] to compress them too, or lower the ratio")
+    else:
+        fix = "lower the ratio or min_rank, or exclude fewer layers"
+    raise CstarError(f"target {' and '.join(parts)} with every layer at min_rank={min_rank}; {fix}")
