@@ -280,7 +280,8 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
-    best = {"epoch": -1, "robust": -1.0}
+    best = {"epoch": -1, "robust": -1.0}  # the epoch with the best PGD check
+    best_state = None  # its weights, when this process saw that epoch
     start_epoch = 0
     torch.manual_seed(config.seed)
 
@@ -340,7 +341,12 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
         if val is not None and config.check_size > 0:
             xv, yv = val[0][:config.check_size], val[1][:config.check_size]
             record["val_clean"], record["val_pgd"] = robust_check(model, xv, yv, config.eps, config.check_steps)
-            stopped_early = _watch_robustness(model, record, best, out, config)
+            if record["val_pgd"] > best["robust"]:
+                best.update(epoch=epoch + 1, robust=record["val_pgd"])
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if out is not None:
+                    save_checkpoint(out / "best.pt", {"model": best_state, "epoch": epoch + 1, "val_pgd": best["robust"]})
+            stopped_early = _robustness_collapsed(record, best, config)
         for hook in hooks:
             hook.after_epoch(model, record)
         history.append(record)
@@ -357,23 +363,15 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
             break
 
     if (config.select == "best" or stopped_early) and best["epoch"] > 0 and best["epoch"] != history[-1]["epoch"]:
-        model.load_state_dict(best["state"] if "state" in best else
+        model.load_state_dict(best_state if best_state is not None else
                               load_checkpoint(out / "best.pt", map_location=device)["model"])
         print(f"restored the weights of epoch {best['epoch']} (best PGD check {best['robust']:.3f})")
     return history
 
 
-def _watch_robustness(model: nn.Module, record: dict, best: dict, out: Path | None, config: TrainConfig) -> bool:
-    """Track the best PGD check; return True when robustness has collapsed."""
+def _robustness_collapsed(record: dict, best: dict, config: TrainConfig) -> bool:
+    """True (with a warning) when the PGD check fell below half its best: catastrophic overfitting."""
     robust = record["val_pgd"]
-    if robust > best["robust"]:
-        best.update(epoch=record["epoch"], robust=robust)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if out is not None:
-            save_checkpoint(out / "best.pt", {"model": state, "epoch": record["epoch"], "val_pgd": robust})
-            best.pop("state", None)
-        else:
-            best["state"] = state
     collapsed = best["robust"] >= 0.05 and robust < 0.5 * best["robust"]
     if collapsed:
         record["catastrophic_overfitting"] = True
