@@ -9,3 +9,10 @@ so users never see a traceback from deep inside torch.
 
 class CstarError(ValueError):
     """Bad user input: the message names the problem and how to fix it."""
+
+
+def check_options(values: dict, valid, what: str) -> None:
+    """Raise :class:`CstarError` naming any key of ``values`` not in ``valid``."""
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise CstarError(f"unknown {what} option(s) {', '.join(unknown)}: valid options are {', '.join(sorted(valid))}")

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from ._errors import CstarError
+from ._errors import CstarError, check_options
 from .lowrank import RankPlan, select_ranks, svd_project, tucker2_project
 from .train import TrainHook
 
@@ -56,10 +56,7 @@ class ADMMConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ADMMConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CstarError(f"unknown ADMM option(s) {', '.join(unknown)}: valid options are {', '.join(sorted(known))}")
+        check_options(values, [f.name for f in fields(cls)], "ADMM")
         return cls(**values)
 
     def to_dict(self) -> dict:

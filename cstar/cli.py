@@ -490,18 +490,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    if args.checkpoint:
-        model = _load_model(args.checkpoint)
-        shape = _input_shape(model)
-    else:
-        if not args.model:
-            raise CstarError("give a checkpoint or --model NAME")
-        key = (args.data or "cifar10").lower().replace("-", "_")
-        if key not in data.DATASETS:
-            raise CstarError(f"unknown dataset '{args.data}': choose one of {', '.join(sorted(data.DATASETS))}")
-        spec = data.DATASETS[key]
-        model = _build_model(args, spec, args.num_classes or spec.num_classes)
-        shape = spec.image_shape
+    model = _model_for_planning(args)
+    shape = _input_shape(model)
     rows = layer_table(model, shape)
     print(format_table(rows))
     factorised = getattr(model, "cstar_lowrank", None)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import data as data_module
-from ._errors import CstarError
+from ._errors import CstarError, check_options
 from ._io import load_checkpoint, save_checkpoint, write_json
 from .admm import ADMM, ADMMConfig
 from .counting import count_flops, count_params
@@ -70,11 +70,7 @@ class CompressConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "CompressConfig":
         """From a nested dict (a YAML preset); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CstarError(f"unknown compress option(s) {', '.join(unknown)}: valid options are "
-                             f"{', '.join(sorted(known))}")
+        check_options(values, [f.name for f in fields(cls)], "compress")
         values = dict(values)
         for key in ("dense", "admm_train", "finetune"):
             if isinstance(values.get(key), dict):

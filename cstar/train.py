@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import attacks
-from ._errors import CstarError
+from ._errors import CstarError, check_options
 from ._io import append_jsonl, load_checkpoint, save_checkpoint
 
 METHODS = ("pgd", "fgsm_rs", "nfgsm", "trades", "clean")
@@ -97,10 +97,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         """Build from a dict (e.g. a YAML config); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CstarError(f"unknown training option(s) {', '.join(unknown)}: valid options are {', '.join(sorted(known))}")
+        check_options(values, [f.name for f in fields(cls)], "training")
         return cls(**values)
 
     def to_dict(self) -> dict:
