@@ -9,7 +9,6 @@ output directory, beside ``env.json`` (versions, device, seed).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from fractions import Fraction

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import data as data_module
-from ._errors import CstarError, check_options
+from ._errors import check_options
 from ._io import load_checkpoint, save_checkpoint, write_json
 from .admm import ADMM, ADMMConfig
 from .counting import count_flops, count_params
@@ -185,11 +185,12 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     projected = copy.deepcopy(factorised)
 
     # 5. fine-tuning
-    if "finetune" not in phases.done:
-        history, seconds = _train(factorised, train_part, val, config.finetune, out / "finetune", resume, seed=seed)
-        phases.finish("finetune", seconds=round(seconds, 1), epochs=len(history))
+    if "finetune" in phases.done:
+        factorised.load_state_dict(load_checkpoint(out / "finetuned.pt", map_location=device)["model"])
     else:
-        factorised.load_state_dict(load_checkpoint(out / "finetune" / "checkpoint.pt", map_location=device)["model"])
+        history, seconds = _train(factorised, train_part, val, config.finetune, out / "finetune", resume, seed=seed)
+        save_checkpoint(out / "finetuned.pt", {"model": factorised.state_dict()})  # final weights (maybe a best epoch)
+        phases.finish("finetune", seconds=round(seconds, 1), epochs=len(history))
     save(factorised, out / "model")
 
     # 6. evaluation

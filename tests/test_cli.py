@@ -1,6 +1,5 @@
 """The command line end to end on tiny real data, and its answers to bad input."""
 
-import gzip
 import json
 import os
 from pathlib import Path

@@ -1,7 +1,6 @@
 """Adversarial training loop: schedules, config checks, methods, checkpoints, resume, guards."""
 
 import json
-import math
 
 import pytest
 import torch
