@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value")
     g.add_argument("--amp", action="store_true", help="mixed precision (float16 autocast) on CUDA")
+    g.add_argument("--channels-last", action="store_true", help="train in channels-last memory format (faster convs)")
     g.add_argument("--val-size", type=int, default=1000,
                    help="training images held out (from the end) for the per-epoch PGD check (default: 1000)")
     g.add_argument("--check-size", type=int, default=d["check_size"].default)
@@ -353,7 +354,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         attack_steps=args.attack_steps, attack_step=args.attack_step, eps_warmup_epochs=args.eps_warmup,
         trades_beta=args.trades_beta, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
-        grad_clip=args.grad_clip, amp=args.amp, check_size=args.check_size, overfit_guard=not args.no_overfit_guard,
+        grad_clip=args.grad_clip, amp=args.amp, channels_last=args.channels_last, check_size=args.check_size, overfit_guard=not args.no_overfit_guard,
         select=args.select, seed=args.seed, progress=not args.no_progress)
     eval_attacks = [a.strip() for a in args.eval_attacks.split(",") if a.strip()]
     torch.manual_seed(args.seed)  # the initial weights

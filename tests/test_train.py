@@ -241,3 +241,21 @@ def test_hook_state_is_checkpointed_and_resumed(digits, tmp_path):
     fit(tiny_model(), data.make_loader(train_set, 64, train=True, seed=0), config(method="clean", epochs=2, check_size=0),
         out_dir=tmp_path, resume=True, hooks=[hook])
     assert hook.epochs == 2 and hook.steps == 2 * (len(train_set) // 64)
+
+
+def test_channels_last_training_matches_the_default_format():
+    torch.manual_seed(0)
+    x, y = torch.rand(128, 3, 8, 8), torch.randint(0, 10, (128,))
+    loader = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(512, 10))
+        # Clean SGD: PGD's sign steps and Adam's normalisation would amplify float rounding differences.
+        fit(model, loader, config(method="clean", optimizer="sgd", lr=0.05, epochs=1, check_size=0,
+                                  channels_last=channels_last))
+        results.append(model)
+    assert results[1][0].weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(results[0].state_dict().values(), results[1].state_dict().values()):
+        torch.testing.assert_close(a, b.contiguous(), atol=1e-4, rtol=1e-4)
