@@ -1,0 +1,86 @@
+"""Training throughput (images per second) of one adversarial-training step on CIFAR-10.
+
+Usage:
+    python benchmarks/bench_train_throughput.py --root data [--width 16] [--batches 8]
+
+Times, for ResNet-18 at the given width and batch 128, a clean training step, an
+N-FGSM attack alone, and a full N-FGSM training step, each in the default and in
+the channels-last memory format, after one warm-up batch. Writes
+``benchmarks/results/train_throughput.{json,md}`` with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cstar import attacks, data, models
+from cstar._env import describe_device
+from cstar._io import atomic_write_text, write_json
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, help="a root holding cifar-10-batches-py/")
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=8, help="timed batches per setting")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_throughput"))
+    args = parser.parse_args()
+
+    train_set = data.load("cifar10", args.root, split="train")
+    spec = train_set.spec
+    torch.manual_seed(0)
+    model = models.create("resnet18", 10, width=args.width, mean=spec.mean, std=spec.std)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loader = data.make_loader(train_set, 128, train=True)
+    eps = 8 / 255
+
+    def clean_step(x, y):
+        model.train()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def attack(x, y):
+        attacks.nfgsm(model, x, y, eps)
+
+    def nfgsm_step(x, y):
+        clean_step(attacks.nfgsm(model, x, y, eps), y)
+
+    rows = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        model.to(memory_format=memory_format)
+        for name, step in (("clean step", clean_step), ("N-FGSM attack", attack), ("N-FGSM step", nfgsm_step)):
+            batches = iter(loader)
+            x, y = next(batches)
+            step(x.contiguous(memory_format=memory_format), y)  # warm-up
+            start = time.perf_counter()
+            for _ in range(args.batches):
+                x, y = next(batches)
+                step(x.contiguous(memory_format=memory_format), y)
+            seconds = time.perf_counter() - start
+            rows.append({"setting": name, "channels_last": memory_format == torch.channels_last,
+                         "images_per_second": round(args.batches * 128 / seconds, 1)})
+            print(rows[-1], flush=True)
+
+    machine = describe_device("cpu")
+    command = f"python benchmarks/bench_train_throughput.py --root {args.root} --width {args.width} --batches {args.batches}"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out.with_suffix(".json"), {"machine": machine, "command": command, "width": args.width,
+                                               "batch_size": 128, "rows": rows})
+    lines = [f"# Training throughput, CIFAR-10 ResNet-18 width {args.width}, batch 128", "",
+             f"Machine: {machine}; torch {torch.__version__}", f"Command: `{command}`", "",
+             "| setting | memory format | images/s |", "|---|---|---|"]
+    lines += [f"| {r['setting']} | {'channels-last' if r['channels_last'] else 'default'} | {r['images_per_second']} |"
+              for r in rows]
+    atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
