@@ -9,16 +9,7 @@ from cstar.lowrank._layers import LowRankConv1x1, Tucker2Conv2d
 from cstar.models import create
 from cstar.serialize import load, save
 
-
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-    return model.eval()
+from helpers import randomise_bn
 
 
 def _factorised_resnet20() -> nn.Module:
@@ -27,7 +18,7 @@ def _factorised_resnet20() -> nn.Module:
     block = model.stages[1][0]
     block.conv1 = Tucker2Conv2d(16, 32, 3, (5, 4), stride=2, padding=1, bias=False)
     block.shortcut.conv = LowRankConv1x1(16, 32, 6, stride=2, bias=False)
-    return _randomise_bn(model)
+    return randomise_bn(model)
 
 
 def _count_bn(model: nn.Module) -> int:
@@ -40,7 +31,7 @@ def _assert_close(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
 
 
 def test_fold_resnet20_removes_every_bn_and_keeps_outputs():
-    model = _randomise_bn(create("resnet20"))
+    model = randomise_bn(create("resnet20"))
     folded = fold_batchnorm(model)
     assert _count_bn(folded) == 0
     _assert_close(model, folded, torch.rand(2, 3, 32, 32))
@@ -57,7 +48,7 @@ def test_fold_factorised_resnet20_folds_into_the_last_conv():
 
 def test_fold_sequential_only_folds_bn_that_follows_a_conv():
     torch.manual_seed(0)
-    model = _randomise_bn(nn.Sequential(
+    model = randomise_bn(nn.Sequential(
         nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
         Tucker2Conv2d(8, 8, 3, (2, 3)), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 4 * 4, 4),
     ))
@@ -77,7 +68,7 @@ def test_fold_keeps_a_bn_whose_conv_output_is_used_elsewhere():
             y = self.conv(x)
             return self.bn(y) + y
 
-    model = _randomise_bn(Branch())
+    model = randomise_bn(Branch())
     folded = fold_batchnorm(model)
     assert isinstance(folded.bn, nn.BatchNorm2d)
     _assert_close(model, folded, torch.rand(1, 3, 4, 4))
@@ -99,7 +90,7 @@ def test_fold_warns_and_returns_an_unchanged_copy_for_untraceable_models():
             y = self.bn(self.conv(x))
             return y if y.sum() > 0 else -y
 
-    model = _randomise_bn(DataDependent())
+    model = randomise_bn(DataDependent())
     with pytest.warns(UserWarning, match="cannot trace"):
         folded = fold_batchnorm(model)
     assert isinstance(folded.bn, nn.BatchNorm2d) and folded is not model
@@ -124,5 +115,5 @@ def test_optimize_for_inference_channels_last_keeps_outputs():
 
 
 def test_optimize_for_inference_without_folding_keeps_bn():
-    model = _randomise_bn(create("resnet20"))
+    model = randomise_bn(create("resnet20"))
     assert _count_bn(optimize_for_inference(model, fold_bn=False)) == 21

@@ -14,17 +14,7 @@ from cstar.lowrank import LowRankConv1x1, LowRankLinear, Tucker2Conv2d, decompos
 from cstar.models import create
 from cstar.serialize import export, load, save
 
-
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics and affine terms, so a lost buffer changes the outputs."""
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-    return model.eval()
+from helpers import randomise_bn
 
 
 def _factorised_resnet20() -> nn.Module:
@@ -34,12 +24,12 @@ def _factorised_resnet20() -> nn.Module:
     block.conv1 = Tucker2Conv2d(16, 32, 3, (5, 4), stride=2, padding=1, bias=False)
     block.shortcut.conv = LowRankConv1x1(16, 32, 6, stride=2, bias=False)
     model.fc = LowRankLinear(64, 10, 3)
-    return _randomise_bn(model)
+    return randomise_bn(model)
 
 
 def _sequential() -> nn.Module:
     torch.manual_seed(0)
-    return _randomise_bn(nn.Sequential(
+    return randomise_bn(nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.2), nn.MaxPool2d(2),
         Tucker2Conv2d(8, 8, 3, (3, 2), padding=1), nn.GELU(), nn.AvgPool2d(2), nn.Flatten(),
         nn.Linear(8 * 4 * 4, 16), nn.BatchNorm1d(16), nn.SiLU(), nn.Dropout(0.1), LowRankLinear(16, 5, 2),
@@ -55,7 +45,7 @@ def _assert_same_outputs_no_shared_memory(original: nn.Module, loaded: nn.Module
 
 
 def test_builtin_dense_round_trip(tmp_path):
-    model = _randomise_bn(create("resnet20"))
+    model = randomise_bn(create("resnet20"))
     loaded = load(save(model, tmp_path / "m"))
     _assert_same_outputs_no_shared_memory(model, loaded, torch.rand(2, 3, 32, 32))
     assert loaded.cstar_config == model.cstar_config
@@ -74,7 +64,7 @@ def test_builtin_factorised_round_trip_restores_layers_and_records_them(tmp_path
 
 
 def test_decomposed_model_round_trip_restores_its_attributes(tmp_path):
-    model = _randomise_bn(create("resnet20"))
+    model = randomise_bn(create("resnet20"))
     small = decompose(model, select_ranks(model, 4.0)).eval()
     loaded = load(save(small, tmp_path / "m"))
     _assert_same_outputs_no_shared_memory(small, loaded, torch.rand(2, 3, 32, 32))
