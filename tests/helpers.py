@@ -14,3 +14,18 @@ def randomise_bn(model: nn.Module) -> nn.Module:
             m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
             m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
     return model.eval()
+
+
+def factorised_resnet20(factorised_fc: bool = False) -> nn.Module:
+    """A resnet20 with one Tucker-2 conv and one SVD shortcut (and an SVD classifier if asked), random BN."""
+    from cstar.lowrank import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
+    from cstar.models import create
+
+    torch.manual_seed(0)
+    model = create("resnet20")
+    block = model.stages[1][0]
+    block.conv1 = Tucker2Conv2d(16, 32, 3, (5, 4), stride=2, padding=1, bias=False)
+    block.shortcut.conv = LowRankConv1x1(16, 32, 6, stride=2, bias=False)
+    if factorised_fc:
+        model.fc = LowRankLinear(64, 10, 3)
+    return randomise_bn(model)

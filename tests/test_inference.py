@@ -5,20 +5,11 @@ import torch
 from torch import nn
 
 from cstar.inference import fold_batchnorm, optimize_for_inference
-from cstar.lowrank._layers import LowRankConv1x1, Tucker2Conv2d
+from cstar.lowrank._layers import Tucker2Conv2d
 from cstar.models import create
 from cstar.serialize import load, save
 
-from helpers import randomise_bn
-
-
-def _factorised_resnet20() -> nn.Module:
-    torch.manual_seed(0)
-    model = create("resnet20")
-    block = model.stages[1][0]
-    block.conv1 = Tucker2Conv2d(16, 32, 3, (5, 4), stride=2, padding=1, bias=False)
-    block.shortcut.conv = LowRankConv1x1(16, 32, 6, stride=2, bias=False)
-    return randomise_bn(model)
+from helpers import factorised_resnet20, randomise_bn
 
 
 def _count_bn(model: nn.Module) -> int:
@@ -38,7 +29,7 @@ def test_fold_resnet20_removes_every_bn_and_keeps_outputs():
 
 
 def test_fold_factorised_resnet20_folds_into_the_last_conv():
-    model = _factorised_resnet20()
+    model = factorised_resnet20()
     folded = fold_batchnorm(model)
     block = folded.stages[1][0]
     assert isinstance(block.bn1, nn.Identity) and block.conv1.last.bias is not None
@@ -97,7 +88,7 @@ def test_fold_warns_and_returns_an_unchanged_copy_for_untraceable_models():
 
 
 def test_folded_builtin_model_saves_and_reloads(tmp_path):
-    folded = fold_batchnorm(_factorised_resnet20())
+    folded = fold_batchnorm(factorised_resnet20())
     loaded = load(save(folded, tmp_path / "m"))
     assert _count_bn(loaded) == 0
     x = torch.rand(2, 3, 32, 32)
@@ -106,7 +97,7 @@ def test_folded_builtin_model_saves_and_reloads(tmp_path):
 
 
 def test_optimize_for_inference_channels_last_keeps_outputs():
-    model = _factorised_resnet20()
+    model = factorised_resnet20()
     fast = optimize_for_inference(model, channels_last=True)
     assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.rand(2, 3, 32, 32)

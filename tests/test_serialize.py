@@ -14,17 +14,7 @@ from cstar.lowrank import LowRankConv1x1, LowRankLinear, Tucker2Conv2d, decompos
 from cstar.models import create
 from cstar.serialize import export, load, save
 
-from helpers import randomise_bn
-
-
-def _factorised_resnet20() -> nn.Module:
-    torch.manual_seed(0)
-    model = create("resnet20")
-    block = model.stages[1][0]
-    block.conv1 = Tucker2Conv2d(16, 32, 3, (5, 4), stride=2, padding=1, bias=False)
-    block.shortcut.conv = LowRankConv1x1(16, 32, 6, stride=2, bias=False)
-    model.fc = LowRankLinear(64, 10, 3)
-    return randomise_bn(model)
+from helpers import factorised_resnet20, randomise_bn
 
 
 def _sequential() -> nn.Module:
@@ -52,7 +42,7 @@ def test_builtin_dense_round_trip(tmp_path):
 
 
 def test_builtin_factorised_round_trip_restores_layers_and_records_them(tmp_path):
-    model = _factorised_resnet20()
+    model = factorised_resnet20(factorised_fc=True)
     loaded = load(save(model, tmp_path / "m"))
     _assert_same_outputs_no_shared_memory(model, loaded, torch.rand(2, 3, 32, 32))
     assert isinstance(loaded.stages[1][0].conv1, Tucker2Conv2d) and loaded.stages[1][0].conv1.ranks == (5, 4)
@@ -92,7 +82,7 @@ def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
 
 def test_save_overwrites_a_previous_save(tmp_path):
     save(create("resnet20"), tmp_path / "m")
-    model = _factorised_resnet20()
+    model = factorised_resnet20(factorised_fc=True)
     loaded = load(save(model, tmp_path / "m"))
     assert isinstance(loaded.fc, LowRankLinear)
 
@@ -128,7 +118,7 @@ def test_load_refuses_unknown_class(tmp_path):
 
 
 def test_load_refuses_a_shape_that_does_not_match_the_weights(tmp_path):
-    path = save(_factorised_resnet20(), tmp_path / "m")
+    path = save(factorised_resnet20(factorised_fc=True), tmp_path / "m")
     _tamper(path, lambda r: r["architecture"]["replacements"]["fc"]["args"].update({"rank": 4}))
     with pytest.raises(CstarError, match=r"model\.safetensors.*'fc\.first\.weight' has shape \(3, 64\).*\(4, 64\)"):
         load(path)
@@ -182,7 +172,7 @@ def test_load_refuses_a_pickle_without_unpickling_it(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_export_torchscript_reloads_and_matches(tmp_path):
-    model = _factorised_resnet20()
+    model = factorised_resnet20(factorised_fc=True)
     path = export(model, tmp_path / "m.pt", format="torchscript")
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
@@ -191,7 +181,7 @@ def test_export_torchscript_reloads_and_matches(tmp_path):
 
 def test_export_onnx_runs_in_onnxruntime_with_any_batch_size(tmp_path):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'cstar[export]')")
-    model = _factorised_resnet20()
+    model = factorised_resnet20(factorised_fc=True)
     path = export(model, tmp_path / "m.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = torch.rand(3, 3, 32, 32)
