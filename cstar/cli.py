@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-n", type=int, default=None, help="train on the first N training images only")
     g.add_argument("--val-size", type=int, default=1000, help="training images held out for per-epoch checks")
     g.add_argument("--eval-attacks", default="clean,pgd20")
+    g.add_argument("--eval-step", type=parse_eps, default=None, help="PGD step size for evaluation (default: eps/4)")
+    g.add_argument("--eval-phases", default="dense,admm_projected,final",
+                   help="models to evaluate: dense, admm_projected (ADMM model after the final projection), final")
     g.add_argument("--eval-n", type=int, default=None, help="evaluate on the first N test images (default: all)")
     g.add_argument("--autoattack-n", type=int, default=0, help="AutoAttack the final model on the first N test images")
     g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
@@ -531,7 +534,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         exclude=[e.strip() for e in args.exclude.split(",")] if args.exclude else None,
         dense=_phase_config(args.dense, common), admm_train=_phase_config(args.admm_train, common),
         finetune=_phase_config({"epochs": 5, "lr": 0.01, **(args.finetune or {})}, common),
-        eval_attacks=[a.strip() for a in args.eval_attacks.split(",") if a.strip()], eval_n=args.eval_n,
+        eval_attacks=[a.strip() for a in args.eval_attacks.split(",") if a.strip()], eval_step=args.eval_step,
+        eval_phases=[p.strip() for p in args.eval_phases.split(",") if p.strip()], eval_n=args.eval_n,
         autoattack_n=args.autoattack_n)
     if args.admm:
         from .admm import ADMMConfig

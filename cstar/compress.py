@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import data as data_module
-from ._errors import check_options
+from ._errors import CstarError, check_options
 from ._io import load_checkpoint, save_checkpoint, write_json
 from .admm import ADMM, ADMMConfig
 from .counting import count_flops, count_params
@@ -38,6 +38,7 @@ from .serialize import save
 from .train import TrainConfig, fit
 
 PHASES = ("dense", "ranks", "admm", "decompose", "finetune", "evaluate")
+EVAL_PHASES = ("dense", "admm_projected", "final")
 
 
 @dataclass
@@ -48,8 +49,9 @@ class CompressConfig:
     MACs (``"flops"``), or parameters with ``flops_ratio`` on MACs (``"joint"``).
     ``dense`` trains the dense model when none is given; ``admm_train`` and
     ``finetune`` are the adversarial training settings of phases 3 and 5.
-    Evaluation: ``eval_attacks`` on the first ``eval_n`` test images (all when
-    None); AutoAttack on the first ``autoattack_n`` for the final model (0: off).
+    Evaluation: ``eval_attacks`` (PGD step ``eval_step``, default eps/4) of the
+    models of ``eval_phases`` (a subset of :data:`EVAL_PHASES`) on the first
+    ``eval_n`` test images (all when None); AutoAttack on the first ``autoattack_n`` for the final model (0: off).
     """
 
     ratio: float = 8.0
@@ -64,6 +66,8 @@ class CompressConfig:
     admm: ADMMConfig = field(default_factory=ADMMConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.01))
     eval_attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])
+    eval_step: float | None = None
+    eval_phases: list[str] = field(default_factory=lambda: list(EVAL_PHASES))
     eval_n: int | None = None
     autoattack_n: int = 0
 
@@ -78,6 +82,11 @@ class CompressConfig:
         if isinstance(values.get("admm"), dict):
             values["admm"] = ADMMConfig.from_dict(values["admm"])
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.eval_phases) - set(EVAL_PHASES))
+        if unknown:
+            raise CstarError(f"unknown evaluation phase(s) {', '.join(unknown)}: choose from {', '.join(EVAL_PHASES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -219,7 +228,9 @@ def _evaluate_phases(dense, projected, final, test_set, config: CompressConfig) 
     eps = config.finetune.eps
     evaluations = {}
     for phase, model in (("dense", dense), ("admm_projected", projected), ("final", final)):
-        result = evaluate(model, test_set, config.eval_attacks, eps=eps, n=config.eval_n)
+        if phase not in config.eval_phases:
+            continue
+        result = evaluate(model, test_set, config.eval_attacks, eps=eps, step=config.eval_step, n=config.eval_n)
         evaluations[phase] = result
         print(f"{phase}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in result["accuracy"].items()), flush=True)
     if config.autoattack_n:
