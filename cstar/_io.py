@@ -10,11 +10,13 @@ unpickles arbitrary code.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +25,37 @@ import torch
 from ._errors import CstarError
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; the parent directory must exist."""
+_WRITE_FIXES = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (quota)",
+                errno.EACCES: "make the directory writable or choose another --out",
+                errno.EROFS: "choose a directory on a writable file system"}
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, keep_previous: Path | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically; the parent directory must exist.
+
+    With ``keep_previous``, an existing ``path`` is first moved there (one older
+    version kept). A failed write (full disk, no permission) raises
+    :class:`CstarError` and leaves the previous file untouched.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; results and models are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as exc:
+        fix = _WRITE_FIXES.get(exc.errno, "check the output directory")
+        raise CstarError(f"cannot write {path} ({exc.strerror or exc}): {fix}; "
+                         "the previous version of the file, if any, is intact") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
     return path
 
 
@@ -56,11 +74,21 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
-    """Save a dict of tensors and plain values atomically (loadable with weights_only)."""
+def previous_checkpoint(path: str | os.PathLike) -> Path:
+    """Where :func:`save_checkpoint` with ``keep_previous`` keeps the older version: ``<stem>.prev<suffix>``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict, *, keep_previous: bool = False) -> Path:
+    """Save a dict of tensors and plain values atomically (loadable with weights_only).
+
+    ``keep_previous=True`` keeps the version it replaces as
+    :func:`previous_checkpoint`, for :func:`load_latest_checkpoint` to fall back on.
+    """
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write_bytes(path, buffer.getvalue(), keep_previous=previous_checkpoint(path) if keep_previous else None)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -79,6 +107,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(state, dict) or "model" not in state:
         raise CstarError(f"{path} is not a cstar checkpoint (no 'model' entry): pass a checkpoint.pt written by 'cstar train'")
     return state
+
+
+def load_latest_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load ``path``, or, when it is missing or unreadable, its previous version with a warning."""
+    path = Path(path)
+    try:
+        return load_checkpoint(path, map_location)
+    except CstarError as exc:
+        previous = previous_checkpoint(path)
+        if not previous.is_file():
+            raise
+        warnings.warn(f"{exc}; resuming from the previous checkpoint {previous} instead", stacklevel=2)
+        return load_checkpoint(previous, map_location)
 
 
 def prepare_run_dir(path: str | os.PathLike, *, force: bool = False, resume: bool = False) -> Path:

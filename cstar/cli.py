@@ -21,6 +21,7 @@ from . import __version__, data, models
 from ._env import environment
 from ._errors import CstarError
 from ._io import atomic_write_text, load_checkpoint, prepare_run_dir, save_checkpoint, write_json
+from ._signals import Interrupted
 from .counting import count_flops, count_params, format_table, layer_table
 from .evaluate import evaluate, format_results
 from .train import METHODS, OPTIMIZERS, SCHEDULES, TrainConfig, fit
@@ -601,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
     except CstarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -10,7 +10,9 @@ when it happens, training stops and the best epoch's weights are restored.
 
 from __future__ import annotations
 
+import json
 import math
+import signal
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -24,7 +26,8 @@ from tqdm.auto import tqdm
 
 from . import attacks
 from ._errors import CstarError, check_options
-from ._io import append_jsonl, load_checkpoint, save_checkpoint
+from ._io import append_jsonl, atomic_write_text, load_checkpoint, load_latest_checkpoint, previous_checkpoint, save_checkpoint
+from ._signals import Interrupted, stop_requests
 
 METHODS = ("pgd", "fgsm_rs", "nfgsm", "trades", "clean")
 SCHEDULES = ("cosine", "onecycle", "multistep", "constant")
@@ -257,9 +260,15 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
     [0, 1] (see :func:`cstar.data.make_loader`; ``set_epoch`` is called when it
     exists). ``val`` is an (images, labels) pair on that device for the per-epoch
     PGD check. With ``out_dir``, writes ``metrics.jsonl``, ``checkpoint.pt``
-    (each epoch, atomically) and ``best.pt``; ``resume=True`` continues from
-    ``checkpoint.pt``. ``hooks`` (:class:`TrainHook`) add loss terms, per-step
-    and per-epoch work, and checkpointed state.
+    (each epoch, atomically, keeping the one before as ``checkpoint.prev.pt``)
+    and ``best.pt``; ``resume=True`` continues from ``checkpoint.pt`` (from
+    ``checkpoint.prev.pt``, with a warning, when the latest is corrupt), at the
+    batch where it stopped. SIGINT/SIGTERM finish the current step, write a
+    checkpoint and raise :class:`cstar._signals.Interrupted`. ``hooks``
+    (:class:`TrainHook`) add loss terms, per-step and per-epoch work, and
+    checkpointed state. With the loader's seed and ``config.seed`` fixed, a
+    resumed run on the CPU ends with the same weights and records as an
+    uninterrupted one (timings aside).
     """
     hooks = list(hooks)
     device = next(model.parameters()).device
@@ -285,91 +294,121 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
     best = {"epoch": -1, "robust": -1.0}  # the epoch with the best PGD check
     best_state = None  # its weights, when this process saw that epoch
     start_epoch = 0
+    partial = {"batches": 0, "seen": 0, "correct": 0, "loss_sum": 0.0, "seconds": 0.0}  # of an interrupted epoch
     torch.manual_seed(config.seed)
 
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location=device)
+    if resume and ckpt_path is not None and (ckpt_path.exists() or previous_checkpoint(ckpt_path).exists()):
+        state = load_latest_checkpoint(ckpt_path, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        partial = state.get("partial") or partial
         _set_rng_state(state["rng"])
         for hook, hook_state in zip(hooks, state.get("hooks", [])):
             hook.load_state_dict(hook_state)
+        # the log may hold epochs finished after this checkpoint was written: rewrite it from the checkpoint
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+    def checkpoint(epoch: int, batches: dict | None = None) -> None:
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, "partial": batches, "config": config.to_dict(), "history": history, "best": best,
+            "rng": _rng_state(), "model_config": getattr(model, "cstar_config", None),
+            "hooks": [hook.state_dict() for hook in hooks]}, keep_previous=True)
 
     stopped_early = False
-    for epoch in range(start_epoch, config.epochs):
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        model.train()
-        t0 = time.perf_counter()
-        seen, correct, loss_sum = 0, 0, 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress,
-                   leave=False, dynamic_ncols=True)
-        for i, (x, y) in enumerate(bar):
-            x = x.contiguous(memory_format=memory_format)
-            progress = epoch + i / steps_per_epoch
-            eps = config.eps * min(1.0, progress / config.eps_warmup_epochs) if config.eps_warmup_epochs else config.eps
-            loss, logits = _training_loss(model, x, y, config, eps, amp_dtype)
+    with stop_requests() as stop:
+        for epoch in range(start_epoch, config.epochs):
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            model.train()
+            t0 = time.perf_counter() - partial["seconds"]
+            done, seen, correct, loss_sum = partial["batches"], partial["seen"], partial["correct"], partial["loss_sum"]
+            partial = {"batches": 0, "seen": 0, "correct": 0, "loss_sum": 0.0, "seconds": 0.0}
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress,
+                       leave=False, dynamic_ncols=True)
+            for i, (x, y) in enumerate(bar):
+                if i < done:  # resumed mid-epoch: replay the loader's order up to where the run stopped
+                    continue
+                x = x.contiguous(memory_format=memory_format)
+                progress = epoch + i / steps_per_epoch
+                eps = config.eps * min(1.0, progress / config.eps_warmup_epochs) if config.eps_warmup_epochs else config.eps
+                loss, logits = _training_loss(model, x, y, config, eps, amp_dtype)
+                for hook in hooks:
+                    extra = hook.penalty(model)
+                    if extra is not None:
+                        loss = loss + extra
+                if not torch.isfinite(loss):
+                    where = (f"the last good checkpoint is {ckpt_path}" if ckpt_path and ckpt_path.exists()
+                             else "no checkpoint was written yet")
+                    raise CstarError(f"training diverged at epoch {epoch + 1}, step {i + 1} (loss is {loss.item()}); "
+                                     f"{where}: lower --lr or set --grad-clip")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step = epoch * steps_per_epoch + i + 1
+                for hook in hooks:
+                    hook.after_step(model, step)
+                seen += len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                loss_sum += loss.item() * len(y)
+                if i % 10 == 0 or i == steps_per_epoch - 1:
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                                    img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                if stop.requested and i < steps_per_epoch - 1:
+                    _stop(out, checkpoint, epoch, i + 1, steps_per_epoch, stop.signum, {
+                        "batches": i + 1, "seen": seen, "correct": correct, "loss_sum": loss_sum,
+                        "seconds": time.perf_counter() - t0})
+            train_time = time.perf_counter() - t0
+            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "eps": eps,
+                      "train_loss": loss_sum / seen, "train_adv_acc": correct / seen,
+                      "train_seconds": round(train_time, 2), "images_per_second": round(seen / train_time, 1)}
+            if val is not None and config.check_size > 0:
+                xv, yv = val[0][:config.check_size], val[1][:config.check_size]
+                record["val_clean"], record["val_pgd"] = robust_check(model, xv, yv, config.eps, config.check_steps)
+                if record["val_pgd"] > best["robust"]:
+                    best.update(epoch=epoch + 1, robust=record["val_pgd"])
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    if out is not None:
+                        save_checkpoint(out / "best.pt",
+                                        {"model": best_state, "epoch": epoch + 1, "val_pgd": best["robust"]})
+                stopped_early = _robustness_collapsed(record, best, config)
             for hook in hooks:
-                extra = hook.penalty(model)
-                if extra is not None:
-                    loss = loss + extra
-            if not torch.isfinite(loss):
-                where = f"the last good checkpoint is {ckpt_path}" if ckpt_path and ckpt_path.exists() else "no checkpoint was written yet"
-                raise CstarError(f"training diverged at epoch {epoch + 1}, step {i + 1} (loss is {loss.item()}); "
-                                 f"{where}: lower --lr or set --grad-clip")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step = epoch * steps_per_epoch + i + 1
-            for hook in hooks:
-                hook.after_step(model, step)
-            seen += len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            loss_sum += loss.item() * len(y)
-            if i % 10 == 0 or i == steps_per_epoch - 1:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                                img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        train_time = time.perf_counter() - t0
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "eps": eps,
-                  "train_loss": loss_sum / seen, "train_adv_acc": correct / seen,
-                  "train_seconds": round(train_time, 2), "images_per_second": round(seen / train_time, 1)}
-        if val is not None and config.check_size > 0:
-            xv, yv = val[0][:config.check_size], val[1][:config.check_size]
-            record["val_clean"], record["val_pgd"] = robust_check(model, xv, yv, config.eps, config.check_steps)
-            if record["val_pgd"] > best["robust"]:
-                best.update(epoch=epoch + 1, robust=record["val_pgd"])
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                if out is not None:
-                    save_checkpoint(out / "best.pt", {"model": best_state, "epoch": epoch + 1, "val_pgd": best["robust"]})
-            stopped_early = _robustness_collapsed(record, best, config)
-        for hook in hooks:
-            hook.after_epoch(model, record)
-        history.append(record)
-        _print_record(record, config)
-        if out is not None:
-            append_jsonl(out / "metrics.jsonl", record)
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch + 1, "config": config.to_dict(), "history": history, "best": best,
-                "rng": _rng_state(), "model_config": getattr(model, "cstar_config", None),
-                "hooks": [hook.state_dict() for hook in hooks]})
-        if stopped_early:
-            break
+                hook.after_epoch(model, record)
+            history.append(record)
+            _print_record(record, config)
+            if out is not None:
+                append_jsonl(out / "metrics.jsonl", record)
+                checkpoint(epoch + 1)
+            if stopped_early:
+                break
+            if stop.requested and epoch + 1 < config.epochs:
+                _stop(out, None, epoch + 1, 0, steps_per_epoch, stop.signum, None)
 
     if (config.select == "best" or stopped_early) and best["epoch"] > 0 and best["epoch"] != history[-1]["epoch"]:
         model.load_state_dict(best_state if best_state is not None else
                               load_checkpoint(out / "best.pt", map_location=device)["model"])
         print(f"restored the weights of epoch {best['epoch']} (best PGD check {best['robust']:.3f})")
     return history
+
+
+def _stop(out: Path | None, checkpoint, epoch: int, batches: int, steps_per_epoch: int, signum: int,
+          partial: dict | None) -> None:
+    """Write the mid-epoch checkpoint (when ``checkpoint`` is given) and raise :class:`Interrupted`."""
+    if out is not None and checkpoint is not None:
+        checkpoint(epoch, partial)
+    where = (f"checkpoint written to {out / 'checkpoint.pt'}; continue with --resume" if out is not None
+             else "no output directory, so no checkpoint was written")
+    raise Interrupted(f"stopped by signal {signal.Signals(signum).name} at epoch {epoch + 1}, batch "
+                      f"{batches}/{steps_per_epoch}: {where}", signum)
 
 
 def _robustness_collapsed(record: dict, best: dict, config: TrainConfig) -> bool:

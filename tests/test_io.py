@@ -2,12 +2,14 @@
 
 import os
 import stat
+import tempfile
 
 import pytest
 import torch
 
 from cstar._errors import CstarError
-from cstar._io import atomic_write_bytes, load_checkpoint, prepare_run_dir, save_checkpoint
+from cstar._io import (atomic_write_bytes, load_checkpoint, load_latest_checkpoint, prepare_run_dir,
+                       previous_checkpoint, save_checkpoint)
 
 
 def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -27,10 +29,62 @@ def test_a_failed_write_keeps_the_previous_version(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
-    with pytest.raises(OSError):
+    with pytest.raises(CstarError, match="free some disk space"):
         atomic_write_bytes(path, b"half")
     assert path.read_bytes() == b"good"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_an_unwritable_directory_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}})
+    tmp_path.chmod(0o555)
+    try:
+        with pytest.raises(CstarError, match="writable"):
+            save_checkpoint(path, {"model": {"w": torch.zeros(2)}}, keep_previous=True)
+    finally:
+        tmp_path.chmod(0o755)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+
+
+def test_an_unwritable_directory_as_root_is_simulated(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}})
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(CstarError, match="make the directory writable"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(2)}}, keep_previous=True)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_keep_previous_keeps_one_older_version(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    for value in (1.0, 2.0, 3.0):
+        save_checkpoint(path, {"model": {"w": torch.full((2,), value)}}, keep_previous=True)
+    assert load_checkpoint(path)["model"]["w"][0] == 3.0
+    assert load_checkpoint(previous_checkpoint(path))["model"]["w"][0] == 2.0
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "epoch": 1}, keep_previous=True)
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "epoch": 2}, keep_previous=True)
+    path.write_bytes(path.read_bytes()[:100])  # truncated, as by a failing disk
+    with pytest.warns(UserWarning, match="previous checkpoint"):
+        assert load_latest_checkpoint(path)["epoch"] == 1
+
+
+def test_a_corrupt_checkpoint_without_a_previous_version_is_an_error(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CstarError, match="corrupt"):
+        load_latest_checkpoint(path)
 
 
 def test_checkpoint_round_trip(tmp_path):

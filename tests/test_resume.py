@@ -1,0 +1,141 @@
+"""Runs that survive being killed: SIGKILL mid-epoch then --resume, SIGTERM/SIGINT stop cleanly mid-epoch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cstar import data
+from cstar._signals import Interrupted
+from cstar.cli import main
+from cstar.train import TrainConfig, fit
+
+TRAIN = ["train", "--model", "small_cnn", "--data", "digits", "--method", "pgd", "--attack-steps", "2",
+         "--epochs", "3", "--batch-size", "16", "--optimizer", "adam", "--lr", "2e-3", "--check-size", "64",
+         "--eval-attacks", "clean,pgd5", "--seed", "3", "--no-progress"]
+TIMINGS = ("train_seconds", "images_per_second", "seconds")
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "full"
+    assert main([*TRAIN, "--out", str(out)]) == 0
+    return out
+
+
+def _start(out, extra=()):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cstar", *TRAIN, "--out", str(out), *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, proc, timeout=120.0):
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+
+
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    proc = _start(out)
+    _wait_for(out / "checkpoint.pt", proc)  # epoch 1 done: the kill lands inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.pt").exists(), "the run ended before it could be killed"
+    assert main([*TRAIN, "--out", str(out), "--resume"]) == 0
+    assert without_timings(read_jsonl(out / "metrics.jsonl")) == without_timings(
+        read_jsonl(uninterrupted / "metrics.jsonl"))
+    a = torch.load(uninterrupted / "model.pt", weights_only=True)["model"]
+    b = torch.load(out / "model.pt", weights_only=True)["model"]
+    assert same_weights(a, b)
+    ra, rb = (json.loads((p / "results.json").read_text()) for p in (uninterrupted, out))
+    assert (ra["clean_acc"], ra["pgd5_acc"]) == (rb["clean_acc"], rb["pgd5_acc"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, signum):
+    out = tmp_path / "stopped"
+    proc = _start(out)
+    _wait_for(out / "metrics.jsonl", proc)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum
+    assert "--resume" in stderr and "Traceback" not in stderr
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] >= 1 and not list(out.glob("*.tmp"))
+
+
+class _SignalAt:
+    """A loader that sends this process ``signum`` while yielding batch ``batch`` of epoch ``epoch``."""
+
+    def __init__(self, loader, epoch, batch, signum=signal.SIGTERM):
+        self.loader, self.at, self.signum, self.epoch = loader, (epoch, batch), signum, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if (self.epoch, i) == self.at:
+                os.kill(os.getpid(), self.signum)
+            yield batch
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def test_sigterm_mid_epoch_resumes_at_the_batch_where_it_stopped(tmp_path):
+    train_set = data.load("digits", split="train")
+    config = TrainConfig(method="pgd", epochs=2, batch_size=64, eps=0.1, attack_steps=2, optimizer="adam", lr=3e-3,
+                         weight_decay=0.0, check_size=0, progress=False)
+    full = _tiny()
+    fit(full, data.make_loader(train_set, 64, train=True, seed=0), config, out_dir=tmp_path / "full")
+
+    stopped = _tiny()
+    with pytest.raises(Interrupted, match="epoch 2, batch 6/22"):
+        fit(stopped, _SignalAt(data.make_loader(train_set, 64, train=True, seed=0), epoch=1, batch=5), config,
+            out_dir=tmp_path / "stopped")
+    state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["partial"]["batches"] == 6
+    resumed = _tiny(seed=1)
+    fit(resumed, data.make_loader(train_set, 64, train=True, seed=0), config, out_dir=tmp_path / "stopped", resume=True)
+    assert same_weights(full.state_dict(), resumed.state_dict())
+    assert without_timings(read_jsonl(tmp_path / "stopped" / "metrics.jsonl")) == without_timings(
+        read_jsonl(tmp_path / "full" / "metrics.jsonl"))
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_when_the_latest_is_corrupt(tmp_path):
+    train_set = data.load("digits", split="train")
+    config = TrainConfig(method="clean", epochs=2, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0,
+                         check_size=0, progress=False)
+    fit(_tiny(), data.make_loader(train_set, 64, train=True, seed=0), config, out_dir=tmp_path)
+    latest = tmp_path / "checkpoint.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="previous checkpoint"):
+        history = fit(_tiny(), data.make_loader(train_set, 64, train=True, seed=0), config, out_dir=tmp_path,
+                      resume=True)
+    assert [r["epoch"] for r in history] == [1, 2]
