@@ -1,0 +1,179 @@
+"""How many and which channels to keep so that the pruned model meets a parameter ratio.
+
+:func:`select_channels` ranks the channels of all prunable groups together.
+Scores are first normalised per group by dividing by the group's mean score
+(a channel of average importance in its group scores 1 whatever the layer's
+width or weight scale; a group whose scores are all zero or not finite counts
+every channel as 1). Starting from the ``min_channels`` best channels of every
+group, it then walks all other channels in descending normalised score (ties:
+lower group id, then lower channel index) and keeps each one whose cost still
+fits the budget ``count_params(model) / ratio``. Costs are the exact parameter
+counts of the pruned layers: a conv costs ``out * in * kh * kw (+ out bias)``
+with ``out`` and ``in`` the kept channels of its two groups, so adding a
+channel to one group costs more the more channels its neighbours keep. The
+walk is the global threshold descent, continued past the first channel that
+does not fit so that cheaper channels fill what is left of the budget (the
+result lands within a fraction of a percent of the budget on the built-in
+models). Deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._errors import CstarError
+from ..counting import count_params
+from ..lowrank._ranks import _check_positive_int, _check_ratio
+from ._graph import ChannelGroup
+
+
+@dataclass
+class ChannelPlan:
+    """The channels to keep: ``keep`` (group id -> sorted int64 indices) for every prunable group.
+
+    ``params`` is the exact parameter count of the pruned model,
+    ``dense_params`` that of the input model, ``target`` the requested ratio.
+    """
+
+    keep: dict[int, torch.Tensor]
+    params: int
+    dense_params: int
+    target: float
+    counts: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """Dense parameters / pruned parameters (whole model)."""
+        return self.dense_params / self.params
+
+
+@dataclass
+class _Sliced:
+    """A layer or BatchNorm whose size depends on kept channels: its parameter count as a function of them."""
+
+    out_group: int | None
+    in_group: int | None
+    out_full: int
+    in_full: int
+    area: int  # weight elements per (out, in) pair; 0 for a BatchNorm
+    per_out: int  # parameters per output channel besides the weight: 1 for a bias, 2 for BN affine
+    out_expand: int = 1
+    in_expand: int = 1
+
+    def params(self, counts: Mapping[int, int]) -> int:
+        out = self.out_full if self.out_group is None else counts[self.out_group] * self.out_expand
+        inp = self.in_full if self.in_group is None else counts[self.in_group] * self.in_expand
+        return out * inp * self.area + out * self.per_out
+
+
+class CostModel:
+    """Exact whole-model parameter count of a pruned model as a function of kept channels per group."""
+
+    def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup]) -> None:
+        self.groups = [g for g in groups if g.prunable]
+        self.full = {g.id: g.channels for g in self.groups}
+        items: dict[str, _Sliced] = {}
+        for group in self.groups:
+            for name in group.producers + group.norms + group.consumers:
+                if name not in items:
+                    items[name] = _describe(model.get_submodule(name))
+            for name in group.producers:
+                items[name].out_group = group.id
+            for name in group.norms:
+                items[name].out_group, items[name].out_expand = group.id, group.expand.get(name, 1)
+            for name in group.consumers:
+                items[name].in_group, items[name].in_expand = group.id, group.expand.get(name, 1)
+        self.items = list(items.values())
+        self.touch: dict[int, list[_Sliced]] = {g.id: [] for g in self.groups}
+        for item in self.items:
+            for gid in {item.out_group, item.in_group} - {None}:
+                self.touch[gid].append(item)
+        self.dense = count_params(model)
+        self.fixed = self.dense - sum(item.params(self.full) for item in self.items)
+
+    def params(self, counts: Mapping[int, int]) -> int:
+        """Parameters of the model pruned to ``counts[g]`` channels in each prunable group g."""
+        return self.fixed + sum(item.params(counts) for item in self.items)
+
+    def growth(self, counts: dict[int, int], gid: int) -> int:
+        """Parameters added by keeping one more channel in group ``gid``."""
+        before = sum(item.params(counts) for item in self.touch[gid])
+        counts[gid] += 1
+        after = sum(item.params(counts) for item in self.touch[gid])
+        counts[gid] -= 1
+        return after - before
+
+
+def _describe(module: nn.Module) -> _Sliced:
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return _Sliced(None, None, module.num_features, 0, 0, 2 if module.affine else 0)
+    bias = int(module.bias is not None)
+    if isinstance(module, nn.Conv2d):
+        return _Sliced(None, None, module.out_channels, module.in_channels, math.prod(module.kernel_size), bias)
+    return _Sliced(None, None, module.out_features, module.in_features, 1, bias)
+
+
+def normalise_scores(scores: torch.Tensor) -> torch.Tensor:
+    """``scores / scores.mean()`` in float64 (all ones when the mean is not a positive finite number)."""
+    scores = scores.detach().double().cpu().flatten()
+    mean = scores.mean()
+    if not (torch.isfinite(scores).all() and mean > 0):
+        return torch.ones_like(scores)
+    return scores / mean
+
+
+def _ranked(scores: torch.Tensor) -> torch.Tensor:
+    """Channel indices by descending score, ties by ascending index."""
+    return torch.from_numpy(np.lexsort((np.arange(len(scores)), -scores.numpy())))
+
+
+def select_channels(model: nn.Module, groups: Sequence[ChannelGroup], scores: Mapping[int, torch.Tensor],
+                    ratio: float, *, min_channels: int = 1) -> ChannelPlan:
+    """The channels to keep so that ``count_params`` of the pruned model is at most ``count_params(model) / ratio``.
+
+    ``scores``: group id -> (channels,) importance of each channel (higher is
+    kept first) for every prunable group. See the module docstring for the
+    ranking. Raises :class:`CstarError` for ``ratio <= 1``, a model with
+    nothing prunable, or a ratio that even ``min_channels`` per group misses.
+    """
+    ratio = _check_ratio("ratio", ratio)
+    min_channels = _check_positive_int("min_channels", min_channels)
+    cost = CostModel(model, groups)
+    if not cost.groups:
+        reasons = sorted({g.reason for g in groups if not g.prunable})
+        raise CstarError(f"nothing to prune in {type(model).__name__}: no channel group is prunable "
+                         f"({'; '.join(reasons)[:300] or 'no conv or linear layer'}); use a model with conv layers "
+                         "whose channels do not reach the output directly")
+    missing = [g.id for g in cost.groups if g.id not in scores or torch.as_tensor(scores[g.id]).numel() != g.channels]
+    if missing:
+        raise CstarError(f"scores must give one value per channel of every prunable group; groups {missing} "
+                         "lack them: pass scores from channel_scores(model, groups)")
+    budget = cost.dense / ratio
+    normalised = {g.id: normalise_scores(torch.as_tensor(scores[g.id])) for g in cost.groups}
+    order = {gid: _ranked(s) for gid, s in normalised.items()}
+    counts = {g.id: min(min_channels, g.channels) for g in cost.groups}
+    used = cost.params(counts)
+    if used > budget:
+        raise CstarError(f"ratio {ratio:g}x is unreachable by channel pruning: with min_channels={min_channels} "
+                         f"in every prunable group {type(model).__name__} keeps {used:,} parameters "
+                         f"({cost.dense / used:.2f}x at most); lower the ratio or min_channels")
+    # the walk: remaining channels of all groups, by descending normalised score
+    gids = np.concatenate([np.full(g.channels - counts[g.id], g.id) for g in cost.groups])
+    ranks = np.concatenate([np.arange(counts[g.id], g.channels) for g in cost.groups])
+    values = np.concatenate([normalised[g.id][order[g.id][counts[g.id]:]].numpy() for g in cost.groups])
+    for k in np.lexsort((ranks, gids, -values)):
+        gid = int(gids[k])
+        if counts[gid] != ranks[k]:  # an earlier, better channel of this group did not fit: neither does this one
+            continue
+        extra = cost.growth(counts, gid)
+        if used + extra <= budget:
+            counts[gid] += 1
+            used += extra
+    keep = {gid: order[gid][:n].sort().values for gid, n in counts.items()}
+    return ChannelPlan(keep=keep, params=used, dense_params=cost.dense, target=ratio, counts=counts)
