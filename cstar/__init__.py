@@ -11,11 +11,14 @@ The public API, by concept (each lives in one module, see docs/DESIGN.md):
   :func:`svd_project`, :func:`select_ranks`, :func:`decompose`
 - CSTAR: :func:`compress` with :class:`CompressConfig`; :class:`ADMM`
 - files: :func:`save`, :func:`load`, :func:`export`; :func:`optimize_for_inference`
+- pruning baselines: :mod:`cstar.prune` (``find_groups``, ``prune_channels``,
+  ``magnitude_prune``, ``hydra_prune``, ``robust_prune``)
+- multi-process runs (torchrun, DDP): :mod:`cstar.distributed`
 """
 
 __version__ = "0.1.0"
 
-from . import attacks, data, models
+from . import attacks, data, distributed, models
 from ._errors import CstarError
 from .admm import ADMM, ADMMConfig
 from .compress import CompressConfig, compress
@@ -26,11 +29,16 @@ from .lowrank import (LayerPlan, LowRankConv1x1, LowRankLinear, RankPlan, Tucker
                       select_ranks, svd_factors, svd_project, tucker2, tucker2_project)
 from .serialize import export, load, save
 from .train import TrainConfig, TrainHook, fit
+from . import prune
+from .prune import (ChannelGroup, ChannelMask, ChannelPlan, ScoredModel, channel_scores, find_groups, hydra_prune,
+                    learn_channel_scores, magnitude_prune, prune_channels, robust_prune, select_channels)
 
 __all__ = [
     "ADMM", "ADMMConfig", "CompressConfig", "CstarError", "LayerPlan", "LowRankConv1x1", "LowRankLinear",
     "RankPlan", "TrainConfig", "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "compress", "count_flops",
-    "count_params", "data", "decompose", "evaluate", "export", "fit", "fold_batchnorm", "layer_table", "load",
+    "count_params", "data", "decompose", "distributed", "evaluate", "export", "fit", "fold_batchnorm", "layer_table", "load",
     "mode_spectra", "models", "optimize_for_inference", "save", "select_ranks", "svd_factors", "svd_project",
     "tucker2", "tucker2_project",
+    "prune", "ChannelGroup", "ChannelMask", "ChannelPlan", "ScoredModel", "channel_scores", "find_groups",
+    "hydra_prune", "learn_channel_scores", "magnitude_prune", "prune_channels", "robust_prune", "select_channels",
 ]

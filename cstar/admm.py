@@ -15,6 +15,11 @@ onto the rank constraint) and a scaled dual ``U``:
 ``rho`` may grow by ``rho_growth`` at every Z-step up to ``rho_max``; ranks may be
 re-selected globally at the first ``reselect`` Z-steps. The primal residual
 ``||W_l - Z_l|| / ||W_l||`` of every layer is recorded at every Z-step.
+
+Under torchrun the weights are the same on every rank (DDP keeps them in sync),
+and ``Z``, ``U`` and re-selected plans are broadcast from rank 0 after each
+Z-step, so that every rank adds the same penalty even where the projection's
+eigendecompositions are not bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
+from . import distributed
 from ._errors import CstarError, check_options
 from .lowrank import RankPlan, select_ranks, svd_project, tucker2_project
 from .train import TrainHook
@@ -93,6 +99,7 @@ class ADMM(TrainHook):
         with torch.no_grad():
             self.Z = {name: self._project(name, w.detach()) for name, w in self._weights(model).items()}
             self.U = {name: torch.zeros_like(w) for name, w in self._weights(model).items()}
+        self._sync()
 
     def _set_plan(self, model: nn.Module, plan: RankPlan) -> None:
         modules = dict(model.named_modules())
@@ -108,6 +115,10 @@ class ADMM(TrainHook):
     def _weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         modules = dict(model.named_modules())
         return {name: modules[name].weight for name in self.names}
+
+    def _sync(self) -> None:
+        """Rank 0's ``Z`` and ``U`` on every rank (no-op in one process)."""
+        distributed.broadcast_tensors([self.Z[n] for n in self.names] + [self.U[n] for n in self.names])
 
     def _project(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         layer = self.plan.layers[name]
@@ -133,6 +144,7 @@ class ADMM(TrainHook):
             self.Z[name] = self._project(name, w + self.U[name])
             self.U[name] += w - self.Z[name]
             residuals[name] = ((w - self.Z[name]).norm() / w.norm().clamp_min(1e-12)).item()
+        self._sync()
         self.z_steps += 1
         record = {"z_step": self.z_steps, "step": step, "rho": self.rho,
                   "residual_mean": sum(residuals.values()) / len(residuals),
@@ -144,7 +156,7 @@ class ADMM(TrainHook):
     def _reselect(self, model: nn.Module) -> None:
         """New global ranks from the current weights; a newly compressed layer's dual starts at 0
         (every Z is recomputed by the Z-step that follows)."""
-        self._set_plan(model, select_ranks(model, **self.select_kwargs))
+        self._set_plan(model, distributed.broadcast_object(select_ranks(model, **self.select_kwargs)))
         self.U = {n: self.U.get(n, torch.zeros_like(w)) for n, w in self._weights(model).items()}
 
     def after_epoch(self, model: nn.Module, record: dict) -> None:

@@ -9,6 +9,7 @@ output directory, beside ``env.json`` (versions, device, seed).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from fractions import Fraction
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import __version__, data, models
+from . import __version__, data, distributed, models
 from ._env import environment
 from ._errors import CstarError
 from ._io import atomic_write_text, load_checkpoint, prepare_run_dir, save_checkpoint, write_json
@@ -54,13 +55,14 @@ def _model_kwargs(pairs: list[str]) -> dict:
 
 def _device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CstarError(f"--device {name} but no CUDA GPU is visible: use --device cpu, or install a CUDA build of torch")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise CstarError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from None
+    return distributed.local_device(device)  # under torchrun: this process's GPU, cuda:LOCAL_RANK
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value")
     g.add_argument("--amp", action="store_true", help="mixed precision (float16 autocast) on CUDA")
     g.add_argument("--channels-last", action="store_true", help="train in channels-last memory format (faster convs)")
+    g.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over all ranks")
     g.add_argument("--val-size", type=int, default=1000,
                    help="training images held out (from the end) for the per-epoch PGD check (default: 1000)")
     g.add_argument("--check-size", type=int, default=d["check_size"].default)
@@ -347,6 +350,20 @@ def _validation(train_set, test_set, val_size: int, check_size: int, device: tor
     return train_set.subset(torch.arange(n)), (held_out.images.to(device).float() / 255, held_out.labels.to(device))
 
 
+def _run_dir(path: str | Path, *, force: bool, resume: bool) -> Path:
+    """:func:`prepare_run_dir` on rank 0 (under torchrun); every rank gets rank 0's path."""
+    out = prepare_run_dir(path, force=force, resume=resume) if distributed.is_main() else None
+    return Path(distributed.broadcast_object(str(out) if out is not None else None))
+
+
+def _write_run_files(out: Path, args: argparse.Namespace, eps: float, device: torch.device) -> None:
+    """``config.yaml`` (the resolved options) and ``env.json``, from rank 0 only."""
+    if distributed.is_main():
+        saved = {k: v for k, v in vars(args).items() if k not in _NOT_SAVED}
+        atomic_write_text(out / "config.yaml", yaml.safe_dump({**saved, "eps": eps}, sort_keys=False))
+        write_json(out / "env.json", {**environment(device, args.seed), "world_size": distributed.world_size()})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     _require(args, "model", "data")
     device = _device(args.device)
@@ -359,23 +376,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         trades_beta=args.trades_beta, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
         grad_clip=args.grad_clip, amp=args.amp, channels_last=args.channels_last, check_size=args.check_size, overfit_guard=not args.no_overfit_guard,
-        select=args.select, seed=args.seed, progress=not args.no_progress)
+        select=args.select, seed=args.seed, progress=not args.no_progress, sync_bn=args.sync_bn)
     eval_attacks = [a.strip() for a in args.eval_attacks.split(",") if a.strip()]
     torch.manual_seed(args.seed)  # the initial weights
     model = _build_model(args, train_set.spec, train_set.num_classes).to(device)
     train_part, val = _validation(train_set, test_set, args.val_size, config.check_size, device)
-    out = prepare_run_dir(args.out or _default_out("train", args.model, args.data), force=args.force, resume=args.resume)
-    saved = {k: v for k, v in vars(args).items() if k not in _NOT_SAVED}
-    atomic_write_text(out / "config.yaml", yaml.safe_dump({**saved, "eps": eps}, sort_keys=False))
-    write_json(out / "env.json", environment(device, args.seed))
+    out = _run_dir(args.out or _default_out("train", args.model, args.data), force=args.force, resume=args.resume)
+    _write_run_files(out, args, eps, device)
     print(f"cstar train: {args.model} on {args.data} ({len(train_part)} train / {len(test_set)} test images), "
           f"{args.method} eps={eps:.4g}, {count_params(model):,} parameters, device {device}; output in {out}")
-    loader = data.make_loader(train_part, config.batch_size, train=True, device=device, seed=args.seed)
+    loader = data.make_loader(train_part, config.batch_size, train=True, device=device, seed=args.seed,
+                              rank=distributed.rank(), world_size=distributed.world_size())
     t0 = time.perf_counter()
     history = fit(model, loader, config, val=val, out_dir=out, resume=args.resume)
     train_seconds = time.perf_counter() - t0
-    save_checkpoint(out / "model.pt", {"model": model.state_dict(), "model_config": model.cstar_config,
-                                       "dataset": args.data, "eps": eps})
+    if distributed.is_main():
+        save_checkpoint(out / "model.pt", {"model": model.state_dict(), "model_config": model.cstar_config,
+                                           "dataset": args.data, "eps": eps})
     result = evaluate(model, test_set, eval_attacks, eps=eps, step=args.eval_step, n=args.eval_n, seed=args.seed,
                       out_path=out / "results.json",
                       meta={"model": args.model, "dataset": args.data, "method": args.method,
@@ -548,11 +565,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         _require(args, "model")
         torch.manual_seed(args.seed)  # the initial weights
         model = _build_model(args, train_set.spec, train_set.num_classes).to(device)
-    out = prepare_run_dir(args.out or _default_out("compress", args.model or "model", args.data, f"{args.ratio:g}x"),
-                          force=args.force, resume=args.resume)
-    saved = {k: v for k, v in vars(args).items() if k not in _NOT_SAVED}
-    atomic_write_text(out / "config.yaml", yaml.safe_dump({**saved, "eps": eps}, sort_keys=False))
-    write_json(out / "env.json", environment(device, args.seed))
+    out = _run_dir(args.out or _default_out("compress", args.model or "model", args.data, f"{args.ratio:g}x"),
+                   force=args.force, resume=args.resume)
+    _write_run_files(out, args, eps, device)
     print(f"cstar compress: {model.cstar_config['name'] if hasattr(model, 'cstar_config') else 'model'} on "
           f"{args.data}, target {args.ratio:g}x ({args.budget}), eps={eps:.4g}, output in {out}", flush=True)
     results = compress(model, train_set, test_set, config, out, pretrained=args.checkpoint is not None,
@@ -596,8 +611,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stdout = sys.stdout
     try:
         args = parse_args(argv)
+        # under torchrun (WORLD_SIZE > 1): join the process group; only rank 0 prints to stdout
+        distributed.init_from_env(_device(getattr(args, "device", None) or "cpu"))
+        if not distributed.is_main():
+            sys.stdout = open(os.devnull, "w")
         return args.func(args)
     except CstarError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -608,6 +628,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ its last epoch checkpoint:
 
 The outputs are a saved model (``<out>/model``, :func:`cstar.save` format),
 ``results.json`` and ``report.md`` (with PNG plots when matplotlib is installed).
+
+Under torchrun (:mod:`cstar.distributed`) every rank runs every phase on its
+shard of the training set; rank 0 alone writes files and its rank plan is
+broadcast, so all ranks build the same factorised model. ``resume`` then needs
+``out_dir`` on a filesystem every rank can read.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from torch import nn
 
 from . import data as data_module
+from . import distributed
 from ._errors import CstarError, check_options
 from ._io import load_checkpoint, save_checkpoint, write_json
 from .admm import ADMM, ADMMConfig
@@ -106,7 +112,8 @@ class _Phases:
 
     def finish(self, phase: str, **info) -> None:
         self.done[phase] = info
-        write_json(self.path, self.done)
+        if distributed.is_main():
+            write_json(self.path, self.done)
 
 
 def _held_out(train_set, val_size: int, device):
@@ -120,7 +127,8 @@ def _held_out(train_set, val_size: int, device):
 
 def _train(model, train_part, val, config: TrainConfig, out: Path, resume: bool, hooks=(), seed: int = 0):
     device = next(model.parameters()).device
-    loader = data_module.make_loader(train_part, config.batch_size, train=True, device=device, seed=seed)
+    loader = data_module.make_loader(train_part, config.batch_size, train=True, device=device, seed=seed,
+                                     rank=distributed.rank(), world_size=distributed.world_size())
     t0 = time.perf_counter()
     history = fit(model, loader, config, val=val, out_dir=out, resume=resume, hooks=hooks)
     return history, time.perf_counter() - t0
@@ -134,21 +142,27 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     skips dense training. Files go to ``out_dir`` (see the module docstring).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()  # under torchrun only rank 0 writes files and prints
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     phases = _Phases(out, resume)
+    distributed.barrier()  # every rank has read phases.json before rank 0 updates it
     device = next(model.parameters()).device
     train_part, val = _held_out(train_set, val_size, device)
-    write_json(out / "compress_config.json", config.to_dict())
+    if main:
+        write_json(out / "compress_config.json", config.to_dict())
 
     # 1. dense
     if "dense" in phases.done:
         model.load_state_dict(load_checkpoint(out / "dense.pt", map_location=device)["model"])
     elif pretrained:
-        save_checkpoint(out / "dense.pt", {"model": model.state_dict()})
+        if main:
+            save_checkpoint(out / "dense.pt", {"model": model.state_dict()})
         phases.finish("dense", seconds=0.0, trained=False)
     else:
         history, seconds = _train(model, train_part, val, config.dense, out / "dense", resume, seed=seed)
-        save_checkpoint(out / "dense.pt", {"model": model.state_dict()})
+        if main:
+            save_checkpoint(out / "dense.pt", {"model": model.state_dict()})
         phases.finish("dense", seconds=round(seconds, 1), trained=True, epochs=len(history))
     dense_model = copy.deepcopy(model)
 
@@ -157,14 +171,17 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         plan = RankPlan.load(out / "plan.json")
     else:
         t0 = time.perf_counter()
-        plan = select_ranks(model, **config.select_kwargs())
-        plan.save(out / "plan.json")
+        plan = distributed.broadcast_object(select_ranks(model, **config.select_kwargs()) if main else None)
+        if main:
+            plan.save(out / "plan.json")
         phases.finish("ranks", seconds=round(time.perf_counter() - t0, 2), ratio=plan.ratio,
                       flops_ratio=plan.flops_ratio)
-    print(plan.table())
+    if main:
+        print(plan.table())
 
     # 3. ADMM
-    steps_per_epoch = len(data_module.make_loader(train_part, config.admm_train.batch_size, train=True))
+    steps_per_epoch = len(data_module.make_loader(train_part, config.admm_train.batch_size, train=True,
+                                                  rank=distributed.rank(), world_size=distributed.world_size()))
     admm = ADMM(model, plan, config.admm, steps_per_epoch,
                 select_kwargs=config.select_kwargs() if config.admm.reselect else None)
     if "admm" in phases.done:
@@ -174,7 +191,8 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     else:
         history, seconds = _train(model, train_part, val, config.admm_train, out / "admm", resume, hooks=[admm],
                                   seed=seed)
-        save_checkpoint(out / "admm.pt", {"model": model.state_dict(), "admm": admm.state_dict()})
+        if main:
+            save_checkpoint(out / "admm.pt", {"model": model.state_dict(), "admm": admm.state_dict()})
         phases.finish("admm", seconds=round(seconds, 1), epochs=len(history), z_steps=admm.z_steps,
                       final_residual=admm.residuals(model))
     plan = admm.plan  # ranks may have been re-selected
@@ -188,9 +206,11 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         admm.project_weights(model)
         factorised = decompose(model, plan).to(device)
         gap = _output_gap(model, factorised, test_set, device)
-        save_checkpoint(out / "decomposed.pt", {"model": factorised.state_dict()})
+        if main:
+            save_checkpoint(out / "decomposed.pt", {"model": factorised.state_dict()})
         phases.finish("decompose", seconds=round(time.perf_counter() - t0, 2), output_gap=gap,
                       params=count_params(factorised))
+    distributed.broadcast_tensors(list(factorised.state_dict().values()))  # rank 0's projection on every rank
     projected = copy.deepcopy(factorised)
 
     # 5. fine-tuning
@@ -198,9 +218,11 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         factorised.load_state_dict(load_checkpoint(out / "finetuned.pt", map_location=device)["model"])
     else:
         history, seconds = _train(factorised, train_part, val, config.finetune, out / "finetune", resume, seed=seed)
-        save_checkpoint(out / "finetuned.pt", {"model": factorised.state_dict()})  # final weights (maybe a best epoch)
+        if main:  # the final weights (maybe a best epoch)
+            save_checkpoint(out / "finetuned.pt", {"model": factorised.state_dict()})
         phases.finish("finetune", seconds=round(seconds, 1), epochs=len(history))
-    save(factorised, out / "model")
+    if main:
+        save(factorised, out / "model")
 
     # 6. evaluation
     if "evaluate" not in phases.done:
@@ -208,8 +230,10 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         evaluations = _evaluate_phases(dense_model, projected, factorised, test_set, config)
         phases.finish("evaluate", seconds=round(time.perf_counter() - t0, 1), results=evaluations)
     results = _results(phases.done, plan, dense_model, factorised, config)
-    write_json(out / "results.json", results)
-    write_report(out, results, plan, admm.history)
+    if main:
+        write_json(out / "results.json", results)
+        write_report(out, results, plan, admm.history)
+    distributed.barrier()  # the outputs are complete when any rank returns
     return results
 
 
@@ -232,7 +256,8 @@ def _evaluate_phases(dense, projected, final, test_set, config: CompressConfig) 
             continue
         result = evaluate(model, test_set, config.eval_attacks, eps=eps, step=config.eval_step, n=config.eval_n)
         evaluations[phase] = result
-        print(f"{phase}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in result["accuracy"].items()), flush=True)
+        if distributed.is_main():
+            print(f"{phase}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in result["accuracy"].items()), flush=True)
     if config.autoattack_n:
         evaluations["final_autoattack"] = evaluate(final, test_set, ["autoattack"], eps=eps, n=config.autoattack_n,
                                                    batch_size=100)

@@ -4,6 +4,8 @@
 never all held in memory), runs every attack on the same inputs with the model
 in eval mode, and returns accuracies in [0, 1]. With ``out_path`` it also writes
 a JSON in the spirit of RobustBench's model cards (accuracies in percent).
+Under torchrun (:mod:`cstar.distributed`) each rank evaluates its own slice of
+the examples and the counts are summed, so every example is counted once.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from . import attacks
+from . import attacks, distributed
 from .data import make_loader
 from ._errors import CstarError
 from ._io import write_json
@@ -54,6 +56,31 @@ def _batches(data, n: int | None, batch_size: int, device: torch.device) -> Iter
         yield (x.float() / 255 if x.dtype == torch.uint8 else x), y.to(device)
 
 
+def _shard(data, n: int | None, batch_size: int, device: torch.device):
+    """This rank's contiguous slice of the first ``n`` examples: ``(data, n, sharded)``.
+
+    Rank ``r`` of ``w`` gets examples ``[r * count // w, (r + 1) * count // w)``, so
+    every example is evaluated exactly once. An iterable of batches cannot be
+    sliced: every rank then evaluates all of it (``sharded`` is False).
+    """
+    r, world = distributed.rank(), distributed.world_size()
+    if world == 1:
+        return data, n, False
+    if hasattr(data, "images") and hasattr(data, "labels"):
+        data = (data.images, data.labels)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
+        count = len(data[0]) if n is None else min(n, len(data[0]))
+        start, end = r * count // world, (r + 1) * count // world
+        return (data[0][start:end], data[1][start:end]), None, True
+    if isinstance(data, torch.utils.data.Dataset):
+        count = len(data) if n is None else min(n, len(data))
+        part = torch.utils.data.Subset(data, range(r * count // world, (r + 1) * count // world))
+        loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=2,
+                                             pin_memory=device.type == "cuda")
+        return loader, None, True
+    return data, n, False
+
+
 def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.AttackSpec] = DEFAULT_ATTACKS, *,
              eps: float, norm: str = "linf", step: float | None = None, n: int | None = None, batch_size: int = 256,
              seed: int = 0, out_path: str | Path | None = None, meta: dict | None = None,
@@ -66,6 +93,8 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
     examples (all when None). ``step`` overrides the PGD step (default from
     ``parse_attack``). Returns ``{"accuracy": {label: float}, "n_examples": int,
     "subset": str, "eps": float, "norm": str, "seconds": {label: float}}``.
+    Under torchrun every rank calls it and gets the same result (``seconds`` are
+    rank 0's); only rank 0 writes ``out_path``.
     """
     if n is not None and n < 1:
         raise CstarError(f"n={n}: evaluate at least one example, or pass n=None for the whole set")
@@ -83,8 +112,9 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
     seconds = dict.fromkeys(labels, 0.0)
     total = 0
     torch.manual_seed(seed)
+    shard, shard_n, sharded = _shard(data, n, batch_size, device)
     try:
-        for xb, yb in _batches(data, n, batch_size, device):
+        for xb, yb in _batches(shard, shard_n, batch_size, device):
             total += len(yb)
             for spec, label in zip(specs, labels):
                 t0 = time.perf_counter()
@@ -92,10 +122,15 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
                 with torch.no_grad():
                     correct[label] += (model(x_eval).argmax(1) == yb).sum().item()
                 seconds[label] += time.perf_counter() - t0
-            if progress:
-                print(f"  {total} images: " + "  ".join(f"{k} {correct[k] / total:.4f}" for k in labels), flush=True)
+            if progress and distributed.is_main():
+                where = " (rank 0's share)" if sharded else ""
+                print(f"  {total} images{where}: " + "  ".join(f"{k} {correct[k] / total:.4f}" for k in labels),
+                      flush=True)
     finally:
         model.train(was_training)
+    if sharded:
+        *counts, total = distributed.all_reduce_sum([*(correct[k] for k in labels), total])
+        correct = dict(zip(labels, counts))
     if total == 0:
         raise CstarError("the evaluation data is empty: pass a dataset with at least one example")
     result = {
@@ -106,7 +141,7 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
         "norm": norm,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
-    if out_path is not None:
+    if out_path is not None and distributed.is_main():
         write_json(out_path, robustbench_card(result, meta or {}))
     return result
 

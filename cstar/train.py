@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import attacks
+from . import attacks, distributed
 from ._errors import CstarError, check_options
 from ._io import append_jsonl, atomic_write_text, load_checkpoint, load_latest_checkpoint, previous_checkpoint, save_checkpoint
 from ._signals import Interrupted, stop_requests
@@ -47,6 +47,9 @@ class TrainConfig:
     ResNet-18 on 2 CPU cores here; the same arithmetic).
     ``check_size`` images of the validation set get a PGD-``check_steps`` check
     after every epoch; ``select="best"`` keeps the epoch with the best check.
+    Under torchrun (:mod:`cstar.distributed`) ``batch_size`` is per process (the
+    global batch is ``batch_size * world_size``) and BatchNorm statistics are per
+    process unless ``sync_bn`` (CUDA only) computes them over the global batch.
     """
 
     method: str = "pgd"
@@ -72,6 +75,7 @@ class TrainConfig:
     select: str = "last"
     seed: int = 0
     progress: bool = True
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -178,16 +182,22 @@ def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
 def _training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, eps: float,
                    amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The method's loss on one batch, and the logits it was computed from."""
+    """The method's loss on one batch, and the logits it was computed from.
+
+    ``model`` may be a DistributedDataParallel wrapper: attacks then run on the
+    plain module inside, so that only the loss forward goes through the wrapper
+    (DDP sees one forward and one backward per step).
+    """
     step = config.step_size() * (eps / config.eps if config.eps else 1.0)
+    raw = distributed.unwrap(model)
     if config.method == "clean" or eps == 0:
         x_train = x
     elif config.method == "pgd":
-        x_train = attacks.pgd(model, x, y, eps, step, config.attack_steps, amp_dtype=amp_dtype)
+        x_train = attacks.pgd(raw, x, y, eps, step, config.attack_steps, amp_dtype=amp_dtype)
     elif config.method == "fgsm_rs":
-        x_train = attacks.fgsm(model, x, y, eps, random_start=True, step=step, amp_dtype=amp_dtype)
+        x_train = attacks.fgsm(raw, x, y, eps, random_start=True, step=step, amp_dtype=amp_dtype)
     elif config.method == "nfgsm":
-        x_train = attacks.nfgsm(model, x, y, eps, noise=2 * eps, step=step, amp_dtype=amp_dtype)
+        x_train = attacks.nfgsm(raw, x, y, eps, noise=2 * eps, step=step, amp_dtype=amp_dtype)
     else:  # trades
         return _trades_loss(model, x, y, config, eps, step, amp_dtype)
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -196,14 +206,18 @@ def _training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: T
 
 
 def _trades_loss(model, x, y, config, eps, step, amp_dtype):
-    """TRADES (Zhang et al. 2019): CE on clean inputs + beta * KL(clean || adversarial)."""
+    """TRADES (Zhang et al. 2019): CE on clean inputs + beta * KL(clean || adversarial).
+
+    The clean targets and the attack use the plain module; the two loss forwards use ``model``.
+    """
+    raw = distributed.unwrap(model)
     with torch.no_grad(), torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        clean_probs = F.softmax(model(x).float(), dim=1)
+        clean_probs = F.softmax(raw(x).float(), dim=1)
 
     def kl_to_clean(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         return F.kl_div(F.log_softmax(logits.float(), dim=1), probs, reduction="sum")
 
-    x_adv = attacks.pgd(model, x, clean_probs, eps, step, config.attack_steps, loss_fn=kl_to_clean, amp_dtype=amp_dtype)
+    x_adv = attacks.pgd(raw, x, clean_probs, eps, step, config.attack_steps, loss_fn=kl_to_clean, amp_dtype=amp_dtype)
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits_clean = model(x)
         logits_adv = model(x_adv)
@@ -239,6 +253,17 @@ def robust_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
         model.train(was_training)
 
 
+def _sharded_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int) -> tuple[float, float]:
+    """:func:`robust_check`, each rank checking its strided share; every rank gets the same totals."""
+    r, world = distributed.rank(), distributed.world_size()
+    if world == 1:
+        return robust_check(model, x, y, eps, steps)
+    xs, ys = x[r::world], y[r::world]
+    clean, robust = robust_check(model, xs, ys, eps, steps) if len(ys) else (0.0, 0.0)
+    n_clean, n_robust, n = distributed.all_reduce_sum([round(clean * len(ys)), round(robust * len(ys)), len(ys)])
+    return n_clean / n, n_robust / n
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -268,9 +293,13 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
     (:class:`TrainHook`) add loss terms, per-step and per-epoch work, and
     checkpointed state. With the loader's seed and ``config.seed`` fixed, a
     resumed run on the CPU ends with the same weights and records as an
-    uninterrupted one (timings aside).
+    uninterrupted one (timings aside). Under torchrun (see :mod:`cstar.distributed`)
+    every rank calls ``fit`` with its shard of the data; the model is wrapped in
+    DistributedDataParallel for the training step, logged losses and accuracies
+    are global, and only rank 0 writes files and prints.
     """
     hooks = list(hooks)
+    main = distributed.is_main()  # under torchrun only rank 0 writes files and prints
     device = next(model.parameters()).device
     amp_dtype = None
     if config.amp:
@@ -288,7 +317,7 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s, steps_per_epoch))
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / "checkpoint.pt" if out else None
-    if out is not None:
+    if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
     best = {"epoch": -1, "robust": -1.0}  # the epoch with the best PGD check
@@ -305,13 +334,18 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
         scaler.load_state_dict(state["scaler"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
         partial = state.get("partial") or partial
+        if not main:  # rank 0's checkpoint holds the interrupted epoch's counts of all ranks
+            partial = {**partial, "seen": 0, "correct": 0, "loss_sum": 0.0}
         _set_rng_state(state["rng"])
         for hook, hook_state in zip(hooks, state.get("hooks", [])):
             hook.load_state_dict(hook_state)
         # the log may hold epochs finished after this checkpoint was written: rewrite it from the checkpoint
-        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        if main:
+            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
     def checkpoint(epoch: int, batches: dict | None = None) -> None:
+        if not main:
+            return
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
@@ -320,7 +354,8 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
             "hooks": [hook.state_dict() for hook in hooks]}, keep_previous=True)
 
     stopped_early = False
-    with stop_requests() as stop:
+    with stop_requests() as stop, distributed.sync_batchnorm(model, config.sync_bn):
+        trainer = distributed.wrap(model)  # DDP under torchrun: the loss forward/backward go through it
         for epoch in range(start_epoch, config.epochs):
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
@@ -328,15 +363,15 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
             t0 = time.perf_counter() - partial["seconds"]
             done, seen, correct, loss_sum = partial["batches"], partial["seen"], partial["correct"], partial["loss_sum"]
             partial = {"batches": 0, "seen": 0, "correct": 0, "loss_sum": 0.0, "seconds": 0.0}
-            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress,
-                       leave=False, dynamic_ncols=True)
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}",
+                       disable=not (config.progress and main), leave=False, dynamic_ncols=True)
             for i, (x, y) in enumerate(bar):
                 if i < done:  # resumed mid-epoch: replay the loader's order up to where the run stopped
                     continue
                 x = x.contiguous(memory_format=memory_format)
                 progress = epoch + i / steps_per_epoch
                 eps = config.eps * min(1.0, progress / config.eps_warmup_epochs) if config.eps_warmup_epochs else config.eps
-                loss, logits = _training_loss(model, x, y, config, eps, amp_dtype)
+                loss, logits = _training_loss(trainer, x, y, config, eps, amp_dtype)
                 for hook in hooks:
                     extra = hook.penalty(model)
                     if extra is not None:
@@ -363,40 +398,45 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
                 if i % 10 == 0 or i == steps_per_epoch - 1:
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                                     img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-                if stop.requested and i < steps_per_epoch - 1:
-                    _stop(out, checkpoint, epoch, i + 1, steps_per_epoch, stop.signum, {
-                        "batches": i + 1, "seen": seen, "correct": correct, "loss_sum": loss_sum,
+                if distributed.any_rank(stop.requested) and i < steps_per_epoch - 1:  # all ranks stop together
+                    totals = distributed.all_reduce_sum([seen, correct, loss_sum])
+                    _stop(out, checkpoint, epoch, i + 1, steps_per_epoch, stop.signum or signal.SIGTERM, {
+                        "batches": i + 1, **dict(zip(("seen", "correct", "loss_sum"), totals)),
                         "seconds": time.perf_counter() - t0})
             train_time = time.perf_counter() - t0
+            seen, correct, loss_sum = distributed.all_reduce_sum([seen, correct, loss_sum])  # over all ranks
+            distributed.broadcast_tensors(list(model.buffers()))  # per-rank BatchNorm statistics: take rank 0's
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "eps": eps,
                       "train_loss": loss_sum / seen, "train_adv_acc": correct / seen,
                       "train_seconds": round(train_time, 2), "images_per_second": round(seen / train_time, 1)}
             if val is not None and config.check_size > 0:
                 xv, yv = val[0][:config.check_size], val[1][:config.check_size]
-                record["val_clean"], record["val_pgd"] = robust_check(model, xv, yv, config.eps, config.check_steps)
+                record["val_clean"], record["val_pgd"] = _sharded_check(model, xv, yv, config.eps, config.check_steps)
                 if record["val_pgd"] > best["robust"]:
                     best.update(epoch=epoch + 1, robust=record["val_pgd"])
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    if out is not None:
+                    if out is not None and main:
                         save_checkpoint(out / "best.pt",
                                         {"model": best_state, "epoch": epoch + 1, "val_pgd": best["robust"]})
                 stopped_early = _robustness_collapsed(record, best, config)
             for hook in hooks:
                 hook.after_epoch(model, record)
             history.append(record)
-            _print_record(record, config)
-            if out is not None:
+            if main:
+                _print_record(record, config)
+            if out is not None and main:
                 append_jsonl(out / "metrics.jsonl", record)
                 checkpoint(epoch + 1)
             if stopped_early:
                 break
-            if stop.requested and epoch + 1 < config.epochs:
-                _stop(out, None, epoch + 1, 0, steps_per_epoch, stop.signum, None)
+            if distributed.any_rank(stop.requested) and epoch + 1 < config.epochs:
+                _stop(out, None, epoch + 1, 0, steps_per_epoch, stop.signum or signal.SIGTERM, None)
 
     if (config.select == "best" or stopped_early) and best["epoch"] > 0 and best["epoch"] != history[-1]["epoch"]:
         model.load_state_dict(best_state if best_state is not None else
                               load_checkpoint(out / "best.pt", map_location=device)["model"])
-        print(f"restored the weights of epoch {best['epoch']} (best PGD check {best['robust']:.3f})")
+        if main:
+            print(f"restored the weights of epoch {best['epoch']} (best PGD check {best['robust']:.3f})")
     return history
 
 
