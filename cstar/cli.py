@@ -218,6 +218,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(c)
     c.set_defaults(func=cmd_compress)
 
+    m = sub.add_parser("compare", help="CSTAR beside robust channel pruning and post-hoc low rank, same budget",
+                       description="From one dense robust model, run each method at each ratio with the same training "
+                                   "budget (a first phase of --search epochs: ADMM for cstar, channel scores for hydra, "
+                                   "fine-tuning for the others; then --finetune epochs), evaluate all with the same "
+                                   "attacks, and write results.json, comparison.md and accuracy_vs_ratio.png. "
+                                   "--resume reruns no finished (method, ratio) cell.")
+    m.add_argument("--checkpoint", default=None,
+                   help="dense robust model to start from (model.pt of 'cstar train'); without it, one is trained")
+    _add_model_args(m)
+    _add_data_args(m)
+    g = m.add_argument_group("comparison")
+    g.add_argument("--ratios", default="4,16", help="comma-separated parameter ratios (default: 4,16)")
+    g.add_argument("--methods", default="dense,cstar,hydra,magnitude,lowrank_global,lowrank_uniform",
+                   help="comma-separated: dense, cstar, hydra, magnitude, lowrank_global, lowrank_uniform")
+    g.add_argument("--method", choices=METHODS, default=None, help="training attack of every phase (default: pgd)")
+    g.add_argument("--dense", type=_yaml_mapping, default=None, help="dense training settings (without --checkpoint)")
+    g.add_argument("--search", type=_yaml_mapping, default=None,
+                   help="first-phase settings of every method (default epochs 5, lr 0.01)")
+    g.add_argument("--finetune", type=_yaml_mapping, default=None,
+                   help="fine-tuning settings of every method (default epochs 5, lr 0.01)")
+    g.add_argument("--admm", type=_yaml_mapping, default=None, help="CSTAR's ADMM settings: rho, rho_growth, interval...")
+    g.add_argument("--train-n", type=int, default=None, help="train on the first N training images only")
+    g.add_argument("--val-size", type=int, default=1000, help="training images held out for per-epoch checks")
+    g.add_argument("--eval-attacks", default="clean,pgd20")
+    g.add_argument("--eval-step", type=parse_eps, default=None, help="PGD step size for evaluation (default: eps/4)")
+    g.add_argument("--eval-n", type=int, default=None, help="evaluate on the first N test images (default: all)")
+    g.add_argument("--autoattack-n", type=int, default=0, help="AutoAttack every model on the first N test images")
+    g.add_argument("--latency-runs", type=int, default=50, help="batch-1 CPU latency: median of N runs (0: off)")
+    g.add_argument("--resume", action="store_true", help="continue the comparison in --out; finished cells are kept")
+    _add_run_args(m)
+    m.set_defaults(func=cmd_compare)
+
     r = sub.add_parser("ranks", help="print the global rank plan for a target ratio",
                        description="Select Tucker-2/SVD ranks of every compressible layer for a target ratio and "
                                    "print the plan (ranks, parameters, MACs, retained energy).")
@@ -578,6 +610,60 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(f"  {phase:>16}: " + "  ".join(f"{k} {100 * v:.2f}%" for k, v in acc.items()))
     print(f"model in {out / 'model'}, report in {out / 'report.md'}")
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import CompareConfig, compare
+
+    _require(args, "data")
+    device = _device(args.device)
+    train_set = data.load(args.data, args.root, split="train", download=args.download)
+    test_set = data.load(args.data, args.root, split="test", download=args.download)
+    if args.train_n is not None:
+        if not 0 < args.train_n <= len(train_set):
+            raise CstarError(f"--train-n {args.train_n} must be between 1 and {len(train_set)}")
+        train_set = train_set.take(args.train_n)
+    eps = train_set.spec.eps if args.eps is None else args.eps
+    common = {"eps": eps, "seed": args.seed, "progress": not args.no_progress}
+    if args.method:
+        common["method"] = args.method
+    config = CompareConfig(
+        ratios=_numbers(args.ratios, "--ratios"), methods=_names(args.methods),
+        dense=_phase_config(args.dense, common), search=_phase_config({"epochs": 5, "lr": 0.01, **(args.search or {})}, common),
+        finetune=_phase_config({"epochs": 5, "lr": 0.01, **(args.finetune or {})}, common),
+        eval_attacks=_names(args.eval_attacks), eval_step=args.eval_step, eval_n=args.eval_n,
+        autoattack_n=args.autoattack_n, latency_runs=args.latency_runs)
+    if args.admm:
+        from .admm import ADMMConfig
+
+        config.admm = ADMMConfig.from_dict(args.admm)
+    if args.checkpoint:
+        model, _ = _model_from_checkpoint(args.checkpoint, device)
+    else:
+        _require(args, "model")
+        torch.manual_seed(args.seed)  # the initial weights
+        model = _build_model(args, train_set.spec, train_set.num_classes).to(device)
+    out = _run_dir(args.out or _default_out("compare", args.model or "model", args.data), force=args.force,
+                   resume=args.resume)
+    _write_run_files(out, args, eps, device)
+    print(f"cstar compare: {', '.join(config.methods)} at {', '.join(f'{r:g}x' for r in config.ratios)} on "
+          f"{args.data}, eps={eps:.4g}; {config.budget_text()}; output in {out}", flush=True)
+    compare(model, train_set, test_set, config, out, pretrained=args.checkpoint is not None,
+            val_size=args.val_size, seed=args.seed)
+    print((out / "comparison.md").read_text() if distributed.is_main() else "", end="")
+    print(f"results in {out / 'results.json'}, table in {out / 'comparison.md'}")
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _numbers(text: str, option: str) -> list[float]:
+    try:
+        return [float(t) for t in _names(text)]
+    except ValueError:
+        raise CstarError(f"{option} {text!r} must be comma-separated numbers, e.g. 4,8,16") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -34,6 +34,10 @@ CASES = [
     ("missing-checkpoint", ["eval", "{tmp}/nonexistent.pt", "--data", "digits"], ["does not exist"]),
     ("nan-eps", ["train", "--model", "small_cnn", "--data", "digits", "--eps", "nan"], ["eps"]),
     ("unreachable-ratio", ["ranks", "--model", "resnet20", "--ratio", "100000"], ["ratio"]),
+    ("ratios-not-numbers", ["compare", "--model", "small_cnn", "--data", "digits", "--ratios", "4,x"],
+     ["--ratios", "4,8,16"]),
+    ("unknown-compare-method", ["compare", "--model", "small_cnn", "--data", "digits", "--methods", "cstar,snip"],
+     ["snip", "hydra"]),
 ]
 
 
@@ -42,7 +46,7 @@ def test_cli_bad_input(capsys, tmp_path, argv, words):
     (tmp_path / "list.yaml").write_text("[1, 2]\n")
     out = tmp_path / "out"
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    if argv[0] in ("train", "compress"):
+    if argv[0] in ("train", "compress", "compare"):
         argv += ["--out", str(out)]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -1,0 +1,317 @@
+"""``cstar compare``: CSTAR beside robust structured pruning and post-hoc low rank, at equal ratios and budgets.
+
+Every method starts from the same dense robust model and gets the same
+adversarial training after it: a first phase of ``search.epochs`` epochs with
+the ``search`` settings, then ``finetune.epochs`` epochs with the ``finetune``
+settings (same attack, optimiser and schedules for all). What the first phase
+trains is the method's own:
+
+- ``cstar``: ADMM adversarial training under the rank constraints, then the
+  exact decomposition (:func:`cstar.compress`);
+- ``hydra``: channel scores on the adversarial loss with the weights frozen
+  (structured HYDRA), then the physical removal of the lowest-scored channels;
+- ``magnitude``: global channel pruning by filter norm first, then the weights;
+- ``lowrank_global`` / ``lowrank_uniform``: decomposition of the dense model with
+  global / uniform ranks first (no ADMM), then the factorised weights.
+
+``dense`` is the starting model itself (ratio 1). Each (method, ratio) cell
+lives in ``<out>/cells/<method>-<ratio>x/`` and is done when its
+``result.json`` exists, so a killed comparison resumes where it stopped (a
+half-trained cell continues from its last epoch checkpoint). The outputs are
+``results.json``, ``comparison.md`` (method x ratio: params, MACs, clean, PGD,
+AutoAttack subset, batch-1 latency) and, with matplotlib, ``accuracy_vs_ratio.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import data as data_module
+from . import distributed
+from ._errors import CstarError, check_options
+from ._io import atomic_write_bytes, atomic_write_text, write_json
+from .admm import ADMMConfig
+from .compress import CompressConfig, compress
+from .counting import count_flops, count_params
+from .evaluate import evaluate
+from .lowrank import decompose, select_ranks
+from .serialize import load, save
+from .train import TrainConfig, fit
+
+METHODS = ("dense", "cstar", "hydra", "magnitude", "lowrank_global", "lowrank_uniform")
+
+
+@dataclass
+class CompareConfig:
+    """Settings of a comparison; every compressed method gets ``search`` then ``finetune``.
+
+    ``dense`` trains the starting model when none is given (``pretrained=False``).
+
+    ``ratios`` are whole-model parameter ratios (dense / compressed), each > 1.
+    Evaluation: ``eval_attacks`` (PGD step ``eval_step``, default eps/4) on the
+    first ``eval_n`` test images (all when None), AutoAttack on the first
+    ``autoattack_n`` (0: off), batch-1 CPU latency as the median of
+    ``latency_runs`` eager forward passes (0: off).
+    """
+
+    ratios: list[float] = field(default_factory=lambda: [4.0, 16.0])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    dense: TrainConfig = field(default_factory=TrainConfig)
+    search: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.01))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.01))
+    admm: ADMMConfig = field(default_factory=ADMMConfig)
+    eval_attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])
+    eval_step: float | None = None
+    eval_n: int | None = None
+    autoattack_n: int = 0
+    latency_runs: int = 50
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise CstarError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+        if not self.methods:
+            raise CstarError(f"no method to compare: choose from {', '.join(METHODS)}")
+        bad = [r for r in self.ratios if not r > 1]
+        if bad or not self.ratios:
+            raise CstarError(f"ratios {bad or '[]'}: each ratio must be a number > 1 (dense / compressed), e.g. 4,16")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CompareConfig":
+        """From a nested dict (a YAML preset); unknown keys are an error."""
+        check_options(values, [f.name for f in fields(cls)], "compare")
+        values = dict(values)
+        for key in ("dense", "search", "finetune"):
+            if isinstance(values.get(key), dict):
+                values[key] = TrainConfig.from_dict(values[key])
+        if isinstance(values.get("admm"), dict):
+            values["admm"] = ADMMConfig.from_dict(values["admm"])
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def budget_text(self) -> str:
+        s, f = self.search, self.finetune
+        return (f"every compressed model: {s.epochs} epoch(s) of {s.method} (eps {s.eps:.4g}, {s.optimizer} lr {s.lr:g}, "
+                f"{s.schedule}) for the method's first phase, then {f.epochs} epoch(s) of {f.method} fine-tuning "
+                f"(eps {f.eps:.4g}, {f.optimizer} lr {f.lr:g}, {f.schedule}), batch {f.batch_size}")
+
+
+def cell_name(method: str, ratio: float) -> str:
+    return "dense" if method == "dense" else f"{method}-{ratio:g}x"
+
+
+def _two_phases(model: nn.Module, train_part, val, config: CompareConfig, cell: Path, seed: int,
+                first: TrainConfig | None = None) -> dict:
+    """``first`` (default ``config.search``) then ``config.finetune``, each resumable; returns wall times."""
+    device = next(model.parameters()).device
+    seconds = {}
+    for phase, settings in (("search", first or config.search), ("finetune", config.finetune)):
+        loader = data_module.make_loader(train_part, settings.batch_size, train=True, device=device, seed=seed,
+                                         rank=distributed.rank(), world_size=distributed.world_size())
+        t0 = time.perf_counter()
+        fit(model, loader, settings, val=val, out_dir=cell / phase, resume=True)
+        seconds[phase] = round(time.perf_counter() - t0, 1)
+    return seconds
+
+
+def _compress_cell(method: str, ratio: float, dense: nn.Module, train_set, train_part, val, config: CompareConfig,
+                   cell: Path, seed: int) -> tuple[nn.Module, dict]:
+    """The compressed and trained model of one cell, and its phase wall times."""
+    model = copy.deepcopy(dense)
+    if method == "cstar":
+        settings = CompressConfig(ratio=ratio, admm_train=config.search, finetune=config.finetune, admm=config.admm,
+                                  eval_phases=[])
+        t0 = time.perf_counter()
+        compress(model, train_set, None, settings, cell / "cstar", pretrained=True, resume=True,
+                 val_size=len(train_set) - len(train_part), seed=seed)
+        return load(cell / "cstar" / "model").to(next(dense.parameters()).device), {
+            "pipeline": round(time.perf_counter() - t0, 1)}
+    if method in ("lowrank_global", "lowrank_uniform"):
+        plan = select_ranks(model, ratio, method=method.split("_")[1])
+        model = decompose(model, plan)
+        return model, _two_phases(model, train_part, val, config, cell, seed)
+    from . import prune
+
+    if method == "magnitude":
+        model = prune.magnitude_prune(model, ratio)
+        return model, _two_phases(model, train_part, val, config, cell, seed)
+    # hydra: the first phase learns the scores, then the pruned model is fine-tuned
+    device = next(model.parameters()).device
+    loader = data_module.make_loader(train_part, config.search.batch_size, train=True, device=device, seed=seed,
+                                     rank=distributed.rank(), world_size=distributed.world_size())
+    t0 = time.perf_counter()
+    model = prune.hydra_prune(model, loader, ratio, config.search, val=val, out_dir=cell / "search", resume=True)
+    seconds = {"search": round(time.perf_counter() - t0, 1)}
+    loader = data_module.make_loader(train_part, config.finetune.batch_size, train=True, device=device, seed=seed,
+                                     rank=distributed.rank(), world_size=distributed.world_size())
+    t0 = time.perf_counter()
+    fit(model, loader, config.finetune, val=val, out_dir=cell / "finetune", resume=True)
+    seconds["finetune"] = round(time.perf_counter() - t0, 1)
+    return model, seconds
+
+
+@torch.inference_mode()
+def batch1_latency_ms(model: nn.Module, input_shape: tuple[int, ...], runs: int = 50, threads: int = 1) -> float:
+    """Median wall time (ms) of ``runs`` eager forward passes of one image on the CPU with ``threads``
+    torch threads (default 1: the least sensitive to other jobs on the machine), after 5 warm-up passes."""
+    model = copy.deepcopy(model).cpu().eval()
+    x = torch.rand(1, *input_shape)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(5):
+            model(x)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(previous)
+    return 1000 * statistics.median(times)
+
+
+def _measure(model: nn.Module, dense: nn.Module, test_set, config: CompareConfig, eps: float,
+             input_shape: tuple[int, ...]) -> dict:
+    t0 = time.perf_counter()
+    result = evaluate(model, test_set, config.eval_attacks, eps=eps, step=config.eval_step, n=config.eval_n)
+    row = {"params": count_params(model), "macs": count_flops(model, input_shape),
+           "accuracy": result["accuracy"], "subset": result["subset"]}
+    row["params_ratio"] = count_params(dense) / row["params"]
+    row["macs_ratio"] = count_flops(dense, input_shape) / row["macs"]
+    if config.autoattack_n:
+        aa = evaluate(model, test_set, ["autoattack"], eps=eps, n=config.autoattack_n, batch_size=100)
+        row["autoattack"] = {"accuracy": next(iter(aa["accuracy"].values())), "subset": aa["subset"]}
+    row["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    if config.latency_runs:
+        row["latency_ms"] = round(batch1_latency_ms(model, input_shape, config.latency_runs), 3)
+    return row
+
+
+def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_dir: str | Path, *,
+            pretrained: bool = True, val_size: int = 1000, seed: int = 0) -> dict:
+    """Run every (method, ratio) cell from the dense robust model ``dense``; return the results.
+
+    ``pretrained=False`` first trains ``dense`` in place with ``config.dense``
+    (into ``<out>/dense_train``, resumable); otherwise it is left untouched.
+    ``train_set``/``test_set`` are :mod:`cstar.data` datasets; the last
+    ``val_size`` training images are held out for the per-epoch robustness check.
+    Finished cells are read back, not rerun.
+    """
+    out = Path(out_dir)
+    cells_dir = out / "cells"
+    if distributed.is_main():
+        cells_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out / "compare_config.json", config.to_dict())
+    distributed.barrier()
+    device = next(dense.parameters()).device
+    eps = config.finetune.eps
+    input_shape = tuple(train_set.spec.image_shape)
+    n = len(train_set) - val_size
+    train_part = train_set.subset(torch.arange(n)) if val_size > 0 else train_set
+    held = train_set.subset(torch.arange(n, len(train_set))) if val_size > 0 else None
+    val = (held.images.to(device).float() / 255, held.labels.to(device)) if held is not None else None
+    if not pretrained:
+        loader = data_module.make_loader(train_part, config.dense.batch_size, train=True, device=device, seed=seed,
+                                         rank=distributed.rank(), world_size=distributed.world_size())
+        fit(dense, loader, config.dense, val=val, out_dir=out / "dense_train", resume=True)
+
+    cells = {}
+    for method in config.methods:
+        for ratio in ([1.0] if method == "dense" else config.ratios):
+            name = cell_name(method, ratio)
+            cell = cells_dir / name
+            result_path = cell / "result.json"
+            if result_path.exists():
+                cells[name] = json.loads(result_path.read_text())
+                print(f"{name}: done earlier", flush=True)
+                continue
+            if distributed.is_main():
+                cell.mkdir(parents=True, exist_ok=True)
+            distributed.barrier()
+            print(f"{name}: running", flush=True)
+            if method == "dense":
+                model, seconds = copy.deepcopy(dense), {}
+            else:
+                model, seconds = _compress_cell(method, ratio, dense, train_set, train_part, val, config, cell, seed)
+            row = {"method": method, "target_ratio": ratio, "train_seconds": seconds,
+                   **_measure(model, dense, test_set, config, eps, input_shape)}
+            if distributed.is_main():
+                save(model, cell / "model")
+                write_json(result_path, row)  # last: its existence marks the cell done
+            distributed.barrier()
+            cells[name] = row
+            print(f"{name}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in row["accuracy"].items())
+                  + f", {row['params_ratio']:.2f}x params", flush=True)
+
+    results = {"config": config.to_dict(), "budget": config.budget_text(), "eps": eps, "cells": cells}
+    if distributed.is_main():
+        write_json(out / "results.json", results)
+        atomic_write_text(out / "comparison.md", format_comparison(results))
+        _plot(out, results)
+    return results
+
+
+def format_comparison(results: dict) -> str:
+    """The markdown table of a comparison: one row per (method, ratio)."""
+    cells = list(results["cells"].values())
+    labels = sorted({k for c in cells for k in c["accuracy"]}, key=lambda k: (k != "clean", k))
+    head = ["method", "target", "params", "params ratio", "MACs", "MACs ratio", *labels, "AutoAttack",
+            "batch-1 latency (ms, 1 thread)", "train (s)"]
+    lines = [f"Training budget: {results['budget']}.", f"L-inf eps {results['eps']:.4g}; accuracy in %.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in sorted(cells, key=lambda c: (c["target_ratio"], METHODS.index(c["method"]))):
+        aa = c.get("autoattack")
+        lines.append("| " + " | ".join([
+            c["method"], f"{c['target_ratio']:g}x", f"{c['params']:,}", f"{c['params_ratio']:.2f}x",
+            f"{c['macs']:,}", f"{c['macs_ratio']:.2f}x",
+            *[f"{100 * c['accuracy'][k]:.2f}" if k in c["accuracy"] else "-" for k in labels],
+            f"{100 * aa['accuracy']:.2f} ({aa['subset']})" if aa else "-",
+            f"{c['latency_ms']:.2f}" if "latency_ms" in c else "-",
+            f"{sum(c['train_seconds'].values()):.0f}"]) + " |")
+    subsets = sorted({c["subset"] for c in cells})
+    lines += ["", f"Evaluated on {', '.join(subsets)} of the test set."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(out: Path, results: dict) -> None:
+    """``accuracy_vs_ratio.png``: clean and robust accuracy against the parameter ratio, a line per method."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    from io import BytesIO
+
+    cells = list(results["cells"].values())
+    labels = sorted({k for c in cells for k in c["accuracy"]}, key=lambda k: (k != "clean", k))
+    fig, axes = plt.subplots(1, len(labels), figsize=(5 * len(labels), 4), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        for method in METHODS:
+            points = sorted((c["params_ratio"], 100 * c["accuracy"][label]) for c in cells
+                            if c["method"] == method and label in c["accuracy"])
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("parameter compression ratio")
+        ax.set_ylabel(f"{label} accuracy (%)")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    buffer = BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(out / "accuracy_vs_ratio.png", buffer.getvalue())

@@ -1,0 +1,109 @@
+"""`cstar compare` end to end on scikit-learn's digits: every method, outputs, resume without rerunning cells."""
+
+import json
+
+import pytest
+import torch
+
+from cstar import data, models
+from cstar.cli import main
+from cstar.compare import METHODS, CompareConfig, compare
+from cstar.serialize import load
+from cstar.train import TrainConfig
+from cstar._errors import CstarError
+
+TRAIN = dict(method="pgd", eps=0.2, attack_steps=2, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0,
+             check_size=0, progress=False)
+
+
+def config(**kw):
+    base = dict(ratios=[4.0], search=TrainConfig(epochs=1, **TRAIN), finetune=TrainConfig(epochs=1, **TRAIN),
+                eval_attacks=["clean", "pgd3"], eval_n=120, latency_runs=3)
+    base.update(kw)
+    return CompareConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits", split="train"), data.load("digits", split="test")
+
+
+def dense_model(train_set):
+    spec = train_set.spec
+    torch.manual_seed(0)
+    c, h, _ = spec.image_shape
+    return models.create("small_cnn", 10, in_channels=c, input_size=h, mean=spec.mean, std=spec.std)
+
+
+@pytest.fixture(scope="module")
+def finished(digits, tmp_path_factory):
+    train_set, test_set = digits
+    out = tmp_path_factory.mktemp("compare") / "run"
+    results = compare(dense_model(train_set), train_set, test_set, config(), out, val_size=200)
+    return out, results
+
+
+def test_every_method_has_a_cell_with_its_figures(finished):
+    out, results = finished
+    assert set(results["cells"]) == {"dense"} | {f"{m}-4x" for m in METHODS if m != "dense"}
+    for name, cell in results["cells"].items():
+        assert {"clean", "pgd3"} <= set(cell["accuracy"]) and cell["latency_ms"] > 0
+        assert (out / "cells" / name / "model" / "model.json").exists()
+
+
+def test_compressed_cells_meet_the_parameter_ratio(finished):
+    _, results = finished
+    for name, cell in results["cells"].items():
+        if name != "dense":
+            assert cell["params_ratio"] == pytest.approx(4.0, rel=0.02), name
+
+
+def test_saved_cell_models_reload_with_the_reported_size(finished):
+    out, results = finished
+    for name, cell in results["cells"].items():
+        model = load(out / "cells" / name / "model")
+        assert sum(p.numel() for p in model.parameters()) == cell["params"]
+
+
+def test_outputs_table_and_plot(finished):
+    out, results = finished
+    table = (out / "comparison.md").read_text()
+    assert "Training budget" in table and all(m in table for m in METHODS)
+    assert json.loads((out / "results.json").read_text())["cells"].keys() == results["cells"].keys()
+    pytest.importorskip("matplotlib")
+    assert (out / "accuracy_vs_ratio.png").stat().st_size > 1000
+
+
+def test_resume_reruns_only_unfinished_cells(digits, finished, capsys):
+    train_set, test_set = digits
+    out, _ = finished
+    done = {p.parent.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*/result.json")}
+    (out / "cells" / "magnitude-4x" / "result.json").unlink()  # as if killed before that cell finished
+    capsys.readouterr()
+    compare(dense_model(train_set), train_set, test_set, config(), out, val_size=200)
+    printed = capsys.readouterr().out
+    assert "magnitude-4x: running" in printed
+    assert printed.count("done earlier") == len(done) - 1
+    for name, mtime in done.items():
+        if name != "magnitude-4x":
+            assert (out / "cells" / name / "result.json").stat().st_mtime_ns == mtime
+
+
+def test_bad_methods_and_ratios_are_errors():
+    with pytest.raises(CstarError, match="unknown method"):
+        config(methods=["cstar", "snip"])
+    with pytest.raises(CstarError, match="must be a number > 1"):
+        config(ratios=[1.0])
+
+
+def test_cli_runs_a_comparison_end_to_end(tmp_path, capsys):
+    out = tmp_path / "cli"
+    section = "{epochs: 1, attack_steps: 2, batch_size: 64, optimizer: adam, lr: 0.001, weight_decay: 0, check_size: 0}"
+    code = main(["compare", "--model", "small_cnn", "--data", "digits", "--ratios", "4",
+                 "--methods", "dense,cstar,magnitude", "--dense", section, "--search", section, "--finetune", section,
+                 "--eval-attacks", "clean,pgd3", "--eval-n", "100", "--latency-runs", "3", "--val-size", "200",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["cells"]) == {"dense", "cstar-4x", "magnitude-4x"}
+    assert "cstar" in capsys.readouterr().out
