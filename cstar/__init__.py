@@ -10,6 +10,7 @@ The public API, by concept (each lives in one module, see docs/DESIGN.md):
 - low rank: :func:`tucker2`, :func:`tucker2_project`, :func:`svd_factors`,
   :func:`svd_project`, :func:`select_ranks`, :func:`decompose`
 - CSTAR: :func:`compress` with :class:`CompressConfig`; :class:`ADMM`
+- comparison with the baselines: :func:`compare` with :class:`CompareConfig`
 - files: :func:`save`, :func:`load`, :func:`export`; :func:`optimize_for_inference`
 - pruning baselines: :mod:`cstar.prune` (``find_groups``, ``prune_channels``,
   ``magnitude_prune``, ``hydra_prune``, ``robust_prune``)
@@ -18,27 +19,27 @@ The public API, by concept (each lives in one module, see docs/DESIGN.md):
 
 __version__ = "0.1.0"
 
-from . import attacks, data, distributed, models
+from . import attacks, data, distributed, models, prune
 from ._errors import CstarError
 from .admm import ADMM, ADMMConfig
+from .compare import CompareConfig, compare
 from .compress import CompressConfig, compress
 from .counting import count_flops, count_params, layer_table
 from .evaluate import evaluate
 from .inference import fold_batchnorm, optimize_for_inference
 from .lowrank import (LayerPlan, LowRankConv1x1, LowRankLinear, RankPlan, Tucker2Conv2d, decompose, mode_spectra,
                       select_ranks, svd_factors, svd_project, tucker2, tucker2_project)
-from .serialize import export, load, save
-from .train import TrainConfig, TrainHook, fit
-from . import prune
 from .prune import (ChannelGroup, ChannelMask, ChannelPlan, ScoredModel, channel_scores, find_groups, hydra_prune,
                     learn_channel_scores, magnitude_prune, prune_channels, robust_prune, select_channels)
+from .serialize import export, load, save
+from .train import TrainConfig, TrainHook, fit
 
 __all__ = [
-    "ADMM", "ADMMConfig", "CompressConfig", "CstarError", "LayerPlan", "LowRankConv1x1", "LowRankLinear",
-    "RankPlan", "TrainConfig", "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "compress", "count_flops",
-    "count_params", "data", "decompose", "distributed", "evaluate", "export", "fit", "fold_batchnorm", "layer_table", "load",
-    "mode_spectra", "models", "optimize_for_inference", "save", "select_ranks", "svd_factors", "svd_project",
-    "tucker2", "tucker2_project",
-    "prune", "ChannelGroup", "ChannelMask", "ChannelPlan", "ScoredModel", "channel_scores", "find_groups",
-    "hydra_prune", "learn_channel_scores", "magnitude_prune", "prune_channels", "robust_prune", "select_channels",
+    "ADMM", "ADMMConfig", "ChannelGroup", "ChannelMask", "ChannelPlan", "CompareConfig", "CompressConfig",
+    "CstarError", "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "ScoredModel", "TrainConfig",
+    "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "channel_scores", "compare", "compress", "count_flops",
+    "count_params", "data", "decompose", "distributed", "evaluate", "export", "find_groups", "fit", "fold_batchnorm",
+    "hydra_prune", "layer_table", "learn_channel_scores", "load", "magnitude_prune", "mode_spectra", "models",
+    "optimize_for_inference", "prune", "prune_channels", "robust_prune", "save", "select_channels", "select_ranks",
+    "svd_factors", "svd_project", "tucker2", "tucker2_project",
 ]
