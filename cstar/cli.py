@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--step", type=parse_eps, default=None, help="PGD step size (default: eps/4)")
     ev.add_argument("--n", type=int, default=None, help="evaluate the first N test images (default: all)")
     ev.add_argument("--batch-size", type=int, default=256)
-    ev.add_argument("--json", default=None, help="write a RobustBench-style JSON here")
+    ev.add_argument("--json", default=None, help="write a RobustBench-style JSON here (progress kept in JSON.partial)")
+    ev.add_argument("--resume", action="store_true",
+                    help="continue a killed evaluation with the same --json after its last finished batch")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--config", default=None, help="YAML/JSON file of option values")
@@ -470,8 +472,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          f"{test_set.num_classes}: evaluate it on the dataset it was trained on")
     eps = args.eps if args.eps is not None else state.get("eps", test_set.spec.eps)
     attacks_to_run = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    if args.resume and not args.json:
+        raise CstarError("--resume continues the evaluation whose progress sits beside its --json: pass --json")
     result = evaluate(model, test_set, attacks_to_run, eps=eps, step=args.step, n=args.n, batch_size=args.batch_size,
-                      seed=args.seed, out_path=args.json, progress=True,
+                      seed=args.seed, out_path=args.json, progress=True, resume=args.resume,
                       meta={"model": model.cstar_config["name"], "dataset": name, "checkpoint": str(args.checkpoint)})
     path = Path(args.checkpoint)
     print(format_results({(path.name if path.is_dir() else path.parent.name) or "model": result}))

@@ -10,6 +10,7 @@ the examples and the counts are summed, so every example is counted once.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -84,7 +85,7 @@ def _shard(data, n: int | None, batch_size: int, device: torch.device):
 def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.AttackSpec] = DEFAULT_ATTACKS, *,
              eps: float, norm: str = "linf", step: float | None = None, n: int | None = None, batch_size: int = 256,
              seed: int = 0, out_path: str | Path | None = None, meta: dict | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, resume: bool = False) -> dict:
     """Accuracy of ``model`` on ``data`` under each attack.
 
     ``attacks_to_run`` holds ``"clean"``, attack names understood by
@@ -95,6 +96,12 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
     "subset": str, "eps": float, "norm": str, "seconds": {label: float}}``.
     Under torchrun every rank calls it and gets the same result (``seconds`` are
     rank 0's); only rank 0 writes ``out_path``.
+
+    Each batch's attacks are seeded with ``seed + batch index``, so results do
+    not depend on where a run started. With ``out_path`` (in one process) the
+    counts so far are kept in ``<out_path>.partial`` after every batch; with
+    ``resume=True`` a killed evaluation continues after its last finished batch
+    (a long AutoAttack run loses at most one batch).
     """
     if n is not None and n < 1:
         raise CstarError(f"n={n}: evaluate at least one example, or pass n=None for the whole set")
@@ -111,10 +118,21 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
     correct = dict.fromkeys(labels, 0)
     seconds = dict.fromkeys(labels, 0.0)
     total = 0
-    torch.manual_seed(seed)
     shard, shard_n, sharded = _shard(data, n, batch_size, device)
+    partial = Path(f"{out_path}.partial") if out_path is not None and not sharded else None
+    state = {"labels": labels, "eps": eps, "n": n, "batch_size": batch_size, "seed": seed}
+    done = 0
+    if resume and partial is not None and partial.exists():
+        saved = json.loads(partial.read_text())
+        if {k: saved.get(k) for k in state} != state:
+            raise CstarError(f"{partial} was written by an evaluation with other settings "
+                             f"({ {k: saved.get(k) for k in state} }): delete it, or resume with the same settings")
+        done, total, correct, seconds = saved["batches"], saved["total"], saved["correct"], saved["seconds"]
     try:
-        for xb, yb in _batches(shard, shard_n, batch_size, device):
+        for index, (xb, yb) in enumerate(_batches(shard, shard_n, batch_size, device)):
+            if index < done:
+                continue
+            torch.manual_seed(seed + index)
             total += len(yb)
             for spec, label in zip(specs, labels):
                 t0 = time.perf_counter()
@@ -126,6 +144,9 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
                 where = " (rank 0's share)" if sharded else ""
                 print(f"  {total} images{where}: " + "  ".join(f"{k} {correct[k] / total:.4f}" for k in labels),
                       flush=True)
+            if partial is not None:
+                write_json(partial, {**state, "batches": index + 1, "total": total, "correct": correct,
+                                     "seconds": seconds})
     finally:
         model.train(was_training)
     if sharded:
@@ -143,6 +164,8 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
     }
     if out_path is not None and distributed.is_main():
         write_json(out_path, robustbench_card(result, meta or {}))
+    if partial is not None and partial.exists():
+        partial.unlink()
     return result
 
 

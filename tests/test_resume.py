@@ -139,3 +139,52 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_the_latest_is_corrupt
         history = fit(_tiny(), data.make_loader(train_set, 64, train=True, seed=0), config, out_dir=tmp_path,
                       resume=True)
     assert [r["epoch"] for r in history] == [1, 2]
+
+
+class _KilledAfter(Exception):
+    pass
+
+
+def test_a_killed_evaluation_resumes_after_its_last_batch_with_the_same_result(tmp_path, monkeypatch):
+    import importlib
+
+    from cstar.evaluate import evaluate
+
+    evaluate_module = importlib.import_module("cstar.evaluate")  # the module, not the function cstar.evaluate
+
+    test_set = data.load("digits", split="test")
+    model = _tiny()
+    out = tmp_path / "eval.json"
+    full = evaluate(model, test_set, ["clean", "pgd3"], eps=0.1, batch_size=64)
+
+    calls = {"n": 0}
+    real_write = evaluate_module.write_json
+
+    def write_then_die(path, obj):  # the process dies right after saving its progress for batch 3
+        real_write(path, obj)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _KilledAfter
+
+    monkeypatch.setattr(evaluate_module, "write_json", write_then_die)
+    with pytest.raises(_KilledAfter):
+        evaluate(model, test_set, ["clean", "pgd3"], eps=0.1, batch_size=64, out_path=out)
+    monkeypatch.setattr(evaluate_module, "write_json", real_write)
+    assert json.loads(out.with_name("eval.json.partial").read_text())["batches"] == 3 and not out.exists()
+
+    resumed = evaluate(model, test_set, ["clean", "pgd3"], eps=0.1, batch_size=64, out_path=out, resume=True)
+    assert resumed["accuracy"] == full["accuracy"] and resumed["n_examples"] == full["n_examples"]
+    assert out.exists() and not out.with_name("eval.json.partial").exists()
+
+
+def test_resuming_an_evaluation_with_other_settings_is_refused(tmp_path):
+    from cstar._errors import CstarError
+    from cstar.evaluate import evaluate
+
+    out = tmp_path / "eval.json"
+    out.with_name("eval.json.partial").write_text(json.dumps(
+        {"labels": ["clean"], "eps": 0.3, "n": None, "batch_size": 64, "seed": 0, "batches": 1, "total": 64,
+         "correct": {"clean": 10}, "seconds": {"clean": 0.1}}))
+    with pytest.raises(CstarError, match="other settings"):
+        evaluate(_tiny(), data.load("digits", split="test"), ["clean"], eps=0.1, batch_size=64, out_path=out,
+                 resume=True)
