@@ -568,11 +568,9 @@ def _phase_config(section: dict | None, common: dict) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
-    from .compress import CompressConfig, compress
-
+def _pipeline_data(args: argparse.Namespace):
+    """(train set, test set, eps, training settings common to every phase) of compress and compare."""
     _require(args, "data")
-    device = _device(args.device)
     train_set = data.load(args.data, args.root, split="train", download=args.download)
     test_set = data.load(args.data, args.root, split="test", download=args.download)
     if args.train_n is not None:
@@ -583,24 +581,36 @@ def cmd_compress(args: argparse.Namespace) -> int:
     common = {"eps": eps, "seed": args.seed, "progress": not args.no_progress}
     if args.method:
         common["method"] = args.method
+    return train_set, test_set, eps, common
+
+
+def _starting_model(args: argparse.Namespace, train_set, device: torch.device) -> torch.nn.Module:
+    """The dense model of --checkpoint, or a fresh --model (seeded with --seed) to be trained first."""
+    if args.checkpoint:
+        return _model_from_checkpoint(args.checkpoint, device)[0]
+    _require(args, "model")
+    torch.manual_seed(args.seed)  # the initial weights
+    return _build_model(args, train_set.spec, train_set.num_classes).to(device)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .compress import CompressConfig, compress
+
+    device = _device(args.device)
+    train_set, test_set, eps, common = _pipeline_data(args)
     config = CompressConfig(
         ratio=args.ratio, budget=args.budget, flops_ratio=args.flops_ratio, rank_method=args.rank_method,
         exclude=[e.strip() for e in args.exclude.split(",")] if args.exclude else None,
         dense=_phase_config(args.dense, common), admm_train=_phase_config(args.admm_train, common),
         finetune=_phase_config({"epochs": 5, "lr": 0.01, **(args.finetune or {})}, common),
-        eval_attacks=[a.strip() for a in args.eval_attacks.split(",") if a.strip()], eval_step=args.eval_step,
-        eval_phases=[p.strip() for p in args.eval_phases.split(",") if p.strip()], eval_n=args.eval_n,
+        eval_attacks=_names(args.eval_attacks), eval_step=args.eval_step, eval_phases=_names(args.eval_phases),
+        eval_n=args.eval_n,
         autoattack_n=args.autoattack_n)
     if args.admm:
         from .admm import ADMMConfig
 
         config.admm = ADMMConfig.from_dict(args.admm)
-    if args.checkpoint:
-        model, _ = _model_from_checkpoint(args.checkpoint, device)
-    else:
-        _require(args, "model")
-        torch.manual_seed(args.seed)  # the initial weights
-        model = _build_model(args, train_set.spec, train_set.num_classes).to(device)
+    model = _starting_model(args, train_set, device)
     out = _run_dir(args.out or _default_out("compress", args.model or "model", args.data, f"{args.ratio:g}x"),
                    force=args.force, resume=args.resume)
     _write_run_files(out, args, eps, device)
@@ -619,18 +629,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import CompareConfig, compare
 
-    _require(args, "data")
     device = _device(args.device)
-    train_set = data.load(args.data, args.root, split="train", download=args.download)
-    test_set = data.load(args.data, args.root, split="test", download=args.download)
-    if args.train_n is not None:
-        if not 0 < args.train_n <= len(train_set):
-            raise CstarError(f"--train-n {args.train_n} must be between 1 and {len(train_set)}")
-        train_set = train_set.take(args.train_n)
-    eps = train_set.spec.eps if args.eps is None else args.eps
-    common = {"eps": eps, "seed": args.seed, "progress": not args.no_progress}
-    if args.method:
-        common["method"] = args.method
+    train_set, test_set, eps, common = _pipeline_data(args)
     config = CompareConfig(
         ratios=_numbers(args.ratios, "--ratios"), methods=_names(args.methods),
         dense=_phase_config(args.dense, common), search=_phase_config({"epochs": 5, "lr": 0.01, **(args.search or {})}, common),
@@ -641,12 +641,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         from .admm import ADMMConfig
 
         config.admm = ADMMConfig.from_dict(args.admm)
-    if args.checkpoint:
-        model, _ = _model_from_checkpoint(args.checkpoint, device)
-    else:
-        _require(args, "model")
-        torch.manual_seed(args.seed)  # the initial weights
-        model = _build_model(args, train_set.spec, train_set.num_classes).to(device)
+    model = _starting_model(args, train_set, device)
     out = _run_dir(args.out or _default_out("compare", args.model or "model", args.data), force=args.force,
                    resume=args.resume)
     _write_run_files(out, args, eps, device)

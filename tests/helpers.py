@@ -29,3 +29,21 @@ def factorised_resnet20(factorised_fc: bool = False) -> nn.Module:
     if factorised_fc:
         model.fc = LowRankLinear(64, 10, 3)
     return randomise_bn(model)
+
+
+class BatchHook:
+    """Wraps a training loader; ``on_batch(epoch, index, (x, y))`` may act or return a replacement batch."""
+
+    def __init__(self, loader, on_batch):
+        self.loader, self.on_batch, self.epoch = loader, on_batch, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            yield self.on_batch(self.epoch, i, batch) or batch

@@ -10,6 +10,7 @@ from cstar import data
 from cstar._errors import CstarError
 from cstar.cli import main
 from cstar.train import TrainConfig, fit
+from helpers import BatchHook
 
 # (id, argv after the command, words the error line must contain)
 CASES = [
@@ -57,22 +58,9 @@ def test_cli_bad_input(capsys, tmp_path, argv, words):
     assert not out.exists(), "a failed command must not leave an output directory behind"
 
 
-class _NaNFrom:
-    """A loader whose images become NaN from epoch ``epoch`` on."""
-
-    def __init__(self, loader, epoch):
-        self.loader, self.nan_epoch, self.epoch = loader, epoch, 0
-
-    def __len__(self):
-        return len(self.loader)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-        self.loader.set_epoch(epoch)
-
-    def __iter__(self):
-        for x, y in self.loader:
-            yield (torch.full_like(x, float("nan")) if self.epoch >= self.nan_epoch else x), y
+def _nan_from(loader, epoch):
+    """``loader``, with NaN images from epoch ``epoch`` on."""
+    return BatchHook(loader, lambda e, i, b: (torch.full_like(b[0], float("nan")), b[1]) if e >= epoch else None)
 
 
 def test_divergence_in_a_later_epoch_keeps_the_last_good_checkpoint_and_names_the_step(tmp_path):
@@ -82,7 +70,7 @@ def test_divergence_in_a_later_epoch_keeps_the_last_good_checkpoint_and_names_th
     config = TrainConfig(method="clean", epochs=3, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0,
                          check_size=0, progress=False)
     with pytest.raises(CstarError, match=r"diverged at epoch 2, step 1 .*checkpoint\.pt"):
-        fit(model, _NaNFrom(data.make_loader(train_set, 64, train=True), epoch=1), config, out_dir=tmp_path)
+        fit(model, _nan_from(data.make_loader(train_set, 64, train=True), epoch=1), config, out_dir=tmp_path)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values())

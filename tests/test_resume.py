@@ -15,6 +15,7 @@ from cstar import data
 from cstar._signals import Interrupted
 from cstar.cli import main
 from cstar.train import TrainConfig, fit
+from helpers import BatchHook
 
 TRAIN = ["train", "--model", "small_cnn", "--data", "digits", "--method", "pgd", "--attack-steps", "2",
          "--epochs", "3", "--batch-size", "16", "--optimizer", "adam", "--lr", "2e-3", "--check-size", "64",
@@ -83,24 +84,12 @@ def test_a_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, signum):
     assert state["epoch"] >= 1 and not list(out.glob("*.tmp"))
 
 
-class _SignalAt:
-    """A loader that sends this process ``signum`` while yielding batch ``batch`` of epoch ``epoch``."""
-
-    def __init__(self, loader, epoch, batch, signum=signal.SIGTERM):
-        self.loader, self.at, self.signum, self.epoch = loader, (epoch, batch), signum, 0
-
-    def __len__(self):
-        return len(self.loader)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-        self.loader.set_epoch(epoch)
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if (self.epoch, i) == self.at:
-                os.kill(os.getpid(), self.signum)
-            yield batch
+def _signal_at(loader, epoch, batch, signum=signal.SIGTERM):
+    """``loader``, sending this process ``signum`` while yielding batch ``batch`` of epoch ``epoch``."""
+    def on_batch(e, i, _):
+        if (e, i) == (epoch, batch):
+            os.kill(os.getpid(), signum)
+    return BatchHook(loader, on_batch)
 
 
 def _tiny(seed=0):
@@ -117,7 +106,7 @@ def test_sigterm_mid_epoch_resumes_at_the_batch_where_it_stopped(tmp_path):
 
     stopped = _tiny()
     with pytest.raises(Interrupted, match="epoch 2, batch 6/22"):
-        fit(stopped, _SignalAt(data.make_loader(train_set, 64, train=True, seed=0), epoch=1, batch=5), config,
+        fit(stopped, _signal_at(data.make_loader(train_set, 64, train=True, seed=0), epoch=1, batch=5), config,
             out_dir=tmp_path / "stopped")
     state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and state["partial"]["batches"] == 6
