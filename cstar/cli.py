@@ -441,11 +441,15 @@ def _model_from_checkpoint(path: str, device: torch.device) -> tuple[torch.nn.Mo
     config = state.get("model_config")
     if not config:
         raise CstarError(f"{path} has no model description (model_config): it was not written by 'cstar train'")
+    from .serialize import state_mismatch
+
     model = models.create(**config)
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if missing or unexpected:
-        raise CstarError(f"{path} does not match its architecture '{config['name']}' "
-                         f"(missing {len(missing)}, unexpected {len(unexpected)} tensors): the file is corrupt or edited")
+    weights = state["model"]
+    problem = state_mismatch(model, {k: v.shape for k, v in weights.items()}) if isinstance(weights, dict) else "no tensors"
+    if problem:  # checked before any weight is copied
+        raise CstarError(f"{path} does not match its architecture '{config['name']}' ({problem}): "
+                         "the file is corrupt or edited; pass the checkpoint that 'cstar train' wrote")
+    model.load_state_dict(weights)
     return model.to(device), state
 
 

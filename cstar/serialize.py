@@ -294,7 +294,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     unique, tied = _split_tied(model.state_dict())
     check = _rebuild(architecture, path / MODEL_JSON)
     _retie(check, tied, path / MODEL_JSON)
-    problem = _mismatch(check, tied, {k: v.shape for k, v in unique.items()})
+    problem = state_mismatch(check, {k: v.shape for k, v in unique.items()}, tied)
     if problem:
         raise CstarError(
             f"cannot save this {type(model).__name__}: its modules are not described by their constructor "
@@ -320,9 +320,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def _mismatch(model: nn.Module, tied: dict[str, str], shapes: dict[str, torch.Size]) -> str | None:
+def state_mismatch(model: nn.Module, shapes: dict[str, torch.Size], tied: dict[str, str] | None = None
+                   ) -> str | None:
     """What differs between ``shapes`` and the model's state dict (aliases excluded), or None if nothing."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in (tied or {})}
     missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     if missing or extra:
         return (f"missing tensors: {', '.join(missing[:5]) or 'none'}; "
@@ -383,7 +384,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> n
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # safetensors raises its own error type for malformed files
         raise CstarError(f"{weights_path} is not a valid safetensors file ({exc}); save the model again") from None
-    problem = _mismatch(model, tied, {k: v.shape for k, v in tensors.items()})
+    problem = state_mismatch(model, {k: v.shape for k, v in tensors.items()}, tied)
     if problem:
         raise CstarError(f"{weights_path} does not fit the architecture in {MODEL_JSON} ({problem}); save again")
     floating = {t.dtype for t in tensors.values() if t.is_floating_point()}

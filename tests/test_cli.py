@@ -127,6 +127,16 @@ def test_unknown_config_key(capsys, tmp_path):
     assert "epoch" in line and "epochs" in line
 
 
+def test_checkpoint_with_a_wrong_shape_is_refused_before_loading(capsys, trained, tmp_path):
+    state = torch.load(trained / "model.pt", weights_only=True)
+    name = next(k for k in state["model"] if k.endswith("weight"))
+    state["model"][name] = torch.zeros(3, 3)
+    path = tmp_path / "edited.pt"
+    torch.save(state, path)
+    line = error_line(capsys, "eval", path, "--data", "digits")
+    assert "edited.pt" in line and name in line and "shape" in line
+
+
 def test_foreign_checkpoint_is_refused(capsys, tmp_path):
     path = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3), "fn": os.getcwd}, path)  # needs pickled code to load
