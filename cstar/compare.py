@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import data as data_module
-from . import distributed
+from . import distributed, prune
 from ._errors import CstarError, check_options
 from ._io import atomic_write_bytes, atomic_write_text, write_json
 from .admm import ADMMConfig
@@ -110,53 +110,43 @@ def cell_name(method: str, ratio: float) -> str:
     return "dense" if method == "dense" else f"{method}-{ratio:g}x"
 
 
-def _two_phases(model: nn.Module, train_part, val, config: CompareConfig, cell: Path, seed: int,
-                first: TrainConfig | None = None) -> dict:
-    """``first`` (default ``config.search``) then ``config.finetune``, each resumable; returns wall times."""
-    device = next(model.parameters()).device
-    seconds = {}
-    for phase, settings in (("search", first or config.search), ("finetune", config.finetune)):
-        loader = data_module.make_loader(train_part, settings.batch_size, train=True, device=device, seed=seed,
-                                         rank=distributed.rank(), world_size=distributed.world_size())
-        t0 = time.perf_counter()
-        fit(model, loader, settings, val=val, out_dir=cell / phase, resume=True)
-        seconds[phase] = round(time.perf_counter() - t0, 1)
-    return seconds
+def _loader(train_part, settings: TrainConfig, device: torch.device, seed: int):
+    return data_module.make_loader(train_part, settings.batch_size, train=True, device=device, seed=seed,
+                                   rank=distributed.rank(), world_size=distributed.world_size())
+
+
+def _train(model: nn.Module, train_part, val, settings: TrainConfig, out_dir: Path, seed: int) -> float:
+    """Adversarial training of ``model`` in place (resumable from ``out_dir``); returns its wall time in seconds."""
+    t0 = time.perf_counter()
+    fit(model, _loader(train_part, settings, next(model.parameters()).device, seed), settings, val=val,
+        out_dir=out_dir, resume=True)
+    return round(time.perf_counter() - t0, 1)
 
 
 def _compress_cell(method: str, ratio: float, dense: nn.Module, train_set, train_part, val, config: CompareConfig,
                    cell: Path, seed: int) -> tuple[nn.Module, dict]:
-    """The compressed and trained model of one cell, and its phase wall times."""
+    """The compressed and trained model of one cell, and the wall time (s) of each of its phases."""
     model = copy.deepcopy(dense)
+    device = next(dense.parameters()).device
+    t0 = time.perf_counter()
     if method == "cstar":
         settings = CompressConfig(ratio=ratio, admm_train=config.search, finetune=config.finetune, admm=config.admm,
                                   eval_phases=[])
-        t0 = time.perf_counter()
         compress(model, train_set, None, settings, cell / "cstar", pretrained=True, resume=True,
                  val_size=len(train_set) - len(train_part), seed=seed)
-        return load(cell / "cstar" / "model").to(next(dense.parameters()).device), {
-            "pipeline": round(time.perf_counter() - t0, 1)}
-    if method in ("lowrank_global", "lowrank_uniform"):
-        plan = select_ranks(model, ratio, method=method.split("_")[1])
-        model = decompose(model, plan)
-        return model, _two_phases(model, train_part, val, config, cell, seed)
-    from . import prune
-
-    if method == "magnitude":
-        model = prune.magnitude_prune(model, ratio)
-        return model, _two_phases(model, train_part, val, config, cell, seed)
-    # hydra: the first phase learns the scores, then the pruned model is fine-tuned
-    device = next(model.parameters()).device
-    loader = data_module.make_loader(train_part, config.search.batch_size, train=True, device=device, seed=seed,
-                                     rank=distributed.rank(), world_size=distributed.world_size())
-    t0 = time.perf_counter()
-    model = prune.hydra_prune(model, loader, ratio, config.search, val=val, out_dir=cell / "search", resume=True)
-    seconds = {"search": round(time.perf_counter() - t0, 1)}
-    loader = data_module.make_loader(train_part, config.finetune.batch_size, train=True, device=device, seed=seed,
-                                     rank=distributed.rank(), world_size=distributed.world_size())
-    t0 = time.perf_counter()
-    fit(model, loader, config.finetune, val=val, out_dir=cell / "finetune", resume=True)
-    seconds["finetune"] = round(time.perf_counter() - t0, 1)
+        return load(cell / "cstar" / "model").to(device), {"pipeline": round(time.perf_counter() - t0, 1)}
+    if method == "hydra":  # the first phase learns the channel scores (weights frozen), then removes channels
+        model = prune.hydra_prune(model, _loader(train_part, config.search, device, seed), ratio, config.search,
+                                  val=val, out_dir=cell / "search", resume=True)
+        seconds = {"search": round(time.perf_counter() - t0, 1)}
+    else:  # the first phase trains the weights of the compressed model
+        if method == "magnitude":
+            model = prune.magnitude_prune(model, ratio)
+        else:
+            model = decompose(model, select_ranks(model, ratio, method=method.removeprefix("lowrank_")))
+        model = model.to(device)
+        seconds = {"search": _train(model, train_part, val, config.search, cell / "search", seed)}
+    seconds["finetune"] = _train(model, train_part, val, config.finetune, cell / "finetune", seed)
     return model, seconds
 
 
