@@ -14,7 +14,11 @@ onto the rank constraint) and a scaled dual ``U``:
 
 ``rho`` may grow by ``rho_growth`` at every Z-step up to ``rho_max``; ranks may be
 re-selected globally at the first ``reselect`` Z-steps. The primal residual
-``||W_l - Z_l|| / ||W_l||`` of every layer is recorded at every Z-step.
+``||W_l - Z_l|| / ||W_l||`` of every layer is recorded at every Z-step. With
+SGD the penalty pulls ``W`` towards ``Z - U`` by a fraction ``lr * rho`` a step,
+so ``rho`` must be large enough for the run's length (``lr * rho * steps`` of
+order 1): when the mean residual has not fallen by 10% after 3 Z-steps, a
+warning says so.
 
 Under torchrun the weights are the same on every rank (DDP keeps them in sync),
 and ``Z``, ``U`` and re-selected plans are broadcast from rank 0 after each
@@ -25,6 +29,7 @@ eigendecompositions are not bitwise reproducible.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -95,6 +100,7 @@ class ADMM(TrainHook):
         self.rho = config.rho
         self.z_steps = 0
         self.history: list[dict] = []
+        self._warned = False
         self._set_plan(model, plan)
         with torch.no_grad():
             self.Z = {name: self._project(name, w.detach()) for name, w in self._weights(model).items()}
@@ -160,6 +166,13 @@ class ADMM(TrainHook):
         self.U = {n: self.U.get(n, torch.zeros_like(w)) for n, w in self._weights(model).items()}
 
     def after_epoch(self, model: nn.Module, record: dict) -> None:
+        if len(self.history) >= 3 and not self._warned:
+            first, last = self.history[0]["residual_mean"], self.history[-1]["residual_mean"]
+            if last > 0.9 * first:
+                self._warned = True
+                warnings.warn(f"the ADMM residual is not falling ({first:.3f} at the first Z-step, {last:.3f} after "
+                              f"{len(self.history)}): raise rho or rho_growth (with SGD the pull per step is "
+                              f"lr * rho, now {self.rho:.3g})", stacklevel=2)
         if self.history:
             last = self.history[-1]
             record.update(admm_rho=last["rho"], admm_residual_mean=last["residual_mean"],

@@ -84,6 +84,19 @@ def test_after_step_runs_the_z_step_every_interval(setup):
     assert admm.z_steps == 3 and [h["step"] for h in admm.history] == [3, 6, 9]
 
 
+def test_a_residual_that_does_not_fall_is_warned_about():
+    torch.manual_seed(0)
+    train_set = data.load("digits", split="train")
+    model = TinyNet()
+    plan = select_ranks(model, 6.0, input_shape=(1, 8, 8))
+    loader = data.make_loader(train_set, 64, train=True, seed=0)
+    admm = ADMM(model, plan, ADMMConfig(rho=1e-6, interval=5), steps_per_epoch=len(loader))
+    config = TrainConfig(method="clean", epochs=1, batch_size=64, optimizer="sgd", lr=1e-3, weight_decay=0.0,
+                         check_size=0, progress=False)
+    with pytest.warns(UserWarning, match="ADMM residual is not falling"):
+        fit(model, loader, config, hooks=[admm])
+
+
 def test_residual_falls_over_a_short_admm_run():
     torch.manual_seed(0)
     train_set = data.load("digits", split="train")
