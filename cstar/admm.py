@@ -17,7 +17,7 @@ re-selected globally at the first ``reselect`` Z-steps. The primal residual
 ``||W_l - Z_l|| / ||W_l||`` of every layer is recorded at every Z-step. With
 SGD the penalty pulls ``W`` towards ``Z - U`` by a fraction ``lr * rho`` a step,
 so ``rho`` must be large enough for the run's length (``lr * rho * steps`` of
-order 1): when the mean residual has not fallen by 10% after 3 Z-steps, a
+order 1): when the mean residual has not fallen by 10% after 6 Z-steps, a
 warning says so.
 
 Under torchrun the weights are the same on every rank (DDP keeps them in sync),
@@ -166,13 +166,13 @@ class ADMM(TrainHook):
         self.U = {n: self.U.get(n, torch.zeros_like(w)) for n, w in self._weights(model).items()}
 
     def after_epoch(self, model: nn.Module, record: dict) -> None:
-        if len(self.history) >= 3 and not self._warned:
+        if len(self.history) >= 6 and not self._warned:
             first, last = self.history[0]["residual_mean"], self.history[-1]["residual_mean"]
             if last > 0.9 * first:
                 self._warned = True
                 warnings.warn(f"the ADMM residual is not falling ({first:.3f} at the first Z-step, {last:.3f} after "
-                              f"{len(self.history)}): raise rho or rho_growth (with SGD the pull per step is "
-                              f"lr * rho, now {self.rho:.3g})", stacklevel=2)
+                              f"{len(self.history)}): raise rho or rho_growth (rho is now {self.rho:.3g}; with SGD the "
+                              "pull towards the constraint is about lr * rho a step)", stacklevel=2)
         if self.history:
             last = self.history[-1]
             record.update(admm_rho=last["rho"], admm_residual_mean=last["residual_mean"],

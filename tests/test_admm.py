@@ -90,7 +90,7 @@ def test_a_residual_that_does_not_fall_is_warned_about():
     model = TinyNet()
     plan = select_ranks(model, 6.0, input_shape=(1, 8, 8))
     loader = data.make_loader(train_set, 64, train=True, seed=0)
-    admm = ADMM(model, plan, ADMMConfig(rho=1e-6, interval=5), steps_per_epoch=len(loader))
+    admm = ADMM(model, plan, ADMMConfig(rho=1e-6, interval=3), steps_per_epoch=len(loader))
     config = TrainConfig(method="clean", epochs=1, batch_size=64, optimizer="sgd", lr=1e-3, weight_decay=0.0,
                          check_size=0, progress=False)
     with pytest.warns(UserWarning, match="ADMM residual is not falling"):
