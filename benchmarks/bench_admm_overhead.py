@@ -4,11 +4,11 @@ Usage:
     python benchmarks/bench_admm_overhead.py --mnist-root ../shared/data --cifar-root data
 
 For each setting (MNIST small CNN with PGD-5 at 8x; CIFAR-10 ResNet-18 width 16
-with N-FGSM at 8x) it times, in interleaved rounds on the same batches, ``steps``
-adversarial training steps with and without the ADMM penalty (through
-:func:`cstar.fit`, so the measured step is the real one), and the Z/U step
-(Tucker-2/SVD projection of every compressed layer) on its own. The epoch
-overhead is then
+with N-FGSM at 8x) it times, in interleaved rounds on the same batches (the arm
+that runs first alternating), ``steps`` adversarial training steps with and
+without the ADMM penalty (through :func:`cstar.fit`, so the measured step is the
+real one), and the Z/U step (Tucker-2/SVD projection of every compressed layer)
+on its own. The epoch overhead is then
 
     (steps_per_epoch * (admm_step - plain_step) + z_steps_per_epoch * z_step)
     / (steps_per_epoch * plain_step)
@@ -66,9 +66,10 @@ def measure(name: str, root: str, ratio: float, steps: int, rounds: int, batch_s
 
     _time_fit(model, train_set.take(2 * batch_size), config)  # warm-up
     plain, with_penalty, z_step = [], [], []
-    for _ in range(rounds):
-        plain.append(_time_fit(model, subset, config))
-        with_penalty.append(_time_fit(model, subset, config, hooks=[admm]))
+    for r in range(rounds):  # ABBA: the arm that runs first alternates, so drifts cancel
+        arms = [(plain, ()), (with_penalty, [admm])]
+        for times, hooks in (arms if r % 2 == 0 else arms[::-1]):
+            times.append(_time_fit(model, subset, config, hooks=hooks))
         t0 = time.perf_counter()
         admm.z_step(model)
         z_step.append(time.perf_counter() - t0)
@@ -86,7 +87,9 @@ def measure(name: str, root: str, ratio: float, steps: int, rounds: int, batch_s
             "epoch_seconds_plain": round(epoch_plain, 1),
             "overhead_interval_epoch": round(overhead(steps_per_epoch), 4),
             "overhead_interval_100": round(overhead(100), 4),
-            "rounds": rounds, "steps_per_round": steps}
+            "rounds": rounds, "steps_per_round": steps,
+            "per_round_seconds_plain": [round(v, 4) for v in plain],
+            "per_round_seconds_admm": [round(v, 4) for v in with_penalty]}
 
 
 def main() -> None:
