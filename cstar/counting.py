@@ -8,6 +8,7 @@ counted. A k x k conv producing an (C_out, H, W) map from C_in channels in
 costs out_features * in_features per row.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,18 @@ def _dummy_input(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor
     return torch.rand(shape, dtype=reference.dtype, device=reference.device)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode for the block; every submodule's own train/eval mode is restored after."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
 def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerStats]:
     """Per-layer parameters, MACs and shapes, measured by one eval-mode forward of a batch-1 input.
 
@@ -114,17 +127,13 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSta
         is_leaf = next(module.children(), None) is None
         if own or (is_leaf and not isinstance(module, _NO_COMPUTE)):
             listed.append((name, module, own))
-    modes = {m: m.training for m in model.modules()}
     handles = [module.register_forward_hook(hook_for(name)) for name, module, _ in listed]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(x)
     finally:
         for handle in handles:
             handle.remove()
-        for m, training in modes.items():
-            m.training = training
 
     rows = []
     for name, module, own in listed:

@@ -36,7 +36,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .._errors import CstarError
-from ..counting import _dummy_input
+from ..counting import _dummy_input, eval_mode
 from ..lowrank._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ..models import Normalize
 
@@ -153,19 +153,14 @@ def _trace(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
         ) from None
     module = fx.GraphModule(model, graph)
     x = _dummy_input(model, input_shape)
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             ShapeProp(module).propagate(torch.cat([x, x]))
     except CstarError:
         raise
     except Exception as exc:
         raise CstarError(f"a forward pass of {type(model).__name__} on a (2, {', '.join(map(str, input_shape[-3:]))})"
                          f" input failed ({str(exc).strip()[:200]}): pass the model's input_shape=(C, H, W)") from None
-    finally:
-        for m, training in modes.items():
-            m.training = training
     return module
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .._errors import CstarError
-from ..counting import _dummy_input
+from ..counting import _dummy_input, eval_mode
 from ._graph import ChannelGroup
 
 _LAYERS = (nn.Conv2d, nn.Linear)
@@ -54,23 +54,19 @@ def find_groups_tp(model: nn.Module, input_shape: tuple[int, ...]) -> list[Chann
     tp = _import()
     names = {m: n for n, m in model.named_modules()}
     x = _dummy_input(model, input_shape)
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        final = _output_layers(model, x)
-        if not final:
-            raise CstarError(f"graph='torch_pruning' cannot tell which layer of {type(model).__name__} returns the "
-                             "model output (the output is computed outside a module): use graph='fx'")
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False)
-        raw = list(graph.get_all_groups(ignored_layers=[]))
+        with eval_mode(model):
+            final = _output_layers(model, x)
+            if not final:
+                raise CstarError(f"graph='torch_pruning' cannot tell which layer of {type(model).__name__} returns "
+                                 "the model output (the output is computed outside a module): use graph='fx'")
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False)
+            raw = list(graph.get_all_groups(ignored_layers=[]))
     except CstarError:
         raise
     except Exception as exc:
         raise CstarError(f"Torch-Pruning could not build the dependency graph of {type(model).__name__} "
                          f"({str(exc).strip()[:200]}): use graph='fx'") from None
-    finally:
-        for m, training in modes.items():
-            m.training = training
     groups = []
     for gid, group in enumerate(raw):
         producers, norms, consumers, expand, problems = [], [], [], {}, []
