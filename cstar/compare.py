@@ -28,23 +28,22 @@ import copy
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import data as data_module
 from . import distributed, prune
-from ._errors import CstarError, check_options
+from ._errors import CstarError
 from ._io import atomic_write_bytes, atomic_write_text, write_json
 from .admm import ADMMConfig
-from .compress import CompressConfig, compress
+from .compress import CompressConfig, compress, settings_from_dict, split_held_out, train_phase, training_loader
 from .counting import count_flops, count_params
 from .evaluate import evaluate
 from .lowrank import decompose, select_ranks
 from .serialize import load, save
-from .train import TrainConfig, fit
+from .train import TrainConfig
 
 METHODS = ("dense", "cstar", "hydra", "magnitude", "lowrank_global", "lowrank_uniform")
 
@@ -87,14 +86,7 @@ class CompareConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "CompareConfig":
         """From a nested dict (a YAML preset); unknown keys are an error."""
-        check_options(values, [f.name for f in fields(cls)], "compare")
-        values = dict(values)
-        for key in ("dense", "search", "finetune"):
-            if isinstance(values.get(key), dict):
-                values[key] = TrainConfig.from_dict(values[key])
-        if isinstance(values.get("admm"), dict):
-            values["admm"] = ADMMConfig.from_dict(values["admm"])
-        return cls(**values)
+        return settings_from_dict(cls, values, ("dense", "search", "finetune"), "compare")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,17 +102,9 @@ def cell_name(method: str, ratio: float) -> str:
     return "dense" if method == "dense" else f"{method}-{ratio:g}x"
 
 
-def _loader(train_part, settings: TrainConfig, device: torch.device, seed: int):
-    return data_module.make_loader(train_part, settings.batch_size, train=True, device=device, seed=seed,
-                                   rank=distributed.rank(), world_size=distributed.world_size())
-
-
 def _train(model: nn.Module, train_part, val, settings: TrainConfig, out_dir: Path, seed: int) -> float:
-    """Adversarial training of ``model`` in place (resumable from ``out_dir``); returns its wall time in seconds."""
-    t0 = time.perf_counter()
-    fit(model, _loader(train_part, settings, next(model.parameters()).device, seed), settings, val=val,
-        out_dir=out_dir, resume=True)
-    return round(time.perf_counter() - t0, 1)
+    """:func:`cstar.compress.train_phase`, resumable from ``out_dir``; returns its wall time in seconds."""
+    return round(train_phase(model, train_part, val, settings, out_dir, resume=True, seed=seed)[1], 1)
 
 
 def _compress_cell(method: str, ratio: float, dense: nn.Module, train_set, train_part, val, config: CompareConfig,
@@ -136,7 +120,7 @@ def _compress_cell(method: str, ratio: float, dense: nn.Module, train_set, train
                  val_size=len(train_set) - len(train_part), seed=seed)
         return load(cell / "cstar" / "model").to(device), {"pipeline": round(time.perf_counter() - t0, 1)}
     if method == "hydra":  # the first phase learns the channel scores (weights frozen), then removes channels
-        model = prune.hydra_prune(model, _loader(train_part, config.search, device, seed), ratio, config.search,
+        model = prune.hydra_prune(model, training_loader(train_part, config.search, device, seed), ratio, config.search,
                                   val=val, out_dir=cell / "search", resume=True)
         seconds = {"search": round(time.perf_counter() - t0, 1)}
     else:  # the first phase trains the weights of the compressed model
@@ -171,14 +155,15 @@ def batch1_latency_ms(model: nn.Module, input_shape: tuple[int, ...], runs: int 
     return 1000 * statistics.median(times)
 
 
-def _measure(model: nn.Module, dense: nn.Module, test_set, config: CompareConfig, eps: float,
+def _measure(model: nn.Module, dense_size: tuple[int, int], test_set, config: CompareConfig, eps: float,
              input_shape: tuple[int, ...]) -> dict:
+    """A cell's figures; ``dense_size`` is the dense model's (parameters, MACs)."""
     t0 = time.perf_counter()
     result = evaluate(model, test_set, config.eval_attacks, eps=eps, step=config.eval_step, n=config.eval_n)
     row = {"params": count_params(model), "macs": count_flops(model, input_shape),
            "accuracy": result["accuracy"], "subset": result["subset"]}
-    row["params_ratio"] = count_params(dense) / row["params"]
-    row["macs_ratio"] = count_flops(dense, input_shape) / row["macs"]
+    row["params_ratio"] = dense_size[0] / row["params"]
+    row["macs_ratio"] = dense_size[1] / row["macs"]
     if config.autoattack_n:
         aa = evaluate(model, test_set, ["autoattack"], eps=eps, n=config.autoattack_n, batch_size=100)
         row["autoattack"] = {"accuracy": next(iter(aa["accuracy"].values())), "subset": aa["subset"]}
@@ -207,14 +192,10 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
     device = next(dense.parameters()).device
     eps = config.finetune.eps
     input_shape = tuple(train_set.spec.image_shape)
-    n = len(train_set) - val_size
-    train_part = train_set.subset(torch.arange(n)) if val_size > 0 else train_set
-    held = train_set.subset(torch.arange(n, len(train_set))) if val_size > 0 else None
-    val = (held.images.to(device).float() / 255, held.labels.to(device)) if held is not None else None
+    train_part, val = split_held_out(train_set, val_size, device)
     if not pretrained:
-        loader = data_module.make_loader(train_part, config.dense.batch_size, train=True, device=device, seed=seed,
-                                         rank=distributed.rank(), world_size=distributed.world_size())
-        fit(dense, loader, config.dense, val=val, out_dir=out / "dense_train", resume=True)
+        _train(dense, train_part, val, config.dense, out / "dense_train", seed)
+    dense_size = (count_params(dense), count_flops(dense, input_shape))
 
     cells = {}
     for method in config.methods:
@@ -235,7 +216,7 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
             else:
                 model, seconds = _compress_cell(method, ratio, dense, train_set, train_part, val, config, cell, seed)
             row = {"method": method, "target_ratio": ratio, "train_seconds": seconds,
-                   **_measure(model, dense, test_set, config, eps, input_shape)}
+                   **_measure(model, dense_size, test_set, config, eps, input_shape)}
             if distributed.is_main():
                 save(model, cell / "model")
                 write_json(result_path, row)  # last: its existence marks the cell done

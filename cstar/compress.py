@@ -80,14 +80,7 @@ class CompressConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "CompressConfig":
         """From a nested dict (a YAML preset); unknown keys are an error."""
-        check_options(values, [f.name for f in fields(cls)], "compress")
-        values = dict(values)
-        for key in ("dense", "admm_train", "finetune"):
-            if isinstance(values.get(key), dict):
-                values[key] = TrainConfig.from_dict(values[key])
-        if isinstance(values.get("admm"), dict):
-            values["admm"] = ADMMConfig.from_dict(values["admm"])
-        return cls(**values)
+        return settings_from_dict(cls, values, ("dense", "admm_train", "finetune"), "compress")
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.eval_phases) - set(EVAL_PHASES))
@@ -103,6 +96,20 @@ class CompressConfig:
                 "multiple_of": self.multiple_of}
 
 
+def settings_from_dict(cls, values: dict, train_keys: tuple[str, ...], what: str):
+    """``cls(**values)`` for a settings dataclass whose ``train_keys`` sections are
+    :class:`TrainConfig` and whose ``admm`` section is :class:`ADMMConfig`, given
+    as nested dicts (a YAML preset); an unknown key at any level is an error."""
+    check_options(values, [f.name for f in fields(cls)], what)
+    values = dict(values)
+    for key in train_keys:
+        if isinstance(values.get(key), dict):
+            values[key] = TrainConfig.from_dict(values[key])
+    if isinstance(values.get("admm"), dict):
+        values["admm"] = ADMMConfig.from_dict(values["admm"])
+    return cls(**values)
+
+
 class _Phases:
     """``phases.json``: what is done, with each phase's wall time and results."""
 
@@ -116,7 +123,7 @@ class _Phases:
             write_json(self.path, self.done)
 
 
-def _held_out(train_set, val_size: int, device):
+def split_held_out(train_set, val_size: int, device):
     """(training part, (x, y) of the last ``val_size`` images) for per-epoch checks."""
     if val_size <= 0 or not hasattr(train_set, "subset"):
         return train_set, None
@@ -125,10 +132,15 @@ def _held_out(train_set, val_size: int, device):
     return train_set.subset(torch.arange(n)), (held.images.to(device).float() / 255, held.labels.to(device))
 
 
-def _train(model, train_part, val, config: TrainConfig, out: Path, resume: bool, hooks=(), seed: int = 0):
-    device = next(model.parameters()).device
-    loader = data_module.make_loader(train_part, config.batch_size, train=True, device=device, seed=seed,
-                                     rank=distributed.rank(), world_size=distributed.world_size())
+def training_loader(train_part, config: TrainConfig, device, seed: int = 0):
+    """The shuffled, augmented loader of ``train_part`` for ``config`` (this process's shard under torchrun)."""
+    return data_module.make_loader(train_part, config.batch_size, train=True, device=device, seed=seed,
+                                   rank=distributed.rank(), world_size=distributed.world_size())
+
+
+def train_phase(model, train_part, val, config: TrainConfig, out: Path, resume: bool, hooks=(), seed: int = 0):
+    """:func:`cstar.fit` of ``model`` on ``train_part`` into ``out``; returns (history, wall seconds)."""
+    loader = training_loader(train_part, config, next(model.parameters()).device, seed)
     t0 = time.perf_counter()
     history = fit(model, loader, config, val=val, out_dir=out, resume=resume, hooks=hooks)
     return history, time.perf_counter() - t0
@@ -148,7 +160,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     phases = _Phases(out, resume)
     distributed.barrier()  # every rank has read phases.json before rank 0 updates it
     device = next(model.parameters()).device
-    train_part, val = _held_out(train_set, val_size, device)
+    train_part, val = split_held_out(train_set, val_size, device)
     if main:
         write_json(out / "compress_config.json", config.to_dict())
 
@@ -160,7 +172,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
             save_checkpoint(out / "dense.pt", {"model": model.state_dict()})
         phases.finish("dense", seconds=0.0, trained=False)
     else:
-        history, seconds = _train(model, train_part, val, config.dense, out / "dense", resume, seed=seed)
+        history, seconds = train_phase(model, train_part, val, config.dense, out / "dense", resume, seed=seed)
         if main:
             save_checkpoint(out / "dense.pt", {"model": model.state_dict()})
         phases.finish("dense", seconds=round(seconds, 1), trained=True, epochs=len(history))
@@ -180,8 +192,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         print(plan.table())
 
     # 3. ADMM
-    steps_per_epoch = len(data_module.make_loader(train_part, config.admm_train.batch_size, train=True,
-                                                  rank=distributed.rank(), world_size=distributed.world_size()))
+    steps_per_epoch = len(training_loader(train_part, config.admm_train, "cpu", seed))  # counted, not moved
     admm = ADMM(model, plan, config.admm, steps_per_epoch,
                 select_kwargs=config.select_kwargs() if config.admm.reselect else None)
     if "admm" in phases.done:
@@ -189,7 +200,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         model.load_state_dict(state["model"])
         admm.load_state_dict(state["admm"])
     else:
-        history, seconds = _train(model, train_part, val, config.admm_train, out / "admm", resume, hooks=[admm],
+        history, seconds = train_phase(model, train_part, val, config.admm_train, out / "admm", resume, hooks=[admm],
                                   seed=seed)
         if main:
             save_checkpoint(out / "admm.pt", {"model": model.state_dict(), "admm": admm.state_dict()})
@@ -217,7 +228,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     if "finetune" in phases.done:
         factorised.load_state_dict(load_checkpoint(out / "finetuned.pt", map_location=device)["model"])
     else:
-        history, seconds = _train(factorised, train_part, val, config.finetune, out / "finetune", resume, seed=seed)
+        history, seconds = train_phase(factorised, train_part, val, config.finetune, out / "finetune", resume, seed=seed)
         if main:  # the final weights (maybe a best epoch)
             save_checkpoint(out / "finetuned.pt", {"model": factorised.state_dict()})
         phases.finish("finetune", seconds=round(seconds, 1), epochs=len(history))
