@@ -100,6 +100,23 @@ def _plan_kwargs(args: argparse.Namespace) -> dict:
             "multiple_of": args.multiple_of}
 
 
+def _add_pipeline_args(p: argparse.ArgumentParser, title: str):
+    """The options compress and compare share (starting model, data, training attack, held-out and
+    evaluation settings); returns the argument group ``title`` for the command's own options."""
+    p.add_argument("--checkpoint", default=None,
+                   help="dense robust model to start from (model.pt of 'cstar train'); without it, one is trained")
+    _add_model_args(p)
+    _add_data_args(p)
+    g = p.add_argument_group(title)
+    g.add_argument("--method", choices=METHODS, default=None, help="training attack of every phase (default: pgd)")
+    g.add_argument("--train-n", type=int, default=None, help="train on the first N training images only")
+    g.add_argument("--val-size", type=int, default=1000, help="training images held out for per-epoch checks")
+    g.add_argument("--eval-attacks", default="clean,pgd20")
+    g.add_argument("--eval-step", type=parse_eps, default=None, help="PGD step size for evaluation (default: eps/4)")
+    g.add_argument("--eval-n", type=int, default=None, help="evaluate on the first N test images (default: all)")
+    return g
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="output directory (default: runs/<command>-<model>-<data>-<time>)")
@@ -192,29 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "-> adversarial fine-tuning -> evaluation. Training sections (dense, admm_train, "
                                    "finetune) and admm take YAML mappings, e.g. --finetune '{epochs: 3, lr: 0.01}', "
                                    "or nested keys in --config (see configs/).")
-    c.add_argument("--checkpoint", default=None,
-                   help="dense robust model to start from (model.pt of 'cstar train'); without it, one is trained")
-    _add_model_args(c)
-    _add_data_args(c)
-    g = c.add_argument_group("compression")
+    g = _add_pipeline_args(c, "compression")
     g.add_argument("--ratio", type=float, default=8.0, help="target compression ratio (default: 8)")
     g.add_argument("--budget", choices=("params", "flops", "joint"), default="params",
                    help="what the ratio counts: parameters, MACs, or both (with --flops-ratio)")
     g.add_argument("--flops-ratio", type=float, default=None, help="MACs ratio of a joint budget")
     g.add_argument("--rank-method", choices=("global", "uniform"), default="global")
     g.add_argument("--exclude", default=None, help="comma-separated layers kept dense (default: first conv, classifier)")
-    g.add_argument("--method", choices=METHODS, default=None, help="training attack of every phase (default: pgd)")
     g.add_argument("--dense", type=_yaml_mapping, default=None, help="dense training settings (YAML mapping)")
     g.add_argument("--admm-train", type=_yaml_mapping, default=None, help="ADMM-phase training settings")
     g.add_argument("--admm", type=_yaml_mapping, default=None, help="ADMM settings: rho, rho_growth, interval...")
     g.add_argument("--finetune", type=_yaml_mapping, default=None, help="fine-tuning settings")
-    g.add_argument("--train-n", type=int, default=None, help="train on the first N training images only")
-    g.add_argument("--val-size", type=int, default=1000, help="training images held out for per-epoch checks")
-    g.add_argument("--eval-attacks", default="clean,pgd20")
-    g.add_argument("--eval-step", type=parse_eps, default=None, help="PGD step size for evaluation (default: eps/4)")
     g.add_argument("--eval-phases", default="dense,admm_projected,final",
                    help="models to evaluate: dense, admm_projected (ADMM model after the final projection), final")
-    g.add_argument("--eval-n", type=int, default=None, help="evaluate on the first N test images (default: all)")
     g.add_argument("--autoattack-n", type=int, default=0, help="AutoAttack the final model on the first N test images")
     g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     _add_run_args(c)
@@ -226,26 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fine-tuning for the others; then --finetune epochs), evaluate all with the same "
                                    "attacks, and write results.json, comparison.md and accuracy_vs_ratio.png. "
                                    "--resume reruns no finished (method, ratio) cell.")
-    m.add_argument("--checkpoint", default=None,
-                   help="dense robust model to start from (model.pt of 'cstar train'); without it, one is trained")
-    _add_model_args(m)
-    _add_data_args(m)
-    g = m.add_argument_group("comparison")
+    g = _add_pipeline_args(m, "comparison")
     g.add_argument("--ratios", default="4,16", help="comma-separated parameter ratios (default: 4,16)")
     g.add_argument("--methods", default="dense,cstar,hydra,magnitude,lowrank_global,lowrank_uniform",
                    help="comma-separated: dense, cstar, hydra, magnitude, lowrank_global, lowrank_uniform")
-    g.add_argument("--method", choices=METHODS, default=None, help="training attack of every phase (default: pgd)")
     g.add_argument("--dense", type=_yaml_mapping, default=None, help="dense training settings (without --checkpoint)")
     g.add_argument("--search", type=_yaml_mapping, default=None,
                    help="first-phase settings of every method (default epochs 5, lr 0.01)")
     g.add_argument("--finetune", type=_yaml_mapping, default=None,
                    help="fine-tuning settings of every method (default epochs 5, lr 0.01)")
     g.add_argument("--admm", type=_yaml_mapping, default=None, help="CSTAR's ADMM settings: rho, rho_growth, interval...")
-    g.add_argument("--train-n", type=int, default=None, help="train on the first N training images only")
-    g.add_argument("--val-size", type=int, default=1000, help="training images held out for per-epoch checks")
-    g.add_argument("--eval-attacks", default="clean,pgd20")
-    g.add_argument("--eval-step", type=parse_eps, default=None, help="PGD step size for evaluation (default: eps/4)")
-    g.add_argument("--eval-n", type=int, default=None, help="evaluate on the first N test images (default: all)")
     g.add_argument("--autoattack-n", type=int, default=0, help="AutoAttack every model on the first N test images")
     g.add_argument("--latency-runs", type=int, default=50, help="batch-1 CPU latency: median of N runs (0: off)")
     g.add_argument("--resume", action="store_true", help="continue the comparison in --out; finished cells are kept")
