@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from fractions import Fraction
 from pathlib import Path
 
@@ -700,11 +701,13 @@ def main(argv: list[str] | None = None) -> int:
     stdout = sys.stdout
     try:
         args = parse_args(argv)
-        # under torchrun (WORLD_SIZE > 1): join the process group; only rank 0 prints to stdout
+        # under torchrun (WORLD_SIZE > 1): join the process group; only rank 0 prints and warns
         distributed.init_from_env(_device(getattr(args, "device", None) or "cpu"))
-        if not distributed.is_main():
-            sys.stdout = open(os.devnull, "w")
-        return args.func(args)
+        with warnings.catch_warnings():
+            if not distributed.is_main():
+                sys.stdout = open(os.devnull, "w")
+                warnings.simplefilter("ignore")  # every rank runs the same code: rank 0 has the same warnings
+            return args.func(args)
     except CstarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

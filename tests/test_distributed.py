@@ -171,6 +171,13 @@ def test_compress_runs_under_torchrun_and_its_model_reloads(tmp_path):
     assert len(metrics) == 1 and "admm_residual_mean" in metrics[0]
 
 
+def test_only_rank_0_warns(tmp_path):
+    proc = torchrun(["-m", "cstar", "train", "--model", "small_cnn", "--data", "digits", "--epochs", "1",
+                     "--method", "clean", "--amp", "--val-size", "64", "--eval-attacks", "clean", "--eval-n", "64",
+                     "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")], cwd=tmp_path)
+    assert proc.stderr.count("amp=True has no effect on the CPU") == 1
+
+
 def test_without_torchrun_every_helper_is_a_single_process_no_op(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     context = distributed.init_from_env("cpu")
