@@ -44,7 +44,9 @@ class TrainConfig:
     ``eps_warmup_epochs`` ramps eps linearly from 0 (helps MNIST at eps 0.3).
     ``lr`` is the peak learning rate; ``warmup_epochs`` ramps it linearly first.
     ``channels_last`` trains in NHWC memory format (1.3x faster for a width-16
-    ResNet-18 on 2 CPU cores here; the same arithmetic).
+    ResNet-18 on 2 CPU cores here; the same arithmetic); on the CPU it is turned
+    off, with a warning, for models that oneDNN mis-trains in NHWC
+    (:func:`channels_last_unsafe_convs`).
     ``check_size`` images of the validation set get a PGD-``check_steps`` check
     after every epoch; ``select="best"`` keeps the epoch with the best check.
     Under torchrun (:mod:`cstar.distributed`) ``batch_size`` is per process (the
@@ -264,6 +266,23 @@ def _sharded_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     return n_clean / n, n_robust / n
 
 
+_ONEDNN_IC_BLOCK = 16  # the input-channel block of oneDNN's 1x1 conv kernels on AVX-512 (8 on AVX2)
+
+
+def channels_last_unsafe_convs(model: nn.Module) -> list[str]:
+    """Names of ``model``'s convs whose weight gradient oneDNN gets wrong in channels-last on the CPU.
+
+    oneDNN's 1x1 kernel reduces a strided 1x1 conv to a unit-stride one through
+    a workspace, and its NHWC weight-gradient pass writes past that workspace
+    when the conv has fewer input channels (per group) than the kernel's block:
+    silently wrong gradients, a hang or a crash (uxlfoundation/oneDNN#6035;
+    pruned ResNet shortcuts such as a 5 -> 9 channel 1x1 stride-2 conv hit it).
+    """
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+            and m.in_channels // m.groups < _ONEDNN_IC_BLOCK]
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -309,6 +328,12 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
             warnings.warn("amp=True has no effect on the CPU: training in float32", stacklevel=2)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is not None)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    if config.channels_last and device.type == "cpu" and (unsafe := channels_last_unsafe_convs(model)):
+        warnings.warn(f"channels_last is off for this run: oneDNN computes wrong weight gradients (or crashes) in "
+                      f"NHWC for 1x1 strided convs with fewer than {_ONEDNN_IC_BLOCK} input channels, as "
+                      f"{', '.join(unsafe)} (uxlfoundation/oneDNN#6035); training in NCHW, the same arithmetic",
+                      stacklevel=2)
+        memory_format = torch.contiguous_format
     model.to(memory_format=memory_format)
     optimizer = make_optimizer(model, config)
     steps_per_epoch = len(train_loader)

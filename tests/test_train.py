@@ -1,6 +1,7 @@
 """Adversarial training loop: schedules, config checks, methods, checkpoints, resume, guards."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -259,3 +260,29 @@ def test_channels_last_training_matches_the_default_format():
     assert results[1][0].weight.is_contiguous(memory_format=torch.channels_last)
     for a, b in zip(results[0].state_dict().values(), results[1].state_dict().values()):
         torch.testing.assert_close(a, b.contiguous(), atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_unsafe_convs_names_the_strided_1x1_convs_with_few_input_channels():
+    model = nn.Sequential(nn.Conv2d(5, 9, 1, stride=2), nn.Conv2d(9, 16, 1), nn.Conv2d(16, 16, 1, stride=2),
+                          nn.Conv2d(16, 4, 3, stride=2))
+    assert train.channels_last_unsafe_convs(model) == ["0"]
+
+
+def test_channels_last_is_turned_off_for_convs_that_onednn_mis_trains():
+    # a 5 -> 9 channel 1x1 stride-2 conv: oneDNN's NHWC weight gradient is wrong (2 threads) or crashes (1)
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 5, 16, 16), torch.randint(0, 10, (64,))
+    loader = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 64, 32)]
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Conv2d(5, 9, 1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(9 * 8 * 8, 10))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(model, loader, config(method="clean", optimizer="sgd", lr=0.05, epochs=1, check_size=0,
+                                      channels_last=channels_last))
+        results.append((model, [str(w.message) for w in caught]))
+    assert not any("channels_last is off" in m for m in results[0][1])
+    assert any("channels_last is off" in m and "oneDNN" in m for m in results[1][1])
+    for a, b in zip(results[0][0].state_dict().values(), results[1][0].state_dict().values()):
+        torch.testing.assert_close(a, b)
