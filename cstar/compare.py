@@ -38,7 +38,8 @@ from . import distributed, prune
 from ._errors import CstarError
 from ._io import atomic_write_bytes, atomic_write_text, write_json
 from .admm import ADMMConfig
-from .compress import CompressConfig, compress, settings_from_dict, split_held_out, train_phase, training_loader
+from .compress import (CompressConfig, compress, settings_from_dict, split_held_out, train_phase, training_loader,
+                       training_seconds)
 from .counting import count_flops, count_params
 from .evaluate import evaluate
 from .lowrank import decompose, select_ranks
@@ -103,26 +104,28 @@ def cell_name(method: str, ratio: float) -> str:
 
 
 def _train(model: nn.Module, train_part, val, settings: TrainConfig, out_dir: Path, seed: int) -> float:
-    """:func:`cstar.compress.train_phase`, resumable from ``out_dir``; returns its wall time in seconds."""
+    """:func:`cstar.compress.train_phase`, resumable from ``out_dir``; returns its training seconds."""
     return round(train_phase(model, train_part, val, settings, out_dir, resume=True, seed=seed)[1], 1)
 
 
 def _compress_cell(method: str, ratio: float, dense: nn.Module, train_set, train_part, val, config: CompareConfig,
                    cell: Path, seed: int) -> tuple[nn.Module, dict]:
-    """The compressed and trained model of one cell, and the wall time (s) of each of its phases."""
+    """The compressed and trained model of one cell, and the training seconds of its two phases (summed over
+    their epochs, so that a resumed cell counts the epochs before the resume too)."""
     model = copy.deepcopy(dense)
     device = next(dense.parameters()).device
-    t0 = time.perf_counter()
     if method == "cstar":
         settings = CompressConfig(ratio=ratio, admm_train=config.search, finetune=config.finetune, admm=config.admm,
                                   eval_phases=[])
-        compress(model, train_set, None, settings, cell / "cstar", pretrained=True, resume=True,
-                 val_size=len(train_set) - len(train_part), seed=seed)
-        return load(cell / "cstar" / "model").to(device), {"pipeline": round(time.perf_counter() - t0, 1)}
+        phases = compress(model, train_set, None, settings, cell / "cstar", pretrained=True, resume=True,
+                          val_size=len(train_set) - len(train_part), seed=seed)["phases"]
+        return load(cell / "cstar" / "model").to(device), {"search": phases["admm"]["seconds"],
+                                                            "finetune": phases["finetune"]["seconds"]}
     if method == "hydra":  # the first phase learns the channel scores (weights frozen), then removes channels
         model = prune.hydra_prune(model, training_loader(train_part, config.search, device, seed), ratio, config.search,
                                   val=val, out_dir=cell / "search", resume=True)
-        seconds = {"search": round(time.perf_counter() - t0, 1)}
+        history = [json.loads(line) for line in (cell / "search" / "metrics.jsonl").read_text().splitlines()]
+        seconds = {"search": round(training_seconds(history), 1)}
     else:  # the first phase trains the weights of the compressed model
         if method == "magnitude":
             model = prune.magnitude_prune(model, ratio)

@@ -111,7 +111,7 @@ def settings_from_dict(cls, values: dict, train_keys: tuple[str, ...], what: str
 
 
 class _Phases:
-    """``phases.json``: what is done, with each phase's wall time and results."""
+    """``phases.json``: what is done, with each phase's seconds (training seconds for the training phases) and results."""
 
     def __init__(self, out: Path, resume: bool) -> None:
         self.path = out / "phases.json"
@@ -138,12 +138,17 @@ def training_loader(train_part, config: TrainConfig, device, seed: int = 0):
                                    rank=distributed.rank(), world_size=distributed.world_size())
 
 
+def training_seconds(history: list[dict]) -> float:
+    """Seconds the epochs of a :func:`cstar.fit` history trained (per-epoch checks excluded); a resumed run's
+    history holds its epochs from before the resume too, so this is the phase's whole training time."""
+    return sum(record.get("train_seconds", 0.0) for record in history)
+
+
 def train_phase(model, train_part, val, config: TrainConfig, out: Path, resume: bool, hooks=(), seed: int = 0):
-    """:func:`cstar.fit` of ``model`` on ``train_part`` into ``out``; returns (history, wall seconds)."""
+    """:func:`cstar.fit` of ``model`` on ``train_part`` into ``out``; returns (history, :func:`training_seconds`)."""
     loader = training_loader(train_part, config, next(model.parameters()).device, seed)
-    t0 = time.perf_counter()
     history = fit(model, loader, config, val=val, out_dir=out, resume=resume, hooks=hooks)
-    return history, time.perf_counter() - t0
+    return history, training_seconds(history)
 
 
 def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_dir: str | Path, *,

@@ -89,6 +89,24 @@ def test_resume_reruns_only_unfinished_cells(digits, finished, capsys):
             assert (out / "cells" / name / "result.json").stat().st_mtime_ns == mtime
 
 
+def test_every_compressed_cell_reports_the_training_seconds_of_both_phases(finished):
+    _, results = finished
+    for name, cell in results["cells"].items():
+        if name != "dense":
+            assert set(cell["train_seconds"]) == {"search", "finetune"}, name
+            assert all(s > 0 for s in cell["train_seconds"].values()), name
+
+
+def test_a_resumed_cell_counts_the_training_done_before_the_resume(digits, finished):
+    train_set, test_set = digits
+    out, _ = finished
+    result = out / "cells" / "hydra-4x" / "result.json"
+    before = json.loads(result.read_text())["train_seconds"]
+    result.unlink()  # killed after both phases trained, before the cell was evaluated
+    after = compare(dense_model(train_set), train_set, test_set, config(), out, val_size=200)
+    assert after["cells"]["hydra-4x"]["train_seconds"] == before
+
+
 def test_bad_methods_and_ratios_are_errors():
     with pytest.raises(CstarError, match="unknown method"):
         config(methods=["cstar", "snip"])
