@@ -59,7 +59,8 @@ class CompareConfig:
     Evaluation: ``eval_attacks`` (PGD step ``eval_step``, default eps/4) on the
     first ``eval_n`` test images (all when None), AutoAttack on the first
     ``autoattack_n`` (0: off), batch-1 CPU latency as the median of
-    ``latency_runs`` eager forward passes (0: off).
+    ``latency_runs`` eager forward passes of every cell's model, measured
+    together when the comparison ends (:func:`batch1_latencies_ms`; 0: off).
     """
 
     ratios: list[float] = field(default_factory=lambda: [4.0, 16.0])
@@ -138,24 +139,33 @@ def _compress_cell(method: str, ratio: float, dense: nn.Module, train_set, train
 
 
 @torch.inference_mode()
-def batch1_latency_ms(model: nn.Module, input_shape: tuple[int, ...], runs: int = 50, threads: int = 1) -> float:
-    """Median wall time (ms) of ``runs`` eager forward passes of one image on the CPU with ``threads``
-    torch threads (default 1: the least sensitive to other jobs on the machine), after 5 warm-up passes."""
-    model = copy.deepcopy(model).cpu().eval()
+def batch1_latencies_ms(models: dict[str, nn.Module], input_shape: tuple[int, ...], runs: int = 50,
+                        rounds: int = 5, threads: int = 1) -> dict[str, float]:
+    """Median wall time (ms) of an eager forward pass of one image on the CPU, per model.
+
+    Each model gets ``runs`` timed passes (after 5 warm-up passes), taken in
+    ``rounds`` interleaved rounds (every model in turn, ``runs / rounds`` passes
+    each), so that a change in the machine's load shifts every model alike.
+    ``threads`` torch threads (default 1: the least sensitive to other jobs).
+    """
+    models = {name: copy.deepcopy(m).cpu().eval() for name, m in models.items()}
     x = torch.rand(1, *input_shape)
+    times: dict[str, list[float]] = {name: [] for name in models}
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for _ in range(5):
-            model(x)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
+        for model in models.values():
+            for _ in range(5):
+                model(x)
+        for r in range(rounds):
+            for name, model in models.items():
+                for _ in range(runs // rounds + (r < runs % rounds)):
+                    t0 = time.perf_counter()
+                    model(x)
+                    times[name].append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(previous)
-    return 1000 * statistics.median(times)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def _measure(model: nn.Module, dense_size: tuple[int, int], test_set, config: CompareConfig, eps: float,
@@ -171,8 +181,6 @@ def _measure(model: nn.Module, dense_size: tuple[int, int], test_set, config: Co
         aa = evaluate(model, test_set, ["autoattack"], eps=eps, n=config.autoattack_n, batch_size=100)
         row["autoattack"] = {"accuracy": next(iter(aa["accuracy"].values())), "subset": aa["subset"]}
     row["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    if config.latency_runs:
-        row["latency_ms"] = round(batch1_latency_ms(model, input_shape, config.latency_runs), 3)
     return row
 
 
@@ -228,6 +236,11 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
             print(f"{name}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in row["accuracy"].items())
                   + f", {row['params_ratio']:.2f}x params", flush=True)
 
+    if config.latency_runs and distributed.is_main():  # all cells at once, interleaved: comparable under drifting load
+        latencies = batch1_latencies_ms({name: load(cells_dir / name / "model") for name in cells}, input_shape,
+                                        config.latency_runs)
+        for name, ms in latencies.items():
+            cells[name]["latency_ms"] = round(ms, 3)
     results = {"config": config.to_dict(), "budget": config.budget_text(), "eps": eps, "cells": cells}
     if distributed.is_main():
         write_json(out / "results.json", results)

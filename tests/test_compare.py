@@ -7,7 +7,7 @@ import torch
 
 from cstar import data, models
 from cstar.cli import main
-from cstar.compare import METHODS, CompareConfig, compare
+from cstar.compare import METHODS, CompareConfig, batch1_latencies_ms, compare
 from cstar.serialize import load
 from cstar.train import TrainConfig
 from cstar._errors import CstarError
@@ -105,6 +105,13 @@ def test_a_resumed_cell_counts_the_training_done_before_the_resume(digits, finis
     result.unlink()  # killed after both phases trained, before the cell was evaluated
     after = compare(dense_model(train_set), train_set, test_set, config(), out, val_size=200)
     assert after["cells"]["hydra-4x"]["train_seconds"] == before
+
+
+def test_batch1_latencies_rank_a_large_model_slower_than_a_small_one():
+    small = torch.nn.Linear(8, 8)
+    large = torch.nn.Sequential(torch.nn.Linear(8, 1024), *[torch.nn.Linear(1024, 1024) for _ in range(4)])
+    ms = batch1_latencies_ms({"small": small, "large": large}, (8,), runs=10, rounds=2)
+    assert set(ms) == {"small", "large"} and 0 < ms["small"] < ms["large"]
 
 
 def test_bad_methods_and_ratios_are_errors():
