@@ -125,7 +125,8 @@ def _compress_cell(method: str, ratio: float, dense: nn.Module, train_set, train
     if method == "hydra":  # the first phase learns the channel scores (weights frozen), then removes channels
         model = prune.hydra_prune(model, training_loader(train_part, config.search, device, seed), ratio, config.search,
                                   val=val, out_dir=cell / "search", resume=True)
-        history = [json.loads(line) for line in (cell / "search" / "metrics.jsonl").read_text().splitlines()]
+        log = cell / "search" / "metrics.jsonl"  # rank 0's; other nodes may not see it (their figure is unused)
+        history = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         seconds = {"search": round(training_seconds(history), 1)}
     else:  # the first phase trains the weights of the compressed model
         if method == "magnitude":
