@@ -1,0 +1,33 @@
+"""Benchmark summaries: the figures they derive (CSTAR's margins over its rivals) from a comparison's results."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "summarize_compare.py"
+
+
+@pytest.fixture(scope="module")
+def summarize_compare():
+    spec = importlib.util.spec_from_file_location("summarize_compare", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cell(method, ratio, clean, pgd):
+    return {"method": method, "target_ratio": ratio, "accuracy": {"clean": clean, "pgd20": pgd}}
+
+
+def test_margins_are_cstar_minus_the_best_of_each_family_per_metric(summarize_compare):
+    results = {"cells": {str(i): c for i, c in enumerate([
+        cell("dense", 1.0, 0.60, 0.40), cell("cstar", 16.0, 0.52, 0.34), cell("hydra", 16.0, 0.49, 0.32),
+        cell("magnitude", 16.0, 0.51, 0.30), cell("lowrank_global", 16.0, 0.53, 0.33),
+        cell("cstar", 4.0, 0.58, 0.37)])}}
+    rows = {(r["ratio"], r["label"]): r for r in summarize_compare.margins(results)}
+    assert set(rows) == {(16.0, "clean"), (16.0, "pgd20"), (4.0, "clean"), (4.0, "pgd20")}
+    assert rows[16.0, "clean"]["pruning"] == {"best": "magnitude", "accuracy": 51.0, "margin": 1.0}
+    assert rows[16.0, "pgd20"]["pruning"] == {"best": "hydra", "accuracy": 32.0, "margin": 2.0}
+    assert rows[16.0, "clean"]["post-hoc low rank"]["margin"] == -1.0
+    assert "pruning" not in rows[4.0, "clean"]  # no rival ran at 4x
