@@ -229,6 +229,8 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
                 model, seconds = _compress_cell(method, ratio, dense, train_set, train_part, val, config, cell, seed)
             row = {"method": method, "target_ratio": ratio, "train_seconds": seconds,
                    **_measure(model, dense_size, test_set, config, eps, input_shape)}
+            if hasattr(model, "cstar_pruning"):  # e.g. how many channels HYDRA's scores moved
+                row["pruning"] = model.cstar_pruning
             if distributed.is_main():
                 save(model, cell / "model")
                 write_json(result_path, row)  # last: its existence marks the cell done

@@ -51,6 +51,12 @@ def test_every_method_has_a_cell_with_its_figures(finished):
         assert (out / "cells" / name / "model" / "model.json").exists()
 
 
+def test_pruning_cells_carry_their_pruning_record(finished):
+    _, results = finished
+    assert results["cells"]["magnitude-4x"]["pruning"]["method"] == "magnitude"
+    assert "channels_moved_by_scores" in results["cells"]["hydra-4x"]["pruning"]
+
+
 def test_compressed_cells_meet_the_parameter_ratio(finished):
     _, results = finished
     for name, cell in results["cells"].items():

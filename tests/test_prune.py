@@ -239,6 +239,24 @@ def test_learned_scores_change_while_weights_stay_frozen():
     assert {g: len(k) for g, k in scored.keep().items()} == plan.counts
 
 
+def test_scored_model_counts_the_kept_channels_that_differ_from_the_magnitude_selection():
+    model, shape = _model("user")
+    _, plan = magnitude_plan(model, 4, shape)
+    scored = learn_channel_scores(model, _loader(shape), 4, TrainConfig(**{**_FAST, "lr": 1.0}), input_shape=shape)
+    moved = sum(len(set(k.tolist()) - set(plan.keep[g].tolist())) for g, k in scored.keep().items())
+    assert scored.moved() == moved > 0
+
+
+def test_hydra_prune_records_how_many_kept_channels_the_scores_moved():
+    model, shape = _model("user")
+    _, plan = magnitude_plan(model, 4, shape)
+    pruned = robust_prune(model, _loader(shape), 4, method="hydra", score_config=TrainConfig(**_FAST),
+                          input_shape=shape)
+    record = pruned.cstar_pruning
+    assert record["channels_kept"] == sum(plan.counts.values())
+    assert 0 <= record["channels_moved_by_scores"] <= record["channels_kept"]
+
+
 def test_fold_bn_scores_a_channel_with_zero_gamma_as_zero():
     model, shape = _model("user")
     model.bn.weight.data[3] = 0.0

@@ -58,6 +58,7 @@ class ScoredModel(nn.Module):
         device = next(model.parameters()).device
         self.scores = nn.ParameterDict({str(g): nn.Parameter(torch.as_tensor(init[g]).detach().float().to(device))
                                         for g in self.counts})
+        self.initial_keep = self.keep()  # the channels the initial scores would keep
         self._mask = ChannelMask(model, self.groups)
         self.cstar_config = getattr(model, "cstar_config", None)
 
@@ -76,6 +77,10 @@ class ScoredModel(nn.Module):
     def keep(self) -> dict[int, torch.Tensor]:
         """Group id -> sorted indices of the current top-k channels."""
         return {int(key): _top(score, self.counts[int(key)]).sort().values.cpu() for key, score in self.scores.items()}
+
+    def moved(self) -> int:
+        """How many kept channels the training of the scores swapped in (0: the initial selection stands)."""
+        return sum(len(set(k.tolist()) - set(self.initial_keep[g].tolist())) for g, k in self.keep().items())
 
     def pruned(self) -> nn.Module:
         """A physically pruned copy of ``model`` keeping :meth:`keep`, its weights trainable as before."""
@@ -125,14 +130,15 @@ def hydra_prune(model: nn.Module, train_loader, ratio: float, config: TrainConfi
     """A copy of ``model`` pruned to the channels of learned scores (:func:`learn_channel_scores`, same options)."""
     scored = learn_channel_scores(model, train_loader, ratio, config, **options)
     pruned = scored.pruned()
-    _record(pruned, "hydra", ratio, model)
+    _record(pruned, "hydra", ratio, model, channels_moved_by_scores=scored.moved(),
+            channels_kept=sum(scored.counts.values()))
     return pruned
 
 
-def _record(pruned: nn.Module, method: str, ratio: float, dense: nn.Module) -> None:
+def _record(pruned: nn.Module, method: str, ratio: float, dense: nn.Module, **extra) -> None:
     params, dense_params = count_params(pruned), count_params(dense)
     pruned.cstar_pruning = {"method": method, "target_ratio": float(ratio), "ratio": dense_params / params,
-                            "params": params, "dense_params": dense_params}
+                            "params": params, "dense_params": dense_params, **extra}
 
 
 def robust_prune(model: nn.Module, train_loader, ratio: float, method: str = "magnitude",
