@@ -163,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value")
     g.add_argument("--amp", action="store_true", help="mixed precision (float16 autocast) on CUDA")
-    g.add_argument("--channels-last", action="store_true", help="train in channels-last memory format (faster convs; on the CPU it stays off, "
-                   "with a warning, for a model with a strided 1x1 conv of < 16 input channels, which oneDNN "
-                   "mis-trains in that format)")
+    g.add_argument("--channels-last", action="store_true",
+                   help="train in channels-last memory format (faster convs; on the CPU it stays off, with a "
+                   "warning, for a model with a strided 1x1 conv of < 16 input channels, which oneDNN mis-trains "
+                   "in that format)")
     g.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over all ranks")
     g.add_argument("--val-size", type=int, default=1000,
                    help="training images held out (from the end) for the per-epoch PGD check (default: 1000)")
