@@ -6,8 +6,9 @@ Usage:
 Reads the run directory's results.json and env.json and writes ``<out>.json``
 (the cells, the margins and the machine), ``<out>.md`` (the comparison table,
 then per ratio CSTAR's clean and robust accuracy minus the best robust pruning
-baseline's and minus the best post-hoc low rank's, in points) and, when the run
-has one, ``<out>.png`` (its accuracy-vs-ratio plot).
+baseline's and minus the best post-hoc low rank's, in points, with the paired
+95% interval and McNemar p-value where both cells kept ``per_example.json``)
+and, when the run has one, ``<out>.png`` (its accuracy-vs-ratio plot).
 """
 
 from __future__ import annotations
@@ -17,13 +18,20 @@ import json
 from pathlib import Path
 
 from cstar._io import atomic_write_bytes, atomic_write_text, write_json
-from cstar.compare import format_comparison
+from cstar.compare import cell_name, format_comparison
+from cstar.evaluate import paired_difference
 
 RIVALS = {"pruning": ("hydra", "magnitude"), "post-hoc low rank": ("lowrank_global", "lowrank_uniform")}
 
 
-def margins(results: dict) -> list[dict]:
-    """Per ratio and accuracy label: CSTAR's accuracy minus the best of each rival family's, in points."""
+def margins(results: dict, per_example: dict[str, dict] | None = None) -> list[dict]:
+    """Per ratio and accuracy label: CSTAR's accuracy minus the best of each rival family's, in points.
+
+    ``per_example`` maps cell names to their ``per_example.json``; where both cells
+    have one over the same subset, the margin also gets its paired 95% interval
+    (``ci95``, points) and exact McNemar ``p_value``.
+    """
+    per_example = per_example or {}
     cells = list(results["cells"].values())
     labels = sorted({k for c in cells for k in c["accuracy"]}, key=lambda k: (k != "clean", k))
     rows = []
@@ -38,15 +46,27 @@ def margins(results: dict) -> list[dict]:
                     row[family] = {"best": best, "accuracy": round(100 * at[best]["accuracy"][label], 2),
                                    "margin": round(100 * (at["cstar"]["accuracy"][label]
                                                           - at[best]["accuracy"][label]), 2)}
+                    ours, theirs = (per_example.get(cell_name(m, ratio), {}) for m in ("cstar", best))
+                    if ours.get("subset") is not None and ours.get("subset") == theirs.get("subset"):
+                        paired = paired_difference(ours["per_example"][label], theirs["per_example"][label])
+                        row[family]["ci95"] = [round(100 * v, 2) for v in paired["ci"]]
+                        row[family]["p_value"] = round(paired["p_value"], 4)
             rows.append(row)
     return rows
 
 
 def margin_table(rows: list[dict]) -> str:
-    head = ["ratio", "accuracy", "CSTAR", *[f"best {family} (margin)" for family in RIVALS]]
+    head = ["ratio", "accuracy", "CSTAR", *[f"best {family} (margin; paired 95% CI, p)" for family in RIVALS]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def rival(r: dict) -> str:
+        text = f"{r['accuracy']:.2f} {r['best']} ({r['margin']:+.2f}"
+        if "ci95" in r:
+            text += f"; {r['ci95'][0]:+.2f} to {r['ci95'][1]:+.2f}, p={r['p_value']:.2g}"
+        return text + ")"
+
     for r in rows:
-        rivals = [f"{r[f]['accuracy']:.2f} {r[f]['best']} ({r[f]['margin']:+.2f})" if f in r else "-" for f in RIVALS]
+        rivals = [rival(r[f]) if f in r else "-" for f in RIVALS]
         lines.append("| " + " | ".join([f"{r['ratio']:g}x", r["label"], f"{r['cstar']:.2f}", *rivals]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -58,7 +78,9 @@ def main() -> None:
     args = parser.parse_args()
     results = json.loads((args.run / "results.json").read_text())
     env = json.loads((args.run / "env.json").read_text())
-    rows = margins(results)
+    per_example = {path.parent.name: json.loads(path.read_text())
+                   for path in (args.run / "cells").glob("*/per_example.json")}
+    rows = margins(results, per_example)
     record = {"results": results, "margins": rows, "device": env["device_name"], "torch": env["torch"],
               "command": env["command"]}
     write_json(args.out.with_suffix(".json"), record)

@@ -5,7 +5,8 @@ The public API, by concept (each lives in one module, see docs/DESIGN.md):
 - data: :mod:`cstar.data` (``load``, ``make_loader``, ``DATASETS``)
 - architectures: :mod:`cstar.models` (``create``, ``list_models``)
 - attacks: :mod:`cstar.attacks` (``fgsm``, ``pgd``, ``nfgsm``, ``autoattack``)
-- training and evaluation: :func:`fit` with :class:`TrainConfig`, :func:`evaluate`
+- training and evaluation: :func:`fit` with :class:`TrainConfig`, :func:`evaluate`,
+  :func:`paired_difference`
 - counting: :func:`count_params`, :func:`count_flops`, :func:`layer_table`
 - low rank: :func:`tucker2`, :func:`tucker2_project`, :func:`svd_factors`,
   :func:`svd_project`, :func:`select_ranks`, :func:`decompose`
@@ -25,7 +26,7 @@ from .admm import ADMM, ADMMConfig
 from .compare import CompareConfig, compare
 from .compress import CompressConfig, compress
 from .counting import count_flops, count_params, layer_table
-from .evaluate import evaluate
+from .evaluate import evaluate, paired_difference
 from .inference import fold_batchnorm, optimize_for_inference
 from .lowrank import (LayerPlan, LowRankConv1x1, LowRankLinear, RankPlan, Tucker2Conv2d, decompose, mode_spectra,
                       select_ranks, svd_factors, svd_project, tucker2, tucker2_project)
@@ -40,6 +41,6 @@ __all__ = [
     "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "channel_scores", "compare", "compress", "count_flops",
     "count_params", "data", "decompose", "distributed", "evaluate", "export", "find_groups", "fit", "fold_batchnorm",
     "hydra_prune", "layer_table", "learn_channel_scores", "load", "magnitude_prune", "mode_spectra", "models",
-    "optimize_for_inference", "prune", "prune_channels", "robust_prune", "save", "select_channels", "select_ranks",
+    "optimize_for_inference", "paired_difference", "prune", "prune_channels", "robust_prune", "save", "select_channels", "select_ranks",
     "svd_factors", "svd_project", "tucker2", "tucker2_project",
 ]

@@ -17,7 +17,9 @@ trains is the method's own:
 ``dense`` is the starting model itself (ratio 1). Each (method, ratio) cell
 lives in ``<out>/cells/<method>-<ratio>x/`` and is done when its
 ``result.json`` exists, so a killed comparison resumes where it stopped (a
-half-trained cell continues from its last epoch checkpoint). The outputs are
+half-trained cell continues from its last epoch checkpoint); beside it, its
+``per_example.json`` keeps which test examples the cell's model got right under
+each attack, for paired comparisons (:func:`cstar.paired_difference`). The outputs are
 ``results.json``, ``comparison.md`` (method x ratio: params, MACs, clean, PGD,
 AutoAttack subset, batch-1 latency) and, with matplotlib, ``accuracy_vs_ratio.png``.
 """
@@ -170,10 +172,12 @@ def batch1_latencies_ms(models: dict[str, nn.Module], input_shape: tuple[int, ..
 
 
 def _measure(model: nn.Module, dense_size: tuple[int, int], test_set, config: CompareConfig, eps: float,
-             input_shape: tuple[int, ...]) -> dict:
-    """A cell's figures; ``dense_size`` is the dense model's (parameters, MACs)."""
+             input_shape: tuple[int, ...]) -> tuple[dict, dict]:
+    """A cell's figures, and its per-example results (``{"subset", "per_example": {label: str}}``, for paired
+    comparisons between cells); ``dense_size`` is the dense model's (parameters, MACs)."""
     t0 = time.perf_counter()
-    result = evaluate(model, test_set, config.eval_attacks, eps=eps, step=config.eval_step, n=config.eval_n)
+    result = evaluate(model, test_set, config.eval_attacks, eps=eps, step=config.eval_step, n=config.eval_n,
+                      per_example=True)
     row = {"params": count_params(model), "macs": count_flops(model, input_shape),
            "accuracy": result["accuracy"], "subset": result["subset"]}
     row["params_ratio"] = dense_size[0] / row["params"]
@@ -182,7 +186,7 @@ def _measure(model: nn.Module, dense_size: tuple[int, int], test_set, config: Co
         aa = evaluate(model, test_set, ["autoattack"], eps=eps, n=config.autoattack_n, batch_size=100)
         row["autoattack"] = {"accuracy": next(iter(aa["accuracy"].values())), "subset": aa["subset"]}
     row["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    return row
+    return row, {"subset": result["subset"], "per_example": result["per_example"]}
 
 
 def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_dir: str | Path, *,
@@ -227,12 +231,13 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
                 model, seconds = copy.deepcopy(dense), {}
             else:
                 model, seconds = _compress_cell(method, ratio, dense, train_set, train_part, val, config, cell, seed)
-            row = {"method": method, "target_ratio": ratio, "train_seconds": seconds,
-                   **_measure(model, dense_size, test_set, config, eps, input_shape)}
+            figures, per_example = _measure(model, dense_size, test_set, config, eps, input_shape)
+            row = {"method": method, "target_ratio": ratio, "train_seconds": seconds, **figures}
             if hasattr(model, "cstar_pruning"):  # e.g. how many channels HYDRA's scores moved
                 row["pruning"] = model.cstar_pruning
             if distributed.is_main():
                 save(model, cell / "model")
+                write_json(cell / "per_example.json", per_example)
                 write_json(result_path, row)  # last: its existence marks the cell done
             distributed.barrier()
             cells[name] = row

@@ -202,6 +202,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (any picklable value), in rank order, on every rank: ``[obj]`` when not distributed."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside a DistributedDataParallel wrapper (``model`` itself otherwise)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

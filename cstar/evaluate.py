@@ -11,6 +11,8 @@ the examples and the counts are summed, so every example is counted once.
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -85,7 +87,7 @@ def _shard(data, n: int | None, batch_size: int, device: torch.device):
 def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.AttackSpec] = DEFAULT_ATTACKS, *,
              eps: float, norm: str = "linf", step: float | None = None, n: int | None = None, batch_size: int = 256,
              seed: int = 0, out_path: str | Path | None = None, meta: dict | None = None,
-             progress: bool = False, resume: bool = False) -> dict:
+             progress: bool = False, resume: bool = False, per_example: bool = False) -> dict:
     """Accuracy of ``model`` on ``data`` under each attack.
 
     ``attacks_to_run`` holds ``"clean"``, attack names understood by
@@ -93,7 +95,10 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
     :class:`~cstar.attacks.AttackSpec` objects. ``n`` evaluates the first ``n``
     examples (all when None). ``step`` overrides the PGD step (default from
     ``parse_attack``). Returns ``{"accuracy": {label: float}, "n_examples": int,
-    "subset": str, "eps": float, "norm": str, "seconds": {label: float}}``.
+    "subset": str, "eps": float, "norm": str, "seconds": {label: float}}``;
+    ``per_example=True`` adds ``"per_example": {label: str}``, one character per
+    evaluated example in order, ``"1"`` where the model was right (for paired
+    comparisons of two models on the same examples, see :func:`paired_difference`).
     Under torchrun every rank calls it and gets the same result (``seconds`` are
     rank 0's); only rank 0 writes ``out_path``.
 
@@ -116,6 +121,7 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
     was_training = model.training
     model.eval()
     correct = dict.fromkeys(labels, 0)
+    hits = {k: "" for k in labels}  # filled only with per_example
     seconds = dict.fromkeys(labels, 0.0)
     total = 0
     shard, shard_n, sharded = _shard(data, n, batch_size, device)
@@ -128,6 +134,10 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
             raise CstarError(f"{partial} was written by an evaluation with other settings "
                              f"({ {k: saved.get(k) for k in state} }): delete it, or resume with the same settings")
         done, total, correct, seconds = saved["batches"], saved["total"], saved["correct"], saved["seconds"]
+        if per_example and "per_example" not in saved:
+            raise CstarError(f"{partial} holds counts only (written without per_example): delete it to start over, "
+                             f"or resume without per_example")
+        hits = saved.get("per_example", hits)
     try:
         for index, (xb, yb) in enumerate(_batches(shard, shard_n, batch_size, device)):
             if index < done:
@@ -138,7 +148,10 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
                 t0 = time.perf_counter()
                 x_eval = xb if spec == "clean" else spec(model, xb, yb)
                 with torch.no_grad():
-                    correct[label] += (model(x_eval).argmax(1) == yb).sum().item()
+                    right = model(x_eval).argmax(1) == yb
+                correct[label] += right.sum().item()
+                if per_example:
+                    hits[label] += "".join("1" if r else "0" for r in right.tolist())
                 seconds[label] += time.perf_counter() - t0
             if progress and distributed.is_main():
                 where = " (rank 0's share)" if sharded else ""
@@ -146,12 +159,15 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
                       flush=True)
             if partial is not None:
                 write_json(partial, {**state, "batches": index + 1, "total": total, "correct": correct,
-                                     "seconds": seconds})
+                                     "seconds": seconds, **({"per_example": hits} if per_example else {})})
     finally:
         model.train(was_training)
     if sharded:
         *counts, total = distributed.all_reduce_sum([*(correct[k] for k in labels), total])
         correct = dict(zip(labels, counts))
+        if per_example:  # the shards are contiguous and in rank order
+            shares = distributed.all_gather_object(hits)
+            hits = {k: "".join(share[k] for share in shares) for k in labels}
     if total == 0:
         raise CstarError("the evaluation data is empty: pass a dataset with at least one example")
     result = {
@@ -162,11 +178,44 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
         "norm": norm,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
+    if per_example:
+        result["per_example"] = hits
     if out_path is not None and distributed.is_main():
         write_json(out_path, robustbench_card(result, meta or {}))
     if partial is not None and partial.exists():
         partial.unlink()
     return result
+
+
+def paired_difference(a: str, b: str, confidence: float = 0.95) -> dict:
+    """Accuracy of model A minus model B on the same examples, with its uncertainty.
+
+    ``a`` and ``b`` are per-example strings of :func:`evaluate` (``per_example=True``),
+    ``"1"`` where the model was right, over the same examples in the same order.
+    Pairing removes the examples' shared difficulty, so the interval is much
+    narrower than two separate binomial intervals. Returns ``{"n", "difference",
+    "stderr", "ci", "only_a", "only_b", "p_value"}``: the difference and its
+    standard error in [0, 1] units, the normal-approximation ``confidence``
+    interval ``(low, high)``, the counts of examples only A or only B got right,
+    and the two-sided exact McNemar p-value (a sign test on those two counts).
+    """
+    if len(a) != len(b) or not a:
+        raise CstarError(f"per-example results of {len(a)} and {len(b)} examples: compare two evaluations of the "
+                         f"same (non-empty) examples")
+    if set(a) - {"0", "1"} or set(b) - {"0", "1"}:
+        raise CstarError("per-example results must be strings of '0' and '1' (evaluate(..., per_example=True))")
+    n = len(a)
+    only_a = sum(x == "1" and y == "0" for x, y in zip(a, b))
+    only_b = sum(x == "0" and y == "1" for x, y in zip(a, b))
+    mean = (only_a - only_b) / n
+    variance = ((only_a + only_b) / n - mean ** 2) * n / (n - 1) if n > 1 else 0.0
+    stderr = math.sqrt(max(variance, 0.0) / n)
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    discordant, fewer = only_a + only_b, min(only_a, only_b)
+    tail = sum(math.comb(discordant, k) for k in range(fewer + 1))
+    p_value = min(1.0, 2 * tail / 2 ** discordant) if discordant else 1.0
+    return {"n": n, "difference": mean, "stderr": stderr, "ci": (mean - z * stderr, mean + z * stderr),
+            "only_a": only_a, "only_b": only_b, "p_value": p_value}
 
 
 def robustbench_card(result: dict, meta: dict) -> dict:

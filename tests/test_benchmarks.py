@@ -31,3 +31,20 @@ def test_margins_are_cstar_minus_the_best_of_each_family_per_metric(summarize_co
     assert rows[16.0, "pgd20"]["pruning"] == {"best": "hydra", "accuracy": 32.0, "margin": 2.0}
     assert rows[16.0, "clean"]["post-hoc low rank"]["margin"] == -1.0
     assert "pruning" not in rows[4.0, "clean"]  # no rival ran at 4x
+
+
+def test_margins_carry_a_paired_interval_where_both_cells_kept_per_example_results(summarize_compare):
+    results = {"cells": {str(i): c for i, c in enumerate([
+        cell("cstar", 16.0, 0.6, 0.4), cell("magnitude", 16.0, 0.4, 0.2), cell("lowrank_global", 16.0, 0.5, 0.3)])}}
+    per_example = {"cstar-16x": {"subset": "first 10 examples", "per_example": {"clean": "1111110000",
+                                                                                "pgd20": "1111000000"}},
+                   "magnitude-16x": {"subset": "first 10 examples", "per_example": {"clean": "1111000000",
+                                                                                    "pgd20": "1100000000"}}}
+    rows = {(r["ratio"], r["label"]): r for r in summarize_compare.margins(results, per_example)}
+    pruning = rows[16.0, "clean"]["pruning"]
+    assert pruning["margin"] == 20.0
+    # differences 0,0,0,0,1,1,0,0,0,0: mean 0.2, sample sd 0.4216, standard error 0.1333
+    assert pruning["ci95"] == pytest.approx([20 - 1.96 * 13.33, 20 + 1.96 * 13.33], abs=0.05)
+    assert pruning["p_value"] == 0.5  # 2 discordant pairs, both CSTAR's: 2 * 0.5 ** 2
+    assert "ci95" not in rows[16.0, "clean"]["post-hoc low rank"]  # its cell kept no per-example results
+    assert "(+20.00; -6.13 to +46.13, p=0.5)" in summarize_compare.margin_table(list(rows.values()))

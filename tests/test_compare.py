@@ -51,6 +51,16 @@ def test_every_method_has_a_cell_with_its_figures(finished):
         assert (out / "cells" / name / "model" / "model.json").exists()
 
 
+def test_every_cell_keeps_its_per_example_results(finished):
+    out, results = finished
+    for name, cell in results["cells"].items():
+        kept = json.loads((out / "cells" / name / "per_example.json").read_text())
+        assert kept["subset"] == cell["subset"]
+        for label, accuracy in cell["accuracy"].items():
+            hits = kept["per_example"][label]
+            assert set(hits) <= {"0", "1"} and hits.count("1") / len(hits) == pytest.approx(accuracy)
+
+
 def test_pruning_cells_carry_their_pruning_record(finished):
     _, results = finished
     assert results["cells"]["magnitude-4x"]["pruning"]["method"] == "magnitude"

@@ -91,7 +91,7 @@ def _train_runs() -> dict:
 def eval_run(out_path: Path | None) -> dict:
     test_set = tiny_data(120, seed=3)
     return cstar.evaluate(tiny_net(), test_set, ["clean", "fgsm"], eps=0.05, n=EVAL_N, batch_size=16,
-                          out_path=out_path)
+                          out_path=out_path, per_example=True)
 
 
 def worker(workdir: Path) -> None:
@@ -101,6 +101,7 @@ def worker(workdir: Path) -> None:
     assert distributed.init_from_env("cpu") == context  # idempotent
     assert distributed.all_reduce_sum([1, 2.5]) == [2, 5.0]
     assert distributed.broadcast_object(f"rank {context.rank}") == "rank 0"
+    assert distributed.all_gather_object(f"rank {context.rank}") == ["rank 0", "rank 1"]
     r = context.rank
     torch.save(train_runs(), workdir / f"train-{r}.pt")
     result = eval_run(workdir / f"card-{r}.json")
@@ -139,6 +140,7 @@ def test_two_processes_evaluate_every_example_once(two_ranks, tmp_path):
     for result in results:
         assert result["n_examples"] == EVAL_N
         assert result["accuracy"] == pytest.approx(single["accuracy"], abs=1e-12)
+        assert result["per_example"] == single["per_example"]  # every example's result, in order
     assert (two_ranks / "card-0.json").exists() and not (two_ranks / "card-1.json").exists()
 
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from cstar import attacks
 from cstar._errors import CstarError
-from cstar.evaluate import evaluate, format_results
+from cstar.evaluate import evaluate, format_results, paired_difference
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +100,45 @@ def test_format_results_is_a_markdown_table(model_and_data):
     table = format_results({"m": evaluate(model, (x, y), ["clean"], eps=0.05)})
     assert table.splitlines()[0] == "| model | n | clean |"
     assert "| m | 300 |" in table
+
+
+def test_per_example_results_are_each_examples_correctness_in_order(model_and_data):
+    model, x, y = model_and_data
+    spec = attacks.AttackSpec("pgd", eps=0.05, step=0.0125, steps=10, random_start=False)
+    result = evaluate(model, (x, y), ["clean", spec], eps=0.05, batch_size=64, n=250, per_example=True)
+    clean = "".join(str(int(r)) for r in (model(x[:250]).argmax(1) == y[:250]).tolist())
+    x_adv = attacks.pgd(model, x[:250], y[:250], 0.05, 0.0125, 10, random_start=False)
+    robust = "".join(str(int(r)) for r in (model(x_adv).argmax(1) == y[:250]).tolist())
+    assert result["per_example"] == {"clean": clean, spec.label: robust}
+    assert result["per_example"]["clean"].count("1") / 250 == pytest.approx(result["accuracy"]["clean"])
+    assert "per_example" not in evaluate(model, (x, y), ["clean"], eps=0.05)
+
+
+def test_paired_difference_matches_a_direct_computation():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    gen = torch.Generator().manual_seed(0)
+    a = (torch.rand(2000, generator=gen) < 0.55).long()
+    b = torch.where(torch.rand(2000, generator=gen) < 0.8, a, 1 - a)  # correlated: mostly the same examples
+    d = (a - b).double()
+    result = paired_difference("".join(map(str, a.tolist())), "".join(map(str, b.tolist())))
+    assert result["n"] == 2000
+    assert result["difference"] == pytest.approx(d.mean().item())
+    assert result["stderr"] == pytest.approx(d.std(unbiased=True).item() / 2000 ** 0.5)
+    assert result["ci"][0] == pytest.approx(d.mean().item() - 1.959964 * result["stderr"], abs=1e-6)
+    assert result["ci"][1] == pytest.approx(d.mean().item() + 1.959964 * result["stderr"], abs=1e-6)
+    only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+    assert (result["only_a"], result["only_b"]) == (only_a, only_b)
+    expected_p = scipy_stats.binomtest(only_a, only_a + only_b, 0.5).pvalue
+    assert result["p_value"] == pytest.approx(expected_p, rel=1e-9)
+
+
+def test_paired_difference_of_identical_results_is_zero_with_p_one():
+    result = paired_difference("0110", "0110")
+    assert result["difference"] == 0 and result["stderr"] == 0 and result["p_value"] == 1.0
+
+
+def test_paired_difference_rejects_unpaired_or_malformed_results():
+    with pytest.raises(CstarError, match="same"):
+        paired_difference("0101", "010")
+    with pytest.raises(CstarError, match="'0' and '1'"):
+        paired_difference("01x1", "0101")

@@ -134,7 +134,8 @@ class _KilledAfter(Exception):
     pass
 
 
-def test_a_killed_evaluation_resumes_after_its_last_batch_with_the_same_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("per_example", [False, True])
+def test_a_killed_evaluation_resumes_after_its_last_batch_with_the_same_result(tmp_path, monkeypatch, per_example):
     import importlib
 
     from cstar.evaluate import evaluate
@@ -144,7 +145,7 @@ def test_a_killed_evaluation_resumes_after_its_last_batch_with_the_same_result(t
     test_set = data.load("digits", split="test")
     model = _tiny()
     out = tmp_path / "eval.json"
-    full = evaluate(model, test_set, ["clean", "pgd3"], eps=0.1, batch_size=64)
+    full = evaluate(model, test_set, ["clean", "pgd3"], eps=0.1, batch_size=64, per_example=per_example)
 
     calls = {"n": 0}
     real_write = evaluate_module.write_json
@@ -157,12 +158,14 @@ def test_a_killed_evaluation_resumes_after_its_last_batch_with_the_same_result(t
 
     monkeypatch.setattr(evaluate_module, "write_json", write_then_die)
     with pytest.raises(_KilledAfter):
-        evaluate(model, test_set, ["clean", "pgd3"], eps=0.1, batch_size=64, out_path=out)
+        evaluate(model, test_set, ["clean", "pgd3"], eps=0.1, batch_size=64, out_path=out, per_example=per_example)
     monkeypatch.setattr(evaluate_module, "write_json", real_write)
     assert json.loads(out.with_name("eval.json.partial").read_text())["batches"] == 3 and not out.exists()
 
-    resumed = evaluate(model, test_set, ["clean", "pgd3"], eps=0.1, batch_size=64, out_path=out, resume=True)
+    resumed = evaluate(model, test_set, ["clean", "pgd3"], eps=0.1, batch_size=64, out_path=out, resume=True,
+                       per_example=per_example)
     assert resumed["accuracy"] == full["accuracy"] and resumed["n_examples"] == full["n_examples"]
+    assert resumed.get("per_example") == full.get("per_example")
     assert out.exists() and not out.with_name("eval.json.partial").exists()
 
 
@@ -177,3 +180,16 @@ def test_resuming_an_evaluation_with_other_settings_is_refused(tmp_path):
     with pytest.raises(CstarError, match="other settings"):
         evaluate(_tiny(), data.load("digits", split="test"), ["clean"], eps=0.1, batch_size=64, out_path=out,
                  resume=True)
+
+
+def test_resuming_counts_only_progress_per_example_is_refused(tmp_path):
+    from cstar._errors import CstarError
+    from cstar.evaluate import evaluate
+
+    out = tmp_path / "eval.json"
+    out.with_name("eval.json.partial").write_text(json.dumps(
+        {"labels": ["clean"], "eps": 0.1, "n": None, "batch_size": 64, "seed": 0, "batches": 1, "total": 64,
+         "correct": {"clean": 10}, "seconds": {"clean": 0.1}}))
+    with pytest.raises(CstarError, match="counts only"):
+        evaluate(_tiny(), data.load("digits", split="test"), ["clean"], eps=0.1, batch_size=64, out_path=out,
+                 resume=True, per_example=True)
