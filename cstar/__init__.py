@@ -39,8 +39,9 @@ __all__ = [
     "ADMM", "ADMMConfig", "ChannelGroup", "ChannelMask", "ChannelPlan", "CompareConfig", "CompressConfig",
     "CstarError", "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "ScoredModel", "TrainConfig",
     "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "channel_scores", "compare", "compress", "count_flops",
-    "count_params", "data", "decompose", "distributed", "evaluate", "export", "find_groups", "fit", "fold_batchnorm",
-    "hydra_prune", "layer_table", "learn_channel_scores", "load", "magnitude_prune", "mode_spectra", "models",
-    "optimize_for_inference", "paired_difference", "prune", "prune_channels", "robust_prune", "save", "select_channels", "select_ranks",
-    "svd_factors", "svd_project", "tucker2", "tucker2_project",
+    "count_params", "data", "decompose", "distributed", "evaluate", "export", "find_groups", "fit",
+    "fold_batchnorm", "hydra_prune", "layer_table", "learn_channel_scores", "load", "magnitude_prune",
+    "mode_spectra", "models", "optimize_for_inference", "paired_difference", "prune", "prune_channels",
+    "robust_prune", "save", "select_channels", "select_ranks", "svd_factors", "svd_project", "tucker2",
+    "tucker2_project",
 ]

@@ -19,9 +19,10 @@ lives in ``<out>/cells/<method>-<ratio>x/`` and is done when its
 ``result.json`` exists, so a killed comparison resumes where it stopped (a
 half-trained cell continues from its last epoch checkpoint); beside it, its
 ``per_example.json`` keeps which test examples the cell's model got right under
-each attack, for paired comparisons (:func:`cstar.paired_difference`). The outputs are
-``results.json``, ``comparison.md`` (method x ratio: params, MACs, clean, PGD,
-AutoAttack subset, batch-1 latency) and, with matplotlib, ``accuracy_vs_ratio.png``.
+each attack, for paired comparisons (:func:`cstar.paired_difference`). The
+outputs are ``results.json``, ``comparison.md`` (method x ratio: params, MACs,
+clean, PGD, AutoAttack subset, batch-1 latency) and, with matplotlib,
+``accuracy_vs_ratio.png``.
 """
 
 from __future__ import annotations
