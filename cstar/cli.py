@@ -97,7 +97,7 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
 def _plan_kwargs(args: argparse.Namespace) -> dict:
     _require(args, "ratio")
     return {"ratio": args.ratio, "budget": args.budget, "flops_ratio": args.flops_ratio, "method": args.rank_method,
-            "exclude": [e.strip() for e in args.exclude.split(",")] if args.exclude else None,
+            "exclude": _names(args.exclude) or None,
             "multiple_of": args.multiple_of}
 
 
@@ -330,6 +330,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown:
             raise CstarError(f"unknown option(s) {', '.join(unknown)} in {args.config}: valid options for "
                              f"'cstar {args.command}' are {', '.join(sorted(known))}")
+        actions = {a.dest: a for a in sub._actions}
+        for key, value in values.items():  # a YAML list or number for a text option: what its flag would give
+            action = actions[key]
+            if type(action) is argparse._StoreAction and action.type is None and action.nargs is None:
+                if isinstance(value, (list, tuple)):
+                    values[key] = ",".join(str(v) for v in value)
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    values[key] = str(value)
         for key in ("eps", "attack_step", "step", "eval_step"):
             if isinstance(values.get(key), str):
                 try:
@@ -412,7 +420,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
         grad_clip=args.grad_clip, amp=args.amp, channels_last=args.channels_last, check_size=args.check_size, overfit_guard=not args.no_overfit_guard,
         select=args.select, seed=args.seed, progress=not args.no_progress, sync_bn=args.sync_bn)
-    eval_attacks = [a.strip() for a in args.eval_attacks.split(",") if a.strip()]
+    eval_attacks = _names(args.eval_attacks)
     torch.manual_seed(args.seed)  # the initial weights
     model = _build_model(args, train_set.spec, train_set.num_classes).to(device)
     train_part, val = _validation(train_set, test_set, args.val_size, config.check_size, device)
@@ -476,7 +484,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CstarError(f"{args.checkpoint} predicts {model.cstar_config['num_classes']} classes but {name} has "
                          f"{test_set.num_classes}: evaluate it on the dataset it was trained on")
     eps = args.eps if args.eps is not None else state.get("eps", test_set.spec.eps)
-    attacks_to_run = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    attacks_to_run = _names(args.attacks)
     if args.resume and not args.json:
         raise CstarError("--resume continues the evaluation whose progress sits beside its --json: pass --json")
     result = evaluate(model, test_set, attacks_to_run, eps=eps, step=args.step, n=args.n, batch_size=args.batch_size,
@@ -605,7 +613,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     train_set, test_set, eps, common = _pipeline_data(args)
     config = CompressConfig(
         ratio=args.ratio, budget=args.budget, flops_ratio=args.flops_ratio, rank_method=args.rank_method,
-        exclude=[e.strip() for e in args.exclude.split(",")] if args.exclude else None,
+        exclude=_names(args.exclude) or None,
         dense=_phase_config(args.dense, common), admm_train=_phase_config(args.admm_train, common),
         finetune=_phase_config({"epochs": 5, "lr": 0.01, **(args.finetune or {})}, common),
         eval_attacks=_names(args.eval_attacks), eval_step=args.eval_step, eval_phases=_names(args.eval_phases),
@@ -659,8 +667,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+def _names(text: str | None) -> list[str]:
+    """The items of a comma-separated option (none for an empty or absent one)."""
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
 def _numbers(text: str, option: str) -> list[float]:

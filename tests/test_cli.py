@@ -64,6 +64,17 @@ def test_config_file_supplies_options_and_flags_win(tmp_path, capsys):
     assert saved["epochs"] == 1 and saved["eps"] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("ratios", [16, 16.0, [4, 16], "4,16"])
+def test_config_file_lists_may_be_yaml_lists_or_single_numbers(tmp_path, ratios):
+    from cstar.cli import _names, _numbers, parse_args
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"ratios": ratios, "methods": ["dense", "cstar"], "eval_attacks": "clean,pgd20"}))
+    args = parse_args(["compare", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    assert _numbers(args.ratios, "--ratios") == ([16.0] if not isinstance(ratios, (list, str)) else [4.0, 16.0])
+    assert _names(args.methods) == ["dense", "cstar"] and _names(args.eval_attacks) == ["clean", "pgd20"]
+
+
 def error_line(capsys, *argv):
     code, _, err = run(capsys, *argv)
     assert code == 2
