@@ -1,19 +1,24 @@
 """Benchmark summaries: the figures they derive (CSTAR's margins over its rivals) from a comparison's results."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "summarize_compare.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def summarize_compare():
-    spec = importlib.util.spec_from_file_location("summarize_compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script("summarize_compare")
 
 
 def cell(method, ratio, clean, pgd):
@@ -48,3 +53,19 @@ def test_margins_carry_a_paired_interval_where_both_cells_kept_per_example_resul
     assert pruning["p_value"] == 0.5  # 2 discordant pairs, both CSTAR's: 2 * 0.5 ** 2
     assert "ci95" not in rows[16.0, "clean"]["post-hoc low rank"]  # its cell kept no per-example results
     assert "(+20.00; -6.13 to +46.13, p=0.5)" in summarize_compare.margin_table(list(rows.values()))
+
+
+def test_backfill_recreates_a_cells_per_example_results(tmp_path):
+    from cstar.cli import main
+
+    out = tmp_path / "run"
+    section = "{epochs: 1, attack_steps: 2, batch_size: 64, optimizer: adam, lr: 0.001, weight_decay: 0, check_size: 0}"
+    assert main(["compare", "--model", "small_cnn", "--data", "digits", "--ratios", "4", "--methods", "dense,magnitude",
+                 "--dense", section, "--search", section, "--finetune", section, "--eval-attacks", "clean,pgd3",
+                 "--eval-n", "100", "--latency-runs", "0", "--val-size", "200", "--out", str(out),
+                 "--no-progress"]) == 0
+    kept = out / "cells" / "magnitude-4x" / "per_example.json"
+    original = json.loads(kept.read_text())
+    kept.unlink()
+    script("backfill_per_example").main([str(out), "--cells", "magnitude-4x"])
+    assert json.loads(kept.read_text()) == original
