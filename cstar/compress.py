@@ -221,7 +221,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         t0 = time.perf_counter()
         admm.project_weights(model)
         factorised = decompose(model, plan).to(device)
-        gap = _output_gap(model, factorised, test_set, device)
+        gap = _output_gap(model, factorised, test_set if test_set is not None else train_set, device)
         if main:
             save_checkpoint(out / "decomposed.pt", {"model": factorised.state_dict()})
         phases.finish("decompose", seconds=round(time.perf_counter() - t0, 2), output_gap=gap,
@@ -254,11 +254,13 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
 
 
 @torch.no_grad()
-def _output_gap(projected_dense: nn.Module, factorised: nn.Module, test_set, device) -> float:
-    """Largest absolute logit difference between the projected dense model and its decomposition."""
-    x = test_set.images[:64].to(device).float() / 255 if hasattr(test_set, "images") else None
-    if x is None:
-        return float("nan")
+def _output_gap(projected_dense: nn.Module, factorised: nn.Module, data, device) -> float | None:
+    """Largest absolute logit difference between the projected dense model and its decomposition, on the
+    first 64 images of ``data`` (None for data without an ``images`` tensor, e.g. an image folder)."""
+    if not hasattr(data, "images"):
+        return None
+    x = data.images[:64].to(device)
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     projected_dense.eval()
     factorised.eval()
     return (projected_dense(x) - factorised(x)).abs().max().item()

@@ -61,6 +61,12 @@ def test_every_cell_keeps_its_per_example_results(finished):
             assert set(hits) <= {"0", "1"} and hits.count("1") / len(hits) == pytest.approx(accuracy)
 
 
+def test_the_cstar_cell_checks_its_decomposition_without_a_test_set(finished):
+    out, _ = finished  # compare gives compress no test set: the check runs on training images
+    phases = json.loads((out / "cells" / "cstar-4x" / "cstar" / "phases.json").read_text())
+    assert phases["decompose"]["output_gap"] < 1e-4
+
+
 def test_pruning_cells_carry_their_pruning_record(finished):
     _, results = finished
     assert results["cells"]["magnitude-4x"]["pruning"]["method"] == "magnitude"
