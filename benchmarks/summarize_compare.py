@@ -50,7 +50,7 @@ def margins(results: dict, per_example: dict[str, dict] | None = None) -> list[d
                     if ours.get("subset") is not None and ours.get("subset") == theirs.get("subset"):
                         paired = paired_difference(ours["per_example"][label], theirs["per_example"][label])
                         row[family]["ci95"] = [round(100 * v, 2) for v in paired["ci"]]
-                        row[family]["p_value"] = round(paired["p_value"], 4)
+                        row[family]["p_value"] = float(f"{paired['p_value']:.3g}")
             rows.append(row)
     return rows
 
@@ -62,7 +62,8 @@ def margin_table(rows: list[dict]) -> str:
     def rival(r: dict) -> str:
         text = f"{r['accuracy']:.2f} {r['best']} ({r['margin']:+.2f}"
         if "ci95" in r:
-            text += f"; {r['ci95'][0]:+.2f} to {r['ci95'][1]:+.2f}, p={r['p_value']:.2g}"
+            p = "p<0.001" if r["p_value"] < 0.001 else f"p={r['p_value']:.2g}"
+            text += f"; {r['ci95'][0]:+.2f} to {r['ci95'][1]:+.2f}, {p}"
         return text + ")"
 
     for r in rows:

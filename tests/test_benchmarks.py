@@ -53,6 +53,8 @@ def test_margins_carry_a_paired_interval_where_both_cells_kept_per_example_resul
     assert pruning["p_value"] == 0.5  # 2 discordant pairs, both CSTAR's: 2 * 0.5 ** 2
     assert "ci95" not in rows[16.0, "clean"]["post-hoc low rank"]  # its cell kept no per-example results
     assert "(+20.00; -6.13 to +46.13, p=0.5)" in summarize_compare.margin_table(list(rows.values()))
+    rows[16.0, "clean"]["pruning"]["p_value"] = 2e-7
+    assert "p<0.001)" in summarize_compare.margin_table(list(rows.values()))
 
 
 def test_backfill_recreates_a_cells_per_example_results(tmp_path):
