@@ -204,6 +204,8 @@ def paired_difference(a: str, b: str, confidence: float = 0.95) -> dict:
                          f"same (non-empty) examples")
     if set(a) - {"0", "1"} or set(b) - {"0", "1"}:
         raise CstarError("per-example results must be strings of '0' and '1' (evaluate(..., per_example=True))")
+    if not 0 < confidence < 1:
+        raise CstarError(f"confidence={confidence}: pass a level between 0 and 1, e.g. 0.95")
     n = len(a)
     only_a = sum(x == "1" and y == "0" for x, y in zip(a, b))
     only_b = sum(x == "0" and y == "1" for x, y in zip(a, b))

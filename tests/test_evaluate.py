@@ -142,3 +142,5 @@ def test_paired_difference_rejects_unpaired_or_malformed_results():
         paired_difference("0101", "010")
     with pytest.raises(CstarError, match="'0' and '1'"):
         paired_difference("01x1", "0101")
+    with pytest.raises(CstarError, match="between 0 and 1"):
+        paired_difference("0101", "0101", confidence=95)
