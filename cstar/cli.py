@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="write a RobustBench-style JSON here (progress kept in JSON.partial)")
     ev.add_argument("--resume", action="store_true",
                     help="continue a killed evaluation with the same --json after its last finished batch")
+    ev.add_argument("--per-example", action="store_true",
+                    help="also keep in the --json which test images each attack left correct, for paired "
+                         "comparisons of two models (cstar.paired_difference)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--config", default=None, help="YAML/JSON file of option values")
@@ -487,8 +490,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     attacks_to_run = _names(args.attacks)
     if args.resume and not args.json:
         raise CstarError("--resume continues the evaluation whose progress sits beside its --json: pass --json")
+    if args.per_example and not args.json:
+        raise CstarError("--per-example keeps its results in the --json card: pass --json")
     result = evaluate(model, test_set, attacks_to_run, eps=eps, step=args.step, n=args.n, batch_size=args.batch_size,
                       seed=args.seed, out_path=args.json, progress=True, resume=args.resume,
+                      per_example=args.per_example,
                       meta={"model": model.cstar_config["name"], "dataset": name, "checkpoint": str(args.checkpoint)})
     path = Path(args.checkpoint)
     print(format_results({(path.name if path.is_dir() else path.parent.name) or "model": result}))

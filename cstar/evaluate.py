@@ -221,7 +221,8 @@ def paired_difference(a: str, b: str, confidence: float = 0.95) -> dict:
 
 
 def robustbench_card(result: dict, meta: dict) -> dict:
-    """A RobustBench-style model card: accuracies in percent, threat model, eps."""
+    """A RobustBench-style model card: accuracies in percent, threat model, eps (and the per-example results,
+    when evaluated with them)."""
     acc = result["accuracy"]
     card = {
         **meta,
@@ -234,6 +235,8 @@ def robustbench_card(result: dict, meta: dict) -> dict:
         key = "autoattack_acc" if label == "autoattack" else f"{label}_acc"
         card[key] = round(100 * value, 2)
     card["seconds"] = result["seconds"]
+    if "per_example" in result:
+        card["per_example"] = result["per_example"]
     return card
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+import cstar
 from cstar.cli import main
 
 TRAIN_FAST = ["--epochs", "1", "--attack-steps", "2", "--batch-size", "64", "--val-size", "100",
@@ -46,6 +47,24 @@ def test_eval_reads_dataset_and_eps_from_the_run(trained, capsys):
     card = json.loads((trained / "eval.json").read_text())
     assert card["n_examples"] == 100 and card["dataset"] == "digits" and card["eps"] == pytest.approx(0.2)
     assert "| clean | fgsm |" in out
+
+
+def test_eval_per_example_without_json_is_an_error(trained, capsys):
+    line = error_line(capsys, "eval", trained / "model.pt", "--n", "10", "--per-example")
+    assert "--per-example" in line and "pass --json" in line
+
+
+def test_eval_per_example_cards_pair_two_evaluations(trained, capsys):
+    for attacks, name in (("clean", "a.json"), ("clean,fgsm", "b.json")):
+        code, out, _ = run(capsys, "eval", trained / "model.pt", "--attacks", attacks, "--n", "100",
+                           "--per-example", "--json", trained / name)
+        assert code == 0, out
+    a, b = (json.loads((trained / name).read_text()) for name in ("a.json", "b.json"))
+    hits = a["per_example"]["clean"]
+    assert len(hits) == 100 and hits.count("1") == round(a["clean_acc"])
+    assert hits == b["per_example"]["clean"]  # the same model on the same images
+    paired = cstar.paired_difference(b["per_example"]["clean"], b["per_example"]["fgsm"])
+    assert paired["difference"] == pytest.approx((b["clean_acc"] - b["fgsm_acc"]) / 100)
 
 
 def test_info_prints_layers_params_and_macs(capsys):
