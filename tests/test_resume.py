@@ -169,27 +169,27 @@ def test_a_killed_evaluation_resumes_after_its_last_batch_with_the_same_result(t
     assert out.exists() and not out.with_name("eval.json.partial").exists()
 
 
-def test_resuming_an_evaluation_with_other_settings_is_refused(tmp_path):
-    from cstar._errors import CstarError
+def _resume_from_counts_only_progress(tmp_path, saved_eps: float, **options) -> None:
+    """Resume a clean evaluation (eps 0.1, batch 64) from saved progress of one batch, counts only, at ``saved_eps``."""
     from cstar.evaluate import evaluate
 
     out = tmp_path / "eval.json"
     out.with_name("eval.json.partial").write_text(json.dumps(
-        {"labels": ["clean"], "eps": 0.3, "n": None, "batch_size": 64, "seed": 0, "batches": 1, "total": 64,
+        {"labels": ["clean"], "eps": saved_eps, "n": None, "batch_size": 64, "seed": 0, "batches": 1, "total": 64,
          "correct": {"clean": 10}, "seconds": {"clean": 0.1}}))
+    evaluate(_tiny(), data.load("digits", split="test"), ["clean"], eps=0.1, batch_size=64, out_path=out,
+             resume=True, **options)
+
+
+def test_resuming_an_evaluation_with_other_settings_is_refused(tmp_path):
+    from cstar._errors import CstarError
+
     with pytest.raises(CstarError, match="other settings"):
-        evaluate(_tiny(), data.load("digits", split="test"), ["clean"], eps=0.1, batch_size=64, out_path=out,
-                 resume=True)
+        _resume_from_counts_only_progress(tmp_path, saved_eps=0.3)
 
 
 def test_resuming_counts_only_progress_per_example_is_refused(tmp_path):
     from cstar._errors import CstarError
-    from cstar.evaluate import evaluate
 
-    out = tmp_path / "eval.json"
-    out.with_name("eval.json.partial").write_text(json.dumps(
-        {"labels": ["clean"], "eps": 0.1, "n": None, "batch_size": 64, "seed": 0, "batches": 1, "total": 64,
-         "correct": {"clean": 10}, "seconds": {"clean": 0.1}}))
     with pytest.raises(CstarError, match="counts only"):
-        evaluate(_tiny(), data.load("digits", split="test"), ["clean"], eps=0.1, batch_size=64, out_path=out,
-                 resume=True, per_example=True)
+        _resume_from_counts_only_progress(tmp_path, saved_eps=0.1, per_example=True)
