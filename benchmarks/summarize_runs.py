@@ -19,6 +19,13 @@ import yaml
 from cstar._io import atomic_write_text, write_json
 
 
+def method_label(config: dict) -> str:
+    """The training method, with its attack steps where it has some (e.g. ``pgd-3``)."""
+    if config["method"] in ("pgd", "trades"):
+        return f"{config['method']}-{config['attack_steps']}"
+    return config["method"]
+
+
 def summarize(run: Path) -> dict:
     config = yaml.safe_load((run / "config.yaml").read_text())
     env = json.loads((run / "env.json").read_text())
@@ -32,7 +39,7 @@ def summarize(run: Path) -> dict:
                 accuracies[f"{key[:-4]} (n={card['n_examples']})"] = value
     return {
         "run": run.name, "model": config["model"], "width": config.get("width"), "data": config["data"],
-        "method": config["method"], "eps": config["eps"], "epochs": len(metrics),
+        "method": method_label(config), "eps": config["eps"], "epochs": len(metrics),
         "train_minutes": round(sum(m["train_seconds"] for m in metrics) / 60, 1),
         "accuracy_percent": accuracies, "device": env["device_name"], "command": env["command"],
     }

@@ -71,3 +71,18 @@ def test_backfill_recreates_a_cells_per_example_results(tmp_path):
     kept.unlink()
     script("backfill_per_example").main([str(out), "--cells", "magnitude-4x"])
     assert json.loads(kept.read_text()) == original
+
+
+def test_run_summary_names_the_attack_steps_and_collects_every_evaluation(tmp_path):
+    run = tmp_path / "cifar10-pgd3"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: resnet18\nwidth: 16\ndata: cifar10\nmethod: pgd\n"
+                                     "attack_steps: 3\neps: 0.0314\n")
+    (run / "env.json").write_text(json.dumps({"device_name": "test cpu", "command": "cstar train ..."}))
+    (run / "metrics.jsonl").write_text('{"train_seconds": 60}\n{"train_seconds": 120}\n')
+    (run / "results.json").write_text(json.dumps({"n_examples": 10000, "clean_acc": 55.5, "pgd20_acc": 34.8}))
+    (run / "eval-aa1000.json").write_text(json.dumps({"n_examples": 1000, "autoattack_acc": 33.0}))
+    row = script("summarize_runs").summarize(run)
+    assert (row["method"], row["epochs"], row["train_minutes"]) == ("pgd-3", 2, 3.0)
+    assert row["accuracy_percent"] == {"clean (n=10000)": 55.5, "pgd20 (n=10000)": 34.8,
+                                       "autoattack (n=1000)": 33.0}
