@@ -86,3 +86,19 @@ def test_run_summary_names_the_attack_steps_and_collects_every_evaluation(tmp_pa
     assert (row["method"], row["epochs"], row["train_minutes"]) == ("pgd-3", 2, 3.0)
     assert row["accuracy_percent"] == {"clean (n=10000)": 55.5, "pgd20 (n=10000)": 34.8,
                                        "autoattack (n=1000)": 33.0}
+
+
+def test_paired_cells_counts_the_images_only_one_cell_got_right():
+    paired_cells = script("paired_cells")
+    a = {"subset": "first 8", "per_example": {"clean": "11110000", "pgd20": "11000000"}}
+    b = {"subset": "first 8", "per_example": {"clean": "11000000", "pgd20": "10100000", "aa": "0"}}
+    rows = {r["label"]: r for r in paired_cells.paired_rows(a, b)}
+    assert set(rows) == {"clean", "pgd20"}  # only the labels both cells have
+    assert (rows["clean"]["difference"], rows["clean"]["only_a"], rows["clean"]["only_b"]) == (25.0, 2, 0)
+    assert (rows["pgd20"]["difference"], rows["pgd20"]["only_a"], rows["pgd20"]["only_b"]) == (0.0, 1, 1)
+
+
+def test_paired_cells_refuses_cells_evaluated_on_different_images():
+    paired_cells = script("paired_cells")
+    with pytest.raises(SystemExit, match="different test images"):
+        paired_cells.paired_rows({"subset": "first 8", "per_example": {}}, {"subset": "first 9", "per_example": {}})
