@@ -17,7 +17,11 @@ trains is the method's own:
 ``dense`` is the starting model itself (ratio 1). Each (method, ratio) cell
 lives in ``<out>/cells/<method>-<ratio>x/`` and is done when its
 ``result.json`` exists, so a killed comparison resumes where it stopped (a
-half-trained cell continues from its last epoch checkpoint); beside it, its
+half-trained cell continues from its last epoch checkpoint). A finished cell
+records the training settings and seed it was trained with, and a resume with
+other ones is refused (it would mix budgets in one table); a resume with other
+evaluation settings (attacks, ``eval_n``, ``eval_step``, ``autoattack_n``)
+re-evaluates the cell's saved model and trains nothing. Beside the result, its
 ``per_example.json`` keeps which test examples the cell's model got right under
 each attack, for paired comparisons (:func:`cstar.paired_difference`). The
 outputs are ``results.json``, ``comparison.md`` (method x ratio: params, MACs,
@@ -37,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed, prune
+from . import attacks, distributed, prune
 from ._errors import CstarError
 from ._io import atomic_write_bytes, atomic_write_text, write_json
 from .admm import ADMMConfig
@@ -172,22 +176,103 @@ def batch1_latencies_ms(models: dict[str, nn.Module], input_shape: tuple[int, ..
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
-def _measure(model: nn.Module, dense_size: tuple[int, int], test_set, config: CompareConfig, eps: float,
-             input_shape: tuple[int, ...]) -> tuple[dict, dict]:
-    """A cell's figures, and its per-example results (``{"subset", "per_example": {label: str}}``, for paired
-    comparisons between cells); ``dense_size`` is the dense model's (parameters, MACs)."""
-    t0 = time.perf_counter()
+def _evaluation_settings(config: CompareConfig) -> dict:
+    """What a cell's accuracy figures depend on besides its model (AutoAttack apart)."""
+    return {"attacks": list(config.eval_attacks), "step": config.eval_step, "n": config.eval_n}
+
+
+def _training_settings(method: str, config: CompareConfig, seed: int) -> dict:
+    """What a cell's model depends on besides the dense model: its phases' settings and the seed."""
+    phases = {"search": config.search.to_dict(), "finetune": config.finetune.to_dict()}
+    for phase in phases.values():
+        phase.pop("progress", None)  # display only
+    if method == "cstar":
+        phases["admm"] = config.admm.to_dict()
+    return {**phases, "seed": seed}
+
+
+def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """The (dotted) keys whose values differ between two nested dicts."""
+    keys = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            keys += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _check_same_training(name: str, row: dict, training: dict) -> None:
+    """Refuse to mix a finished cell trained otherwise into this comparison (rows from before the record pass)."""
+    before = row.get("training")
+    if before is not None and before != training:
+        raise CstarError(f"cell {name} was trained with other settings ({', '.join(_differences(before, training))} "
+                         "differ): resume with the settings it was trained with, or give a new --out "
+                         "(or delete the cell's directory to retrain it)")
+
+
+def _evaluate_attacks(model: nn.Module, test_set, config: CompareConfig, eps: float) -> tuple[dict, dict]:
+    """``eval_attacks`` figures (``{"accuracy", "subset", "evaluation"}``) and the per-example results
+    (``{"subset", "per_example": {label: str}}``, for paired comparisons between cells)."""
     result = evaluate(model, test_set, config.eval_attacks, eps=eps, step=config.eval_step, n=config.eval_n,
                       per_example=True)
-    row = {"params": count_params(model), "macs": count_flops(model, input_shape),
-           "accuracy": result["accuracy"], "subset": result["subset"]}
+    figures = {"accuracy": result["accuracy"], "subset": result["subset"], "evaluation": _evaluation_settings(config)}
+    return figures, {"subset": result["subset"], "per_example": result["per_example"]}
+
+
+def _autoattack(model: nn.Module, test_set, config: CompareConfig, eps: float) -> dict:
+    aa = evaluate(model, test_set, ["autoattack"], eps=eps, n=config.autoattack_n, batch_size=100)
+    return {"accuracy": next(iter(aa["accuracy"].values())), "subset": aa["subset"]}
+
+
+def _measure(model: nn.Module, dense_size: tuple[int, int], test_set, config: CompareConfig, eps: float,
+             input_shape: tuple[int, ...]) -> tuple[dict, dict]:
+    """A cell's figures and its per-example results; ``dense_size`` is the dense model's (parameters, MACs)."""
+    t0 = time.perf_counter()
+    figures, per_example = _evaluate_attacks(model, test_set, config, eps)
+    row = {"params": count_params(model), "macs": count_flops(model, input_shape), **figures}
     row["params_ratio"] = dense_size[0] / row["params"]
     row["macs_ratio"] = dense_size[1] / row["macs"]
     if config.autoattack_n:
-        aa = evaluate(model, test_set, ["autoattack"], eps=eps, n=config.autoattack_n, batch_size=100)
-        row["autoattack"] = {"accuracy": next(iter(aa["accuracy"].values())), "subset": aa["subset"]}
+        row["autoattack"] = _autoattack(model, test_set, config, eps)
     row["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    return row, {"subset": result["subset"], "per_example": result["per_example"]}
+    return row, per_example
+
+
+def _stale_evaluation(row: dict, config: CompareConfig, test_size: int) -> tuple[bool, bool]:
+    """Whether a finished cell's (attack figures, AutoAttack figure) miss the current evaluation settings.
+
+    Rows from before the ``evaluation`` record are judged by their accuracy labels and subset."""
+    if "evaluation" in row:
+        attacks_stale = row["evaluation"] != _evaluation_settings(config)
+    else:
+        labels = {"clean" if a == "clean" else attacks.parse_attack(a, 1.0).label for a in config.eval_attacks}
+        n = test_size if config.eval_n is None else min(config.eval_n, test_size)
+        subset = f"all {n} examples" if config.eval_n is None else f"first {n} examples"
+        attacks_stale = set(row["accuracy"]) != labels or row["subset"] != subset
+    aa = row.get("autoattack")
+    aa_subset = f"first {min(config.autoattack_n, test_size)} examples"
+    aa_stale = bool(config.autoattack_n) and (aa is None or aa["subset"] != aa_subset)
+    return attacks_stale, aa_stale
+
+
+def _reevaluate(row: dict, cell: Path, test_set, config: CompareConfig, eps: float, device: torch.device,
+                attacks_stale: bool, aa_stale: bool) -> dict:
+    """A finished cell's row with its saved model evaluated again where the settings changed (nothing trained);
+    ``eval_seconds`` adds up every evaluation of the cell."""
+    model = load(cell / "model").to(device)
+    t0 = time.perf_counter()
+    row = dict(row)
+    if attacks_stale:
+        figures, per_example = _evaluate_attacks(model, test_set, config, eps)
+        row.update(figures)
+        if distributed.is_main():
+            write_json(cell / "per_example.json", per_example)
+    if aa_stale:
+        row["autoattack"] = _autoattack(model, test_set, config, eps)
+    row["eval_seconds"] = round(row.get("eval_seconds", 0.0) + time.perf_counter() - t0, 1)
+    return row
 
 
 def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_dir: str | Path, *,
@@ -220,9 +305,22 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
             name = cell_name(method, ratio)
             cell = cells_dir / name
             result_path = cell / "result.json"
+            training = None if method == "dense" else _training_settings(method, config, seed)
             if result_path.exists():
-                cells[name] = json.loads(result_path.read_text())
-                print(f"{name}: done earlier", flush=True)
+                row = json.loads(result_path.read_text())
+                if training is not None:
+                    _check_same_training(name, row, training)
+                stale = _stale_evaluation(row, config, len(test_set))
+                if any(stale):
+                    what = " and ".join(w for w, s in zip(("attacks", "AutoAttack"), stale) if s)
+                    print(f"{name}: done earlier, evaluating its {what} again (new evaluation settings)", flush=True)
+                    row = _reevaluate(row, cell, test_set, config, eps, device, *stale)
+                    if distributed.is_main():
+                        write_json(result_path, row)
+                    distributed.barrier()
+                else:
+                    print(f"{name}: done earlier", flush=True)
+                cells[name] = row
                 continue
             if distributed.is_main():
                 cell.mkdir(parents=True, exist_ok=True)
@@ -233,7 +331,8 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
             else:
                 model, seconds = _compress_cell(method, ratio, dense, train_set, train_part, val, config, cell, seed)
             figures, per_example = _measure(model, dense_size, test_set, config, eps, input_shape)
-            row = {"method": method, "target_ratio": ratio, "train_seconds": seconds, **figures}
+            row = {"method": method, "target_ratio": ratio, "train_seconds": seconds,
+                   **({} if training is None else {"training": training}), **figures}
             if hasattr(model, "cstar_pruning"):  # e.g. how many channels HYDRA's scores moved
                 row["pruning"] = model.cstar_pruning
             if distributed.is_main():

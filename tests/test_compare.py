@@ -154,3 +154,76 @@ def test_cli_runs_a_comparison_end_to_end(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert set(results["cells"]) == {"dense", "cstar-4x", "magnitude-4x"}
     assert "cstar" in capsys.readouterr().out
+
+
+@pytest.fixture
+def finished_copy(finished, tmp_path):
+    """A private copy of the finished comparison, for tests that resume it with other settings."""
+    import shutil
+
+    out, _ = finished
+    shutil.copytree(out, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_resume_with_another_training_budget_is_refused(digits, finished_copy):
+    train_set, test_set = digits
+    other = config(finetune=TrainConfig(epochs=1, **{**TRAIN, "lr": 5e-4}))
+    with pytest.raises(CstarError, match=r"cstar-4x was trained with other settings \(finetune\.lr differ\)"):
+        compare(dense_model(train_set), train_set, test_set, other, finished_copy, val_size=200)
+
+
+def test_a_resume_with_another_seed_is_refused(digits, finished_copy):
+    train_set, test_set = digits
+    with pytest.raises(CstarError, match=r"\(seed differ\)"):
+        compare(dense_model(train_set), train_set, test_set, config(), finished_copy, val_size=200, seed=1)
+
+
+def test_a_resume_with_other_attacks_reevaluates_the_saved_models_without_training(digits, finished_copy, capsys):
+    from cstar import evaluate
+
+    train_set, test_set = digits
+    before = json.loads((finished_copy / "results.json").read_text())["cells"]
+    capsys.readouterr()
+    after = compare(dense_model(train_set), train_set, test_set, config(eval_attacks=["clean", "fgsm"], eval_n=60),
+                    finished_copy, val_size=200)["cells"]
+    printed = capsys.readouterr().out
+    assert "running" not in printed and printed.count("evaluating its attacks again") == len(before)
+    for name, cell in after.items():
+        assert cell["train_seconds"] == before[name]["train_seconds"] and cell["subset"] == "first 60 examples"
+        model = load(finished_copy / "cells" / name / "model")
+        independent = evaluate(model, test_set, ["fgsm"], eps=TRAIN["eps"], n=60)["accuracy"]["fgsm"]
+        assert cell["accuracy"]["fgsm"] == pytest.approx(independent), name
+        kept = json.loads((finished_copy / "cells" / name / "per_example.json").read_text())
+        assert len(kept["per_example"]["fgsm"]) == 60
+
+
+def test_a_resume_asking_for_autoattack_adds_it_to_finished_cells_only(digits, finished_copy, monkeypatch):
+    import sys
+
+    train_set, test_set = digits
+    calls = []
+
+    def fake_autoattack(model, test_set, config, eps):  # stands in for a minutes-long AutoAttack run
+        calls.append(config.autoattack_n)
+        return {"accuracy": 0.5, "subset": f"first {config.autoattack_n} examples"}
+
+    monkeypatch.setattr(sys.modules["cstar.compare"], "_autoattack", fake_autoattack)
+    per_example = {p: p.stat().st_mtime_ns for p in (finished_copy / "cells").glob("*/per_example.json")}
+    after = compare(dense_model(train_set), train_set, test_set, config(autoattack_n=20), finished_copy,
+                    val_size=200)["cells"]
+    assert len(calls) == len(after) and all(c["autoattack"]["subset"] == "first 20 examples" for c in after.values())
+    assert {p: p.stat().st_mtime_ns for p in per_example} == per_example  # the PGD figures were not redone
+    compare(dense_model(train_set), train_set, test_set, config(autoattack_n=20), finished_copy, val_size=200)
+    assert len(calls) == len(after)  # a second resume finds nothing stale
+
+
+def test_cells_from_before_the_settings_record_are_kept_as_they_are(digits, finished_copy, capsys):
+    train_set, test_set = digits
+    for path in (finished_copy / "cells").glob("*/result.json"):
+        row = json.loads(path.read_text())
+        row.pop("training", None), row.pop("evaluation")
+        path.write_text(json.dumps(row))
+    capsys.readouterr()
+    compare(dense_model(train_set), train_set, test_set, config(), finished_copy, val_size=200)
+    assert "evaluating" not in capsys.readouterr().out
