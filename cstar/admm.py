@@ -12,6 +12,13 @@ onto the rank constraint) and a scaled dual ``U``:
   :func:`cstar.lowrank.svd_project`: Algorithm 1);
 - U-step, right after: ``U_l <- U_l + W_l - Z_l``.
 
+With ``decoupled=True`` the penalty leaves the loss (and so the optimiser's
+normalisation, as AdamW's weight decay leaves Adam's): after every optimiser
+step ``W_l <- W_l - rho * (W_l - Z_l + U_l)``, ``rho`` then being the fraction
+of the way to ``Z_l - U_l`` moved per step (at most 1). Under Adam the coupled
+penalty's gradient also enters the second-moment estimate, which shrinks the
+steps the adversarial loss gets as ``rho`` grows; the decoupled pull does not.
+
 ``rho`` may grow by ``rho_growth`` at every Z-step up to ``rho_max``; ranks may be
 re-selected globally at the first ``reselect`` Z-steps. The primal residual
 ``||W_l - Z_l|| / ||W_l||`` of every layer is recorded at every Z-step. With
@@ -44,7 +51,9 @@ from .train import TrainHook
 @dataclass
 class ADMMConfig:
     """ADMM settings. ``interval=None`` runs the Z/U steps once an epoch;
-    ``n_iter`` HOOI sweeps refine each Tucker-2 projection (0: plain HOSVD)."""
+    ``n_iter`` HOOI sweeps refine each Tucker-2 projection (0: plain HOSVD);
+    ``decoupled`` pulls the weights after each optimiser step instead of adding
+    the penalty to the loss (``rho``, ``rho_max`` then fractions per step, <= 1)."""
 
     rho: float = 1e-3
     rho_growth: float = 1.0
@@ -52,6 +61,7 @@ class ADMMConfig:
     interval: int | None = None
     n_iter: int = 0
     reselect: int = 0
+    decoupled: bool = False
 
     def __post_init__(self) -> None:
         if not (self.rho > 0 and math.isfinite(self.rho)):
@@ -60,6 +70,9 @@ class ADMMConfig:
             raise CstarError(f"rho_growth={self.rho_growth} must be >= 1 (1 keeps rho constant)")
         if self.rho_max < self.rho:
             raise CstarError(f"rho_max={self.rho_max} is below rho={self.rho}: raise rho_max")
+        if self.decoupled and self.rho_max > 1:
+            raise CstarError(f"rho_max={self.rho_max}: with decoupled=True rho is the fraction of the way to the "
+                             "constraint moved per step, so rho and rho_max must be <= 1")
         if self.interval is not None and self.interval < 1:
             raise CstarError(f"interval={self.interval} must be >= 1 optimiser steps (or None: once an epoch)")
         if self.n_iter < 0 or self.reselect < 0:
@@ -130,12 +143,18 @@ class ADMM(TrainHook):
         layer = self.plan.layers[name]
         return project(weight, layer.kind, layer.ranks, self.config.n_iter)
 
-    def penalty(self, model: nn.Module) -> torch.Tensor:
-        """``rho/2 * sum_l ||W_l - Z_l + U_l||^2`` (a differentiable scalar)."""
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """``rho/2 * sum_l ||W_l - Z_l + U_l||^2`` (a differentiable scalar; None when decoupled)."""
+        if self.config.decoupled:
+            return None
         total = sum((w - self.Z[n] + self.U[n]).pow(2).sum() for n, w in self._weights(model).items())
         return 0.5 * self.rho * total
 
     def after_step(self, model: nn.Module, step: int) -> None:
+        if self.config.decoupled:
+            with torch.no_grad():
+                for name, w in self._weights(model).items():
+                    w.sub_(self.rho * (w - self.Z[name] + self.U[name]))
         if step % self.interval == 0:
             self.z_step(model, step)
 

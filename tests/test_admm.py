@@ -60,6 +60,23 @@ def test_penalty_gradient_is_rho_times_w_minus_z_plus_u(setup):
     torch.testing.assert_close(model.fc1.weight.grad, expected)
 
 
+def test_decoupled_admm_adds_no_penalty_and_pulls_by_rho_after_each_step(setup):
+    model, plan = setup
+    admm = ADMM(model, plan, ADMMConfig(rho=0.3, decoupled=True), steps_per_epoch=10)
+    admm.U["fc1"] = torch.randn_like(admm.U["fc1"])
+    w = model.fc1.weight.detach().clone()
+    assert admm.penalty(model) is None
+    admm.after_step(model, step=1)  # not a Z-step: the pull only
+    torch.testing.assert_close(model.fc1.weight.detach(), w - 0.3 * (w - admm.Z["fc1"] + admm.U["fc1"]))
+
+
+def test_decoupled_admm_residual_falls_under_adam():
+    admm = _admm_run_on_digits(ADMMConfig(rho=0.02, rho_growth=1.5, rho_max=0.2, interval=11, decoupled=True),
+                               epochs=6, optimizer="adam", lr=2e-3)
+    means = [h["residual_mean"] for h in admm.history]
+    assert len(means) >= 6 and means[-1] < 0.5 * means[0]
+
+
 def test_z_and_u_steps_follow_the_updates(setup):
     model, plan = setup
     admm = ADMM(model, plan, ADMMConfig(rho=0.1, rho_growth=2.0), steps_per_epoch=10)
@@ -139,7 +156,8 @@ def test_reselection_replans_from_current_weights(setup):
     assert set(admm.Z) == set(admm.U) == set(admm.names)
 
 
-@pytest.mark.parametrize("bad", [dict(rho=0), dict(rho_growth=0.5), dict(interval=0), dict(rho=1.0, rho_max=0.1)])
+@pytest.mark.parametrize("bad", [dict(rho=0), dict(rho_growth=0.5), dict(interval=0), dict(rho=1.0, rho_max=0.1),
+                                 dict(rho=0.1, rho_max=2.0, decoupled=True)])
 def test_bad_config_values(bad):
     with pytest.raises(CstarError):
         ADMMConfig(**bad)
