@@ -313,7 +313,7 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
                 stale = _stale_evaluation(row, config, len(test_set))
                 if any(stale):
                     what = " and ".join(w for w, s in zip(("attacks", "AutoAttack"), stale) if s)
-                    print(f"{name}: done earlier, evaluating its {what} again (new evaluation settings)", flush=True)
+                    print(f"{name}: done earlier; evaluating its {what} under the new evaluation settings", flush=True)
                     row = _reevaluate(row, cell, test_set, config, eps, device, *stale)
                     if distributed.is_main():
                         write_json(result_path, row)
