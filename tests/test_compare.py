@@ -188,7 +188,8 @@ def test_a_resume_with_other_attacks_reevaluates_the_saved_models_without_traini
     after = compare(dense_model(train_set), train_set, test_set, config(eval_attacks=["clean", "fgsm"], eval_n=60),
                     finished_copy, val_size=200)["cells"]
     printed = capsys.readouterr().out
-    assert "running" not in printed and printed.count("evaluating its attacks under the new evaluation settings") == len(before)
+    assert "running" not in printed
+    assert printed.count("evaluating its attacks under the new evaluation settings") == len(before)
     for name, cell in after.items():
         assert cell["train_seconds"] == before[name]["train_seconds"] and cell["subset"] == "first 60 examples"
         model = load(finished_copy / "cells" / name / "model")
