@@ -203,9 +203,18 @@ def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _with_new_fields(recorded: dict) -> dict:
+    """A cell's training record with the settings added to ``cstar`` since it was written at their defaults."""
+    defaults = {"search": asdict(TrainConfig()), "finetune": asdict(TrainConfig()), "admm": asdict(ADMMConfig())}
+    return {key: {**{k: v for k, v in defaults[key].items() if k != "progress"}, **value}
+            if key in defaults and isinstance(value, dict) else value for key, value in recorded.items()}
+
+
 def _check_same_training(name: str, row: dict, training: dict) -> None:
     """Refuse to mix a finished cell trained otherwise into this comparison (rows from before the record pass)."""
     before = row.get("training")
+    if before is not None:
+        before = _with_new_fields(before)
     if before is not None and before != training:
         raise CstarError(f"cell {name} was trained with other settings ({', '.join(_differences(before, training))} "
                          "differ): resume with the settings it was trained with, or give a new --out "

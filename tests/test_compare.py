@@ -179,6 +179,17 @@ def test_a_resume_with_another_seed_is_refused(digits, finished_copy):
         compare(dense_model(train_set), train_set, test_set, config(), finished_copy, val_size=200, seed=1)
 
 
+def test_a_cell_recorded_before_a_setting_existed_counts_it_at_its_default(digits, finished_copy, capsys):
+    train_set, test_set = digits
+    path = finished_copy / "cells" / "cstar-4x" / "result.json"
+    row = json.loads(path.read_text())
+    del row["training"]["admm"]["decoupled"], row["training"]["finetune"]["grad_clip"]  # as if added later
+    path.write_text(json.dumps(row))
+    capsys.readouterr()
+    compare(dense_model(train_set), train_set, test_set, config(), finished_copy, val_size=200)
+    assert "cstar-4x: done earlier" in capsys.readouterr().out
+
+
 def test_a_resume_with_other_attacks_reevaluates_the_saved_models_without_training(digits, finished_copy, capsys):
     from cstar import evaluate
 
