@@ -212,10 +212,10 @@ def _with_new_fields(recorded: dict) -> dict:
 
 def _check_same_training(name: str, row: dict, training: dict) -> None:
     """Refuse to mix a finished cell trained otherwise into this comparison (rows from before the record pass)."""
-    before = row.get("training")
-    if before is not None:
-        before = _with_new_fields(before)
-    if before is not None and before != training:
+    if "training" not in row:
+        return
+    before = _with_new_fields(row["training"])
+    if before != training:
         raise CstarError(f"cell {name} was trained with other settings ({', '.join(_differences(before, training))} "
                          "differ): resume with the settings it was trained with, or give a new --out "
                          "(or delete the cell's directory to retrain it)")
