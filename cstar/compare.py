@@ -48,7 +48,7 @@ from .admm import ADMMConfig
 from .compress import (CompressConfig, compress, settings_from_dict, split_held_out, train_phase, training_loader,
                        training_seconds)
 from .counting import count_flops, count_params
-from .evaluate import evaluate
+from .evaluate import evaluate, subset_label
 from .lowrank import decompose, select_ranks
 from .serialize import load, save
 from .train import TrainConfig
@@ -181,13 +181,18 @@ def _evaluation_settings(config: CompareConfig) -> dict:
     return {"attacks": list(config.eval_attacks), "step": config.eval_step, "n": config.eval_n}
 
 
+def _settings_record(settings: TrainConfig | ADMMConfig) -> dict:
+    """A phase's settings as recorded in a cell, without the display-only ``progress``."""
+    record = settings.to_dict()
+    record.pop("progress", None)
+    return record
+
+
 def _training_settings(method: str, config: CompareConfig, seed: int) -> dict:
     """What a cell's model depends on besides the dense model: its phases' settings and the seed."""
-    phases = {"search": config.search.to_dict(), "finetune": config.finetune.to_dict()}
-    for phase in phases.values():
-        phase.pop("progress", None)  # display only
+    phases = {"search": _settings_record(config.search), "finetune": _settings_record(config.finetune)}
     if method == "cstar":
-        phases["admm"] = config.admm.to_dict()
+        phases["admm"] = _settings_record(config.admm)
     return {**phases, "seed": seed}
 
 
@@ -205,9 +210,9 @@ def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
 
 def _with_new_fields(recorded: dict) -> dict:
     """A cell's training record with the settings added to ``cstar`` since it was written at their defaults."""
-    defaults = {"search": asdict(TrainConfig()), "finetune": asdict(TrainConfig()), "admm": asdict(ADMMConfig())}
-    return {key: {**{k: v for k, v in defaults[key].items() if k != "progress"}, **value}
-            if key in defaults and isinstance(value, dict) else value for key, value in recorded.items()}
+    defaults = {"search": _settings_record(TrainConfig()), "finetune": _settings_record(TrainConfig()),
+                "admm": _settings_record(ADMMConfig())}
+    return {key: {**defaults[key], **value} if key in defaults else value for key, value in recorded.items()}
 
 
 def _check_same_training(name: str, row: dict, training: dict) -> None:
@@ -257,11 +262,10 @@ def _stale_evaluation(row: dict, config: CompareConfig, test_size: int) -> tuple
         attacks_stale = row["evaluation"] != _evaluation_settings(config)
     else:
         labels = {"clean" if a == "clean" else attacks.parse_attack(a, 1.0).label for a in config.eval_attacks}
-        n = test_size if config.eval_n is None else min(config.eval_n, test_size)
-        subset = f"all {n} examples" if config.eval_n is None else f"first {n} examples"
+        subset = subset_label(config.eval_n, min(config.eval_n or test_size, test_size))
         attacks_stale = set(row["accuracy"]) != labels or row["subset"] != subset
     aa = row.get("autoattack")
-    aa_subset = f"first {min(config.autoattack_n, test_size)} examples"
+    aa_subset = subset_label(config.autoattack_n, min(config.autoattack_n, test_size))
     aa_stale = bool(config.autoattack_n) and (aa is None or aa["subset"] != aa_subset)
     return attacks_stale, aa_stale
 

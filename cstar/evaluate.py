@@ -84,6 +84,11 @@ def _shard(data, n: int | None, batch_size: int, device: torch.device):
     return data, n, False
 
 
+def subset_label(n: int | None, total: int) -> str:
+    """How a result names the test examples it used: ``total`` of them, the first ``n`` asked for (None: all)."""
+    return f"first {total} examples" if n is not None else f"all {total} examples"
+
+
 def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.AttackSpec] = DEFAULT_ATTACKS, *,
              eps: float, norm: str = "linf", step: float | None = None, n: int | None = None, batch_size: int = 256,
              seed: int = 0, out_path: str | Path | None = None, meta: dict | None = None,
@@ -173,7 +178,7 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
     result = {
         "accuracy": {k: correct[k] / total for k in labels},
         "n_examples": total,
-        "subset": f"first {total} examples" if n is not None else f"all {total} examples",
+        "subset": subset_label(n, total),
         "eps": eps,
         "norm": norm,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
