@@ -12,7 +12,8 @@ The public API, by concept (each lives in one module, see docs/DESIGN.md):
   :func:`svd_project`, :func:`select_ranks`, :func:`decompose`
 - CSTAR: :func:`compress` with :class:`CompressConfig`; :class:`ADMM`
 - comparison with the baselines: :func:`compare` with :class:`CompareConfig`
-- files: :func:`save`, :func:`load`, :func:`export`; :func:`optimize_for_inference`
+- files: :func:`save`, :func:`load`, :func:`export`; :func:`optimize_for_inference`;
+  :func:`full_float32` (TF32 off, for exactness checks on GPUs)
 - pruning baselines: :mod:`cstar.prune` (``find_groups``, ``prune_channels``,
   ``magnitude_prune``, ``hydra_prune``, ``robust_prune``)
 - multi-process runs (torchrun, DDP): :mod:`cstar.distributed`
@@ -27,6 +28,7 @@ from .compare import CompareConfig, compare
 from .compress import CompressConfig, compress
 from .counting import count_flops, count_params, layer_table
 from .evaluate import evaluate, paired_difference
+from ._precision import full_float32
 from .inference import fold_batchnorm, optimize_for_inference
 from .lowrank import (LayerPlan, LowRankConv1x1, LowRankLinear, RankPlan, Tucker2Conv2d, decompose, mode_spectra,
                       select_ranks, svd_factors, svd_project, tucker2, tucker2_project)
@@ -40,7 +42,7 @@ __all__ = [
     "CstarError", "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "ScoredModel", "TrainConfig",
     "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "channel_scores", "compare", "compress", "count_flops",
     "count_params", "data", "decompose", "distributed", "evaluate", "export", "find_groups", "fit",
-    "fold_batchnorm", "hydra_prune", "layer_table", "learn_channel_scores", "load", "magnitude_prune",
+    "fold_batchnorm", "full_float32", "hydra_prune", "layer_table", "learn_channel_scores", "load", "magnitude_prune",
     "mode_spectra", "models", "optimize_for_inference", "paired_difference", "prune", "prune_channels",
     "robust_prune", "save", "select_channels", "select_ranks", "svd_factors", "svd_project", "tucker2",
     "tucker2_project",

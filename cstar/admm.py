@@ -109,6 +109,7 @@ class ADMM(TrainHook):
         if config.reselect and select_kwargs is None:
             raise CstarError("ADMM rank re-selection needs the select_ranks arguments (select_kwargs)")
         self.config, self.select_kwargs = config, select_kwargs
+        self.device = next(model.parameters()).device
         self.interval = config.interval or steps_per_epoch
         self.rho = config.rho
         self.z_steps = 0
@@ -159,8 +160,14 @@ class ADMM(TrainHook):
             self.z_step(model, step)
 
     @torch.no_grad()
-    def z_step(self, model: nn.Module, step: int | None = None) -> dict:
-        """Z- and U-steps (and rank re-selection, at first); returns the residual record."""
+    def z_step(self, model: nn.Module, step: int | None = None) -> dict | None:
+        """Z- and U-steps (and rank re-selection, at first); returns the residual record.
+
+        Weights that are not finite (a diverging run, which :func:`cstar.fit`
+        stops at its next check) are not projected: None, and nothing changes.
+        """
+        if not all(torch.isfinite(w).all() for w in self._weights(model).values()):
+            return None
         if self.z_steps < self.config.reselect:
             self._reselect(model)
         residuals = {}
@@ -216,5 +223,7 @@ class ADMM(TrainHook):
     def load_state_dict(self, state: dict) -> None:
         self.plan = RankPlan.from_dict(state["plan"])
         self.names = [name for name, layer in self.plan.layers.items() if layer.kind != "dense"]
-        self.Z, self.U = state["Z"], state["U"]
+        # a checkpoint is read on the CPU: the state goes back to the weights' device
+        self.Z = {n: z.to(self.device) for n, z in state["Z"].items()}
+        self.U = {n: u.to(self.device) for n, u in state["U"].items()}
         self.rho, self.z_steps, self.history = state["rho"], state["z_steps"], state["history"]

@@ -26,7 +26,7 @@ from ._io import atomic_write_text, load_checkpoint, prepare_run_dir, save_check
 from ._signals import Interrupted
 from .counting import count_flops, count_params, format_table, layer_table
 from .evaluate import evaluate, format_results
-from .train import METHODS, OPTIMIZERS, SCHEDULES, TrainConfig, fit
+from .train import AMP_DTYPES, METHODS, OPTIMIZERS, SCHEDULES, TrainConfig, fit
 
 # Options that control the command itself and are not saved to config.yaml.
 _NOT_SAVED = {"command", "config", "force", "resume", "func"}
@@ -162,7 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine")
     g.add_argument("--warmup-epochs", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value")
-    g.add_argument("--amp", action="store_true", help="mixed precision (float16 autocast) on CUDA")
+    g.add_argument("--amp", action="store_true",
+                   help="mixed precision on CUDA: bfloat16 autocast where the GPU supports it, else float16 with "
+                   "loss scaling (see --amp-dtype)")
+    g.add_argument("--amp-dtype", choices=AMP_DTYPES, default="auto",
+                   help="the autocast type of --amp: auto (default: by the GPU; nothing on the CPU), or bfloat16 "
+                   "or float16 on any device")
     g.add_argument("--channels-last", action="store_true",
                    help="train in channels-last memory format (faster convs; on the CPU it stays off, with a "
                    "warning, for a model with a strided 1x1 conv of < 16 input channels, which oneDNN mis-trains "
@@ -421,7 +426,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         attack_steps=args.attack_steps, attack_step=args.attack_step, eps_warmup_epochs=args.eps_warmup,
         trades_beta=args.trades_beta, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
-        grad_clip=args.grad_clip, amp=args.amp, channels_last=args.channels_last, check_size=args.check_size, overfit_guard=not args.no_overfit_guard,
+        grad_clip=args.grad_clip, amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last, check_size=args.check_size, overfit_guard=not args.no_overfit_guard,
         select=args.select, seed=args.seed, progress=not args.no_progress, sync_bn=args.sync_bn)
     eval_attacks = _names(args.eval_attacks)
     torch.manual_seed(args.seed)  # the initial weights

@@ -20,6 +20,8 @@ Conventions of the distributed code paths in cstar:
 from __future__ import annotations
 
 import contextlib
+import datetime
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -31,6 +33,7 @@ from torch import nn
 from ._errors import CstarError
 
 _ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+DEFAULT_TIMEOUT_MINUTES = 60
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,9 @@ def init_from_env(device: str | torch.device = "cpu") -> Context:
     """Join the process group described by torchrun's environment variables; return the :class:`Context`.
 
     With ``WORLD_SIZE`` unset or 1 nothing is initialised (``Context(0, 1, 0, device)``).
-    A CUDA ``device`` becomes ``cuda:LOCAL_RANK`` (and the current CUDA device).
+    A CUDA ``device`` becomes ``cuda:LOCAL_RANK`` (and the current CUDA device;
+    in one process ``cuda:N`` becomes the current device too). Collectives wait
+    :func:`timeout` for the slowest rank.
     Calling it again returns the same context (with ``device`` mapped likewise).
     """
     global _context
@@ -75,6 +80,9 @@ def init_from_env(device: str | torch.device = "cpu") -> Context:
         return _context
     world = _env_int("WORLD_SIZE") if os.environ.get("WORLD_SIZE") else 1
     if world <= 1:
+        if device.type == "cuda" and device.index is not None:
+            # else pinned-memory loaders and libraries that use "the current GPU" open a context on GPU 0
+            torch.cuda.set_device(device)
         _context = Context(0, 1, 0, device)
         return _context
     missing = [name for name in _ENV if not os.environ.get(name)]
@@ -94,8 +102,11 @@ def init_from_env(device: str | torch.device = "cpu") -> Context:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
+    options = {"timeout": timeout()}
+    if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        options["device_id"] = device  # binds the communicator to this GPU (no guessing in barrier())
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        dist.init_process_group(backend, rank=rank, world_size=world, **options)
     except (RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CstarError(f"could not join the {backend} process group of {world} processes at "
@@ -103,6 +114,24 @@ def init_from_env(device: str | torch.device = "cpu") -> Context:
                          "node runs torchrun with the same --rdzv_endpoint/--nnodes and can reach it") from None
     _context = Context(rank, world, local_rank, device)
     return _context
+
+
+def timeout() -> datetime.timedelta:
+    """How long a collective waits for the slowest rank: ``CSTAR_DIST_TIMEOUT`` minutes (default 60).
+
+    NCCL's own default (10 minutes) is shorter than a rank-0-only save of a
+    large checkpoint or an uneven AutoAttack shard, after which the waiting
+    ranks would abort.
+    """
+    text = os.environ.get("CSTAR_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_MINUTES))
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise CstarError(f"CSTAR_DIST_TIMEOUT='{text}' is not a positive number of minutes: set e.g. "
+                         f"CSTAR_DIST_TIMEOUT={DEFAULT_TIMEOUT_MINUTES}, or unset it")
+    return datetime.timedelta(minutes=minutes)
 
 
 def is_initialized() -> bool:
@@ -185,10 +214,10 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
         return
     comm = _comm_device()
     for t in tensors:
-        if t.device == comm:
+        if t.device == comm and t.is_contiguous():
             dist.broadcast(t.data, src)
-        else:
-            buf = t.detach().to(comm)
+        else:  # NCCL takes only contiguous tensors on its GPU
+            buf = t.detach().to(comm).contiguous()
             dist.broadcast(buf, src)
             t.data.copy_(buf)
 

@@ -32,6 +32,8 @@ from ._signals import Interrupted, stop_requests
 METHODS = ("pgd", "fgsm_rs", "nfgsm", "trades", "clean")
 SCHEDULES = ("cosine", "onecycle", "multistep", "constant")
 OPTIMIZERS = ("sgd", "adam")
+AMP_DTYPES = ("auto", "bfloat16", "float16")
+POLL_EVERY = 8  # optimiser steps between the checks that need a host sync (divergence; under torchrun also signals)
 
 
 @dataclass
@@ -43,6 +45,14 @@ class TrainConfig:
     for PGD and TRADES, ``1.25 * eps`` for FGSM-RS, ``eps`` for N-FGSM.
     ``eps_warmup_epochs`` ramps eps linearly from 0 (helps MNIST at eps 0.3).
     ``lr`` is the peak learning rate; ``warmup_epochs`` ramps it linearly first.
+    ``amp`` trains under ``torch.autocast`` in ``amp_dtype``: "auto" (default)
+    is bfloat16 on GPUs that support it (no loss scaling needed) and float16
+    with a GradScaler on older GPUs, and nothing on the CPU (a warning says so);
+    "bfloat16" or "float16" forces that type on any device. Under float16 the
+    attacks rescale each example's loss gradient so that it cannot underflow
+    (see :mod:`cstar.attacks`), and a step whose gradients overflow is skipped
+    (the learning-rate schedule and the hooks' ``after_step`` then wait). The
+    type used is recorded in every epoch record (``amp``).
     ``channels_last`` trains in NHWC memory format (1.3x faster for a width-16
     ResNet-18 on 2 CPU cores here; the same arithmetic); on the CPU it is turned
     off, with a warning, for models that oneDNN mis-trains in NHWC
@@ -70,6 +80,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     grad_clip: float | None = None
     amp: bool = False
+    amp_dtype: str = "auto"
     channels_last: bool = False
     check_size: int = 512
     check_steps: int = 10
@@ -88,6 +99,7 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("select", self.select, ("last", "best"))
+        _choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and 0 <= self.eps <= 1):
             raise CstarError(f"eps={self.eps} is out of range: inputs are in [0, 1], so use 0 <= eps <= 1 (e.g. 8/255 = {8/255:.5f})")
         if self.method not in ("clean",) and self.eps == 0:
@@ -130,7 +142,8 @@ class TrainHook:
 
     ``penalty(model)`` returns a scalar added to the loss of every step (or None);
     ``after_step(model, step)`` runs after each optimiser step (``step`` counts
-    from 1 over the whole run); ``after_epoch(model, record)`` may add fields to
+    the steps taken, from 1 over the whole run: a step that a float16
+    GradScaler skipped is not counted); ``after_epoch(model, record)`` may add fields to
     the epoch's log record; ``state_dict``/``load_state_dict`` put the hook's
     state into the checkpoint so that ``resume`` restores it.
     """
@@ -291,9 +304,105 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore :func:`_rng_state`'s states wherever the checkpoint's tensors were loaded.
+
+    RNG states must be CPU byte tensors; a checkpoint written with more GPUs
+    than this machine has restores the generators of the GPUs it has.
+    """
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
+
+
+def resolve_amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast type of a run on ``device`` (None: float32); see :class:`TrainConfig` ``amp``."""
+    if not config.amp:
+        return None
+    if config.amp_dtype != "auto":
+        return getattr(torch, config.amp_dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    warnings.warn("amp=True has no effect on the CPU: training in float32 (amp_dtype='bfloat16' forces "
+                  "bfloat16 autocast on a CPU that supports it)", stacklevel=3)
+    return None
+
+
+class _Tally:
+    """An epoch's running counts, kept on the device so that a training step needs no host sync.
+
+    ``seen`` is a host int (batch sizes are known there); ``correct`` and
+    ``loss_sum`` are device tensors; a non-finite loss is left out of
+    ``loss_sum`` and remembered: the first such step (1-based, ``bad_step``)
+    and the longest run of them (``bad_streak``).
+    """
+
+    def __init__(self, device: torch.device, seen: int = 0, correct: float = 0, loss_sum: float = 0.0) -> None:
+        self.seen = seen
+        self.correct = torch.tensor(float(correct), dtype=torch.float64, device=device)
+        self.loss_sum = torch.tensor(float(loss_sum), dtype=torch.float64, device=device)
+        self.bad_step = torch.tensor(0, device=device)
+        self._streak = torch.tensor(0, device=device)
+        self.bad_streak = torch.tensor(0, device=device)
+
+    def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        loss = loss.detach()
+        finite = torch.isfinite(loss)
+        self.seen += len(y)
+        self.correct += (logits.detach().argmax(1) == y).sum()
+        self.loss_sum += torch.where(finite, loss, torch.zeros_like(loss)).double() * len(y)
+        self.bad_step = torch.where((self.bad_step == 0) & ~finite, step, self.bad_step)
+        self._streak = (self._streak + 1) * (~finite)
+        self.bad_streak = torch.maximum(self.bad_streak, self._streak)
+
+    def diverged(self, scaled: bool) -> torch.Tensor:
+        """A device bool: a non-finite loss (without a GradScaler), or ``POLL_EVERY`` in a row (with one,
+        which skips the steps whose gradients overflow)."""
+        return self.bad_streak >= POLL_EVERY if scaled else self.bad_step > 0
+
+    def counts(self) -> list:
+        """``[seen, correct, loss_sum]`` as host numbers (one sync)."""
+        correct, loss_sum = torch.stack([self.correct, self.loss_sum]).tolist()
+        return [self.seen, int(round(correct)), loss_sum]
+
+
+def _poll(stop_requested: bool, tally: _Tally, scaled: bool) -> tuple[bool, bool]:
+    """(stop, diverged), agreed by every rank: one collective and one host sync."""
+    device = tally.correct.device
+    flags = torch.stack([torch.tensor(float(stop_requested), dtype=torch.float64, device=device),
+                         tally.diverged(scaled).double()])
+    stop, diverged = distributed.all_reduce_sum(flags).tolist()
+    return stop > 0, diverged > 0
+
+
+def _diverged_error(epoch: int, tally: _Tally, scaled: bool, ckpt_path: Path | None) -> CstarError:
+    where = (f"the last good checkpoint is {ckpt_path}" if ckpt_path and ckpt_path.exists()
+             else "no checkpoint was written yet")
+    if scaled:
+        what = f"the float16 loss was non-finite for {POLL_EVERY} steps in a row, so GradScaler could not recover"
+        fix = "lower lr, set grad_clip, or use amp_dtype bfloat16"
+    else:  # the first non-finite step of any rank (under DDP the others inherit its gradients)
+        bad = [step for step in distributed.all_gather_object(int(tally.bad_step.item())) if step > 0]
+        what = f"step {min(bad)} (the loss is not finite)"
+        fix = "lower lr (training settings, e.g. --lr) or set grad_clip (--grad-clip)"
+    return CstarError(f"training diverged at epoch {epoch + 1}, {what}; {where}: {fix}")
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor,
+                    model: nn.Module, grad_clip: float | None) -> bool:
+    """Backward and step; False when GradScaler skipped the step (float16 overflow: one host sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not scaler.is_enabled():
+        optimizer.step()
+        return True
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() >= scale  # the scale backs off exactly when the step was skipped
 
 
 def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -307,26 +416,27 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
     (each epoch, atomically, keeping the one before as ``checkpoint.prev.pt``)
     and ``best.pt``; ``resume=True`` continues from ``checkpoint.pt`` (from
     ``checkpoint.prev.pt``, with a warning, when the latest is corrupt), at the
-    batch where it stopped. SIGINT/SIGTERM finish the current step, write a
-    checkpoint and raise :class:`cstar._signals.Interrupted`. ``hooks``
-    (:class:`TrainHook`) add loss terms, per-step and per-epoch work, and
-    checkpointed state. With the loader's seed and ``config.seed`` fixed, a
-    resumed run on the CPU ends with the same weights and records as an
-    uninterrupted one (timings aside). Under torchrun (see :mod:`cstar.distributed`)
-    every rank calls ``fit`` with its shard of the data; the model is wrapped in
-    DistributedDataParallel for the training step, logged losses and accuracies
-    are global, and only rank 0 writes files and prints.
+    batch where it stopped, on whatever device ``model`` is now. SIGINT/SIGTERM
+    finish the current step, write a checkpoint and raise
+    :class:`cstar._signals.Interrupted`. ``hooks`` (:class:`TrainHook`) add loss
+    terms, per-step and per-epoch work, and checkpointed state. With the
+    loader's seed and ``config.seed`` fixed, a resumed run on the CPU ends with
+    the same weights and records as an uninterrupted one (timings aside). A
+    training step makes no host sync of its own (float16 with a GradScaler
+    makes one): divergence is checked every :data:`POLL_EVERY` steps and at the
+    end of each epoch, and names the first non-finite step. Under torchrun (see
+    :mod:`cstar.distributed`) every rank calls ``fit`` with its shard of the
+    data; the model is wrapped in DistributedDataParallel for the training
+    step, logged losses and accuracies are global, only rank 0 writes files and
+    prints, and signals and divergence are polled together every
+    :data:`POLL_EVERY` steps, so that all ranks stop at the same step.
     """
     hooks = list(hooks)
     main = distributed.is_main()  # under torchrun only rank 0 writes files and prints
     device = next(model.parameters()).device
-    amp_dtype = None
-    if config.amp:
-        if device.type == "cuda":
-            amp_dtype = torch.float16
-        else:
-            warnings.warn("amp=True has no effect on the CPU: training in float32", stacklevel=2)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is not None)
+    amp_dtype = resolve_amp_dtype(config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaled = scaler.is_enabled()
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     if config.channels_last and device.type == "cpu" and (unsafe := channels_last_unsafe_convs(model)):
         warnings.warn(f"channels_last is off for this run: oneDNN computes wrong weight gradients (or crashes) in "
@@ -352,11 +462,13 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
     torch.manual_seed(config.seed)
 
     if resume and ckpt_path is not None and (ckpt_path.exists() or previous_checkpoint(ckpt_path).exists()):
-        state = load_latest_checkpoint(ckpt_path, map_location=device)
+        # on the CPU: RNG states must stay there, and the optimiser moves its own state to the parameters
+        state = load_latest_checkpoint(ckpt_path, map_location="cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if scaled and state.get("scaler"):  # a run started without float16 AMP saved no scaler state
+            scaler.load_state_dict(state["scaler"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
         partial = state.get("partial") or partial
         if not main:  # rank 0's checkpoint holds the interrupted epoch's counts of all ranks
@@ -386,54 +498,55 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
                 train_loader.set_epoch(epoch)
             model.train()
             t0 = time.perf_counter() - partial["seconds"]
-            done, seen, correct, loss_sum = partial["batches"], partial["seen"], partial["correct"], partial["loss_sum"]
+            done = partial["batches"]
+            tally = _Tally(device, partial["seen"], partial["correct"], partial["loss_sum"])
             partial = {"batches": 0, "seen": 0, "correct": 0, "loss_sum": 0.0, "seconds": 0.0}
             bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}",
                        disable=not (config.progress and main), leave=False, dynamic_ncols=True)
+            checked = False  # the batch's value range is checked once an epoch, not by every attack call
             for i, (x, y) in enumerate(bar):
                 if i < done:  # resumed mid-epoch: replay the loader's order up to where the run stopped
                     continue
+                if not checked and config.method != "clean":
+                    attacks.check_inputs(x, y, (0.0, 1.0))
+                    checked = True
                 x = x.contiguous(memory_format=memory_format)
                 progress = epoch + i / steps_per_epoch
                 eps = config.eps * min(1.0, progress / config.eps_warmup_epochs) if config.eps_warmup_epochs else config.eps
-                loss, logits = _training_loss(trainer, x, y, config, eps, amp_dtype)
+                with attacks.inputs_checked():
+                    loss, logits = _training_loss(trainer, x, y, config, eps, amp_dtype)
                 for hook in hooks:
                     extra = hook.penalty(model)
                     if extra is not None:
                         loss = loss + extra
-                if not torch.isfinite(loss):
-                    where = (f"the last good checkpoint is {ckpt_path}" if ckpt_path and ckpt_path.exists()
-                             else "no checkpoint was written yet")
-                    raise CstarError(f"training diverged at epoch {epoch + 1}, step {i + 1} (loss is {loss.item()}); "
-                                     f"{where}: lower --lr or set --grad-clip")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step = epoch * steps_per_epoch + i + 1
-                for hook in hooks:
-                    hook.after_step(model, step)
-                seen += len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                loss_sum += loss.item() * len(y)
-                if i % 10 == 0 or i == steps_per_epoch - 1:
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                                    img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-                if distributed.any_rank(stop.requested) and i < steps_per_epoch - 1:  # all ranks stop together
+                if _optimizer_step(optimizer, scaler, loss, model, config.grad_clip):
+                    scheduler.step()
+                    for hook in hooks:  # the optimiser steps taken so far (skipped ones not counted)
+                        hook.after_step(model, scheduler.last_epoch)
+                tally.add(i + 1, loss, logits, y)
+                last = i == steps_per_epoch - 1
+                poll_due = last or (i + 1) % POLL_EVERY == 0
+                if not (poll_due or (stop.requested and not distributed.is_distributed())):
+                    continue
+                stopping, diverged = _poll(stop.requested, tally, scaled)
+                if diverged:
+                    raise _diverged_error(epoch, tally, scaled, ckpt_path)
+                seen, correct, loss_sum = tally.counts()
+                bar.set_postfix(loss=f"{loss_sum / max(1, seen):.3f}", acc=f"{correct / max(1, seen):.3f}",
+                                img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                if stopping and not last:  # all ranks stop together
                     totals = distributed.all_reduce_sum([seen, correct, loss_sum])
                     _stop(out, checkpoint, epoch, i + 1, steps_per_epoch, stop.signum or signal.SIGTERM, {
                         "batches": i + 1, **dict(zip(("seen", "correct", "loss_sum"), totals)),
                         "seconds": time.perf_counter() - t0})
             train_time = time.perf_counter() - t0
-            seen, correct, loss_sum = distributed.all_reduce_sum([seen, correct, loss_sum])  # over all ranks
+            seen, correct, loss_sum = distributed.all_reduce_sum(tally.counts())  # over all ranks
             distributed.broadcast_tensors(list(model.buffers()))  # per-rank BatchNorm statistics: take rank 0's
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "eps": eps,
                       "train_loss": loss_sum / seen, "train_adv_acc": correct / seen,
                       "train_seconds": round(train_time, 2), "images_per_second": round(seen / train_time, 1)}
+            if amp_dtype is not None:
+                record["amp"] = str(amp_dtype).removeprefix("torch.")
             if val is not None and config.check_size > 0:
                 xv, yv = val[0][:config.check_size], val[1][:config.check_size]
                 record["val_clean"], record["val_pgd"] = _sharded_check(model, xv, yv, config.eps, config.check_steps)

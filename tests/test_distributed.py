@@ -111,7 +111,61 @@ def worker(workdir: Path) -> None:
         cstar.fit(tiny_net(), loader, cstar.TrainConfig(method="clean", epochs=1, sync_bn=True, progress=False))
     except CstarError as exc:
         (workdir / f"sync-bn-{r}.txt").write_text(str(exc))
+    (workdir / f"diverged-{r}.txt").write_text(diverge_on_rank_1())
+    torch.save(broadcasts_as_nccl_would(), workdir / f"broadcast-{r}.pt")
     distributed.shutdown()
+
+
+class _NaNOnRank1(cstar.TrainHook):
+    """A loss term that is NaN on rank 1 at its second step (a rank-local overflow), zero elsewhere."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def penalty(self, model):
+        self.calls += 1
+        bad = distributed.rank() == 1 and self.calls == 2
+        return torch.tensor(float("nan") if bad else 0.0)
+
+
+def diverge_on_rank_1() -> str:
+    """What ``fit`` raises on this rank when rank 1's loss alone is not finite (it must not hang)."""
+    loader = make_loader(tiny_data(48, seed=1), 8, train=True, rank=distributed.rank(), world_size=2)
+    try:
+        cstar.fit(tiny_net(), loader, cstar.TrainConfig(method="clean", epochs=2, check_size=0, progress=False),
+                  hooks=[_NaNOnRank1()])
+    except CstarError as exc:
+        return str(exc)
+    return "no error"
+
+
+def broadcasts_as_nccl_would() -> dict:
+    """Broadcasts (a transposed view, ADMM's Z and U of a layer with more outputs than inputs) through a
+    ``dist.broadcast`` that refuses non-contiguous tensors, as NCCL does (Gloo accepts them)."""
+    import torch.distributed as dist
+
+    real = dist.broadcast
+
+    def strict(tensor, src, *args, **kwargs):
+        if not tensor.is_contiguous():
+            raise RuntimeError("Tensors must be contiguous")
+        return real(tensor, src, *args, **kwargs)
+
+    dist.broadcast = strict
+    try:
+        r = distributed.rank()
+        view = torch.arange(12.0).view(3, 4).mul(r + 1).T  # rank 0: 0..11; rank 1: twice that
+        distributed.broadcast_tensors([view])
+        torch.manual_seed(r)  # different weights per rank: the broadcast must make Z and U agree
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 32), nn.ReLU(),
+                              nn.Linear(32, 10))
+        plan = cstar.select_ranks(model, 1.5, exclude=["1"])
+        admm = cstar.ADMM(model, plan, cstar.ADMMConfig(), steps_per_epoch=1)
+        return {"view": view, "tall": [n for n in admm.names if model.get_submodule(n).out_features >
+                                        model.get_submodule(n).in_features],
+                "Z": admm.Z, "U": admm.U}
+    finally:
+        dist.broadcast = real
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +202,22 @@ def test_sync_bn_on_cpu_processes_is_named(two_ranks):
     for r in range(2):
         message = (two_ranks / f"sync-bn-{r}.txt").read_text()
         assert "sync_bn" in message and "CUDA" in message
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(two_ranks):
+    messages = [(two_ranks / f"diverged-{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1], messages
+    assert "diverged at epoch 1, step 2" in messages[0]
+
+
+def test_broadcasts_are_contiguous_as_nccl_requires(two_ranks):
+    ranks = [torch.load(two_ranks / f"broadcast-{r}.pt") for r in range(2)]
+    for result in ranks:
+        torch.testing.assert_close(result["view"], torch.arange(12.0).view(3, 4).T, rtol=0, atol=0)
+    assert ranks[0]["tall"], "the plan compresses no layer with more outputs than inputs"
+    for key in ("Z", "U"):
+        for name in ranks[0][key]:
+            torch.testing.assert_close(ranks[1][key][name], ranks[0][key][name], rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not DATA, reason="CSTAR_TEST_DATA (a root holding MNIST/raw) is not set")

@@ -8,7 +8,8 @@ training flag afterwards) and leaves the parameters' ``.grad`` alone.
 """
 
 from cstar.attacks._autoattack import autoattack
+from cstar.attacks._common import check_inputs, inputs_checked
 from cstar.attacks._gradient import fgsm, nfgsm, pgd
 from cstar.attacks._spec import AttackSpec, parse_attack
 
-__all__ = ["AttackSpec", "autoattack", "fgsm", "nfgsm", "parse_attack", "pgd"]
+__all__ = ["AttackSpec", "autoattack", "check_inputs", "fgsm", "inputs_checked", "nfgsm", "parse_attack", "pgd"]

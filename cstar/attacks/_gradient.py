@@ -70,6 +70,32 @@ def _logits(model: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) ->
         return model(x).float()
 
 
+def _batchnorm_couples_examples(model: nn.Module) -> bool:
+    """True when a BatchNorm layer is in training mode: each example's gradient then depends on the others."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+
+
+def _rescale_gradient(logits: torch.Tensor, per_example: bool) -> torch.Tensor:
+    """``logits``, whose gradient is rescaled on the way back so that its largest entry is 1.
+
+    Under float16 autocast the loss gradient of a confidently classified example
+    (``1 - p_y`` near 1e-6) underflows to zero on its way back through the
+    network, and ``sign(0) = 0`` leaves that input unattacked. The step's
+    direction depends only on each example's gradient up to a positive factor
+    (its sign for L-inf, its direction for L2), so scaling each example's logit
+    gradient (the whole batch's when BatchNorm couples the examples) changes no
+    step while keeping the values where float16 represents them.
+    """
+    def rescale(grad: torch.Tensor) -> torch.Tensor:
+        flat = grad.flatten(1) if per_example else grad.reshape(1, -1)
+        peak = flat.abs().amax(dim=1)
+        peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+        return grad / (peak.view(-1, *[1] * (grad.dim() - 1)) if per_example else peak)
+
+    logits.register_hook(rescale)
+    return logits
+
+
 def _single_run(
     model: nn.Module,
     x: torch.Tensor,
@@ -91,9 +117,14 @@ def _single_run(
     x_adv = x
     if start > 0:
         x_adv = (x + _random_ball(x, start, norm, generator)).clamp(*clip)
+    rescale = amp_dtype == torch.float16
+    per_example = rescale and not _batchnorm_couples_examples(model)
     for _ in range(steps):
         x_adv = x_adv.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(loss_fn(_logits(model, x_adv, amp_dtype), y).sum(), x_adv)
+        logits = _logits(model, x_adv, amp_dtype)
+        if rescale:
+            logits = _rescale_gradient(logits, per_example)
+        (grad,) = torch.autograd.grad(loss_fn(logits, y).sum(), x_adv)
         direction = grad.sign() if norm == "linf" else grad / _per_sample_norm(grad).clamp_min(1e-12)
         x_adv = x_adv.detach() + ascend * step * direction
         if project:
@@ -225,8 +256,10 @@ def pgd(
         model_mode: "eval" (default), "train" or "keep"; each submodule's
             training flag is restored afterwards.
         amp_dtype: run the forward pass under ``torch.autocast`` with this
-            dtype (e.g. torch.float16 on CUDA, torch.bfloat16 on CPU); the
-            input and its gradient stay float32. ``None``: full precision.
+            dtype (e.g. torch.bfloat16, or torch.float16 on GPUs without
+            bfloat16); the input and its gradient stay float32. Under float16
+            each example's loss gradient is rescaled so that it cannot
+            underflow (the steps are unchanged). ``None``: full precision.
         generator: ``torch.Generator`` for the random start (reproducible runs).
 
     Returns:

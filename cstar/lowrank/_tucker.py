@@ -221,4 +221,5 @@ def svd_project(weight: torch.Tensor, rank: int) -> torch.Tensor:
     side = work if wide else work.T
     q = _top_eigvecs(_gram(side), rank)
     projected = q @ (q.T @ side)
-    return (projected if wide else projected.T).to(weight.dtype)
+    # contiguous: a transposed view cannot be broadcast over NCCL (ADMM sends its Z to every rank)
+    return (projected if wide else projected.T).to(weight.dtype).contiguous()
