@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ._errors import CstarError
 
@@ -74,6 +75,20 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def state_mismatch(model: nn.Module, shapes: dict[str, torch.Size], tied: dict[str, str] | None = None
+                   ) -> str | None:
+    """What differs between ``shapes`` and the model's state dict (aliases excluded), or None if nothing."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in (tied or {})}
+    missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or extra:
+        return (f"missing tensors: {', '.join(missing[:5]) or 'none'}; "
+                f"unexpected tensors: {', '.join(extra[:5]) or 'none'}")
+    for key, shape in expected.items():
+        if tuple(shapes[key]) != shape:
+            return f"tensor {key!r} has shape {tuple(shapes[key])} but the architecture needs {shape}"
+    return None
+
+
 def previous_checkpoint(path: str | os.PathLike) -> Path:
     """Where :func:`save_checkpoint` with ``keep_previous`` keeps the older version: ``<stem>.prev<suffix>``."""
     path = Path(path)
@@ -99,14 +114,28 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CstarError(
-            f"cannot read checkpoint {path} ({first_line[:160]}): it is corrupt, truncated or not a cstar "
-            "checkpoint; cstar only loads tensors and plain values (weights_only), never pickled code"
-        ) from None
+        raise CstarError(f"cannot read checkpoint {path}: {_unreadable(path, exc)}; pass a checkpoint.pt written "
+                         "by 'cstar train' (cstar loads only tensors and plain values, weights_only, never pickled code)") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CstarError(f"{path} is not a cstar checkpoint (no 'model' entry): pass a checkpoint.pt written by 'cstar train'")
     return state
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why ``torch.load`` could not read ``path``, from the file's first bytes (torch's own messages are
+    often a bare number or a screen long)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "it is empty (corrupt)"
+    if head == b"PK\x03\x04":
+        kind = "it is a corrupt (damaged or truncated) PyTorch archive"
+    elif head[:1] == b"\x80":
+        kind = "it is a corrupt (truncated) pickle or holds more than tensors and plain values"
+    else:
+        return "it is corrupt or not a PyTorch file (a torch.save file starts with a zip or pickle header)"
+    detail = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+    return f"{kind} ({detail[:120]})"
 
 
 def load_latest_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -22,7 +22,7 @@ import yaml
 from . import __version__, data, distributed, models
 from ._env import environment
 from ._errors import CstarError
-from ._io import atomic_write_text, load_checkpoint, prepare_run_dir, save_checkpoint, write_json
+from ._io import atomic_write_text, load_checkpoint, prepare_run_dir, save_checkpoint, state_mismatch, write_json
 from ._signals import Interrupted
 from .counting import count_flops, count_params, format_table, layer_table
 from .evaluate import evaluate, format_results
@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "warning, for a model with a strided 1x1 conv of < 16 input channels, which oneDNN mis-trains "
                    "in that format)")
     g.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over all ranks")
+    g.add_argument("--train-n", type=int, default=None, help="train on the first N training images only")
     g.add_argument("--val-size", type=int, default=1000,
                    help="training images held out (from the end) for the per-epoch PGD check (default: 1000)")
     g.add_argument("--check-size", type=int, default=d["check_size"].default)
@@ -288,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("model", help="a cstar.save directory or a checkpoint.pt")
     x.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     x.add_argument("--out", required=True, help="output file (.onnx or .pt)")
+    x.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     x.add_argument("--config", default=None)
     x.set_defaults(func=cmd_export)
 
@@ -326,34 +328,120 @@ def _load_config_file(path: str) -> dict:
     return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 
+# Options that hold a YAML mapping (a training, ADMM... section): a value given on the command line
+# changes the keys it names in the same section of --config (or of a resumed run), not the whole section.
+_SECTIONS = ("dense", "admm_train", "admm", "finetune", "search")
+# Options a resumed run may change; any other option given with --resume must equal the run's record.
+_MAY_CHANGE_ON_RESUME = {"device", "no_progress", "out"}
+_EVALUATION_OPTIONS = {"eval_attacks", "eval_step", "eval_n", "autoattack_n", "latency_runs"}
+
+
+class _Unset:
+    """The default of every option while finding which options the command line gives."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+def _given_options(argv: list[str] | None, command: str) -> dict:
+    """The options given on the command line itself (dest -> parsed value), without defaults."""
+    parser = build_parser()
+    sub = parser.subcommands[command]
+    unset = _Unset()
+    plain = [a.dest for a in sub._actions if a.dest != "help" and not isinstance(a, argparse._AppendAction)]
+    sub.set_defaults(**{dest: unset for dest in plain})
+    args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k in plain and not isinstance(v, _Unset)}
+    for action in sub._actions:
+        if isinstance(action, argparse._AppendAction) and getattr(args, action.dest):
+            given[action.dest] = getattr(args, action.dest)
+    return given
+
+
+def _config_values(args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
+    """The option values of ``--config``, checked against the command's options and typed as its flags."""
+    values = _load_config_file(args.config)
+    known = {a.dest for a in sub._actions} - {"help"} - _NOT_SAVED
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CstarError(f"unknown option(s) {', '.join(unknown)} in {args.config}: valid options for "
+                         f"'cstar {args.command}' are {', '.join(sorted(known))}")
+    actions = {a.dest: a for a in sub._actions}
+    for key, value in values.items():  # a YAML list or number for a text option: what its flag would give
+        action = actions[key]
+        if type(action) is argparse._StoreAction and action.type is None and action.nargs is None:
+            if isinstance(value, (list, tuple)):
+                values[key] = ",".join(str(v) for v in value)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                values[key] = str(value)
+    for key in ("eps", "attack_step", "step", "eval_step"):
+        if isinstance(values.get(key), str):
+            try:
+                values[key] = parse_eps(values[key])
+            except argparse.ArgumentTypeError as exc:
+                raise CstarError(f"{key} in {args.config}: {exc}") from None
+    return values
+
+
+def _recorded_options(args: argparse.Namespace, given: dict) -> dict:
+    """The options recorded in the ``config.yaml`` of the run that ``--resume --out DIR`` continues.
+
+    Every option given now (on the command line or in ``--config``) must equal
+    the recorded one, except those a resume may change; otherwise the resume is
+    refused, naming each difference, before anything in DIR is touched.
+    """
+    record_path = Path(args.out) / "config.yaml"
+    if not record_path.is_file():
+        return {}
+    try:
+        recorded = yaml.safe_load(record_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise CstarError(f"{record_path} is not valid YAML: restore it, or start a new run without --resume") from None
+    may_change = _MAY_CHANGE_ON_RESUME | (_EVALUATION_OPTIONS if args.command in ("train", "compare") else set())
+    differences = [f"--{key.replace('_', '-')} {_shown(value)} (the run has {_shown(recorded[key])})"
+                   for key, value in sorted(given.items())
+                   if key in recorded and key not in may_change and not _same_option(value, recorded[key])]
+    if differences:
+        raise CstarError(f"cannot resume {args.out} with other settings: {'; '.join(differences)}; resume with "
+                         f"just --resume --out {args.out} (it reads the rest from {record_path}), or start a new "
+                         "run in another --out")
+    return {key: value for key, value in recorded.items() if key not in _NOT_SAVED}
+
+
+def _same_option(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(a - b) <= 1e-12 * max(1.0, abs(a), abs(b))
+    return a == b
+
+
+def _shown(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line, with defaults taken from ``--config`` when given."""
+    """Parse the command line; options resolve as built-in default < ``--config`` < flags.
+
+    A section option (``--dense``, ``--admm-train``, ``--admm``, ``--finetune``,
+    ``--search``) given beside ``--config`` changes only the keys it names.
+    With ``--resume --out DIR``, DIR's recorded ``config.yaml`` supplies every
+    option not given (see :func:`_recorded_options`).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.config:
-        values = _load_config_file(args.config)
-        sub = parser.subcommands[args.command]
-        known = {a.dest for a in sub._actions} - {"help"} - _NOT_SAVED
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CstarError(f"unknown option(s) {', '.join(unknown)} in {args.config}: valid options for "
-                             f"'cstar {args.command}' are {', '.join(sorted(known))}")
-        actions = {a.dest: a for a in sub._actions}
-        for key, value in values.items():  # a YAML list or number for a text option: what its flag would give
-            action = actions[key]
-            if type(action) is argparse._StoreAction and action.type is None and action.nargs is None:
-                if isinstance(value, (list, tuple)):
-                    values[key] = ",".join(str(v) for v in value)
-                elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                    values[key] = str(value)
-        for key in ("eps", "attack_step", "step", "eval_step"):
-            if isinstance(values.get(key), str):
-                try:
-                    values[key] = parse_eps(values[key])
-                except argparse.ArgumentTypeError as exc:
-                    raise CstarError(f"{key} in {args.config}: {exc}") from None
+    sub = parser.subcommands[args.command]
+    given = _given_options(argv, args.command)
+    values = _config_values(args, sub) if args.config else {}
+    if getattr(args, "resume", False) and getattr(args, "out", None) and "out" in {a.dest for a in sub._actions}:
+        values = {**_recorded_options(args, {**values, **given}), **values}
+    for key in _SECTIONS:  # a section flag changes the keys it names, not the whole section
+        if isinstance(values.get(key), dict) and isinstance(given.get(key), dict):
+            given[key] = {**values[key], **given[key]}
+    if values:
         sub.set_defaults(**values)
         args = parser.parse_args(argv)
+        for key in _SECTIONS:
+            if key in given:
+                setattr(args, key, given[key])
     return args
 
 
@@ -418,7 +506,7 @@ def _write_run_files(out: Path, args: argparse.Namespace, eps: float, device: to
 def cmd_train(args: argparse.Namespace) -> int:
     _require(args, "model", "data")
     device = _device(args.device)
-    train_set = data.load(args.data, args.root, split="train", download=args.download)
+    train_set = _first_n(data.load(args.data, args.root, split="train", download=args.download), args.train_n)
     test_set = data.load(args.data, args.root, split="test", download=args.download)
     eps = train_set.spec.eps if args.eps is None else args.eps
     config = TrainConfig(
@@ -458,8 +546,6 @@ def _model_from_checkpoint(path: str, device: torch.device) -> tuple[torch.nn.Mo
     config = state.get("model_config")
     if not config:
         raise CstarError(f"{path} has no model description (model_config): it was not written by 'cstar train'")
-    from .serialize import state_mismatch
-
     model = models.create(**config)
     weights = state["model"]
     problem = state_mismatch(model, {k: v.shape for k, v in weights.items()}) if isinstance(weights, dict) else "no tensors"
@@ -488,10 +574,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CstarError(f"which dataset? {args.checkpoint} does not say: pass --data")
     root = args.root if args.root is not None else run.get("root")
     test_set = data.load(name, root, split="test", download=args.download)
-    if test_set.num_classes != model.cstar_config["num_classes"]:
-        raise CstarError(f"{args.checkpoint} predicts {model.cstar_config['num_classes']} classes but {name} has "
-                         f"{test_set.num_classes}: evaluate it on the dataset it was trained on")
-    eps = args.eps if args.eps is not None else state.get("eps", test_set.spec.eps)
+    _check_fits_data(model, args.checkpoint, name, test_set.spec, test_set.num_classes)
+    trained_on = state.get("dataset") or run.get("data")
+    if args.eps is not None:
+        eps = args.eps
+    elif trained_on in (None, name):
+        eps = state.get("eps", test_set.spec.eps)
+    else:  # another dataset of the same shape: its own threat model
+        eps = test_set.spec.eps
+        print(f"note: {args.checkpoint} was trained on {trained_on}; evaluating on {name} at its eps {eps:g} "
+              "(pass --eps to choose)", flush=True)
     attacks_to_run = _names(args.attacks)
     if args.resume and not args.json:
         raise CstarError("--resume continues the evaluation whose progress sits beside its --json: pass --json")
@@ -564,6 +656,8 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .serialize import export
 
+    if Path(args.out).exists() and not args.force:
+        raise CstarError(f"{args.out} already exists: pass --force to overwrite it, or choose another --out")
     model = _load_model(args.model)
     path = export(model, args.out, format=args.format, input_shape=_input_shape(model))
     print(f"{args.format} model written to {path}")
@@ -592,15 +686,22 @@ def _phase_config(section: dict | None, common: dict) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
+def _first_n(train_set, n: int | None):
+    """The first ``n`` training images (--train-n), or all of them."""
+    if n is None:
+        return train_set
+    if not hasattr(train_set, "take"):
+        raise CstarError("--train-n needs an in-memory dataset (not an image folder): drop it")
+    if not 0 < n <= len(train_set):
+        raise CstarError(f"--train-n {n} must be between 1 and {len(train_set)}")
+    return train_set.take(n)
+
+
 def _pipeline_data(args: argparse.Namespace):
     """(train set, test set, eps, training settings common to every phase) of compress and compare."""
     _require(args, "data")
-    train_set = data.load(args.data, args.root, split="train", download=args.download)
+    train_set = _first_n(data.load(args.data, args.root, split="train", download=args.download), args.train_n)
     test_set = data.load(args.data, args.root, split="test", download=args.download)
-    if args.train_n is not None:
-        if not 0 < args.train_n <= len(train_set):
-            raise CstarError(f"--train-n {args.train_n} must be between 1 and {len(train_set)}")
-        train_set = train_set.take(args.train_n)
     eps = train_set.spec.eps if args.eps is None else args.eps
     common = {"eps": eps, "seed": args.seed, "progress": not args.no_progress}
     if args.method:
@@ -608,17 +709,44 @@ def _pipeline_data(args: argparse.Namespace):
     return train_set, test_set, eps, common
 
 
+def _check_fits_data(model: torch.nn.Module, source: str, name: str, spec: data.DatasetSpec,
+                     num_classes: int) -> None:
+    """One line when ``model`` (from ``source``) cannot take ``name``'s images or predict its classes."""
+    cfg = getattr(model, "cstar_config", None) or {}
+    if cfg.get("num_classes") not in (None, num_classes):
+        raise CstarError(f"{source} predicts {cfg['num_classes']} classes but {name} has {num_classes}: "
+                         "pass the dataset it was trained on")
+    c, h, w = spec.image_shape
+    wants = (cfg.get("in_channels"), cfg.get("input_size"))
+    if None not in wants and (wants[0] != c or (wants[1] != h and name != "imagefolder")):
+        raise CstarError(f"{source} takes {wants[0]}x{wants[1]}x{wants[1]} images but {name} has {c}x{h}x{w}: "
+                         f"pass the dataset it was trained on, or a model built for {name}")
+
+
+def _check_model_options(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """--model / --width given beside --checkpoint must describe the checkpoint's architecture."""
+    cfg = getattr(model, "cstar_config", None) or {}
+    if args.model and cfg.get("name") and args.model != cfg["name"]:
+        raise CstarError(f"--model {args.model} contradicts {args.checkpoint}, a {cfg['name']}: drop --model "
+                         "(the checkpoint says its architecture)")
+    if args.width is not None and cfg.get("width") not in (None, args.width):
+        raise CstarError(f"--width {args.width} contradicts {args.checkpoint}, of width {cfg['width']}: drop --width")
+
+
 def _starting_model(args: argparse.Namespace, train_set, device: torch.device) -> torch.nn.Module:
     """The dense model of --checkpoint, or a fresh --model (seeded with --seed) to be trained first."""
     if args.checkpoint:
-        return _model_from_checkpoint(args.checkpoint, device)[0]
+        model = _model_from_checkpoint(args.checkpoint, device)[0]
+        _check_model_options(args, model)
+        _check_fits_data(model, args.checkpoint, args.data, train_set.spec, train_set.num_classes)
+        return model
     _require(args, "model")
     torch.manual_seed(args.seed)  # the initial weights
     return _build_model(args, train_set.spec, train_set.num_classes).to(device)
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .compress import CompressConfig, compress
+    from .compress import CompressConfig, check_plan, compress
 
     device = _device(args.device)
     train_set, test_set, eps, common = _pipeline_data(args)
@@ -635,6 +763,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
         config.admm = ADMMConfig.from_dict(args.admm)
     model = _starting_model(args, train_set, device)
+    check_plan(model, config)  # an unreachable ratio is refused before training and before any file is written
     out = _run_dir(args.out or _default_out("compress", args.model or "model", args.data, f"{args.ratio:g}x"),
                    force=args.force, resume=args.resume)
     _write_run_files(out, args, eps, device)

@@ -113,7 +113,8 @@ def cell_name(method: str, ratio: float) -> str:
 
 def _train(model: nn.Module, train_part, val, settings: TrainConfig, out_dir: Path, seed: int) -> float:
     """:func:`cstar.compress.train_phase`, resumable from ``out_dir``; returns its training seconds."""
-    return round(train_phase(model, train_part, val, settings, out_dir, resume=True, seed=seed)[1], 1)
+    name = f"{out_dir.parent.name} {out_dir.name}"  # e.g. "magnitude-4x search"
+    return round(train_phase(model, train_part, val, settings, out_dir, resume=True, seed=seed, name=name)[1], 1)
 
 
 def _compress_cell(method: str, ratio: float, dense: nn.Module, train_set, train_part, val, config: CompareConfig,

@@ -84,6 +84,8 @@ class CompressConfig:
         return settings_from_dict(cls, values, ("dense", "admm_train", "finetune"), "compress")
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.ratio, (int, float)) and self.ratio > 1):
+            raise CstarError(f"ratio={self.ratio} must be a number > 1 (dense / compressed), e.g. 8")
         unknown = sorted(set(self.eval_phases) - set(EVAL_PHASES))
         if unknown:
             raise CstarError(f"unknown evaluation phase(s) {', '.join(unknown)}: choose from {', '.join(EVAL_PHASES)}")
@@ -95,6 +97,15 @@ class CompressConfig:
         return {"ratio": self.ratio, "budget": self.budget, "flops_ratio": self.flops_ratio,
                 "method": self.rank_method, "exclude": self.exclude, "min_rank": self.min_rank,
                 "multiple_of": self.multiple_of}
+
+
+def check_plan(model: nn.Module, config: CompressConfig) -> None:
+    """Raise :class:`CstarError` now when ``config``'s target cannot be met on ``model`` (no work is done).
+
+    The ranks themselves are chosen later, from the trained dense weights;
+    reachability depends only on the layers' shapes.
+    """
+    select_ranks(model, **config.select_kwargs())
 
 
 def settings_from_dict(cls, values: dict, train_keys: tuple[str, ...], what: str):
@@ -145,10 +156,12 @@ def training_seconds(history: list[dict]) -> float:
     return sum(record.get("train_seconds", 0.0) for record in history)
 
 
-def train_phase(model, train_part, val, config: TrainConfig, out: Path, resume: bool, hooks=(), seed: int = 0):
-    """:func:`cstar.fit` of ``model`` on ``train_part`` into ``out``; returns (history, :func:`training_seconds`)."""
+def train_phase(model, train_part, val, config: TrainConfig, out: Path, resume: bool, hooks=(), seed: int = 0,
+                name: str | None = None):
+    """:func:`cstar.fit` of ``model`` on ``train_part`` into ``out``, its log lines named ``name`` (default: the
+    folder's name, e.g. "admm"); returns (history, :func:`training_seconds`)."""
     loader = training_loader(train_part, config, next(model.parameters()).device, seed)
-    history = fit(model, loader, config, val=val, out_dir=out, resume=resume, hooks=hooks)
+    history = fit(model, loader, config, val=val, out_dir=out, resume=resume, hooks=hooks, name=name or out.name)
     return history, training_seconds(history)
 
 
@@ -161,9 +174,11 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     """
     out = Path(out_dir)
     main = distributed.is_main()  # under torchrun only rank 0 writes files and prints
+    phases = _Phases(out, resume)
+    if "ranks" not in phases.done:
+        check_plan(model, config)  # before training and before any file is written
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    phases = _Phases(out, resume)
     distributed.barrier()  # every rank has read phases.json before rank 0 updates it
     device = next(model.parameters()).device
     train_part, val = split_held_out(train_set, val_size, device)

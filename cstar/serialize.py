@@ -37,7 +37,7 @@ from torch import nn
 
 from . import __version__
 from ._errors import CstarError
-from ._io import atomic_write_bytes, write_json
+from ._io import atomic_write_bytes, state_mismatch, write_json
 from .lowrank._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from .models import Normalize, create, list_models
 
@@ -318,20 +318,6 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "weights": {"file": WEIGHTS, "sha256": hashlib.sha256(weights).hexdigest()},
     })
     return path
-
-
-def state_mismatch(model: nn.Module, shapes: dict[str, torch.Size], tied: dict[str, str] | None = None
-                   ) -> str | None:
-    """What differs between ``shapes`` and the model's state dict (aliases excluded), or None if nothing."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in (tied or {})}
-    missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-    if missing or extra:
-        return (f"missing tensors: {', '.join(missing[:5]) or 'none'}; "
-                f"unexpected tensors: {', '.join(extra[:5]) or 'none'}")
-    for key, shape in expected.items():
-        if tuple(shapes[key]) != shape:
-            return f"tensor {key!r} has shape {tuple(shapes[key])} but the architecture needs {shape}"
-    return None
 
 
 def _read_record(path: Path) -> dict:

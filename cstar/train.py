@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -26,7 +27,8 @@ from tqdm.auto import tqdm
 
 from . import attacks, distributed
 from ._errors import CstarError, check_options
-from ._io import append_jsonl, atomic_write_text, load_checkpoint, load_latest_checkpoint, previous_checkpoint, save_checkpoint
+from ._io import (append_jsonl, atomic_write_text, load_checkpoint, load_latest_checkpoint, previous_checkpoint,
+                  save_checkpoint, state_mismatch)
 from ._signals import Interrupted, stop_requests
 
 METHODS = ("pgd", "fgsm_rs", "nfgsm", "trades", "clean")
@@ -406,7 +408,8 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
 
 
 def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch.Tensor, torch.Tensor] | None = None,
-        out_dir: str | Path | None = None, resume: bool = False, hooks: Iterable[TrainHook] = ()) -> list[dict]:
+        out_dir: str | Path | None = None, resume: bool = False, hooks: Iterable[TrainHook] = (),
+        name: str | None = None) -> list[dict]:
     """Adversarially train ``model`` in place; return the per-epoch log records.
 
     ``train_loader`` yields ``(x, y)`` batches on the training device with x in
@@ -429,7 +432,9 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
     data; the model is wrapped in DistributedDataParallel for the training
     step, logged losses and accuracies are global, only rank 0 writes files and
     prints, and signals and divergence are polled together every
-    :data:`POLL_EVERY` steps, so that all ranks stop at the same step.
+    :data:`POLL_EVERY` steps, so that all ranks stop at the same step. ``name``
+    (e.g. a pipeline's phase) starts every log line; the progress bar shows
+    only on a terminal, and the per-epoch line always (with ``config.progress``).
     """
     hooks = list(hooks)
     main = distributed.is_main()  # under torchrun only rank 0 writes files and prints
@@ -464,6 +469,7 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
     if resume and ckpt_path is not None and (ckpt_path.exists() or previous_checkpoint(ckpt_path).exists()):
         # on the CPU: RNG states must stay there, and the optimiser moves its own state to the parameters
         state = load_latest_checkpoint(ckpt_path, map_location="cpu")
+        _check_resumable(state, model, config, ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -479,6 +485,8 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
         # the log may hold epochs finished after this checkpoint was written: rewrite it from the checkpoint
         if main:
             atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            where = f"epoch {start_epoch + 1}" + (f", batch {partial['batches'] + 1}" if partial["batches"] else "")
+            print(f"{name + ': ' if name else ''}resuming {ckpt_path} at {where} of {config.epochs}", flush=True)
 
     def checkpoint(epoch: int, batches: dict | None = None) -> None:
         if not main:
@@ -501,8 +509,9 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
             done = partial["batches"]
             tally = _Tally(device, partial["seen"], partial["correct"], partial["loss_sum"])
             partial = {"batches": 0, "seen": 0, "correct": 0, "loss_sum": 0.0, "seconds": 0.0}
-            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}",
-                       disable=not (config.progress and main), leave=False, dynamic_ncols=True)
+            bar = tqdm(train_loader, desc=f"{name + ' ' if name else ''}epoch {epoch + 1}/{config.epochs}",
+                       disable=not (config.progress and main and sys.stderr.isatty()), leave=False,
+                       dynamic_ncols=True)
             checked = False  # the batch's value range is checked once an epoch, not by every attack call
             for i, (x, y) in enumerate(bar):
                 if i < done:  # resumed mid-epoch: replay the loader's order up to where the run stopped
@@ -561,7 +570,7 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
                 hook.after_epoch(model, record)
             history.append(record)
             if main:
-                _print_record(record, config)
+                _print_record(record, config, name)
             if out is not None and main:
                 append_jsonl(out / "metrics.jsonl", record)
                 checkpoint(epoch + 1)
@@ -602,11 +611,28 @@ def _robustness_collapsed(record: dict, best: dict, config: TrainConfig) -> bool
     return collapsed and config.overfit_guard
 
 
-def _print_record(record: dict, config: TrainConfig) -> None:
+def _print_record(record: dict, config: TrainConfig, name: str | None = None) -> None:
     if not config.progress:
         return
-    text = (f"epoch {record['epoch']:>3}/{config.epochs}  loss {record['train_loss']:.4f}  "
+    text = (f"{name + ': ' if name else ''}epoch {record['epoch']:>3}/{config.epochs}  loss {record['train_loss']:.4f}  "
             f"adv-acc {record['train_adv_acc']:.4f}  lr {record['lr']:.4g}  {record['images_per_second']:.0f} img/s")
     if "val_pgd" in record:
         text += f"  check: clean {record['val_clean']:.3f} pgd{config.check_steps} {record['val_pgd']:.3f}"
+    if "admm_residual_mean" in record:
+        text += f"  ADMM residual {record['admm_residual_mean']:.4f} (rho {record['admm_rho']:.3g})"
     print(text, flush=True)
+
+
+def _check_resumable(state: dict, model: nn.Module, config: TrainConfig, path: Path) -> None:
+    """One line, before anything is loaded, when the checkpoint belongs to another model or optimiser."""
+    weights = state.get("model")
+    problem = (state_mismatch(model, {k: v.shape for k, v in weights.items()}) if isinstance(weights, dict)
+               else "no weights")
+    if problem:
+        saved = (state.get("model_config") or {}).get("name", "another architecture")
+        raise CstarError(f"{path} holds a {saved} that does not fit this model ({problem}): resume with the "
+                         "model the run started with, or start a new run in another --out")
+    saved_optimizer = (state.get("config") or {}).get("optimizer")
+    if saved_optimizer not in (None, config.optimizer):
+        raise CstarError(f"{path} was trained with optimizer {saved_optimizer}, this run asks for "
+                         f"{config.optimizer}: resume with optimizer {saved_optimizer}, or start a new run")

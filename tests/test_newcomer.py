@@ -1,0 +1,250 @@
+"""What a newcomer tripped on, following the README on a fresh clone (issue "Defaults that work").
+
+Each test is one case that went wrong: a refused run that leaves no output, a
+mistake named in one line before any work, a resume from the run directory
+alone, a log a person can read. Tiny data: scikit-learn's digits, and MNIST
+when ``CSTAR_TEST_DATA`` is set.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+from cstar import TrainConfig, data, fit
+from cstar._errors import CstarError
+from cstar.cli import main, parse_args
+
+DATA = os.environ.get("CSTAR_TEST_DATA")
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--epochs", "1", "--attack-steps", "2", "--batch-size", "64", "--val-size", "100", "--check-size", "50",
+        "--eval-attacks", "clean,pgd3", "--eval-n", "100", "--no-progress", "--optimizer", "adam", "--lr", "0.002"]
+SECTION = "{epochs: 1, optimizer: adam, lr: 0.002, attack_steps: 2, batch_size: 64, check_size: 50}"
+PIPELINE = ["--data", "digits", "--val-size", "100", "--eval-n", "100", "--eval-attacks", "clean,pgd3",
+            "--no-progress", "--finetune", SECTION, "--admm-train", SECTION]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def refused(capsys, *argv) -> str:
+    """The one error line of a refused command (exit 2)."""
+    code, _, err = run(capsys, *argv)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small_cnn trained 1 epoch on digits by 'cstar train' with Adam."""
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    assert main(["train", "--model", "small_cnn", "--data", "digits", "--out", str(out), *FAST]) == 0
+    return out
+
+
+# --- settings merge key by key ----------------------------------------------------------------------------------
+
+def test_a_section_flag_beside_a_preset_changes_only_the_keys_it_names():
+    preset_path = ROOT / "configs" / "mnist_small_cnn_cpu.yaml"
+    args = parse_args(["compress", "--config", str(preset_path), "--admm-train", "{epochs: 1}"])
+    preset = yaml.safe_load(preset_path.read_text())["admm_train"]
+    assert args.admm_train == {**preset, "epochs": 1}  # was {epochs: 1}: PGD-10 with SGD at lr 0.1 silently
+
+
+# --- checked before any work ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ratio", ["0.5", "100000"])
+def test_an_impossible_ratio_is_refused_before_training_and_leaves_no_output(capsys, tmp_path, ratio):
+    out = tmp_path / "run"
+    line = refused(capsys, "compress", "--model", "small_cnn", *PIPELINE, "--dense", SECTION, "--ratio", ratio,
+                   "--out", out)
+    assert "ratio" in line or "unreachable" in line
+    assert not out.exists()
+
+
+def test_an_impossible_ratio_from_a_checkpoint_leaves_no_dense_copy(capsys, trained, tmp_path):
+    out = tmp_path / "run"
+    refused(capsys, "compress", "--checkpoint", trained / "model.pt", *PIPELINE, "--ratio", "0.5", "--out", out)
+    assert not out.exists()  # was: a dense.pt left behind, and the rerun refused with "already exists"
+
+
+def test_a_model_flag_that_contradicts_the_checkpoint_is_refused(capsys, trained, tmp_path):
+    line = refused(capsys, "compress", "--checkpoint", trained / "model.pt", "--model", "resnet18", *PIPELINE,
+                   "--ratio", "2", "--out", tmp_path / "run")
+    assert "--model resnet18" in line and "small_cnn" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not DATA, reason="CSTAR_TEST_DATA (a root holding MNIST/raw) is not set")
+def test_a_checkpoint_evaluated_on_images_of_another_shape_is_one_line(capsys, trained):
+    line = refused(capsys, "eval", trained / "model.pt", "--data", "mnist", "--root", DATA)
+    assert "1x8x8" in line and "1x28x28" in line  # was a traceback from inside torch
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory):
+    if not DATA:
+        pytest.skip("CSTAR_TEST_DATA (a root holding MNIST/raw) is not set")
+    out = tmp_path_factory.mktemp("runs") / "mnist"
+    assert main(["train", "--model", "small_cnn", "--data", "mnist", "--root", DATA, "--train-n", "600",
+                 "--method", "clean", "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_train_takes_the_first_n_training_images(capsys, tmp_path):
+    code, out, err = run(capsys, "train", "--model", "small_cnn", "--data", "digits", "--train-n", "300",
+                         "--method", "clean", "--out", tmp_path / "run", *FAST)
+    assert code == 0, err  # was: unrecognized arguments: --train-n
+    assert "(200 train / 360 test images)" in out  # 300 images, the last 100 held out for the check
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train_n"] == 300
+
+
+def test_another_dataset_of_the_same_shape_is_evaluated_at_its_own_eps(capsys, mnist_run):
+    code, out, _ = run(capsys, "eval", mnist_run / "model.pt", "--data", "fashion_mnist", "--root", DATA,
+                       "--attacks", "clean", "--n", "32")
+    assert code == 0
+    assert "trained on mnist" in out and "eps=0.1" in out  # was eps 0.3, MNIST's, silently
+
+
+def test_a_text_file_as_checkpoint_is_named_as_such(capsys, tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_text("hello\n")
+    line = refused(capsys, "eval", path, "--data", "digits")
+    assert "not a PyTorch file" in line and "(101)" not in line
+
+
+# --- resume from the run directory alone ------------------------------------------------------------------------
+
+def test_train_resumes_from_its_directory_alone(capsys, trained):
+    code, out, err = run(capsys, "train", "--resume", "--out", trained, "--no-progress")
+    assert code == 0, err  # was: --model is required; given it: KeyError 'momentum' (Adam state into SGD)
+    assert yaml.safe_load((trained / "config.yaml").read_text())["optimizer"] == "adam"
+
+
+def test_a_resume_with_other_settings_is_refused_and_rewrites_nothing(capsys, trained):
+    before = {name: (trained / name).read_bytes() for name in ("config.yaml", "env.json")}
+    line = refused(capsys, "train", "--resume", "--out", trained, "--model", "resnet20", "--epochs", "3")
+    assert "--model resnet20 (the run has small_cnn)" in line and "--epochs 3 (the run has 1)" in line
+    assert {name: (trained / name).read_bytes() for name in before} == before
+
+
+def test_fit_refuses_a_checkpoint_of_another_architecture_in_one_line(tmp_path):
+    train_set = data.load("digits", split="train")
+    config = TrainConfig(method="clean", epochs=1, batch_size=64, check_size=0, progress=False)
+    fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), data.make_loader(train_set, 64, train=True), config,
+        out_dir=tmp_path)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    with pytest.raises(CstarError, match="does not fit this model"):
+        fit(other, data.make_loader(train_set, 64, train=True), TrainConfig(**{**config.to_dict(), "epochs": 2}),
+            out_dir=tmp_path, resume=True)
+
+
+def test_fit_refuses_to_resume_with_another_optimizer(tmp_path):
+    train_set = data.load("digits", split="train")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    config = TrainConfig(method="clean", epochs=1, batch_size=64, check_size=0, progress=False, optimizer="adam")
+    fit(model, data.make_loader(train_set, 64, train=True), config, out_dir=tmp_path)
+    with pytest.raises(CstarError, match="optimizer adam"):
+        fit(model, data.make_loader(train_set, 64, train=True),
+            TrainConfig(**{**config.to_dict(), "epochs": 2, "optimizer": "sgd"}), out_dir=tmp_path, resume=True)
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory, trained):
+    out = tmp_path_factory.mktemp("compress") / "run"
+    assert main(["compress", "--checkpoint", str(trained / "model.pt"), *PIPELINE, "--ratio", "2",
+                 "--admm", "{interval: 5}", "--out", str(out)]) == 0
+    return out
+
+
+def test_compress_resumes_from_its_directory_alone(capsys, compressed):
+    code, out, err = run(capsys, "compress", "--resume", "--out", compressed)
+    assert code == 0, err  # was: error: --data is required
+    assert "model in" in out
+
+
+def test_compress_logs_name_their_phase_and_the_admm_residual(capsys, trained, tmp_path):
+    with_progress = [a for a in PIPELINE if a != "--no-progress"]
+    code, out, _ = run(capsys, "compress", "--checkpoint", trained / "model.pt", *with_progress, "--ratio", "2",
+                       "--admm", "{interval: 5}", "--out", tmp_path / "run")
+    out_lines = out.splitlines()
+    assert code == 0
+    assert any(line.startswith("admm: epoch") and "ADMM residual" in line for line in out_lines), out
+    assert any(line.startswith("finetune: epoch") for line in out_lines), out
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, trained):
+    out = tmp_path_factory.mktemp("compare") / "run"
+    assert main(["compare", "--checkpoint", str(trained / "model.pt"), "--data", "digits", "--train-n", "800",
+                 "--val-size", "100", "--eval-n", "100", "--eval-attacks", "clean", "--no-progress", "--ratios", "2",
+                 "--methods", "dense,magnitude", "--search", SECTION, "--finetune", SECTION, "--latency-runs", "0",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_a_comparison_resumed_with_another_training_budget_is_refused(capsys, compared):
+    before = (compared / "config.yaml").read_bytes()
+    line = refused(capsys, "compare", "--resume", "--out", compared, "--train-n", "1000")
+    assert "--train-n 1000 (the run has 800)" in line  # was accepted: two budgets in one table
+    assert (compared / "config.yaml").read_bytes() == before
+
+
+def test_a_comparison_resumes_from_its_directory_with_new_evaluation_settings(capsys, compared):
+    code, out, err = run(capsys, "compare", "--resume", "--out", compared, "--eval-attacks", "clean,fgsm")
+    assert code == 0, err
+    results = json.loads((compared / "results.json").read_text())
+    assert set(results["cells"]["magnitude-2x"]["accuracy"]) == {"clean", "fgsm"}
+
+
+# --- small things ---------------------------------------------------------------------------------------------
+
+def test_export_refuses_to_overwrite_without_force(capsys, trained, tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_text("an earlier export")
+    line = refused(capsys, "export", trained / "model.pt", "--out", target)
+    assert "--force" in line and target.read_text() == "an earlier export"
+    code, _, err = run(capsys, "export", trained / "model.pt", "--out", target, "--force")
+    assert code == 0, err
+    assert target.read_bytes()[:4] != b"an e"
+
+
+def test_piped_training_logs_one_line_per_epoch(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cstar", "train", "--model", "small_cnn", "--data", "digits",
+                           "--out", str(tmp_path / "run"), "--epochs", "2", "--val-size", "100", "--check-size",
+                           "50", "--eval-attacks", "clean", "--attack-steps", "5", "--batch-size", "16",
+                           "--optimizer", "adam", "--lr", "0.002"],  # epochs of ~2 s: the bar would refresh
+                          capture_output=True, timeout=120)  # bytes: text mode would turn \r into \n
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert b"\r" not in proc.stderr + proc.stdout  # was tqdm's carriage-return updates, 54 KB an epoch
+    assert sum(line.startswith("epoch ") for line in proc.stdout.decode().splitlines()) == 2
+
+
+def test_a_resumed_run_says_where_it_resumes(capsys, tmp_path):
+    train_set = data.load("digits", split="train")
+    config = TrainConfig(method="clean", epochs=1, batch_size=64, check_size=0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    fit(model, data.make_loader(train_set, 64, train=True), config, out_dir=tmp_path, name="dense")
+    capsys.readouterr()
+    fit(model, data.make_loader(train_set, 64, train=True), TrainConfig(**{**config.to_dict(), "epochs": 2}),
+        out_dir=tmp_path, resume=True, name="dense")
+    out = capsys.readouterr().out
+    assert f"dense: resuming {tmp_path / 'checkpoint.pt'} at epoch 2 of 2" in out
+    assert "dense: epoch   2/2" in out
+
+
+def test_pytest_keeps_only_the_temp_folders_of_failed_tests():
+    import tomllib
+
+    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert options["tmp_path_retention_policy"] == "failed"
