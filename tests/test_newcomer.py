@@ -248,3 +248,22 @@ def test_pytest_keeps_only_the_temp_folders_of_failed_tests():
 
     options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert options["tmp_path_retention_policy"] == "failed"
+
+
+# --- the first command runs the main job ------------------------------------------------------------------------
+
+def test_the_demo_compresses_with_cstar_beside_pruning_and_post_hoc_low_rank(capsys, tmp_path):
+    threads = torch.get_num_threads()
+    code, out, err = run(capsys, "demo", "--out", tmp_path / "demo", "--epochs", "1", "--phase-epochs", "1",
+                         "--ratios", "4")
+    assert code == 0, err  # was: two dense models, nothing compressed
+    assert torch.get_num_threads() == threads  # the demo's one-thread setting does not leak
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(results["cells"]) == {"dense", "cstar-4x", "magnitude-4x", "lowrank_global-4x"}
+    for name, cell in results["cells"].items():
+        assert set(cell["accuracy"]) == {"clean", "pgd20"} and cell["latency_ms"] > 0
+        if name != "dense":
+            assert cell["params_ratio"] == pytest.approx(4.0, rel=0.02)
+    for column in ("params", "MACs ratio", "clean", "pgd20", "batch-1 latency"):
+        assert column in out
+    assert "| cstar | 4x |" in out and "| magnitude | 4x |" in out and "| lowrank_global | 4x |" in out
