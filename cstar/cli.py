@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from . import __version__, data, distributed, models
+from . import _presets as presets
 from ._env import environment
 from ._errors import CstarError
 from ._io import atomic_write_text, load_checkpoint, prepare_run_dir, save_checkpoint, state_mismatch, write_json
@@ -29,7 +30,7 @@ from .evaluate import evaluate, format_results
 from .train import AMP_DTYPES, METHODS, OPTIMIZERS, SCHEDULES, TrainConfig, fit
 
 # Options that control the command itself and are not saved to config.yaml.
-_NOT_SAVED = {"command", "config", "force", "resume", "func"}
+_NOT_SAVED = {"command", "config", "force", "resume", "func", "defaults_preset"}
 
 
 def parse_eps(text: str) -> float:
@@ -322,9 +323,7 @@ def _yaml_mapping(text: str) -> dict:
 
 
 def _load_config_file(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise CstarError(f"config file {p} does not exist: pass the path of a YAML or JSON file")
+    p = presets.resolve(path)  # a file, or the name of a shipped preset
     try:
         values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
@@ -415,6 +414,9 @@ def _recorded_options(args: argparse.Namespace, given: dict) -> dict:
 
 
 def _same_option(a, b) -> bool:
+    """``a`` (given now) equals ``b`` (recorded); a section agrees when every key it names does."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return all(key in b and _same_option(value, b[key]) for key, value in a.items())
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return abs(a - b) <= 1e-12 * max(1.0, abs(a), abs(b))
     return a == b
@@ -425,30 +427,55 @@ def _shown(value) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line; options resolve as built-in default < ``--config`` < flags.
+    """Parse the command line; options resolve as built-in default < the dataset's preset for the device
+    (``compress`` and ``compare``, :func:`cstar._presets.dataset_defaults`) < ``--config`` < flags.
 
     A section option (``--dense``, ``--admm-train``, ``--admm``, ``--finetune``,
-    ``--search``) given beside ``--config`` changes only the keys it names.
+    ``--search``) changes only the keys it names of the section below it.
     With ``--resume --out DIR``, DIR's recorded ``config.yaml`` supplies every
-    option not given (see :func:`_recorded_options`).
+    option not given (see :func:`_recorded_options`). ``args.defaults_preset``
+    names the dataset preset used (None: none applied).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     sub = parser.subcommands[args.command]
     given = _given_options(argv, args.command)
     values = _config_values(args, sub) if args.config else {}
+    recorded = {}
     if getattr(args, "resume", False) and getattr(args, "out", None) and "out" in {a.dest for a in sub._actions}:
-        values = {**_recorded_options(args, {**values, **given}), **values}
-    for key in _SECTIONS:  # a section flag changes the keys it names, not the whole section
-        if isinstance(values.get(key), dict) and isinstance(given.get(key), dict):
-            given[key] = {**values[key], **given[key]}
+        recorded = _recorded_options(args, {**values, **given})
+        values = {**recorded, **values}
+    defaults_preset = None
+    if args.command in ("compress", "compare") and not recorded:  # a resumed run's record is complete
+        device = given.get("device", values.get("device", "auto"))
+        defaults_preset, base = presets.dataset_defaults(args.command, given.get("data", values.get("data")),
+                                                         _device_type(device))
+        values = _layered(base, values)
+    merged = _layered(values, given)  # a section flag changes the keys it names, not the whole section
     if values:
         sub.set_defaults(**values)
         args = parser.parse_args(argv)
-        for key in _SECTIONS:
-            if key in given:
-                setattr(args, key, given[key])
+    for key in _SECTIONS:
+        if key in merged:
+            setattr(args, key, merged[key])
+    args.defaults_preset = defaults_preset
     return args
+
+
+def _layered(below: dict, above: dict) -> dict:
+    """``above`` over ``below``: sections (YAML mappings) merge key by key, other options replace."""
+    out = {**below, **above}
+    for key in _SECTIONS:
+        if isinstance(below.get(key), dict) and isinstance(above.get(key), dict):
+            out[key] = {**below[key], **above[key]}
+    return out
+
+
+def _device_type(name: str) -> str:
+    """"cuda" or "cpu": the kind of device ``--device name`` will be (auto: cuda when one is visible)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if str(name).startswith("cuda") else "cpu"
 
 
 def _require(args: argparse.Namespace, *names: str) -> None:
@@ -506,7 +533,8 @@ def _write_run_files(out: Path, args: argparse.Namespace, eps: float, device: to
     if distributed.is_main():
         saved = {k: v for k, v in vars(args).items() if k not in _NOT_SAVED}
         atomic_write_text(out / "config.yaml", yaml.safe_dump({**saved, "eps": eps}, sort_keys=False))
-        write_json(out / "env.json", {**environment(device, args.seed), "world_size": distributed.world_size()})
+        write_json(out / "env.json", {**environment(device, args.seed), "world_size": distributed.world_size(),
+                                      "defaults_preset": getattr(args, "defaults_preset", None)})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -775,6 +803,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     _write_run_files(out, args, eps, device)
     print(f"cstar compress: {model.cstar_config['name'] if hasattr(model, 'cstar_config') else 'model'} on "
           f"{args.data}, target {args.ratio:g}x ({args.budget}), eps={eps:.4g}, output in {out}", flush=True)
+    _print_defaults(args, device)
     results = compress(model, train_set, test_set, config, out, pretrained=args.checkpoint is not None,
                        resume=args.resume, val_size=args.val_size, seed=args.seed)
     print(f"\nparameters {results['params']['dense']:,} -> {results['params']['compressed']:,} "
@@ -806,11 +835,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _write_run_files(out, args, eps, device)
     print(f"cstar compare: {', '.join(config.methods)} at {', '.join(f'{r:g}x' for r in config.ratios)} on "
           f"{args.data}, eps={eps:.4g}; {config.budget_text()}; output in {out}", flush=True)
+    _print_defaults(args, device)
     compare(model, train_set, test_set, config, out, pretrained=args.checkpoint is not None,
             val_size=args.val_size, seed=args.seed)
     print((out / "comparison.md").read_text() if distributed.is_main() else "", end="")
     print(f"results in {out / 'results.json'}, table in {out / 'comparison.md'}")
     return 0
+
+
+def _print_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    """Say which dataset preset the settings start from (recorded in env.json as ``defaults_preset``)."""
+    if args.defaults_preset:
+        print(f"settings: the {args.data} preset for {device.type.upper()} '{args.defaults_preset}' "
+              f"(cstar/presets/{args.defaults_preset}.yaml), under the options given", flush=True)
 
 
 def _names(text: str | None) -> list[str]:
