@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import attacks, distributed
+from .data import BatchLoader
 from ._errors import CstarError, check_options
 from ._io import (append_jsonl, atomic_write_text, load_checkpoint, load_latest_checkpoint, previous_checkpoint,
                   save_checkpoint, state_mismatch)
@@ -298,6 +299,20 @@ def channels_last_unsafe_convs(model: nn.Module) -> list[str]:
             and m.in_channels // m.groups < _ONEDNN_IC_BLOCK]
 
 
+def _held_out_check(train_loader, val, config: TrainConfig):
+    """(loader, val): without ``val``, a :class:`cstar.data.BatchLoader` gives up its data's last images
+    (``check_size``, at most a tenth) for the per-epoch PGD check, so that a collapse is caught."""
+    if val is not None or config.check_size == 0 or not isinstance(train_loader, BatchLoader):
+        return train_loader, val
+    n = min(config.check_size, len(train_loader.data) // 10)
+    if n == 0 or (len(train_loader.data) - n) // train_loader.world_size < train_loader.batch_size:
+        return train_loader, val
+    warnings.warn(f"fit: no validation data given, so the last {n} training images are held out for the "
+                  "per-epoch PGD check that catches a collapse of robustness (pass val=(x, y) to choose them, or "
+                  "check_size=0 to train on every image without the check)", stacklevel=3)
+    return train_loader.hold_out(n)
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -451,6 +466,7 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
         memory_format = torch.contiguous_format
     model.to(memory_format=memory_format)
     optimizer = make_optimizer(model, config)
+    train_loader, val = _held_out_check(train_loader, val, config)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise CstarError(f"the training set gives no batch of size {config.batch_size}: lower --batch-size")
@@ -565,7 +581,7 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
                     if out is not None and main:
                         save_checkpoint(out / "best.pt",
                                         {"model": best_state, "epoch": epoch + 1, "val_pgd": best["robust"]})
-                stopped_early = _robustness_collapsed(record, best, config)
+                stopped_early = _robustness_collapsed(record, best, config, hooks)
             for hook in hooks:
                 hook.after_epoch(model, record)
             history.append(record)
@@ -598,7 +614,7 @@ def _stop(out: Path | None, checkpoint, epoch: int, batches: int, steps_per_epoc
                       f"{batches}/{steps_per_epoch}: {where}", signum)
 
 
-def _robustness_collapsed(record: dict, best: dict, config: TrainConfig) -> bool:
+def _robustness_collapsed(record: dict, best: dict, config: TrainConfig, hooks: list | None = None) -> bool:
     """True (with a warning) when the PGD check fell below half its best: catastrophic overfitting."""
     robust = record["val_pgd"]
     collapsed = best["robust"] >= 0.05 and robust < 0.5 * best["robust"]
@@ -607,7 +623,12 @@ def _robustness_collapsed(record: dict, best: dict, config: TrainConfig) -> bool
         warnings.warn(
             f"catastrophic overfitting at epoch {record['epoch']}: PGD-{config.check_steps} check fell to "
             f"{robust:.3f} from {best['robust']:.3f} (epoch {best['epoch']})"
-            + ("; stopping and restoring the best epoch" if config.overfit_guard else ""), stacklevel=3)
+            + ("; stopping and restoring the best epoch" if config.overfit_guard else "")
+            + f". To avoid it: lower lr (now {config.lr:g}; --lr, or 'lr' in the training section)"
+            + (", or train with method pgd or nfgsm (--method) instead of fgsm_rs" if config.method == "fgsm_rs"
+               else ", or use a multi-step attack (method pgd)" if config.method == "nfgsm" else "")
+            + ("; in an ADMM phase, a smaller rho (--admm '{rho: ...}') pulls the weights less hard"
+               if hooks else ""), stacklevel=3)
     return collapsed and config.overfit_guard
 
 

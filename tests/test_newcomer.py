@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from cstar import TrainConfig, data, fit
+from cstar import TrainConfig, TrainHook, data, fit
 from cstar._errors import CstarError
 from cstar.cli import main, parse_args
 
@@ -317,3 +317,51 @@ def test_the_dataset_preset_used_is_printed_and_recorded(capsys, tmp_path):
     assert json.loads((out / "env.json").read_text())["defaults_preset"] == "mnist_small_cnn_cpu"
     recorded = yaml.safe_load((out / "config.yaml").read_text())
     assert recorded["admm_train"]["optimizer"] == "adam" and recorded["admm_train"]["epochs"] == 1
+
+
+# --- a guard in every training phase ----------------------------------------------------------------------------
+
+class _FlipAtEpoch(TrainHook):
+    """Turns the classifier's sign over at the first step of epoch ``epoch`` (1-based): robustness collapses."""
+
+    def __init__(self, epoch, steps_per_epoch):
+        self.first_step = (epoch - 1) * steps_per_epoch + 1
+
+    def after_step(self, model, step):
+        if step == self.first_step:
+            with torch.no_grad():
+                model[-1].weight.neg_()
+                model[-1].bias.neg_()
+
+
+def _digits_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def test_fit_without_validation_data_holds_out_images_and_checks_every_epoch():
+    loader = data.make_loader(data.load("digits", split="train"), 64, train=True)
+    config = TrainConfig(method="pgd", epochs=1, batch_size=64, eps=0.2, attack_steps=2, optimizer="adam", lr=2e-3,
+                         weight_decay=0.0, check_size=100, progress=False)
+    with pytest.warns(UserWarning, match="last 100 training images are held out"):
+        history = fit(_digits_net(), loader, config)
+    assert "val_pgd" in history[0]  # was: no check at all, so nothing could catch a collapse
+
+
+def test_a_collapse_stops_the_run_restores_the_best_epoch_and_names_the_flag(tmp_path):
+    loader = data.make_loader(data.load("digits", split="train"), 64, train=True)
+    config = TrainConfig(method="fgsm_rs", epochs=4, batch_size=64, eps=0.2, optimizer="adam", lr=2e-3,
+                         weight_decay=0.0, check_size=100, progress=False)
+    model = _digits_net()
+    snapshots = {}
+
+    class Snapshot(TrainHook):
+        def after_epoch(self, model, record):
+            snapshots[record["epoch"]] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    steps_per_epoch = len(loader.hold_out(100)[0])  # fit holds out the last 100 images too
+    with pytest.warns(UserWarning, match=r"catastrophic overfitting.*lower lr .*--lr.*method pgd"):
+        history = fit(model, loader, config, hooks=[_FlipAtEpoch(2, steps_per_epoch), Snapshot()],
+                      out_dir=tmp_path)
+    assert [r["epoch"] for r in history] == [1, 2] and history[1]["catastrophic_overfitting"]
+    assert all(torch.equal(model.state_dict()[k], snapshots[1][k]) for k in snapshots[1])

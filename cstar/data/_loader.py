@@ -84,6 +84,21 @@ class BatchLoader(_EpochLoader):
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
 
+    def hold_out(self, n: int) -> tuple["BatchLoader", Batch]:
+        """This loader without the data's last ``n`` images, and those images: (x in [0, 1], y) on ``device``.
+
+        The images are held out before sharding, so every rank holds out the same ones.
+        """
+        keep = len(self.data) - n
+        if not 0 < n < len(self.data):
+            raise CstarError(f"cannot hold out {n} of {len(self.data)} images: hold out between 1 and "
+                             f"{len(self.data) - 1}")
+        rest = BatchLoader(self.data.subset(torch.arange(keep)), self.batch_size, train=self.train,
+                           device=self.device, seed=self.seed, drop_last=self.drop_last, augment=self.augment,
+                           rank=self.rank, world_size=self.world_size)
+        rest.epoch = self.epoch
+        return rest, (self.images[keep:].float() / 255, self.labels[keep:])
+
     def __iter__(self) -> Iterator[Batch]:
         generator, order = self._generator_and_order()
         order = order.to(self.device)
