@@ -106,7 +106,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser, title: str):
     """The options compress and compare share (starting model, data, training attack, held-out and
     evaluation settings); returns the argument group ``title`` for the command's own options."""
     p.add_argument("--checkpoint", default=None,
-                   help="dense robust model to start from (model.pt of 'cstar train'); without it, one is trained")
+                   help="dense robust model to start from (model.pt of 'cstar train', or a cstar.save directory); "
+                        "without it, one is trained")
     _add_model_args(p)
     _add_data_args(p)
     g = p.add_argument_group(title)
@@ -770,7 +771,7 @@ def _check_model_options(args: argparse.Namespace, model: torch.nn.Module) -> No
 def _starting_model(args: argparse.Namespace, train_set, device: torch.device) -> torch.nn.Module:
     """The dense model of --checkpoint, or a fresh --model (seeded with --seed) to be trained first."""
     if args.checkpoint:
-        model = _model_from_checkpoint(args.checkpoint, device)[0]
+        model = _load_model(args.checkpoint, device)  # model.pt of 'cstar train', or a cstar.save directory
         _check_model_options(args, model)
         _check_fits_data(model, args.checkpoint, args.data, train_set.spec, train_set.num_classes)
         return model

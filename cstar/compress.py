@@ -261,7 +261,8 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         t0 = time.perf_counter()
         evaluations = _evaluate_phases(dense_model, projected, factorised, test_set, config)
         phases.finish("evaluate", seconds=round(time.perf_counter() - t0, 1), results=evaluations)
-    results = _results(phases.done, plan, dense_model, factorised, config)
+    results = _results(phases.done, plan, dense_model, factorised, config,
+                       getattr(getattr(train_set, "spec", None), "name", None))
     if main:
         write_json(out / "results.json", results)
         write_report(out, results, plan, admm.history)
@@ -300,16 +301,27 @@ def _evaluate_phases(dense, projected, final, test_set, config: CompressConfig) 
     return evaluations
 
 
-def _results(done: dict, plan: RankPlan, dense: nn.Module, final: nn.Module, config: CompressConfig) -> dict:
+def _budget_text(config: CompressConfig) -> str:
+    a, f = config.admm_train, config.finetune
+    return (f"{a.epochs} ADMM epoch(s) of {a.method}-{a.attack_steps} ({a.optimizer} lr {a.lr:g}), then {f.epochs} "
+            f"fine-tuning epoch(s) of {f.method}-{f.attack_steps} ({f.optimizer} lr {f.lr:g}), batch {f.batch_size}")
+
+
+def _results(done: dict, plan: RankPlan, dense: nn.Module, final: nn.Module, config: CompressConfig,
+             dataset: str | None = None) -> dict:
     shape = plan.input_shape
     dense_params, final_params = count_params(dense), count_params(final)
+    recorded = config.to_dict()
+    if not done.get("dense", {}).get("trained", True):
+        recorded["dense"] = None  # a given dense model: no dense training ran
     results = {
-        "config": config.to_dict(),
+        "config": recorded,
         "params": {"dense": dense_params, "compressed": final_params, "ratio": dense_params / final_params},
         "phases": {name: {k: v for k, v in info.items() if k != "results"} for name, info in done.items()},
         "accuracy": {phase: r["accuracy"] for phase, r in done.get("evaluate", {}).get("results", {}).items()},
         "eval_subset": {phase: r["subset"] for phase, r in done.get("evaluate", {}).get("results", {}).items()},
         "plan": {"target": plan.target, "budget": plan.budget, "ratio": plan.ratio, "flops_ratio": plan.flops_ratio},
+        "threat_model": {"dataset": dataset, "eps": config.finetune.eps, "budget": _budget_text(config)},
     }
     if shape is not None:
         dense_macs, final_macs = count_flops(dense, shape), count_flops(final, shape)

@@ -24,10 +24,15 @@ def _accuracy_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _shown(value) -> str:
+    """A figure for a table: floats to 4 significant digits (``ratio=8.013``, not 8.01329744279946)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _phase_table(results: dict) -> str:
     lines = ["| phase | wall time (s) | details |", "|---|---|---|"]
     for phase, info in results["phases"].items():
-        details = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("seconds", "final_residual"))
+        details = ", ".join(f"{k}={_shown(v)}" for k, v in info.items() if k not in ("seconds", "final_residual"))
         lines.append(f"| {phase} | {info.get('seconds', '')} | {details} |")
     return "\n".join(lines)
 
@@ -40,6 +45,14 @@ def _residual_table(history: list[dict]) -> str:
         lines.append(f"| {h['z_step']} | {h['step']} | {h['rho']:.3g} | {h['residual_mean']:.4f} | "
                      f"{h['residual_max']:.4f} |")
     return "\n".join(lines)
+
+
+def _full_rank(layer) -> int:
+    """The largest rank a layer's factorisation can have: min(out, in) for an SVD, the larger mode otherwise."""
+    if not layer.shape:
+        return 0
+    out_channels, in_channels = layer.shape[:2]
+    return min(out_channels, in_channels) if layer.kind == "svd" else max(out_channels, in_channels)
 
 
 def _plots(out: Path, results: dict, plan: RankPlan, history: list[dict]) -> list[str]:
@@ -72,16 +85,20 @@ def _plots(out: Path, results: dict, plan: RankPlan, history: list[dict]) -> lis
             values = [100 * results["accuracy"][p].get(label, float("nan")) for p in phases]
             ax.bar([j + i * width for j in range(len(phases))], values, width, label=label)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(phases))], phases)
+        shown = [100 * v for acc in results["accuracy"].values() for v in acc.values()]
+        low, high = min(shown), max(shown)
+        margin = max(1.0, 0.15 * (high - low))  # a 0-100 axis would hide a change of a few points
+        ax.set_ylim(max(0.0, low - margin), min(100.0, high + margin))
         ax.set_ylabel("accuracy (%)")
         ax.set_title("accuracy by phase")
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not over the first one
         save(fig, "accuracy_by_phase.png")
 
     names = [n for n, layer in plan.layers.items()]
     fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names)), 3.5))
-    full = [max(plan.layers[n].shape[:2]) if plan.layers[n].shape else 0 for n in names]
+    full = [_full_rank(plan.layers[n]) for n in names]
     kept = [max(plan.layers[n].ranks) for n in names]
-    ax.bar(range(len(names)), full, color="#cccccc", label="full (max mode size)")
+    ax.bar(range(len(names)), full, color="#cccccc", label="full rank (max over modes)")
     ax.bar(range(len(names)), kept, label="kept rank (max over modes)")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     ax.set_ylabel("rank")
@@ -91,8 +108,11 @@ def _plots(out: Path, results: dict, plan: RankPlan, history: list[dict]) -> lis
 
     if history:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([h["z_step"] for h in history], [h["residual_mean"] for h in history], marker="o", label="mean")
-        ax.plot([h["z_step"] for h in history], [h["residual_max"] for h in history], marker="x", label="max")
+        steps = [h["z_step"] for h in history]
+        ax.plot(steps, [h["residual_max"] for h in history], marker="x", linestyle="--", linewidth=2.5,
+                label="max over layers")
+        ax.plot(steps, [h["residual_mean"] for h in history], marker="o", markersize=3, label="mean")  # on top
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("Z-step")
         ax.set_ylabel("||W - Z|| / ||W||")
         ax.set_yscale("log")
@@ -109,6 +129,11 @@ def write_report(out: Path, results: dict, plan: RankPlan, history: list[dict]) 
     summary = f"parameters {params['dense']:,} -> {params['compressed']:,} ({params['ratio']:.2f}x)"
     if macs:
         summary += f"; MACs {macs['dense']:,} -> {macs['compressed']:,} ({macs['ratio']:.2f}x)"
+    threat = results.get("threat_model", {})
+    if threat:
+        subsets = sorted(set(results.get("eval_subset", {}).values()))
+        summary += (f"\n\n{threat.get('dataset') or 'dataset not named'}, L-inf eps {threat['eps']:.4g}; "
+                    f"evaluated on {', '.join(subsets) or 'no test images'}; training budget: {threat['budget']}")
     sections = [
         "# CSTAR compression report", "", summary, "",
         "## Accuracy by phase (%)", "", _accuracy_table(results), "",

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import attacks, distributed
+from . import _smoke, attacks, distributed
 from .data import BatchLoader
 from ._errors import CstarError, check_options
 from ._io import (append_jsonl, atomic_write_text, load_checkpoint, load_latest_checkpoint, previous_checkpoint,
@@ -95,6 +95,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        if _smoke.active():  # documentation examples as tests: a token budget (see cstar._smoke)
+            self.epochs = min(self.epochs, _smoke.EPOCHS)
+            self.check_size = min(self.check_size, _smoke.CHECK_IMAGES)
 
     def validate(self) -> None:
         """Raise :class:`CstarError` on a value that cannot work."""

@@ -365,3 +365,24 @@ def test_a_collapse_stops_the_run_restores_the_best_epoch_and_names_the_flag(tmp
                       out_dir=tmp_path)
     assert [r["epoch"] for r in history] == [1, 2] and history[1]["catastrophic_overfitting"]
     assert all(torch.equal(model.state_dict()[k], snapshots[1][k]) for k in snapshots[1])
+
+
+# --- reports ------------------------------------------------------------------------------------------------
+
+def test_the_report_states_dataset_eps_subset_and_budget_with_rounded_figures(compressed):
+    import re
+
+    report = (compressed / "report.md").read_text()
+    assert "digits, L-inf eps 0.2; evaluated on first 100 examples; training budget: 1 ADMM epoch(s)" in report
+    assert not re.search(r"\d\.\d{7,}", report)  # was: ratio=8.01329744279946
+    results = json.loads((compressed / "results.json").read_text())
+    assert results["config"]["dense"] is None  # the dense model was given: no dense training was recorded
+
+
+def test_the_rank_plot_shows_an_svd_layers_full_rank_as_its_smaller_side():
+    from cstar.report import _full_rank
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 20), nn.ReLU(), nn.Linear(20, 10))
+    plan = __import__("cstar").select_ranks(model, 2, exclude=[])
+    layer = plan.layers["3"]
+    assert layer.kind == "svd" and _full_rank(layer) == 20  # was 300, a rank an SVD of 20x300 cannot have
