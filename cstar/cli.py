@@ -336,7 +336,7 @@ def _load_config_file(path: str) -> dict:
 
 # Options that hold a YAML mapping (a training, ADMM... section): a value given on the command line
 # changes the keys it names in the same section of --config (or of a resumed run), not the whole section.
-_SECTIONS = ("dense", "admm_train", "admm", "finetune", "search")
+_SECTIONS = presets.SECTIONS
 # Options a resumed run may change; any other option given with --resume must equal the run's record.
 _MAY_CHANGE_ON_RESUME = {"device", "no_progress", "out"}
 _EVALUATION_OPTIONS = {"eval_attacks", "eval_step", "eval_n", "autoattack_n", "latency_runs"}
@@ -518,9 +518,7 @@ def _validation(train_set, test_set, val_size: int, check_size: int, device: tor
         return train_set, (torch.cat(xs)[:check_size], torch.cat(ys)[:check_size])
     if val_size >= len(train_set):
         raise CstarError(f"--val-size {val_size} leaves no training data ({len(train_set)} images): use a smaller value")
-    n = len(train_set) - val_size
-    held_out = train_set.subset(torch.arange(n, len(train_set)))
-    return train_set.subset(torch.arange(n)), (held_out.images.to(device).float() / 255, held_out.labels.to(device))
+    return train_set.split_off(val_size, device)
 
 
 def _run_dir(path: str | Path, *, force: bool, resume: bool) -> Path:

@@ -137,11 +137,9 @@ class _Phases:
 
 def split_held_out(train_set, val_size: int, device):
     """(training part, (x, y) of the last ``val_size`` images) for per-epoch checks."""
-    if val_size <= 0 or not hasattr(train_set, "subset"):
+    if val_size <= 0 or not hasattr(train_set, "split_off"):
         return train_set, None
-    n = len(train_set) - val_size
-    held = train_set.subset(torch.arange(n, len(train_set)))
-    return train_set.subset(torch.arange(n)), (held.images.to(device).float() / 255, held.labels.to(device))
+    return train_set.split_off(val_size, device)
 
 
 def training_loader(train_part, config: TrainConfig, device, seed: int = 0):

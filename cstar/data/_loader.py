@@ -89,15 +89,14 @@ class BatchLoader(_EpochLoader):
 
         The images are held out before sharding, so every rank holds out the same ones.
         """
-        keep = len(self.data) - n
         if not 0 < n < len(self.data):
             raise CstarError(f"cannot hold out {n} of {len(self.data)} images: hold out between 1 and "
                              f"{len(self.data) - 1}")
-        rest = BatchLoader(self.data.subset(torch.arange(keep)), self.batch_size, train=self.train,
-                           device=self.device, seed=self.seed, drop_last=self.drop_last, augment=self.augment,
-                           rank=self.rank, world_size=self.world_size)
+        kept, held = self.data.split_off(n, self.device)
+        rest = BatchLoader(kept, self.batch_size, train=self.train, device=self.device, seed=self.seed,
+                           drop_last=self.drop_last, augment=self.augment, rank=self.rank, world_size=self.world_size)
         rest.epoch = self.epoch
-        return rest, (self.images[keep:].float() / 255, self.labels[keep:])
+        return rest, held
 
     def __iter__(self) -> Iterator[Batch]:
         generator, order = self._generator_and_order()

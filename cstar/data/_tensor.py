@@ -50,6 +50,13 @@ class TensorData:
             raise CstarError(f"take(n) needs n >= 0, got {n}")
         return TensorData(self.images[:n], self.labels[:n], self.spec)
 
+    def split_off(self, n: int, device: str | torch.device = "cpu") -> tuple["TensorData", tuple[torch.Tensor, torch.Tensor]]:
+        """(the first ``len - n`` samples, the last ``n`` as (x float32 in [0, 1], y) on ``device``): a held-out
+        set for per-epoch checks, taken from the end so that ``take``/``--train-n`` prefixes stay stable."""
+        keep = len(self) - n
+        held = self.subset(torch.arange(keep, len(self)))
+        return self.subset(torch.arange(keep)), (held.images.to(device).float() / 255, held.labels.to(device))
+
     def subset(self, indices: Sequence[int] | torch.Tensor) -> "TensorData":
         """The samples at ``indices``, in that order."""
         index = torch.as_tensor(indices, dtype=torch.int64)
