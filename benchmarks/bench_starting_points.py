@@ -26,7 +26,7 @@ import torch
 from cstar import data, evaluate, load, prune
 from cstar._env import environment
 from cstar._io import atomic_write_text, write_json
-from cstar.cli import _load_model
+from cstar.cli._inputs import load_model
 from cstar.lowrank import decompose, select_ranks
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
 
     test_set = data.load(args.data, root=args.root, split="test")
-    dense = _load_model(args.checkpoint)
+    dense = load_model(args.checkpoint)
     rows = []
     for name, model in starting_points(dense, args.cstar, args.ratio).items():
         result = evaluate(model, test_set, args.attacks.split(","), eps=test_set.spec.eps, n=args.n)

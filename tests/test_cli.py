@@ -85,13 +85,14 @@ def test_config_file_supplies_options_and_flags_win(tmp_path, capsys):
 
 @pytest.mark.parametrize("ratios", [16, 16.0, [4, 16], "4,16"])
 def test_config_file_lists_may_be_yaml_lists_or_single_numbers(tmp_path, ratios):
-    from cstar.cli import _names, _numbers, parse_args
+    from cstar.cli import parse_args
+    from cstar.cli._options import names, numbers
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"ratios": ratios, "methods": ["dense", "cstar"], "eval_attacks": "clean,pgd20"}))
     args = parse_args(["compare", "--config", str(cfg), "--out", str(tmp_path / "run")])
-    assert _numbers(args.ratios, "--ratios") == ([16.0] if not isinstance(ratios, (list, str)) else [4.0, 16.0])
-    assert _names(args.methods) == ["dense", "cstar"] and _names(args.eval_attacks) == ["clean", "pgd20"]
+    assert numbers(args.ratios, "--ratios") == ([16.0] if not isinstance(ratios, (list, str)) else [4.0, 16.0])
+    assert names(args.methods) == ["dense", "cstar"] and names(args.eval_attacks) == ["clean", "pgd20"]
 
 
 def error_line(capsys, *argv):
@@ -221,3 +222,14 @@ def test_decompose_info_export_and_eval_of_a_factorised_model(trained, tmp_path,
 def test_ratio_below_one_is_an_error(capsys):
     line = error_line(capsys, "ranks", "--model", "resnet20", "--ratio", "0.5")
     assert "ratio" in line
+
+
+def test_every_command_of_the_parser_has_one_short_function():
+    import inspect
+
+    from cstar.cli import build_parser
+    from cstar.cli._commands import COMMANDS
+
+    assert set(COMMANDS) == set(build_parser().subcommands)
+    lengths = {name: len(inspect.getsourcelines(func)[0]) for name, func in COMMANDS.items()}
+    assert max(lengths.values()) <= 40, lengths

@@ -1,0 +1,229 @@
+"""One function per ``cstar`` command: ``args`` (resolved by :func:`._options.parse_args`) -> exit code.
+
+Each reads as the command's script: check the inputs, make the run directory,
+do the work through the library, print where the results are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from .. import data, distributed
+from .._errors import CstarError
+from .._io import prepare_run_dir, save_checkpoint, write_json
+from ..counting import count_flops, count_params, format_table, layer_table
+from ..evaluate import evaluate, format_results
+from ..train import fit
+from . import _inputs as inputs
+from . import _runs as runs
+from ._options import names, numbers, phase_config, plan_kwargs, require, train_config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    require(args, "model", "data")
+    device = runs.device(args.device)
+    train_set, test_set, eps = inputs.train_and_test(args)
+    config = train_config(args, eps)
+    torch.manual_seed(args.seed)  # the initial weights
+    model = inputs.build_model(args, train_set.spec, train_set.num_classes).to(device)
+    train_part, val = inputs.validation(train_set, test_set, args.val_size, config.check_size, device)
+    out = runs.run_dir(args.out or runs.default_out("train", args.model, args.data), force=args.force,
+                       resume=args.resume)
+    runs.write_run_files(out, args, eps, device)
+    print(f"cstar train: {args.model} on {args.data} ({len(train_part)} train / {len(test_set)} test images), "
+          f"{args.method} eps={eps:.4g}, {count_params(model):,} parameters, device {device}; output in {out}")
+    loader = data.make_loader(train_part, config.batch_size, train=True, device=device, seed=args.seed,
+                              rank=distributed.rank(), world_size=distributed.world_size())
+    t0 = time.perf_counter()
+    history = fit(model, loader, config, val=val, out_dir=out, resume=args.resume)
+    train_seconds = time.perf_counter() - t0
+    if distributed.is_main():
+        save_checkpoint(out / "model.pt", {"model": model.state_dict(), "model_config": model.cstar_config,
+                                           "dataset": args.data, "eps": eps})
+    result = evaluate(model, test_set, names(args.eval_attacks), eps=eps, step=args.eval_step, n=args.eval_n,
+                      seed=args.seed, out_path=out / "results.json",
+                      meta={"model": args.model, "dataset": args.data, "method": args.method,
+                            "epochs_run": len(history), "train_seconds": round(train_seconds, 1)})
+    print(format_results({f"{args.model} ({args.method})": result}))
+    print(f"trained in {train_seconds / 60:.1f} min; results in {out / 'results.json'}, model in {out / 'model.pt'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.resume and not args.json:
+        raise CstarError("--resume continues the evaluation whose progress sits beside its --json: pass --json")
+    if args.per_example and not args.json:
+        raise CstarError("--per-example keeps its results in the --json card: pass --json")
+    device = runs.device(args.device)
+    if Path(args.checkpoint).is_dir():  # a cstar.save directory
+        model, state = inputs.load_model(args.checkpoint, device), {}
+    else:
+        model, state = inputs.model_from_checkpoint(args.checkpoint, device)
+    name, test_set, eps = _eval_data(args, model, state)
+    result = evaluate(model, test_set, names(args.attacks), eps=eps, step=args.step, n=args.n,
+                      batch_size=args.batch_size, seed=args.seed, out_path=args.json, progress=True,
+                      resume=args.resume, per_example=args.per_example,
+                      meta={"model": model.cstar_config["name"], "dataset": name, "checkpoint": str(args.checkpoint)})
+    path = Path(args.checkpoint)
+    print(format_results({(path.name if path.is_dir() else path.parent.name) or "model": result}))
+    print(f"{result['subset']} of the {name} test set, eps={eps:.4g}; seconds per attack: {result['seconds']}")
+    return 0
+
+
+def _eval_data(args: argparse.Namespace, model: torch.nn.Module, state: dict):
+    """(dataset name, test set, eps) of ``cstar eval``: --data, else what the checkpoint or its run says;
+    --eps, else the eps the model was trained at, else (another dataset) that dataset's own."""
+    run = inputs.run_config_beside(args.checkpoint)
+    trained_on = state.get("dataset") or run.get("data")
+    name = args.data or trained_on
+    if name is None:
+        raise CstarError(f"which dataset? {args.checkpoint} does not say: pass --data")
+    root = args.root if args.root is not None else run.get("root")
+    test_set = data.load(name, root, split="test", download=args.download)
+    inputs.check_fits_data(model, args.checkpoint, name, test_set.spec, test_set.num_classes)
+    if args.eps is not None:
+        return name, test_set, args.eps
+    if trained_on in (None, name):
+        return name, test_set, state.get("eps", test_set.spec.eps)
+    print(f"note: {args.checkpoint} was trained on {trained_on}; evaluating on {name} at its eps "
+          f"{test_set.spec.eps:g} (pass --eps to choose)", flush=True)
+    return name, test_set, test_set.spec.eps
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = inputs.model_for_planning(args)
+    shape = inputs.input_shape(model)
+    print(format_table(layer_table(model, shape)))
+    factorised = getattr(model, "cstar_lowrank", None)
+    if factorised:
+        print("\nfactorised layers (Tucker-2 ranks are r_out, r_in):")
+        for name, layer in factorised.items():
+            print(f"  {name:<28} {layer['kind']:<8} ranks {', '.join(map(str, layer['ranks']))}")
+    print(f"parameters: {count_params(model):,}   MACs per image: {count_flops(model, shape):,}   input: {tuple(shape)}")
+    return 0
+
+
+def cmd_ranks(args: argparse.Namespace) -> int:
+    from ..lowrank import select_ranks
+
+    torch.manual_seed(0)
+    plan = select_ranks(inputs.model_for_planning(args), **plan_kwargs(args))
+    print(plan.table())
+    if args.json:
+        plan.save(args.json)
+        print(f"plan written to {args.json}")
+    return 0
+
+
+def cmd_decompose(args: argparse.Namespace) -> int:
+    from ..lowrank import RankPlan, decompose, select_ranks
+    from ..serialize import save
+
+    model = inputs.load_model(args.checkpoint)
+    plan = RankPlan.load(args.plan) if args.plan else select_ranks(model, **plan_kwargs(args))
+    factorised = decompose(model, plan, n_iter=args.n_iter)
+    out = save(factorised, args.out)
+    print(plan.table())
+    print(f"factorised model written to {out} ({count_params(model):,} -> {count_params(factorised):,} parameters)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..serialize import export
+
+    if Path(args.out).exists() and not args.force:
+        raise CstarError(f"{args.out} already exists: pass --force to overwrite it, or choose another --out")
+    model = inputs.load_model(args.model)
+    path = export(model, args.out, format=args.format, input_shape=inputs.input_shape(model))
+    print(f"{args.format} model written to {path}")
+    return 0
+
+
+def _common_phase_settings(args: argparse.Namespace, eps: float) -> dict:
+    """The training settings every phase of compress and compare shares (eps, seed, progress, --method)."""
+    common = {"eps": eps, "seed": args.seed, "progress": not args.no_progress}
+    if args.method:
+        common["method"] = args.method
+    return common
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from ..admm import ADMMConfig
+    from ..compress import CompressConfig, check_plan, compress
+
+    device = runs.device(args.device)
+    train_set, test_set, eps = inputs.train_and_test(args)
+    common = _common_phase_settings(args, eps)
+    config = CompressConfig(
+        ratio=args.ratio, budget=args.budget, flops_ratio=args.flops_ratio, rank_method=args.rank_method,
+        exclude=names(args.exclude) or None, dense=phase_config(args.dense, common),
+        admm_train=phase_config(args.admm_train, common), finetune=phase_config(args.finetune, common, epochs=5, lr=0.01),
+        eval_attacks=names(args.eval_attacks), eval_step=args.eval_step, eval_phases=names(args.eval_phases),
+        eval_n=args.eval_n, autoattack_n=args.autoattack_n)
+    if args.admm:
+        config.admm = ADMMConfig.from_dict(args.admm)
+    model = inputs.starting_model(args, train_set, device)
+    check_plan(model, config)  # an unreachable ratio is refused before training and before any file is written
+    out = runs.run_dir(args.out or runs.default_out("compress", args.model or "model", args.data, f"{args.ratio:g}x"),
+                       force=args.force, resume=args.resume)
+    runs.write_run_files(out, args, eps, device)
+    print(f"cstar compress: {model.cstar_config['name'] if hasattr(model, 'cstar_config') else 'model'} on "
+          f"{args.data}, target {args.ratio:g}x ({args.budget}), eps={eps:.4g}, output in {out}", flush=True)
+    runs.print_defaults(args, device)
+    results = compress(model, train_set, test_set, config, out, pretrained=args.checkpoint is not None,
+                       resume=args.resume, val_size=args.val_size, seed=args.seed)
+    print(f"\nparameters {results['params']['dense']:,} -> {results['params']['compressed']:,} "
+          f"({results['params']['ratio']:.2f}x)" + (f", MACs {results['macs']['ratio']:.2f}x" if "macs" in results else ""))
+    for phase, acc in results["accuracy"].items():
+        print(f"  {phase:>16}: " + "  ".join(f"{k} {100 * v:.2f}%" for k, v in acc.items()))
+    print(f"model in {out / 'model'}, report in {out / 'report.md'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..admm import ADMMConfig
+    from ..compare import CompareConfig, compare
+
+    device = runs.device(args.device)
+    train_set, test_set, eps = inputs.train_and_test(args)
+    common = _common_phase_settings(args, eps)
+    config = CompareConfig(
+        ratios=numbers(args.ratios, "--ratios"), methods=names(args.methods), dense=phase_config(args.dense, common),
+        search=phase_config(args.search, common, epochs=5, lr=0.01),
+        finetune=phase_config(args.finetune, common, epochs=5, lr=0.01),
+        eval_attacks=names(args.eval_attacks), eval_step=args.eval_step, eval_n=args.eval_n,
+        autoattack_n=args.autoattack_n, latency_runs=args.latency_runs)
+    if args.admm:
+        config.admm = ADMMConfig.from_dict(args.admm)
+    model = inputs.starting_model(args, train_set, device)
+    out = runs.run_dir(args.out or runs.default_out("compare", args.model or "model", args.data), force=args.force,
+                       resume=args.resume)
+    runs.write_run_files(out, args, eps, device)
+    print(f"cstar compare: {', '.join(config.methods)} at {', '.join(f'{r:g}x' for r in config.ratios)} on "
+          f"{args.data}, eps={eps:.4g}; {config.budget_text()}; output in {out}", flush=True)
+    runs.print_defaults(args, device)
+    compare(model, train_set, test_set, config, out, pretrained=args.checkpoint is not None,
+            val_size=args.val_size, seed=args.seed)
+    print((out / "comparison.md").read_text() if distributed.is_main() else "", end="")
+    print(f"results in {out / 'results.json'}, table in {out / 'comparison.md'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Dense PGD training on scikit-learn's digits, then CSTAR beside pruning and post-hoc low rank."""
+    from .._demo import demo_config, run_demo
+    from .._env import environment
+
+    config = demo_config(args.epochs, args.phase_epochs, tuple(numbers(args.ratios, "--ratios")), args.seed)
+    out = prepare_run_dir(args.out or runs.default_out("demo"), force=args.force)
+    write_json(out / "env.json", environment("cpu", args.seed))
+    run_demo(out, config, args.seed)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "ranks": cmd_ranks, "decompose": cmd_decompose,
+            "export": cmd_export, "compress": cmd_compress, "compare": cmd_compare, "demo": cmd_demo}

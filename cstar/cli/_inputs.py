@@ -1,0 +1,159 @@
+"""What a command starts from: datasets, models and checkpoints, each checked before any work is done."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import yaml
+
+from .. import data, models
+from .._errors import CstarError
+from .._io import load_checkpoint, state_mismatch
+from ._options import model_kwargs, require
+
+# ----------------------------------------------------------------------------- data
+
+
+def first_n(train_set, n: int | None):
+    """The first ``n`` training images (--train-n), or all of them."""
+    if n is None:
+        return train_set
+    if not hasattr(train_set, "take"):
+        raise CstarError("--train-n needs an in-memory dataset (not an image folder): drop it")
+    if not 0 < n <= len(train_set):
+        raise CstarError(f"--train-n {n} must be between 1 and {len(train_set)}")
+    return train_set.take(n)
+
+
+def train_and_test(args: argparse.Namespace):
+    """(training set cut to --train-n, test set, eps: --eps or the dataset's threat model)."""
+    require(args, "data")
+    train_set = first_n(data.load(args.data, args.root, split="train", download=args.download), args.train_n)
+    test_set = data.load(args.data, args.root, split="test", download=args.download)
+    eps = train_set.spec.eps if args.eps is None else args.eps
+    return train_set, test_set, eps
+
+
+def validation(train_set, test_set, val_size: int, check_size: int, where: torch.device):
+    """Split the training set into (training part, validation tensors) for the per-epoch check.
+
+    In-memory datasets hold out their last ``val_size`` training images. A folder
+    dataset cannot be split cheaply, so its check uses the first ``check_size``
+    images of its validation folder (said in the log).
+    """
+    if val_size <= 0 or check_size <= 0:
+        return train_set, None
+    if isinstance(train_set, data.FolderData):
+        print(f"per-epoch check on the first {check_size} images of the validation folder")
+        xs, ys, seen = [], [], 0
+        for x, y in data.make_loader(test_set, min(256, check_size), train=False, device=where):
+            xs.append(x)
+            ys.append(y)
+            seen += len(y)
+            if seen >= check_size:
+                break
+        return train_set, (torch.cat(xs)[:check_size], torch.cat(ys)[:check_size])
+    if val_size >= len(train_set):
+        raise CstarError(f"--val-size {val_size} leaves no training data ({len(train_set)} images): use a smaller value")
+    return train_set.split_off(val_size, where)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build_model(args: argparse.Namespace, spec: data.DatasetSpec, num_classes: int) -> torch.nn.Module:
+    """A fresh ``--model`` (with ``--width`` and ``--model-arg``) for ``spec``'s images and normalisation."""
+    kwargs = model_kwargs(args.model_arg)
+    if args.width is not None:
+        kwargs["width"] = args.width
+    c, h, _ = spec.image_shape
+    return models.create(args.model, num_classes, in_channels=c, input_size=h, mean=spec.mean, std=spec.std, **kwargs)
+
+
+def model_from_checkpoint(path: str, where: torch.device) -> tuple[torch.nn.Module, dict]:
+    """(model, checkpoint dict) of a ``model.pt`` / ``checkpoint.pt`` written by ``cstar train``."""
+    state = load_checkpoint(path, map_location=where)
+    config = state.get("model_config")
+    if not config:
+        raise CstarError(f"{path} has no model description (model_config): it was not written by 'cstar train'")
+    model = models.create(**config)
+    weights = state["model"]
+    problem = state_mismatch(model, {k: v.shape for k, v in weights.items()}) if isinstance(weights, dict) else "no tensors"
+    if problem:  # checked before any weight is copied
+        raise CstarError(f"{path} does not match its architecture '{config['name']}' ({problem}): "
+                         "the file is corrupt or edited; pass the checkpoint that 'cstar train' wrote")
+    model.load_state_dict(weights)
+    return model.to(where), state
+
+
+def load_model(path: str, where: torch.device = torch.device("cpu")) -> torch.nn.Module:
+    """A cstar.save directory or a checkpoint written by ``cstar train``."""
+    if Path(path).is_dir():
+        from ..serialize import load
+
+        return load(path, map_location=where)
+    return model_from_checkpoint(path, where)[0]
+
+
+def run_config_beside(path: str) -> dict:
+    """The config.yaml of the run a checkpoint belongs to, if there is one."""
+    cfg = Path(path).parent / "config.yaml"
+    return yaml.safe_load(cfg.read_text(encoding="utf-8")) if cfg.is_file() else {}
+
+
+def input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of one input image, from the model's ``cstar_config``."""
+    cfg = getattr(model, "cstar_config", None)
+    if not cfg:
+        raise CstarError("the model has no cstar_config, so its input shape is unknown: use a built-in model")
+    return (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+
+
+def model_for_planning(args: argparse.Namespace) -> torch.nn.Module:
+    """The checkpoint's model, or a randomly initialised ``--model`` for ``--data`` (default cifar10)."""
+    if args.checkpoint:
+        return load_model(args.checkpoint)
+    if not args.model:
+        raise CstarError("give a checkpoint or --model NAME")
+    key = (args.data or "cifar10").lower().replace("-", "_")
+    if key not in data.DATASETS:
+        raise CstarError(f"unknown dataset '{args.data}': choose one of {', '.join(sorted(data.DATASETS))}")
+    spec = data.DATASETS[key]
+    return build_model(args, spec, getattr(args, "num_classes", None) or spec.num_classes)
+
+
+def check_fits_data(model: torch.nn.Module, source: str, name: str, spec: data.DatasetSpec, num_classes: int) -> None:
+    """One line when ``model`` (from ``source``) cannot take ``name``'s images or predict its classes."""
+    cfg = getattr(model, "cstar_config", None) or {}
+    if cfg.get("num_classes") not in (None, num_classes):
+        raise CstarError(f"{source} predicts {cfg['num_classes']} classes but {name} has {num_classes}: "
+                         "pass the dataset it was trained on")
+    c, h, w = spec.image_shape
+    wants = (cfg.get("in_channels"), cfg.get("input_size"))
+    if None not in wants and (wants[0] != c or (wants[1] != h and name != "imagefolder")):
+        raise CstarError(f"{source} takes {wants[0]}x{wants[1]}x{wants[1]} images but {name} has {c}x{h}x{w}: "
+                         f"pass the dataset it was trained on, or a model built for {name}")
+
+
+def _check_model_options(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """--model / --width given beside --checkpoint must describe the checkpoint's architecture."""
+    cfg = getattr(model, "cstar_config", None) or {}
+    if args.model and cfg.get("name") and args.model != cfg["name"]:
+        raise CstarError(f"--model {args.model} contradicts {args.checkpoint}, a {cfg['name']}: drop --model "
+                         "(the checkpoint says its architecture)")
+    if args.width is not None and cfg.get("width") not in (None, args.width):
+        raise CstarError(f"--width {args.width} contradicts {args.checkpoint}, of width {cfg['width']}: drop --width")
+
+
+def starting_model(args: argparse.Namespace, train_set, where: torch.device) -> torch.nn.Module:
+    """The dense model of --checkpoint, or a fresh --model (seeded with --seed) to be trained first."""
+    if args.checkpoint:
+        model = load_model(args.checkpoint, where)  # model.pt of 'cstar train', or a cstar.save directory
+        _check_model_options(args, model)
+        check_fits_data(model, args.checkpoint, args.data, train_set.spec, train_set.num_classes)
+        return model
+    require(args, "model")
+    torch.manual_seed(args.seed)  # the initial weights
+    return build_model(args, train_set.spec, train_set.num_classes).to(where)

@@ -1,0 +1,229 @@
+"""Where every option of every command gets its value: :func:`parse_args`.
+
+Layers, lowest first: the parser's built-in defaults; for ``compress`` and
+``compare`` the dataset's preset for the device (:func:`cstar._presets.dataset_defaults`);
+``--config`` (a file or a preset's name) or, with ``--resume --out DIR``, the
+record ``DIR/config.yaml`` under it; the flags given. A section option
+(``--dense``, ``--admm-train``, ``--admm``, ``--finetune``, ``--search``) changes
+only the keys it names of the section below it. The helpers at the end turn the
+resolved text options into values (lists, numbers, training settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from .. import _presets as presets
+from .._errors import CstarError
+from ..train import TrainConfig
+from ._parser import build_parser, parse_eps
+from ._runs import NOT_SAVED, device_type
+
+# Options that hold a YAML mapping (a training, ADMM... section).
+SECTIONS = presets.SECTIONS
+# Options a resumed run may change; any other option given with --resume must equal the run's record.
+_MAY_CHANGE_ON_RESUME = {"device", "no_progress", "out"}
+_EVALUATION_OPTIONS = {"eval_attacks", "eval_step", "eval_n", "autoattack_n", "latency_runs"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options of the command line ``argv``, resolved through every layer (see the module).
+
+    ``args.defaults_preset`` names the dataset preset applied (None: none).
+    Raises :class:`CstarError` for an unknown option, a bad value or a resume
+    that contradicts its record, before anything is read or written.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sub = parser.subcommands[args.command]
+    given = _given_options(argv, args.command)
+    values = _config_values(args, sub) if args.config else {}
+    recorded = {}
+    if getattr(args, "resume", False) and getattr(args, "out", None) and "out" in {a.dest for a in sub._actions}:
+        recorded = _recorded_options(args, {**values, **given})
+        values = {**recorded, **values}
+    defaults_preset = None
+    if args.command in ("compress", "compare") and not recorded:  # a resumed run's record is complete
+        device = given.get("device", values.get("device", "auto"))
+        defaults_preset, base = presets.dataset_defaults(args.command, given.get("data", values.get("data")),
+                                                         device_type(device))
+        values = _layered(base, values)
+    merged = _layered(values, given)
+    if values:
+        sub.set_defaults(**values)
+        args = parser.parse_args(argv)
+    for key in SECTIONS:
+        if key in merged:
+            setattr(args, key, merged[key])
+    args.defaults_preset = defaults_preset
+    return args
+
+
+def _layered(below: dict, above: dict) -> dict:
+    """``above`` over ``below``: sections (YAML mappings) merge key by key, other options replace."""
+    out = {**below, **above}
+    for key in SECTIONS:
+        if isinstance(below.get(key), dict) and isinstance(above.get(key), dict):
+            out[key] = {**below[key], **above[key]}
+    return out
+
+
+class _Unset:
+    """The default of every option while finding which options the command line gives."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+def _given_options(argv: list[str] | None, command: str) -> dict:
+    """The options given on the command line itself (dest -> parsed value), without defaults."""
+    parser = build_parser()
+    sub = parser.subcommands[command]
+    unset = _Unset()
+    plain = [a.dest for a in sub._actions if a.dest != "help" and not isinstance(a, argparse._AppendAction)]
+    sub.set_defaults(**{dest: unset for dest in plain})
+    args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k in plain and not isinstance(v, _Unset)}
+    for action in sub._actions:
+        if isinstance(action, argparse._AppendAction) and getattr(args, action.dest):
+            given[action.dest] = getattr(args, action.dest)
+    return given
+
+
+def _load_config_file(path: str) -> dict:
+    p = presets.resolve(path)  # a file, or the name of a shipped preset
+    try:
+        values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise CstarError(f"config file {p} is not valid YAML/JSON ({str(exc).splitlines()[0]}): fix its syntax") from None
+    if not isinstance(values, dict):
+        raise CstarError(f"config file {p} must hold a mapping of option: value, not a {type(values).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _config_values(args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
+    """The option values of ``--config``, checked against the command's options and typed as its flags."""
+    values = _load_config_file(args.config)
+    known = {a.dest for a in sub._actions} - {"help"} - NOT_SAVED
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CstarError(f"unknown option(s) {', '.join(unknown)} in {args.config}: valid options for "
+                         f"'cstar {args.command}' are {', '.join(sorted(known))}")
+    actions = {a.dest: a for a in sub._actions}
+    for key, value in values.items():  # a YAML list or number for a text option: what its flag would give
+        action = actions[key]
+        if type(action) is argparse._StoreAction and action.type is None and action.nargs is None:
+            if isinstance(value, (list, tuple)):
+                values[key] = ",".join(str(v) for v in value)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                values[key] = str(value)
+    for key in ("eps", "attack_step", "step", "eval_step"):
+        if isinstance(values.get(key), str):
+            try:
+                values[key] = parse_eps(values[key])
+            except argparse.ArgumentTypeError as exc:
+                raise CstarError(f"{key} in {args.config}: {exc}") from None
+    return values
+
+
+def _recorded_options(args: argparse.Namespace, given: dict) -> dict:
+    """The options recorded in the ``config.yaml`` of the run that ``--resume --out DIR`` continues.
+
+    Every option given now (on the command line or in ``--config``) must equal
+    the recorded one, except those a resume may change; otherwise the resume is
+    refused, naming each difference, before anything in DIR is touched.
+    """
+    record_path = Path(args.out) / "config.yaml"
+    if not record_path.is_file():
+        return {}
+    try:
+        recorded = yaml.safe_load(record_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise CstarError(f"{record_path} is not valid YAML: restore it, or start a new run without --resume") from None
+    may_change = _MAY_CHANGE_ON_RESUME | (_EVALUATION_OPTIONS if args.command in ("train", "compare") else set())
+    differences = [f"--{key.replace('_', '-')} {_shown(value)} (the run has {_shown(recorded[key])})"
+                   for key, value in sorted(given.items())
+                   if key in recorded and key not in may_change and not _same_option(value, recorded[key])]
+    if differences:
+        raise CstarError(f"cannot resume {args.out} with other settings: {'; '.join(differences)}; resume with "
+                         f"just --resume --out {args.out} (it reads the rest from {record_path}), or start a new "
+                         "run in another --out")
+    return {key: value for key, value in recorded.items() if key not in NOT_SAVED}
+
+
+def _same_option(a, b) -> bool:
+    """``a`` (given now) equals ``b`` (recorded); a section agrees when every key it names does."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return all(key in b and _same_option(value, b[key]) for key, value in a.items())
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(a - b) <= 1e-12 * max(1.0, abs(a), abs(b))
+    return a == b
+
+
+def _shown(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+# ----------------------------------------------------------------------------- resolved text -> values
+
+
+def require(args: argparse.Namespace, *names: str) -> None:
+    """One line naming the first of ``names`` that no layer gave."""
+    for name in names:
+        if getattr(args, name, None) is None:
+            raise CstarError(f"--{name} is required: give it on the command line or as '{name}:' in --config")
+
+
+def names(text: str | None) -> list[str]:
+    """The items of a comma-separated option (none for an empty or absent one)."""
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def numbers(text: str, option: str) -> list[float]:
+    """The numbers of a comma-separated option such as ``--ratios 4,8,16``."""
+    try:
+        return [float(t) for t in names(text)]
+    except ValueError:
+        raise CstarError(f"{option} {text!r} must be comma-separated numbers, e.g. 4,8,16") from None
+
+
+def model_kwargs(pairs: list[str]) -> dict:
+    """``["width=16", "dropout=0.1"]`` -> ``{"width": 16, "dropout": 0.1}`` (values parsed as YAML)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise CstarError(f"--model-arg '{pair}' is not KEY=VALUE: write e.g. --model-arg width=16")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def plan_kwargs(args: argparse.Namespace) -> dict:
+    """The keywords of :func:`cstar.select_ranks` from the rank-plan options."""
+    require(args, "ratio")
+    return {"ratio": args.ratio, "budget": args.budget, "flops_ratio": args.flops_ratio, "method": args.rank_method,
+            "exclude": names(args.exclude) or None, "multiple_of": args.multiple_of}
+
+
+def train_config(args: argparse.Namespace, eps: float) -> TrainConfig:
+    """The :class:`TrainConfig` of ``cstar train``'s flat training options."""
+    return TrainConfig(
+        method=args.method, epochs=args.epochs, batch_size=args.batch_size, eps=eps,
+        attack_steps=args.attack_steps, attack_step=args.attack_step, eps_warmup_epochs=args.eps_warmup,
+        trades_beta=args.trades_beta, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
+        grad_clip=args.grad_clip, amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last,
+        check_size=args.check_size, overfit_guard=not args.no_overfit_guard, select=args.select, seed=args.seed,
+        progress=not args.no_progress, sync_bn=args.sync_bn)
+
+
+def phase_config(section: dict | None, common: dict, **defaults) -> TrainConfig:
+    """A training section (a YAML mapping) over ``defaults`` over the settings ``common`` to every phase."""
+    values = {**common, **defaults, **(section or {})}
+    for key in ("eps", "attack_step"):
+        if isinstance(values.get(key), str):
+            values[key] = parse_eps(values[key])
+    return TrainConfig.from_dict(values)

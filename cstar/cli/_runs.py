@@ -1,0 +1,65 @@
+"""Devices, run directories and the files that record a run (``config.yaml``, ``env.json``)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from .. import distributed
+from .._env import environment
+from .._errors import CstarError
+from .._io import atomic_write_text, prepare_run_dir, write_json
+
+# Options that control the command itself and are not recorded in config.yaml.
+NOT_SAVED = {"command", "config", "force", "resume", "defaults_preset"}
+
+
+def device_type(name: str) -> str:
+    """"cuda" or "cpu": the kind of device ``--device name`` will be (auto: cuda when one is visible)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if str(name).startswith("cuda") else "cpu"
+
+
+def device(name: str) -> torch.device:
+    """The device of ``--device name`` (auto, cpu, cuda, cuda:N); under torchrun, this process's GPU."""
+    if name == "auto":
+        name = device_type(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CstarError(f"--device {name} but no CUDA GPU is visible: use --device cpu, or install a CUDA build of torch")
+    try:
+        chosen = torch.device(name)
+    except RuntimeError:
+        raise CstarError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from None
+    return distributed.local_device(chosen)  # under torchrun: cuda:LOCAL_RANK
+
+
+def default_out(kind: str, *parts: str) -> Path:
+    """``runs/<kind>-<parts>-<time>``, the output directory when ``--out`` is not given."""
+    return Path("runs") / "-".join([kind, *[p for p in parts if p], time.strftime("%Y%m%d-%H%M%S")])
+
+
+def run_dir(path: str | Path, *, force: bool, resume: bool) -> Path:
+    """:func:`prepare_run_dir` on rank 0 (under torchrun); every rank gets rank 0's path."""
+    out = prepare_run_dir(path, force=force, resume=resume) if distributed.is_main() else None
+    return Path(distributed.broadcast_object(str(out) if out is not None else None))
+
+
+def write_run_files(out: Path, args: argparse.Namespace, eps: float, where: torch.device) -> None:
+    """``config.yaml`` (the resolved options, what ``--resume`` reads back) and ``env.json``, from rank 0."""
+    if distributed.is_main():
+        saved = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
+        atomic_write_text(out / "config.yaml", yaml.safe_dump({**saved, "eps": eps}, sort_keys=False))
+        write_json(out / "env.json", {**environment(where, args.seed), "world_size": distributed.world_size(),
+                                      "defaults_preset": getattr(args, "defaults_preset", None)})
+
+
+def print_defaults(args: argparse.Namespace, where: torch.device) -> None:
+    """Say which dataset preset the settings start from (recorded in env.json as ``defaults_preset``)."""
+    if args.defaults_preset:
+        print(f"settings: the {args.data} preset for {where.type.upper()} '{args.defaults_preset}' "
+              f"(cstar/presets/{args.defaults_preset}.yaml), under the options given", flush=True)
