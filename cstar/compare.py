@@ -46,7 +46,7 @@ from ._errors import CstarError
 from ._io import atomic_write_bytes, atomic_write_text, write_json
 from .admm import ADMMConfig
 from .compress import (CompressConfig, compress, settings_from_dict, split_held_out, train_phase, training_loader,
-                       training_seconds)
+                       training_seconds, with_data_eps)
 from .counting import count_flops, count_params
 from .evaluate import evaluate, subset_label
 from .lowrank import decompose, select_ranks
@@ -101,10 +101,9 @@ class CompareConfig:
         return asdict(self)
 
     def budget_text(self) -> str:
-        s, f = self.search, self.finetune
-        return (f"every compressed model: {s.epochs} epoch(s) of {s.method} (eps {s.eps:.4g}, {s.optimizer} lr {s.lr:g}, "
-                f"{s.schedule}) for the method's first phase, then {f.epochs} epoch(s) of {f.method} fine-tuning "
-                f"(eps {f.eps:.4g}, {f.optimizer} lr {f.lr:g}, {f.schedule}), batch {f.batch_size}")
+        """The training budget every compressed model gets, in one line."""
+        return (f"every compressed model: {self.search.summary()} for the method's first phase, then "
+                f"{self.finetune.summary()} of fine-tuning, batch {self.finetune.batch_size}")
 
 
 def cell_name(method: str, ratio: float) -> str:
@@ -300,6 +299,7 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
     Finished cells are read back, not rerun.
     """
     out = Path(out_dir)
+    config = with_data_eps(config, train_set.spec, ("dense", "search", "finetune"))
     cells_dir = out / "cells"
     if distributed.is_main():
         cells_dir.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -108,6 +108,12 @@ def check_plan(model: nn.Module, config: CompressConfig) -> None:
     select_ranks(model, **config.select_kwargs())
 
 
+def with_data_eps(config, spec, train_keys: tuple[str, ...]):
+    """``config`` (a settings dataclass) with every ``train_keys`` section's ``eps=None`` set to ``spec.eps``,
+    the threat model of the training data (a :class:`cstar.data.DatasetSpec`)."""
+    return replace(config, **{key: getattr(config, key).with_eps_of(spec) for key in train_keys})
+
+
 def settings_from_dict(cls, values: dict, train_keys: tuple[str, ...], what: str):
     """``cls(**values)`` for a settings dataclass whose ``train_keys`` sections are
     :class:`TrainConfig` and whose ``admm`` section is :class:`ADMMConfig`, given
@@ -171,6 +177,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     skips dense training. Files go to ``out_dir`` (see the module docstring).
     """
     out = Path(out_dir)
+    config = with_data_eps(config, train_set.spec, ("dense", "admm_train", "finetune"))
     main = distributed.is_main()  # under torchrun only rank 0 writes files and prints
     phases = _Phases(out, resume)
     if "ranks" not in phases.done:
@@ -300,9 +307,8 @@ def _evaluate_phases(dense, projected, final, test_set, config: CompressConfig) 
 
 
 def _budget_text(config: CompressConfig) -> str:
-    a, f = config.admm_train, config.finetune
-    return (f"{a.epochs} ADMM epoch(s) of {a.method}-{a.attack_steps} ({a.optimizer} lr {a.lr:g}), then {f.epochs} "
-            f"fine-tuning epoch(s) of {f.method}-{f.attack_steps} ({f.optimizer} lr {f.lr:g}), batch {f.batch_size}")
+    return f"ADMM {config.admm_train.summary()}, then fine-tuning {config.finetune.summary()}, batch " \
+           f"{config.finetune.batch_size}"
 
 
 def _results(done: dict, plan: RankPlan, dense: nn.Module, final: nn.Module, config: CompressConfig,

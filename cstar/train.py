@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -41,9 +41,12 @@ POLL_EVERY = 8  # optimiser steps between the checks that need a host sync (dive
 
 @dataclass
 class TrainConfig:
-    """Settings of an adversarial training run (defaults: CIFAR-10, PGD-10 AT).
+    """Settings of an adversarial training run (defaults: PGD-10 AT with SGD, as for CIFAR-10).
 
-    ``eps`` and ``attack_step`` are L-inf radii in input units ([0, 1] images).
+    ``eps`` and ``attack_step`` are L-inf radii in input units ([0, 1] images);
+    ``eps=None`` (default) is the training data's threat model, read by :func:`fit`
+    from a loader of :func:`cstar.data.make_loader` (MNIST 0.3, Fashion-MNIST 0.1,
+    CIFAR and SVHN 8/255, ImageNet folders 4/255), as the command line does.
     ``attack_step=None`` picks the method's usual step: ``2.5 * eps / attack_steps``
     for PGD and TRADES, ``1.25 * eps`` for FGSM-RS, ``eps`` for N-FGSM.
     ``eps_warmup_epochs`` ramps eps linearly from 0 (helps MNIST at eps 0.3).
@@ -70,7 +73,7 @@ class TrainConfig:
     method: str = "pgd"
     epochs: int = 10
     batch_size: int = 128
-    eps: float = 8 / 255
+    eps: float | None = None
     attack_steps: int = 10
     attack_step: float | None = None
     eps_warmup_epochs: float = 0.0
@@ -106,7 +109,8 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("select", self.select, ("last", "best"))
         _choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and 0 <= self.eps <= 1):
+        if self.eps is not None and not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)
+                                         and 0 <= self.eps <= 1):
             raise CstarError(f"eps={self.eps} is out of range: inputs are in [0, 1], so use 0 <= eps <= 1 (e.g. 8/255 = {8/255:.5f})")
         if self.method not in ("clean",) and self.eps == 0:
             raise CstarError(f"eps=0 with method '{self.method}' is clean training: pass --method clean or a positive --eps")
@@ -133,7 +137,19 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def with_eps_of(self, spec) -> "TrainConfig":
+        """This config, with ``eps`` from dataset ``spec`` (a :class:`cstar.data.DatasetSpec`) when it is None."""
+        return self if self.eps is not None else replace(self, eps=spec.eps)
+
+    def summary(self) -> str:
+        """One line for reports, e.g. ``"2 epoch(s) of pgd-5 (eps 0.3, adam lr 0.001, cosine)"``."""
+        attack = f"{self.method}-{self.attack_steps}" if self.method in ("pgd", "trades") else self.method
+        eps = "" if self.eps is None else f"eps {self.eps:.4g}, "
+        return f"{self.epochs} epoch(s) of {attack} ({eps}{self.optimizer} lr {self.lr:g}, {self.schedule})"
+
     def step_size(self) -> float:
+        if self.eps is None:
+            raise CstarError("TrainConfig.eps is not set: pass eps= (fit sets it from a cstar.data loader's dataset)")
         if self.attack_step is not None:
             return self.attack_step
         if self.method in ("pgd", "trades"):
@@ -425,6 +441,21 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
     return scaler.get_scale() >= scale  # the scale backs off exactly when the step was skipped
 
 
+def _with_data_eps(config: TrainConfig, loader) -> TrainConfig:
+    """``config`` with ``eps=None`` replaced by the threat model of ``loader``'s dataset (0 for clean
+    training without the per-epoch PGD check, which needs no radius)."""
+    spec = getattr(getattr(loader, "data", None), "spec", None)
+    if config.eps is not None:
+        return config
+    if spec is None and config.method == "clean" and config.check_size == 0:
+        return replace(config, eps=0.0)  # nothing adversarial happens: no radius needed
+    if spec is None:
+        raise CstarError(f"TrainConfig.eps is not set and the {type(loader).__name__} does not say its dataset's "
+                         "threat model: pass eps= (e.g. TrainConfig(eps=8/255)), or build the loader with "
+                         "cstar.data.make_loader")
+    return config.with_eps_of(spec)
+
+
 def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch.Tensor, torch.Tensor] | None = None,
         out_dir: str | Path | None = None, resume: bool = False, hooks: Iterable[TrainHook] = (),
         name: str | None = None) -> list[dict]:
@@ -455,6 +486,7 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
     only on a terminal, and the per-epoch line always (with ``config.progress``).
     """
     hooks = list(hooks)
+    config = _with_data_eps(config, train_loader)
     main = distributed.is_main()  # under torchrun only rank 0 writes files and prints
     device = next(model.parameters()).device
     amp_dtype = resolve_amp_dtype(config, device)

@@ -373,7 +373,7 @@ def test_the_report_states_dataset_eps_subset_and_budget_with_rounded_figures(co
     import re
 
     report = (compressed / "report.md").read_text()
-    assert "digits, L-inf eps 0.2; evaluated on first 100 examples; training budget: 1 ADMM epoch(s)" in report
+    assert "digits, L-inf eps 0.2; evaluated on first 100 examples; training budget: ADMM 1 epoch(s) of pgd-2" in report
     assert not re.search(r"\d\.\d{7,}", report)  # was: ratio=8.01329744279946
     results = json.loads((compressed / "results.json").read_text())
     assert results["config"]["dense"] is None  # the dense model was given: no dense training was recorded
@@ -386,3 +386,55 @@ def test_the_rank_plot_shows_an_svd_layers_full_rank_as_its_smaller_side():
     plan = __import__("cstar").select_ranks(model, 2, exclude=[])
     layer = plan.layers["3"]
     assert layer.kind == "svd" and _full_rank(layer) == 20  # was 300, a rank an SVD of 20x300 cannot have
+
+
+# --- eps from the data, in Python as on the command line --------------------------------------------------------
+
+def _tiny_mnist_like(n=64):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    return data.TensorData(images, torch.arange(n) % 10, data.DATASETS["mnist"])
+
+
+def _recorded_pgd_radii(monkeypatch):
+    from cstar import attacks
+
+    radii, real_pgd = [], attacks.pgd
+
+    def recording_pgd(model, x, y, eps, *args, **kwargs):
+        radii.append(eps)
+        return real_pgd(model, x, y, eps, *args, **kwargs)
+
+    monkeypatch.setattr(attacks, "pgd", recording_pgd)
+    return radii
+
+
+def test_fit_trains_at_the_threat_model_of_its_data_when_eps_is_not_given(monkeypatch):
+    radii = _recorded_pgd_radii(monkeypatch)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    fit(model, data.make_loader(_tiny_mnist_like(), 32, train=True),
+        TrainConfig(epochs=1, attack_steps=1, check_size=0, progress=False))
+    assert radii and all(r == pytest.approx(0.3) for r in radii)  # was 8/255 whatever the data
+
+
+def test_fit_refuses_a_loader_that_does_not_say_its_threat_model_without_eps():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    batches = [(torch.rand(8, 1, 28, 28), torch.arange(8))]
+    with pytest.raises(CstarError, match="eps"):
+        fit(model, batches, TrainConfig(epochs=1, check_size=0, progress=False))
+
+
+def test_clean_training_without_the_check_needs_no_eps():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    batches = [(torch.rand(8, 1, 28, 28), torch.arange(8))]
+    history = fit(model, batches, TrainConfig(method="clean", epochs=1, check_size=0, progress=False))
+    assert len(history) == 1
+
+
+def test_the_compression_phases_take_the_eps_of_the_training_data():
+    from cstar.compress import CompressConfig, with_data_eps
+
+    config = with_data_eps(CompressConfig(), data.DATASETS["fashion_mnist"], ("dense", "admm_train", "finetune"))
+    assert config.dense.eps == config.admm_train.eps == config.finetune.eps == pytest.approx(0.1)
+    given = with_data_eps(CompressConfig(finetune=TrainConfig(eps=0.2)), data.DATASETS["mnist"], ("finetune",))
+    assert given.finetune.eps == 0.2  # a given eps is kept

@@ -105,7 +105,7 @@ def learn_channel_scores(model: nn.Module, train_loader, ratio: float, config: T
     :func:`cstar.prune.magnitude_prune` at ``ratio`` (with ``norm``,
     ``fold_bn``, ``min_channels``); scores start at the per-group
     mean-normalised magnitude scores times ``init_scale``. ``config``
-    (default ``TrainConfig()``: PGD-10 at eps 8/255, 10 epochs, SGD lr 0.1
+    (default ``TrainConfig()``: PGD-10 at the data's eps, 10 epochs, SGD lr 0.1
     cosine) drives :func:`cstar.fit` with ``val`` and ``out_dir`` (its
     metrics and checkpoints; ``resume=True`` continues from its checkpoint).
     ``model`` is not modified.
@@ -113,7 +113,7 @@ def learn_channel_scores(model: nn.Module, train_loader, ratio: float, config: T
     if config is None:
         config = TrainConfig()
     if not isinstance(config, TrainConfig):
-        raise CstarError(f"score_config must be a cstar.TrainConfig, got {type(config).__name__}")
+        raise CstarError(f"config must be a cstar.TrainConfig, got {type(config).__name__}")
     if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not init_scale > 0:
         raise CstarError(f"init_scale must be a positive number, got {init_scale!r}")
     groups, plan = magnitude_plan(model, ratio, input_shape, norm, fold_bn=fold_bn, min_channels=min_channels,
@@ -162,4 +162,6 @@ def robust_prune(model: nn.Module, train_loader, ratio: float, method: str = "ma
     check_options(options, (*common, "init_scale", "val", "out_dir", "resume"), "hydra pruning")
     if train_loader is None:
         raise CstarError("method='hydra' trains scores on adversarial examples: pass a train_loader")
+    if score_config is not None and not isinstance(score_config, TrainConfig):
+        raise CstarError(f"score_config must be a cstar.TrainConfig, got {type(score_config).__name__}")
     return hydra_prune(model, train_loader, ratio, score_config, **options)
