@@ -215,3 +215,17 @@ def test_table_lists_layers_and_totals():
     assert f"{plan.dense_params:,} -> {plan.params:,}" in text
     assert f"ratio {plan.ratio:.2f}x params, {plan.flops_ratio:.2f}x MACs" in text
     assert "excluded (kept dense): conv1, fc" in text
+
+
+def test_plans_of_linear_layers_are_pinned():
+    """Ranks chosen from the smaller Gram matrix only (fast for a 25088 x 4096 layer) are the ranks chosen before."""
+    from cstar.models import create
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(600, 200), nn.ReLU(), nn.Linear(200, 300), nn.ReLU(),
+                          nn.Linear(300, 10))
+    plan = select_ranks(model, 3, exclude=["5"])
+    assert {name: layer.ranks for name, layer in plan.layers.items()} == {"1": (39,), "3": (52,)}
+    torch.manual_seed(0)
+    plan = select_ranks(create("small_cnn", 10, in_channels=1, input_size=28), 8)
+    assert plan.layers["fc1"].ranks == (83,) and plan.layers["conv2"].kind == "dense"

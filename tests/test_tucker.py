@@ -179,3 +179,16 @@ def test_svd_project_linear_and_pointwise_kernel():
 def test_bad_inputs_raise_cstar_error(call, message):
     with pytest.raises(CstarError, match=message):
         call()
+
+
+@pytest.mark.parametrize("shape", [(30, 70), (70, 30), (40, 40)])
+def test_singular_energies_are_the_squared_singular_values_from_the_smaller_gram_alone(shape):
+    from cstar.lowrank._tucker import singular_energies
+
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    energies = singular_energies(matrix)
+    assert energies.shape == (min(shape),)
+    reference = torch.linalg.svdvals(matrix.double()) ** 2  # independent: an SVD in float64
+    assert torch.allclose(energies.double(), reference, rtol=1e-4, atol=1e-3)
+    # the very numbers rank selection used before (both Gram matrices, the shorter spectrum kept)
+    assert torch.equal(energies, min(mode_spectra(matrix[:, :, None, None]), key=len))

@@ -46,7 +46,7 @@ from .._errors import CstarError
 from .._io import write_json
 from ..counting import LayerStats, count_params, layer_table
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
-from ._tucker import hosvd_energy, mode_spectra
+from ._tucker import hosvd_energy, singular_energies
 
 _BUDGETS = ("params", "flops", "joint")
 _METHODS = ("global", "uniform")
@@ -237,7 +237,7 @@ class _Layer:
 
 def _retained_svd(matrix: torch.Tensor) -> np.ndarray:
     """[0, s_1, s_1 + s_2, ..., 1]: the share of ``||matrix||^2`` kept at each rank (all 1 for zero)."""
-    spectrum = min(mode_spectra(matrix[:, :, None, None]), key=len).double().cpu()
+    spectrum = singular_energies(matrix).double().cpu()
     total = float(spectrum.sum())
     if total <= 0:
         return np.ones(len(spectrum) + 1)

@@ -126,6 +126,18 @@ def mode_spectra(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return spectra[0], spectra[1]
 
 
+def singular_energies(matrix: torch.Tensor) -> torch.Tensor:
+    """Squared singular values of a 2-D ``matrix`` (M, N), descending and >= 0: min(M, N) of them.
+
+    Only the Gram matrix of the smaller side is formed (min(M, N)^2 entries), so a
+    25088 x 4096 classifier costs a 4096 x 4096 eigenproblem. float64 for a
+    float64 matrix, else float32; equal to the shorter of :func:`mode_spectra`.
+    """
+    work = _check_kernel(matrix[:, :, None, None])[:, :, 0, 0]
+    gram = _gram(work) if work.shape[0] <= work.shape[1] else _gram(work.T)
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+
+
 def hosvd_energy(weight: torch.Tensor) -> torch.Tensor:
     """Share of ``||weight||^2`` that the truncated HOSVD keeps, at every pair of ranks.
 
