@@ -127,7 +127,7 @@ def _compress_cell(method: str, ratio: float, dense: nn.Module, train_set, train
                                   eval_phases=[])
         phases = compress(model, train_set, None, settings, cell / "cstar", pretrained=True, resume=True,
                           val_size=len(train_set) - len(train_part), seed=seed)["phases"]
-        return load(cell / "cstar" / "model").to(device), {"search": phases["admm"]["seconds"],
+        return load(cell / "cstar" / "model", model=copy.deepcopy(dense)).to(device), {"search": phases["admm"]["seconds"],
                                                             "finetune": phases["finetune"]["seconds"]}
     if method == "hydra":  # the first phase learns the channel scores (weights frozen), then removes channels
         model = prune.hydra_prune(model, training_loader(train_part, config.search, device, seed), ratio, config.search,
@@ -270,11 +270,11 @@ def _stale_evaluation(row: dict, config: CompareConfig, test_size: int) -> tuple
     return attacks_stale, aa_stale
 
 
-def _reevaluate(row: dict, cell: Path, test_set, config: CompareConfig, eps: float, device: torch.device,
-                attacks_stale: bool, aa_stale: bool) -> dict:
+def _reevaluate(row: dict, cell: Path, dense: nn.Module, test_set, config: CompareConfig, eps: float,
+                device: torch.device, attacks_stale: bool, aa_stale: bool) -> dict:
     """A finished cell's row with its saved model evaluated again where the settings changed (nothing trained);
     ``eval_seconds`` adds up every evaluation of the cell."""
-    model = load(cell / "model").to(device)
+    model = load(cell / "model", model=copy.deepcopy(dense)).to(device)
     t0 = time.perf_counter()
     row = dict(row)
     if attacks_stale:
@@ -328,7 +328,7 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
                 if any(stale):
                     what = " and ".join(w for w, s in zip(("attacks", "AutoAttack"), stale) if s)
                     print(f"{name}: done earlier; evaluating its {what} under the new evaluation settings", flush=True)
-                    row = _reevaluate(row, cell, test_set, config, eps, device, *stale)
+                    row = _reevaluate(row, cell, dense, test_set, config, eps, device, *stale)
                     if distributed.is_main():
                         write_json(result_path, row)
                     distributed.barrier()
@@ -359,7 +359,8 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
                   + f", {row['params_ratio']:.2f}x params", flush=True)
 
     if config.latency_runs and distributed.is_main():  # all cells at once, interleaved: comparable under drifting load
-        latencies = batch1_latencies_ms({name: load(cells_dir / name / "model") for name in cells}, input_shape,
+        latencies = batch1_latencies_ms({name: load(cells_dir / name / "model", model=copy.deepcopy(dense))
+                                         for name in cells}, input_shape,
                                         config.latency_runs)
         for name, ms in latencies.items():
             cells[name]["latency_ms"] = round(ms, 3)

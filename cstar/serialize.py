@@ -5,8 +5,12 @@
 - ``model.json``: the format name and version; the architecture: for a
   built-in model (one with ``cstar_config``) its config plus the modules that
   differ from a fresh ``create(**config)`` (a factorised layer, a BN-folded
-  conv...), for any other model a tree of standard layers (:data:`SAVABLE`),
-  class by class with constructor arguments; ``factorised``, each factorised
+  conv...); for a model made of standard layers only (:data:`SAVABLE`) the
+  tree of them, class by class with constructor arguments; for any other
+  model (a torchvision, timm or user class) its class name and every standard
+  layer inside it with its constructor arguments, which is what compression
+  and pruning change (a conv that became a Tucker-2 layer, fewer channels), to
+  be replayed on a fresh instance (``load(path, model=...)``); ``factorised``, each factorised
   layer's dotted name, class and arguments (ranks), for reading; the tied
   tensors; root attributes named ``cstar_*`` that are plain JSON (such as
   ``cstar_config`` and ``cstar_lowrank``); the weights file's SHA-256.
@@ -14,7 +18,8 @@
   parameter shared by two modules) is stored once and re-tied on load.
 
 :func:`load` rebuilds the model from ``model.json`` alone (JSON and safetensors,
-never pickle, never user code) and checks every tensor name and shape before
+never pickle, never user code), or replays the recorded layers on the fresh
+instance given as ``model=``, and checks every tensor name and shape before
 copying any weight. :func:`export` writes TorchScript or ONNX for deployment.
 """
 
@@ -148,14 +153,37 @@ def _factorised(model: nn.Module) -> dict[str, dict]:
     return {name: _describe(m, name) for name, m in model.named_modules() if isinstance(m, _FACTORISED)}
 
 
+def _standard_layers(module: nn.Module, name: str, out: dict[str, dict | None]) -> None:
+    """Record in ``out`` (dotted name -> spec) every standard layer inside ``module``, containers walked through."""
+    for key, child in module._modules.items():
+        child_name = _join(name, key)
+        if child is None:
+            out[child_name] = None
+        elif type(child) in _NAME_OF and type(child) is not nn.Sequential:
+            out[child_name] = _describe(child, child_name)
+        else:
+            _standard_layers(child, child_name, out)
+
+
+def _class_name(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
 def _architecture(model: nn.Module) -> dict:
-    """{"kind": "builtin", "config", "replacements"} for a built-in model, else {"kind": "tree", "root"}."""
+    """{"kind": "builtin", "config", "replacements"} for a built-in model; {"kind": "tree", "root"} for one of
+    standard layers only; else {"kind": "replay", "class", "layers"} (every standard layer inside it)."""
     config = getattr(model, "cstar_config", None)
     if isinstance(config, dict) and config.get("name") in list_models():
         replaced: dict[str, dict] = {}
         _replacements(model, create(**config), "", replaced)
         return {"kind": "builtin", "config": config, "replacements": replaced}
-    return {"kind": "tree", "root": _describe(model, "")}
+    try:
+        return {"kind": "tree", "root": _describe(model, "")}
+    except CstarError:  # a class cstar cannot build: record what compression and pruning change inside it
+        layers: dict[str, dict | None] = {}
+        _standard_layers(model, "", layers)
+        foreign = sorted({type(m).__qualname__ for m in model.modules() if type(m) not in _NAME_OF})
+        return {"kind": "replay", "class": _class_name(model), "foreign": foreign, "layers": layers}
 
 
 def _json_attributes(model: nn.Module) -> dict[str, Any]:
@@ -214,8 +242,34 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module | None, source
     parent._modules[key] = module
 
 
-def _rebuild(architecture: Any, source: Path) -> nn.Module:
+def _replay(architecture: dict, fresh: nn.Module | None, source: Path) -> nn.Module:
+    """``fresh`` with every recorded standard layer rebuilt from ``model.json`` in its place."""
+    saved, layers = architecture.get("class"), architecture.get("layers")
+    if not isinstance(layers, dict):
+        raise CstarError(f"{source}: the replay record has no layers; save the model again")
+    if fresh is None:
+        foreign = ", ".join(architecture.get("foreign") or [str(saved)])
+        raise CstarError(f"{source.parent} holds a {saved} built of classes whose code a save does not hold "
+                         f"({foreign}): pass a freshly built instance, cstar.load(path, model={saved.rpartition('.')[2]}"
+                         "(...)), or deploy it through ONNX")
+    if _class_name(fresh) != saved:
+        raise CstarError(f"model= is a {_class_name(fresh)} but {source.parent} holds a {saved}: pass an instance "
+                         "of the saved class")
+    modules = dict(fresh.named_modules(remove_duplicate=False))
+    for name, spec in layers.items():
+        parent, _, key = name.rpartition(".")
+        if parent not in modules or key not in modules[parent]._modules:
+            raise CstarError(f"model= has no module {name!r}, which {source.parent} holds: pass an instance built "
+                             "with the same arguments as the saved one")
+        modules[parent]._modules[key] = _build(spec, name, source)
+    return fresh
+
+
+def _rebuild(architecture: Any, source: Path, fresh: nn.Module | None = None) -> nn.Module:
+    """The model that ``architecture`` (of ``model.json`` at ``source``) describes; ``fresh`` serves replay saves."""
     kind = architecture.get("kind") if isinstance(architecture, dict) else None
+    if kind == "replay":
+        return _replay(architecture, fresh, source)
     if kind == "tree":
         return _build(architecture.get("root"), "", source)
     if kind != "builtin":
@@ -282,8 +336,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
 
     The directory is created if needed; an existing non-empty directory must be
     an earlier cstar save (its two files are replaced, other files are kept).
-    Raises :class:`CstarError` for a model holding modules outside :data:`SAVABLE`
-    (other than a built-in model's own blocks).
+    Any model can be saved; one of a class that cstar cannot build (a
+    torchvision, timm or user class) is reloaded with ``load(path, model=fresh)``.
+    Raises :class:`CstarError` when the standard layers and weights do not
+    describe the model (modules whose state is not in their constructor arguments).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -292,7 +348,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         raise CstarError(f"save target {path} is a non-empty directory that is not a cstar model: choose a new path")
     architecture = _architecture(model)
     unique, tied = _split_tied(model.state_dict())
-    check = _rebuild(architecture, path / MODEL_JSON)
+    check = _rebuild(architecture, path / MODEL_JSON, copy.deepcopy(model) if architecture["kind"] == "replay" else None)
     _retie(check, tied, path / MODEL_JSON)
     problem = state_mismatch(check, {k: v.shape for k, v in unique.items()}, tied)
     if problem:
@@ -343,18 +399,25 @@ def _read_record(path: Path) -> dict:
     return record
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+         model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save`, in eval mode on ``map_location`` (default "cpu").
 
-    Only JSON and safetensors are read. Raises :class:`CstarError` for a path
-    that is not a cstar save, an unknown format version or class, or weights
-    that are corrupt, truncated or do not match the architecture.
+    A built-in model or one of standard layers rebuilds from the save alone
+    (``model`` is not needed and not used). A model of another class needs
+    ``model``: a freshly built instance of the saved class, built as the saved
+    one was (e.g. ``torchvision.models.resnet50(num_classes=10)``); the
+    recorded layers replace its own (factorised layers, pruned channels), then
+    the weights are loaded into it and it is returned. Only JSON and
+    safetensors are read. Raises :class:`CstarError` for a path that is not a
+    cstar save, an unknown format version or class, a missing or different
+    ``model``, or weights that are corrupt, truncated or do not match the architecture.
     """
     path = Path(path)
     record = _read_record(path)
     source = path / MODEL_JSON
     tied = record["tied"]
-    model = _rebuild(record["architecture"], source)
+    model = _rebuild(record["architecture"], source, model)
     _retie(model, tied, source)
     weights_path = path / WEIGHTS
     try:
@@ -371,6 +434,9 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> n
     except Exception as exc:  # safetensors raises its own error type for malformed files
         raise CstarError(f"{weights_path} is not a valid safetensors file ({exc}); save the model again") from None
     problem = state_mismatch(model, {k: v.shape for k, v in tensors.items()}, tied)
+    if problem and record["architecture"].get("kind") == "replay":
+        raise CstarError(f"{weights_path} does not fit model= with the saved layers in place ({problem}): pass an "
+                         "instance built with the same arguments as the saved one")
     if problem:
         raise CstarError(f"{weights_path} does not fit the architecture in {MODEL_JSON} ({problem}); save again")
     floating = {t.dtype for t in tensors.values() if t.is_floating_point()}
