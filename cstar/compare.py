@@ -116,6 +116,12 @@ def _train(model: nn.Module, train_part, val, settings: TrainConfig, out_dir: Pa
     return round(train_phase(model, train_part, val, settings, out_dir, resume=True, seed=seed, name=name)[1], 1)
 
 
+def _load_cell(cell: Path, dense: nn.Module) -> nn.Module:
+    """The model a cell saved in ``cell/model``; a copy of ``dense`` is the fresh instance that a model of a
+    class cstar cannot build is replayed on (see :func:`cstar.load`)."""
+    return load(cell / "model", model=copy.deepcopy(dense))
+
+
 def _compress_cell(method: str, ratio: float, dense: nn.Module, train_set, train_part, val, config: CompareConfig,
                    cell: Path, seed: int) -> tuple[nn.Module, dict]:
     """The compressed and trained model of one cell, and the training seconds of its two phases (summed over
@@ -127,8 +133,8 @@ def _compress_cell(method: str, ratio: float, dense: nn.Module, train_set, train
                                   eval_phases=[])
         phases = compress(model, train_set, None, settings, cell / "cstar", pretrained=True, resume=True,
                           val_size=len(train_set) - len(train_part), seed=seed)["phases"]
-        return load(cell / "cstar" / "model", model=copy.deepcopy(dense)).to(device), {"search": phases["admm"]["seconds"],
-                                                            "finetune": phases["finetune"]["seconds"]}
+        seconds = {"search": phases["admm"]["seconds"], "finetune": phases["finetune"]["seconds"]}
+        return _load_cell(cell / "cstar", dense).to(device), seconds
     if method == "hydra":  # the first phase learns the channel scores (weights frozen), then removes channels
         model = prune.hydra_prune(model, training_loader(train_part, config.search, device, seed), ratio, config.search,
                                   val=val, out_dir=cell / "search", resume=True)
@@ -274,7 +280,7 @@ def _reevaluate(row: dict, cell: Path, dense: nn.Module, test_set, config: Compa
                 device: torch.device, attacks_stale: bool, aa_stale: bool) -> dict:
     """A finished cell's row with its saved model evaluated again where the settings changed (nothing trained);
     ``eval_seconds`` adds up every evaluation of the cell."""
-    model = load(cell / "model", model=copy.deepcopy(dense)).to(device)
+    model = _load_cell(cell, dense).to(device)
     t0 = time.perf_counter()
     row = dict(row)
     if attacks_stale:
@@ -359,8 +365,7 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
                   + f", {row['params_ratio']:.2f}x params", flush=True)
 
     if config.latency_runs and distributed.is_main():  # all cells at once, interleaved: comparable under drifting load
-        latencies = batch1_latencies_ms({name: load(cells_dir / name / "model", model=copy.deepcopy(dense))
-                                         for name in cells}, input_shape,
+        latencies = batch1_latencies_ms({name: _load_cell(cells_dir / name, dense) for name in cells}, input_shape,
                                         config.latency_runs)
         for name, ms in latencies.items():
             cells[name]["latency_ms"] = round(ms, 3)

@@ -444,9 +444,9 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
 def _with_data_eps(config: TrainConfig, loader) -> TrainConfig:
     """``config`` with ``eps=None`` replaced by the threat model of ``loader``'s dataset (0 for clean
     training without the per-epoch PGD check, which needs no radius)."""
-    spec = getattr(getattr(loader, "data", None), "spec", None)
     if config.eps is not None:
         return config
+    spec = getattr(getattr(loader, "data", None), "spec", None)
     if spec is None and config.method == "clean" and config.check_size == 0:
         return replace(config, eps=0.0)  # nothing adversarial happens: no radius needed
     if spec is None:
