@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from . import _smoke, attacks, distributed
 from .data import BatchLoader
 from ._errors import CstarError, check_options
+from ._memory_format import ONEDNN_IC_BLOCK, channels_last_unsafe_convs
 from ._io import (append_jsonl, atomic_write_text, load_checkpoint, load_latest_checkpoint, previous_checkpoint,
                   save_checkpoint, state_mismatch)
 from ._signals import Interrupted, stop_requests
@@ -62,7 +63,7 @@ class TrainConfig:
     ``channels_last`` trains in NHWC memory format (1.3x faster for a width-16
     ResNet-18 on 2 CPU cores here; the same arithmetic); on the CPU it is turned
     off, with a warning, for models that oneDNN mis-trains in NHWC
-    (:func:`channels_last_unsafe_convs`).
+    (:func:`cstar._memory_format.channels_last_unsafe_convs`).
     ``check_size`` images of the validation set get a PGD-``check_steps`` check
     after every epoch; ``select="best"`` keeps the epoch with the best check.
     Under torchrun (:mod:`cstar.distributed`) ``batch_size`` is per process (the
@@ -301,23 +302,6 @@ def _sharded_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     return n_clean / n, n_robust / n
 
 
-_ONEDNN_IC_BLOCK = 16  # the input-channel block of oneDNN's 1x1 conv kernels on AVX-512 (8 on AVX2)
-
-
-def channels_last_unsafe_convs(model: nn.Module) -> list[str]:
-    """Names of ``model``'s convs whose weight gradient oneDNN gets wrong in channels-last on the CPU.
-
-    oneDNN's 1x1 kernel reduces a strided 1x1 conv to a unit-stride one through
-    a workspace, and its NHWC weight-gradient pass writes past that workspace
-    when the conv has fewer input channels (per group) than the kernel's block:
-    silently wrong gradients, a hang or a crash (uxlfoundation/oneDNN#6035;
-    pruned ResNet shortcuts such as a 5 -> 9 channel 1x1 stride-2 conv hit it).
-    """
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
-            and m.in_channels // m.groups < _ONEDNN_IC_BLOCK]
-
-
 def _held_out_check(train_loader, val, config: TrainConfig):
     """(loader, val): without ``val``, a :class:`cstar.data.BatchLoader` gives up its data's last images
     (``check_size``, at most a tenth) for the per-epoch PGD check, so that a collapse is caught."""
@@ -495,7 +479,7 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     if config.channels_last and device.type == "cpu" and (unsafe := channels_last_unsafe_convs(model)):
         warnings.warn(f"channels_last is off for this run: oneDNN computes wrong weight gradients (or crashes) in "
-                      f"NHWC for 1x1 strided convs with fewer than {_ONEDNN_IC_BLOCK} input channels, as "
+                      f"NHWC for 1x1 strided convs with fewer than {ONEDNN_IC_BLOCK} input channels, as "
                       f"{', '.join(unsafe)} (uxlfoundation/oneDNN#6035); training in NCHW, the same arithmetic",
                       stacklevel=2)
         memory_format = torch.contiguous_format

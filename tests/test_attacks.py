@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cstar._errors import CstarError
+from cstar._memory_format import channels_last_unsafe_convs, is_channels_last, to_channels_last
 from cstar.attacks import AttackSpec, autoattack, fgsm, nfgsm, parse_attack, pgd
 
 EPS = 0.1  # L-inf radius at which the tiny model is clearly but not totally broken
@@ -228,6 +229,73 @@ def test_bfloat16_autocast_on_cpu(data_model):
     assert perturbation_norms(x_amp, x, "linf").max().item() <= EPS + 1e-6
     assert x_amp.min().item() >= 0.0 and x_amp.max().item() <= 1.0
     assert abs(accuracy(model, x_amp, y) - accuracy(model, x_fp32, y)) <= 0.05
+
+
+@pytest.fixture(scope="module")
+def conv_data_model(data_model):
+    """(conv model in eval mode, x_test (N,1,8,8), y_test): the digits through two convs, ~95% clean accuracy."""
+    _, x, y = data_model
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(20):
+        for i in range(0, len(y), 100):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i:i + 100]), y[i:i + 100]).backward()
+            opt.step()
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    assert accuracy(model, x, y) > 0.9
+    return model, x, y
+
+
+def conv_input_layouts(model, attack):
+    """The memory format of every input the model's first conv sees while ``attack()`` runs."""
+    seen = []
+    hook = model[0].register_forward_pre_hook(
+        lambda _, inputs: seen.append(is_channels_last(inputs[0])))
+    try:
+        result = attack()
+    finally:
+        hook.remove()
+    return seen, result
+
+
+def test_attack_runs_in_channels_last_on_cpu_and_returns_the_callers_layout(conv_data_model):
+    model, x, y = conv_data_model
+    seen, x_adv = conv_input_layouts(model, lambda: pgd(model, x, y, EPS, EPS / 4, 3))
+    assert seen and all(seen)
+    assert x_adv.is_contiguous()  # NCHW in, NCHW out
+    assert x_adv.stride() == x.stride()
+    x_last = to_channels_last(x)
+    assert is_channels_last(pgd(model, x_last, y, EPS, EPS / 4, 3))
+
+
+def test_channels_last_attack_matches_the_nchw_attack(conv_data_model, monkeypatch):
+    model, x, y = conv_data_model
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    x_last = pgd(model, x, y, EPS, EPS / 4, 10, generator=gen())
+    monkeypatch.setattr("cstar.attacks._gradient.attack_in_channels_last", lambda model, x: False)
+    seen, x_nchw = conv_input_layouts(model, lambda: pgd(model, x, y, EPS, EPS / 4, 10, generator=gen()))
+    assert not any(seen)
+    # the same steps up to the order of float32 sums: a sign may flip where a gradient is ~0
+    assert (x_last - x_nchw).abs().le(1e-6).float().mean().item() > 0.99
+    assert abs(accuracy(model, x_last, y) - accuracy(model, x_nchw, y)) <= 2 / len(y)
+
+
+def test_channels_last_unsafe_convs_names_the_strided_1x1_convs_with_few_input_channels():
+    model = nn.Sequential(nn.Conv2d(5, 9, 1, stride=2), nn.Conv2d(9, 16, 1), nn.Conv2d(16, 16, 1, stride=2),
+                          nn.Conv2d(16, 4, 3, stride=2))
+    assert channels_last_unsafe_convs(model) == ["0"]
+
+
+def test_attack_on_a_model_onednn_mis_trains_in_channels_last_stays_nchw():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(5, 9, 1, stride=2), nn.Flatten(), nn.Linear(9 * 4 * 4, 3)).eval()
+    x, y = torch.rand(4, 5, 8, 8), torch.tensor([0, 1, 2, 0])
+    seen, _ = conv_input_layouts(model, lambda: pgd(model, x, y, EPS, EPS / 4, 2))
+    assert seen and not any(seen)
 
 
 def test_generator_makes_random_start_reproducible(data_model):

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,34 @@ def test_paired_cells_refuses_cells_evaluated_on_different_images():
     paired_cells = script("paired_cells")
     with pytest.raises(SystemExit, match="different test images"):
         paired_cells.paired_rows({"subset": "first 8", "per_example": {}}, {"subset": "first 9", "per_example": {}})
+
+
+def test_plain_pgd_of_the_attack_benchmark_matches_cstars_pgd_from_the_same_start():
+    # the benchmark's baseline is an independent PGD: on the same start it must take cstar's steps
+    import torch
+    from torch import nn
+
+    from cstar import attacks
+
+    bench = script("bench_attack_throughput")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4)).eval()
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    eps = 8 / 255
+    start = (2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) - 1) * eps
+    ours = attacks.pgd(model, x, y, eps, eps / 4, 5, generator=torch.Generator().manual_seed(3))
+    plain = bench.plain_pgd(model, x, y, eps, eps / 4, 5, start)
+    assert (ours - plain).abs().le(1e-6).float().mean().item() > 0.99
+
+
+@pytest.mark.skipif(not os.environ.get("CSTAR_TEST_DATA"), reason="CSTAR_TEST_DATA (a root holding MNIST/raw) is not set")
+def test_attack_benchmark_writes_every_settings_rate_and_strength(tmp_path, monkeypatch):
+    out = tmp_path / "attack"
+    monkeypatch.setattr("sys.argv", ["bench", "--data", "mnist", "--root", os.environ["CSTAR_TEST_DATA"],
+                                     "--steps", "1", "--n", "4", "--rounds", "1", "--out", str(out)])
+    script("bench_attack_throughput").main()
+    result = json.loads(out.with_suffix(".json").read_text())
+    names = [row["setting"] for row in result["rows"]]
+    assert {"cstar", "cstar NCHW", "plain loop"} <= set(names)
+    assert all(row["images_per_second"] > 0 and 0 <= row["robust_accuracy"] <= 1 for row in result["rows"])
+    assert "Machine:" in out.with_suffix(".md").read_text()

@@ -262,12 +262,6 @@ def test_channels_last_training_matches_the_default_format():
         torch.testing.assert_close(a, b.contiguous(), atol=1e-4, rtol=1e-4)
 
 
-def test_channels_last_unsafe_convs_names_the_strided_1x1_convs_with_few_input_channels():
-    model = nn.Sequential(nn.Conv2d(5, 9, 1, stride=2), nn.Conv2d(9, 16, 1), nn.Conv2d(16, 16, 1, stride=2),
-                          nn.Conv2d(16, 4, 3, stride=2))
-    assert train.channels_last_unsafe_convs(model) == ["0"]
-
-
 def test_channels_last_is_turned_off_for_convs_that_onednn_mis_trains():
     # a 5 -> 9 channel 1x1 stride-2 conv: oneDNN's NHWC weight gradient is wrong (2 threads) or crashes (1)
     torch.manual_seed(0)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cstar._errors import CstarError
+from cstar._memory_format import attack_in_channels_last, to_channels_last
 from cstar.attacks._common import (
     check_amp_dtype,
     check_count,
@@ -112,15 +113,17 @@ def _single_run(
     clip: tuple[float, float],
     amp_dtype: torch.dtype | None,
     generator: torch.Generator | None,
+    channels_last: bool,
 ) -> torch.Tensor:
-    """One run: random start of radius ``start``, then ``steps`` steps (projected if ``project``)."""
+    """One run: random start of radius ``start``, then ``steps`` steps (projected if ``project``),
+    each forward pass on channels-last images if ``channels_last``."""
     x_adv = x
     if start > 0:
         x_adv = (x + _random_ball(x, start, norm, generator)).clamp(*clip)
     rescale = amp_dtype == torch.float16
     per_example = rescale and not _batchnorm_couples_examples(model)
     for _ in range(steps):
-        x_adv = x_adv.detach().requires_grad_(True)
+        x_adv = (to_channels_last(x_adv.detach()) if channels_last else x_adv.detach()).requires_grad_(True)
         logits = _logits(model, x_adv, amp_dtype)
         if rescale:
             logits = _rescale_gradient(logits, per_example)
@@ -152,12 +155,14 @@ def _run(
     amp_dtype: torch.dtype | None,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Shared driver: works in float32 (or wider), handles model mode and restarts."""
+    """Shared driver: works in float32 (or wider) and in channels-last where that is faster
+    (:func:`cstar._memory_format.attack_in_channels_last`), handles model mode and restarts."""
     x_work = x.detach().to(torch.promote_types(x.dtype, torch.float32))
     settings = dict(
         eps=eps, step=step, steps=steps, norm=norm, start=start, project=project,
         ascend=-1.0 if targeted else 1.0, loss_fn=loss_fn or _summed_cross_entropy,
         clip=clip, amp_dtype=amp_dtype, generator=generator,
+        channels_last=attack_in_channels_last(model, x_work),
     )
     with training_mode(model, model_mode), torch.enable_grad():
         x_adv = _single_run(model, x_work, y, **settings)
@@ -168,7 +173,7 @@ def _run(
             if left.numel() == 0:
                 break
             x_adv[left] = _single_run(model, x_work[left], y[left], **settings)
-    return x_adv.detach().to(x.dtype)
+    return torch.empty_like(x).copy_(x_adv.detach())  # typed and laid out like x
 
 
 def _check_common(x, y, eps, clip, model_mode, amp_dtype) -> tuple[float, tuple[float, float]]:
@@ -263,7 +268,10 @@ def pgd(
         generator: ``torch.Generator`` for the random start (reproducible runs).
 
     Returns:
-        Adversarial inputs, detached, same shape, dtype and device as ``x``.
+        Adversarial inputs, detached, same shape, dtype, device and memory
+        format as ``x``. On the CPU the attack itself runs with images in
+        channels-last (1.2-1.3x faster, the same arithmetic up to the order of
+        float32 sums; see :mod:`cstar._memory_format`).
     """
     eps, clip = _check_common(x, y, eps, clip, model_mode, amp_dtype)
     norm = check_norm(norm)
