@@ -144,3 +144,27 @@ def test_paired_difference_rejects_unpaired_or_malformed_results():
         paired_difference("01x1", "0101")
     with pytest.raises(CstarError, match="between 0 and 1"):
         paired_difference("0101", "0101", confidence=95)
+
+
+def _conv_bn_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                          nn.Flatten(), nn.Linear(32, 4))
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_batchnorm_is_folded_for_the_evaluation_and_the_accuracies_stay_those_of_the_model():
+    model = _conv_bn_model()
+    x, y = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.randint(0, 4, (64,))
+    bn_calls = []
+    model[1].register_forward_hook(lambda *_: bn_calls.append(1))
+    folded = evaluate(model, (x, y), ["clean", "pgd5"], eps=8 / 255, per_example=True)
+    assert not bn_calls  # the attacks and predictions ran on the folded copy
+    plain = evaluate(model, (x, y), ["clean", "pgd5"], eps=8 / 255, per_example=True, fold_bn=False)
+    assert bn_calls  # ... and without fold_bn on the model itself
+    assert folded["per_example"]["clean"] == plain["per_example"]["clean"]
+    differing = sum(a != b for a, b in zip(folded["per_example"]["pgd5"], plain["per_example"]["pgd5"]))
+    assert differing <= 1  # the same attack up to float rounding
+    assert model[1].running_mean.abs().sum() > 0 and isinstance(model[1], nn.BatchNorm2d)  # the model is untouched
