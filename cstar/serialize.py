@@ -399,6 +399,13 @@ def _read_record(path: Path) -> dict:
     return record
 
 
+def needs_fresh_model(path: str | os.PathLike) -> tuple[bool, dict[str, Any]]:
+    """(whether :func:`load` of save ``path`` needs ``model=``, the ``cstar_*`` attributes the save holds, such
+    as ``cstar_config``: how the model was built). Reads ``model.json`` only."""
+    record = _read_record(Path(path))
+    return record["architecture"].get("kind") == "replay", record["attributes"]
+
+
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
          model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save`, in eval mode on ``map_location`` (default "cpu").

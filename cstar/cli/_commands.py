@@ -60,9 +60,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CstarError("--per-example keeps its results in the --json card: pass --json")
     device = runs.device(args.device)
     if Path(args.checkpoint).is_dir():  # a cstar.save directory
-        model, state = inputs.load_model(args.checkpoint, device), {}
+        model, state = inputs.load_model(args.checkpoint, device, args.model), {}
     else:
-        model, state = inputs.model_from_checkpoint(args.checkpoint, device)
+        model, state = inputs.model_from_checkpoint(args.checkpoint, device, args.model)
     name, test_set, eps = _eval_data(args, model, state)
     result = evaluate(model, test_set, names(args.attacks), eps=eps, step=args.step, n=args.n,
                       batch_size=args.batch_size, seed=args.seed, out_path=args.json, progress=True,
@@ -123,7 +123,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     from ..lowrank import RankPlan, decompose, select_ranks
     from ..serialize import save
 
-    model = inputs.load_model(args.checkpoint)
+    model = inputs.load_model(args.checkpoint, named=args.model)
     plan = RankPlan.load(args.plan) if args.plan else select_ranks(model, **plan_kwargs(args))
     factorised = decompose(model, plan, n_iter=args.n_iter)
     out = save(factorised, args.out)
@@ -137,7 +137,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if Path(args.out).exists() and not args.force:
         raise CstarError(f"{args.out} already exists: pass --force to overwrite it, or choose another --out")
-    model = inputs.load_model(args.model)
+    model = inputs.load_model(args.checkpoint, named=args.model)
     path = export(model, args.out, format=args.format, input_shape=inputs.input_shape(model))
     print(f"{args.format} model written to {path}")
     return 0

@@ -11,6 +11,7 @@ import yaml
 from .. import data, models
 from .._errors import CstarError
 from .._io import load_checkpoint, state_mismatch
+from ..models._external import check_named, is_external
 from ._options import model_kwargs, require
 
 # ----------------------------------------------------------------------------- data
@@ -69,15 +70,23 @@ def build_model(args: argparse.Namespace, spec: data.DatasetSpec, num_classes: i
     if args.width is not None:
         kwargs["width"] = args.width
     c, h, _ = spec.image_shape
-    return models.create(args.model, num_classes, in_channels=c, input_size=h, mean=spec.mean, std=spec.std, **kwargs)
+    mean, std = kwargs.pop("mean", spec.mean), kwargs.pop("std", spec.std)  # the data's, unless given
+    for key, value in (("num_classes", num_classes), ("in_channels", c)):
+        if kwargs.pop(key, value) != value:
+            what = "classes" if key == "num_classes" else "input channels"
+            raise CstarError(f"--model-arg {key}={model_kwargs(args.model_arg)[key]} contradicts the {value} {what} "
+                             f"of {spec.name}: drop it (cstar passes the data's)")
+    return models.create(args.model, num_classes, in_channels=c, input_size=h, mean=mean, std=std, **kwargs)
 
 
-def model_from_checkpoint(path: str, where: torch.device) -> tuple[torch.nn.Module, dict]:
-    """(model, checkpoint dict) of a ``model.pt`` / ``checkpoint.pt`` written by ``cstar train``."""
+def model_from_checkpoint(path: str, where: torch.device, named: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """(model, checkpoint dict) of a ``model.pt`` / ``checkpoint.pt`` written by ``cstar train``; a model of a
+    factory is rebuilt only when the user ``named`` that factory (--model)."""
     state = load_checkpoint(path, map_location=where)
     config = state.get("model_config")
     if not config:
         raise CstarError(f"{path} has no model description (model_config): it was not written by 'cstar train'")
+    check_named(config.get("name"), named, path)
     model = models.create(**config)
     weights = state["model"]
     problem = state_mismatch(model, {k: v.shape for k, v in weights.items()}) if isinstance(weights, dict) else "no tensors"
@@ -88,13 +97,19 @@ def model_from_checkpoint(path: str, where: torch.device) -> tuple[torch.nn.Modu
     return model.to(where), state
 
 
-def load_model(path: str, where: torch.device = torch.device("cpu")) -> torch.nn.Module:
-    """A cstar.save directory or a checkpoint written by ``cstar train``."""
+def load_model(path: str, where: torch.device = torch.device("cpu"), named: str | None = None) -> torch.nn.Module:
+    """A cstar.save directory or a checkpoint written by ``cstar train``; the model of a factory (recorded in
+    its ``cstar_config``) is rebuilt fresh, then loaded, when the user ``named`` that factory (--model)."""
     if Path(path).is_dir():
-        from ..serialize import load
+        from ..serialize import load, needs_fresh_model
 
-        return load(path, map_location=where)
-    return model_from_checkpoint(path, where)[0]
+        needs_model, attributes = needs_fresh_model(path)
+        config = attributes.get("cstar_config") or {}
+        if not needs_model or not is_external(config.get("name")):
+            return load(path, map_location=where)
+        check_named(config["name"], named, path)
+        return load(path, map_location=where, model=models.create(**config))
+    return model_from_checkpoint(path, where, named)[0]
 
 
 def run_config_beside(path: str) -> dict:
@@ -114,7 +129,7 @@ def input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
 def model_for_planning(args: argparse.Namespace) -> torch.nn.Module:
     """The checkpoint's model, or a randomly initialised ``--model`` for ``--data`` (default cifar10)."""
     if args.checkpoint:
-        return load_model(args.checkpoint)
+        return load_model(args.checkpoint, named=args.model)
     if not args.model:
         raise CstarError("give a checkpoint or --model NAME")
     key = (args.data or "cifar10").lower().replace("-", "_")
@@ -150,7 +165,7 @@ def _check_model_options(args: argparse.Namespace, model: torch.nn.Module) -> No
 def starting_model(args: argparse.Namespace, train_set, where: torch.device) -> torch.nn.Module:
     """The dense model of --checkpoint, or a fresh --model (seeded with --seed) to be trained first."""
     if args.checkpoint:
-        model = load_model(args.checkpoint, where)  # model.pt of 'cstar train', or a cstar.save directory
+        model = load_model(args.checkpoint, where, args.model)  # model.pt of 'cstar train', or a cstar.save dir
         _check_model_options(args, model)
         check_fits_data(model, args.checkpoint, args.data, train_set.spec, train_set.num_classes)
         return model

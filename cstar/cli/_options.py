@@ -197,7 +197,10 @@ def model_kwargs(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise CstarError(f"--model-arg '{pair}' is not KEY=VALUE: write e.g. --model-arg width=16")
         key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise CstarError(f"--model-arg '{pair}': the value is not YAML; quote lists as 'mean=[0.5, 0.5]'") from None
     return out
 
 

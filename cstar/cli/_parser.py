@@ -15,6 +15,8 @@ from .. import __version__, data, models
 from .._errors import CstarError
 from ..train import AMP_DTYPES, METHODS, OPTIMIZERS, SCHEDULES, TrainConfig
 
+FACTORY_FORMS = "package.module:factory, torchvision:NAME, timm:NAME (with --model-arg KEY=VALUE)"
+
 
 def parse_eps(text: str) -> float:
     """A radius given as a decimal (``0.3``) or a fraction (``8/255``)."""
@@ -70,10 +72,18 @@ def _data_options(p: argparse.ArgumentParser) -> None:
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", help=f"architecture: {', '.join(models.list_models())}")
+    g.add_argument("--model", help=f"architecture: {', '.join(models.list_models())}, or a factory: "
+                                   f"{FACTORY_FORMS}")
     g.add_argument("--width", type=int, default=None, help="base width of resnet18 / preact_resnet18 (64 in the paper)")
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra keyword for the model builder, e.g. widen_factor=4 (repeatable)")
+
+
+def _factory_option(p: argparse.ArgumentParser) -> None:
+    """--model on commands that read a model from a file: the factory that built it, named to be imported."""
+    p.add_argument("--model", default=None, metavar="FACTORY",
+                   help=f"the factory that built the model, when it is not a built-in ({FACTORY_FORMS}): cstar "
+                        "imports a factory's code only when you name it")
 
 
 def _plan_options(g, *, ratio_default: float | None) -> None:
@@ -172,6 +182,7 @@ def _eval(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint under attack",
                         description="Clean, FGSM, PGD-k and AutoAttack accuracy of a saved model.")
     ev.add_argument("checkpoint", help="model.pt / checkpoint.pt of 'cstar train', or a cstar.save directory")
+    _factory_option(ev)
     _data_options(ev)
     ev.add_argument("--attacks", default="clean,pgd20", help="comma-separated: clean, fgsm, pgdK, aa (default: clean,pgd20)")
     ev.add_argument("--step", type=parse_eps, default=None, help="PGD step size (default: eps/4)")
@@ -259,6 +270,7 @@ def _decompose(sub) -> None:
                         description="Select ranks for a ratio (or read a plan) and write the factorised model "
                                     "(cstar.save format). This is post-hoc low-rank compression, without ADMM.")
     dc.add_argument("checkpoint", help="the dense model: model.pt of 'cstar train' or a cstar.save directory")
+    _factory_option(dc)
     g = dc.add_argument_group("rank plan")
     _plan_options(g, ratio_default=None)
     g.add_argument("--multiple-of", type=int, default=1, help="round ranks to multiples of this (default: 1)")
@@ -271,7 +283,8 @@ def _decompose(sub) -> None:
 def _export(sub) -> None:
     x = sub.add_parser("export", help="export a model to ONNX or TorchScript",
                        description="Export a saved model (cstar.save directory or checkpoint) for deployment.")
-    x.add_argument("model", help="a cstar.save directory or a checkpoint.pt")
+    x.add_argument("checkpoint", metavar="model", help="a cstar.save directory or a checkpoint.pt")
+    _factory_option(x)
     x.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     x.add_argument("--out", required=True, help="output file (.onnx or .pt)")
     x.add_argument("--force", action="store_true", help="overwrite an existing --out file")

@@ -39,8 +39,10 @@ def device(name: str) -> torch.device:
 
 
 def default_out(kind: str, *parts: str) -> Path:
-    """``runs/<kind>-<parts>-<time>``, the output directory when ``--out`` is not given."""
-    return Path("runs") / "-".join([kind, *[p for p in parts if p], time.strftime("%Y%m%d-%H%M%S")])
+    """``runs/<kind>-<parts>-<time>``, the output directory when ``--out`` is not given (a factory name's
+    ``package.module:factory`` gives ``factory``)."""
+    names = [p.rpartition(":")[2] for p in parts if p]
+    return Path("runs") / "-".join([kind, *names, time.strftime("%Y%m%d-%H%M%S")])
 
 
 def run_dir(path: str | Path, *, force: bool, resume: bool) -> Path:

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from .._errors import CstarError
+from ._external import build, is_external
 
 Builder = Callable[..., nn.Module]
 
@@ -85,23 +86,34 @@ def create(
     std: Sequence[float] | None = None,
     **kw: Any,
 ) -> nn.Module:
-    """Build the registered model ``name``.
+    """Build the registered model ``name``, or the one a factory name points at.
 
     Inputs of the model are (N, in_channels, input_size, input_size) in [0, 1];
     outputs are logits (N, num_classes). ``mean``/``std`` (default 0.5 per
     channel) feed the model's first layer, :class:`Normalize`. ``kw`` are the
-    model's own options (e.g. ``width``). The model gets a ``cstar_config``
+    model's own options (e.g. ``width``). ``name`` may also be
+    ``package.module:factory``, ``torchvision:NAME`` or ``timm:NAME``
+    (:mod:`cstar.models._external`: imports that code; ``kw`` go to the
+    factory, which gets ``num_classes`` and ``in_channels`` where it takes
+    them). The model gets a ``cstar_config``
     dict (all options, defaults included) such that ``create(**model.cstar_config)``
     rebuilds it. Bad arguments raise :class:`CstarError`.
     """
-    if name not in _BUILDERS:
-        raise CstarError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
-    builder = _BUILDERS[name]
+    if name not in _BUILDERS and not is_external(name):
+        raise CstarError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}, or name a factory "
+                         "(package.module:factory, torchvision:NAME, timm:NAME)")
     num_classes = check_int("num_classes", num_classes, 2)
     in_channels = check_int("in_channels", in_channels, 1)
     input_size = check_int("input_size", input_size, 1)
     mean_l = _channel_floats("mean", mean, in_channels)
     std_l = _channel_floats("std", std, in_channels)
+    common = {"name": name, "num_classes": num_classes, "in_channels": in_channels, "input_size": input_size,
+              "mean": mean_l, "std": std_l}
+    if is_external(name):
+        model = build(name, num_classes, in_channels, input_size, mean_l, std_l, kw)
+        model.cstar_config = {**common, **kw}
+        return model
+    builder = _BUILDERS[name]
     options = _options(builder)
     unknown = sorted(set(kw) - set(options))
     if unknown:
@@ -112,13 +124,5 @@ def create(
         num_classes=num_classes, in_channels=in_channels, input_size=input_size,
         mean=mean_l, std=std_l, **options,
     )
-    model.cstar_config = {
-        "name": name,
-        "num_classes": num_classes,
-        "in_channels": in_channels,
-        "input_size": input_size,
-        "mean": mean_l,
-        "std": std_l,
-        **options,
-    }
+    model.cstar_config = {**common, **options}
     return model
