@@ -9,6 +9,8 @@ On the first ``--n`` test images and one model (a ``cstar train`` checkpoint or
 speed only), times PGD-``steps`` at the data's eps (step eps/4, random start)
 as:
 
+- ``cstar evaluate``: :func:`cstar.attacks.pgd` on the copy :func:`cstar.evaluate`
+  attacks, with BatchNorm folded into the convs (:func:`cstar.fold_batchnorm`);
 - ``cstar``: :func:`cstar.attacks.pgd` as shipped (channels-last on the CPU);
 - ``cstar NCHW``: the same with channels-last off, as before it was added;
 - ``plain loop``: a textbook PGD written here (mean cross-entropy,
@@ -33,7 +35,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from cstar import attacks, data, models
+from cstar import attacks, data, fold_batchnorm, models
 from cstar._env import describe_device
 from cstar._io import atomic_write_text, write_json
 
@@ -51,9 +53,9 @@ def plain_pgd(model, x, y, eps, step, steps, start):
 
 def settings(model, eps, step, steps):
     """name -> attack(x, y, seed): every setting starts from the same uniform noise for a given seed."""
-    def cstar_pgd(amp_dtype=None):
+    def cstar_pgd(amp_dtype=None, target=model):
         def run(x, y, seed):
-            return attacks.pgd(model, x, y, eps, step, steps, amp_dtype=amp_dtype,
+            return attacks.pgd(target, x, y, eps, step, steps, amp_dtype=amp_dtype,
                                generator=torch.Generator().manual_seed(seed))
         return run
 
@@ -65,7 +67,8 @@ def settings(model, eps, step, steps):
         start = (2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)) - 1) * eps
         return plain_pgd(model, x, y, eps, step, steps, start)
 
-    runs = {"cstar": cstar_pgd(), "cstar NCHW": nchw, "plain loop": plain}
+    runs = {"cstar evaluate": cstar_pgd(target=fold_batchnorm(model)), "cstar": cstar_pgd(), "cstar NCHW": nchw,
+            "plain loop": plain}
     try:
         import torchattacks
 

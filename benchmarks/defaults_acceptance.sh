@@ -8,8 +8,8 @@
 #   1. the Quick tour block of README.md, verbatim (writes runs/mnist/model)       ~10 min
 #   2. cstar compress --checkpoint runs/mnist/model --data mnist --ratio 8         ~30 min
 #   3. cstar train: dense ResNet-18 width 16 on CIFAR-10 (N-FGSM, 10 epochs)       ~40 min
-#   4. cstar compress --checkpoint <3> --data cifar10 --ratio 8                    ~20 min
-# Each step's wall time goes to OUT_DIR/times.jsonl; run it alone (2 cores: any other job
+#   4. cstar compress --checkpoint <3> --data cifar10 --ratio 8                    ~25 min
+# Each step's wall time (and the host's steal share of the CPU meanwhile) goes to OUT_DIR/times.jsonl; run it alone (2 cores: any other job
 # running beside it makes the times meaningless). CIFAR_ROOT holds cifar-10-batches-py
 # (python ../shared/data/build_cifar10.py .cache/data builds it).
 set -euo pipefail
@@ -20,16 +20,21 @@ if [ $# -ne 1 ] || [ -z "${CSTAR_DATA:-}" ] || [ -z "${CIFAR_ROOT:-}" ]; then
 fi
 out="$1"; mkdir -p "$out"
 
-timed() {  # timed NAME COMMAND...: run, append {"step", "seconds", "exit"} to times.jsonl
+timed() {  # timed NAME COMMAND...: run, append {"step", "seconds", "exit", "load_after", "steal"} to times.jsonl
   local name="$1"; shift
   local t0; t0=$(date +%s.%N)
+  local cpu0; cpu0=$(head -1 /proc/stat)
   local rc=0; "$@" || rc=$?
-  python - "$out/times.jsonl" "$name" "$t0" "$rc" <<'EOF'
+  python - "$out/times.jsonl" "$name" "$t0" "$rc" "$cpu0" <<'EOF'
 import json, sys, time
-path, name, t0, rc = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+path, name, t0, rc, cpu0 = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+# steal: the share of this VM's CPU time the host gave to others during the step (a busy host slows every step)
+before, after = ([int(v) for v in line.split()[1:9]] for line in (cpu0, open("/proc/stat").readline()))
+spent = [b - a for a, b in zip(before, after)]
 with open(path, "a") as f:
     f.write(json.dumps({"step": name, "seconds": round(time.time() - t0, 1), "exit": rc,
-                        "load_after": open("/proc/loadavg").read().split()[:3]}) + "\n")
+                        "load_after": open("/proc/loadavg").read().split()[:3],
+                        "steal": round(spent[7] / max(1, sum(spent)), 3)}) + "\n")
 EOF
   return "$rc"
 }

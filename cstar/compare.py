@@ -58,7 +58,8 @@ METHODS = ("dense", "cstar", "hydra", "magnitude", "lowrank_global", "lowrank_un
 
 @dataclass
 class CompareConfig:
-    """Settings of a comparison; every compressed method gets ``search`` then ``finetune``.
+    """Settings of a comparison; every compressed method gets ``search`` then ``finetune``
+    (with their ``distill``, every method learns alike from the dense model).
 
     ``dense`` trains the starting model when none is given (``pretrained=False``).
 
@@ -88,6 +89,9 @@ class CompareConfig:
             raise CstarError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
         if not self.methods:
             raise CstarError(f"no method to compare: choose from {', '.join(METHODS)}")
+        if isinstance(self.dense, TrainConfig) and self.dense.distill:
+            raise CstarError("dense.distill: the dense model is every method's teacher and has none of its own; set "
+                             "distill in search or finetune")
         bad = [r for r in self.ratios if not r > 1]
         if bad or not self.ratios:
             raise CstarError(f"ratios {bad or '[]'}: each ratio must be a number > 1 (dense / compressed), e.g. 4,16")
@@ -110,10 +114,12 @@ def cell_name(method: str, ratio: float) -> str:
     return "dense" if method == "dense" else f"{method}-{ratio:g}x"
 
 
-def _train(model: nn.Module, train_part, val, settings: TrainConfig, out_dir: Path, seed: int) -> float:
+def _train(model: nn.Module, train_part, val, settings: TrainConfig, out_dir: Path, seed: int,
+           teacher: nn.Module | None = None) -> float:
     """:func:`cstar.compress.train_phase`, resumable from ``out_dir``; returns its training seconds."""
     name = f"{out_dir.parent.name} {out_dir.name}"  # e.g. "magnitude-4x search"
-    return round(train_phase(model, train_part, val, settings, out_dir, resume=True, seed=seed, name=name)[1], 1)
+    return round(train_phase(model, train_part, val, settings, out_dir, resume=True, seed=seed, name=name,
+                             teacher=teacher)[1], 1)
 
 
 def _load_cell(cell: Path, dense: nn.Module) -> nn.Module:
@@ -137,7 +143,7 @@ def _compress_cell(method: str, ratio: float, dense: nn.Module, train_set, train
         return _load_cell(cell / "cstar", dense).to(device), seconds
     if method == "hydra":  # the first phase learns the channel scores (weights frozen), then removes channels
         model = prune.hydra_prune(model, training_loader(train_part, config.search, device, seed), ratio, config.search,
-                                  val=val, out_dir=cell / "search", resume=True)
+                                  val=val, out_dir=cell / "search", resume=True, teacher=dense)
         log = cell / "search" / "metrics.jsonl"  # rank 0's; other nodes may not see it (their figure is unused)
         history = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         seconds = {"search": round(training_seconds(history), 1)}
@@ -147,8 +153,8 @@ def _compress_cell(method: str, ratio: float, dense: nn.Module, train_set, train
         else:
             model = decompose(model, select_ranks(model, ratio, method=method.removeprefix("lowrank_")))
         model = model.to(device)
-        seconds = {"search": _train(model, train_part, val, config.search, cell / "search", seed)}
-    seconds["finetune"] = _train(model, train_part, val, config.finetune, cell / "finetune", seed)
+        seconds = {"search": _train(model, train_part, val, config.search, cell / "search", seed, dense)}
+    seconds["finetune"] = _train(model, train_part, val, config.finetune, cell / "finetune", seed, dense)
     return model, seconds
 
 

@@ -55,7 +55,8 @@ class CompressConfig:
     ``ratio`` is whole-model dense/compressed parameters (``budget="params"``),
     MACs (``"flops"``), or parameters with ``flops_ratio`` on MACs (``"joint"``).
     ``dense`` trains the dense model when none is given; ``admm_train`` and
-    ``finetune`` are the adversarial training settings of phases 3 and 5.
+    ``finetune`` are the adversarial training settings of phases 3 and 5; their
+    ``distill`` learns from the dense model (adversarial distillation).
     Evaluation: ``eval_attacks`` (PGD step ``eval_step``, default eps/4) of the
     models of ``eval_phases`` (a subset of :data:`EVAL_PHASES`) on the first
     ``eval_n`` test images (all when None); AutoAttack on the first ``autoattack_n`` for the final model (0: off).
@@ -89,6 +90,9 @@ class CompressConfig:
         unknown = sorted(set(self.eval_phases) - set(EVAL_PHASES))
         if unknown:
             raise CstarError(f"unknown evaluation phase(s) {', '.join(unknown)}: choose from {', '.join(EVAL_PHASES)}")
+        if isinstance(self.dense, TrainConfig) and self.dense.distill:
+            raise CstarError("dense.distill: the dense model is the teacher of the phases after it and has none of "
+                             "its own; set distill in admm_train or finetune")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,11 +165,13 @@ def training_seconds(history: list[dict]) -> float:
 
 
 def train_phase(model, train_part, val, config: TrainConfig, out: Path, resume: bool, hooks=(), seed: int = 0,
-                name: str | None = None):
+                name: str | None = None, teacher: nn.Module | None = None):
     """:func:`cstar.fit` of ``model`` on ``train_part`` into ``out``, its log lines named ``name`` (default: the
-    folder's name, e.g. "admm"); returns (history, :func:`training_seconds`)."""
+    folder's name, e.g. "admm"), distilled from ``teacher`` when ``config.distill``; returns (history,
+    :func:`training_seconds`)."""
     loader = training_loader(train_part, config, next(model.parameters()).device, seed)
-    history = fit(model, loader, config, val=val, out_dir=out, resume=resume, hooks=hooks, name=name or out.name)
+    history = fit(model, loader, config, val=val, out_dir=out, resume=resume, hooks=hooks, name=name or out.name,
+                  teacher=teacher)
     return history, training_seconds(history)
 
 
@@ -227,7 +233,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         admm.load_state_dict(state["admm"])
     else:
         history, seconds = train_phase(model, train_part, val, config.admm_train, out / "admm", resume, hooks=[admm],
-                                  seed=seed)
+                                       seed=seed, teacher=dense_model)
         if main:
             save_checkpoint(out / "admm.pt", {"model": model.state_dict(), "admm": admm.state_dict()})
         phases.finish("admm", seconds=round(seconds, 1), epochs=len(history), z_steps=admm.z_steps,
@@ -254,7 +260,8 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     if "finetune" in phases.done:
         factorised.load_state_dict(load_checkpoint(out / "finetuned.pt", map_location=device)["model"])
     else:
-        history, seconds = train_phase(factorised, train_part, val, config.finetune, out / "finetune", resume, seed=seed)
+        history, seconds = train_phase(factorised, train_part, val, config.finetune, out / "finetune", resume,
+                                       seed=seed, teacher=dense_model)
         if main:  # the final weights (maybe a best epoch)
             save_checkpoint(out / "finetuned.pt", {"model": factorised.state_dict()})
         phases.finish("finetune", seconds=round(seconds, 1), epochs=len(history))

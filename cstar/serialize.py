@@ -63,12 +63,14 @@ def _with_bias(*names: str) -> Callable[[nn.Module], dict]:
 def _tucker2_args(m: Tucker2Conv2d) -> dict:
     return {"in_channels": m.first.in_channels, "out_channels": m.last.out_channels,
             "kernel_size": m.core.kernel_size, "ranks": m.ranks, "stride": m.core.stride,
-            "padding": m.core.padding, "dilation": m.core.dilation, "bias": m.last.bias is not None}
+            "padding": m.core.padding, "dilation": m.core.dilation, "bias": m.last.bias is not None,
+            "padding_mode": m.core.padding_mode}
 
 
 def _lowrank_conv_args(m: LowRankConv1x1) -> dict:
     return {"in_channels": m.first.in_channels, "out_channels": m.last.out_channels, "rank": m.rank,
-            "stride": m.first.stride, "padding": m.first.padding, "bias": m.last.bias is not None}
+            "stride": m.first.stride, "padding": m.first.padding, "bias": m.last.bias is not None,
+            "padding_mode": m.first.padding_mode}
 
 
 def _lowrank_linear_args(m: LowRankLinear) -> dict:
@@ -424,6 +426,11 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
     record = _read_record(path)
     source = path / MODEL_JSON
     tied = record["tied"]
+    built_by = (record["attributes"].get("cstar_config") or {}).get("name")
+    if model is None and record["architecture"].get("kind") == "replay" and isinstance(built_by, str) and ":" in built_by:
+        raise CstarError(f"{path} holds a model of the factory {built_by!r}, whose code a save does not hold: pass "
+                         f"model=cstar.models.create({built_by!r}, ...) built as the saved one was (its cstar_config "
+                         f"attribute says how), or on the command line --model {built_by}")
     model = _rebuild(record["architecture"], source, model)
     _retie(model, tied, source)
     weights_path = path / WEIGHTS

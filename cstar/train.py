@@ -10,6 +10,7 @@ when it happens, training stops and the best epoch's weights are restored.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -51,6 +52,13 @@ class TrainConfig:
     ``attack_step=None`` picks the method's usual step: ``2.5 * eps / attack_steps``
     for PGD and TRADES, ``1.25 * eps`` for FGSM-RS, ``eps`` for N-FGSM.
     ``eps_warmup_epochs`` ramps eps linearly from 0 (helps MNIST at eps 0.3).
+    ``distill`` in [0, 1] (default 0, off) mixes adversarial distillation from a
+    robust teacher into the loss, as ARD and RSLAD do (Goldblum et al. 2020;
+    Zi et al. 2021): ``(1 - distill) * method loss + distill * T^2 *
+    KL(teacher(x) / T || student(x_adv) / T)`` with ``T = distill_temperature``,
+    the teacher's soft labels taken on the clean batch and the student's on the
+    method's adversarial one; :func:`fit` needs ``teacher=`` (``compress`` and
+    ``compare`` pass the dense model to every phase after it).
     ``lr`` is the peak learning rate; ``warmup_epochs`` ramps it linearly first.
     ``amp`` trains under ``torch.autocast`` in ``amp_dtype``: "auto" (default)
     is bfloat16 on GPUs that support it (no loss scaling needed) and float16
@@ -79,6 +87,8 @@ class TrainConfig:
     attack_step: float | None = None
     eps_warmup_epochs: float = 0.0
     trades_beta: float = 6.0
+    distill: float = 0.0
+    distill_temperature: float = 1.0
     optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
@@ -126,6 +136,11 @@ class TrainConfig:
             raise CstarError(f"weight_decay={self.weight_decay} must be >= 0")
         if self.attack_step is not None and not self.attack_step > 0:
             raise CstarError(f"attack_step={self.attack_step} must be positive (or omitted for the method's default)")
+        if not (isinstance(self.distill, (int, float)) and 0 <= self.distill <= 1):
+            raise CstarError(f"distill={self.distill} must be in [0, 1]: the weight of the distillation term "
+                             "(0 turns it off)")
+        if not (isinstance(self.distill_temperature, (int, float)) and self.distill_temperature > 0):
+            raise CstarError(f"distill_temperature={self.distill_temperature} must be positive (1 keeps the logits)")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise CstarError(f"grad_clip={self.grad_clip} must be positive (or omitted to turn clipping off)")
 
@@ -146,7 +161,8 @@ class TrainConfig:
         """One line for reports, e.g. ``"2 epoch(s) of pgd-5 (eps 0.3, adam lr 0.001, cosine)"``."""
         attack = f"{self.method}-{self.attack_steps}" if self.method in ("pgd", "trades") else self.method
         eps = "" if self.eps is None else f"eps {self.eps:.4g}, "
-        return f"{self.epochs} epoch(s) of {attack} ({eps}{self.optimizer} lr {self.lr:g}, {self.schedule})"
+        distill = f", distilled {self.distill:g} at T {self.distill_temperature:g}" if self.distill else ""
+        return f"{self.epochs} epoch(s) of {attack} ({eps}{self.optimizer} lr {self.lr:g}, {self.schedule}{distill})"
 
     def step_size(self) -> float:
         if self.eps is None:
@@ -219,13 +235,27 @@ def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
 
 def _training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, eps: float,
-                   amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The method's loss on one batch, and the logits it was computed from.
+                   amp_dtype: torch.dtype | None, teacher: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The method's loss on one batch (distilled from ``teacher`` when ``config.distill``), and the logits it
+    was computed from.
 
     ``model`` may be a DistributedDataParallel wrapper: attacks then run on the
     plain module inside, so that only the loss forward goes through the wrapper
     (DDP sees one forward and one backward per step).
     """
+    loss, logits = _method_loss(model, x, y, config, eps, amp_dtype)
+    if not config.distill:
+        return loss, logits
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        soft = F.softmax(teacher(x).float() / config.distill_temperature, dim=1)
+    t = config.distill_temperature
+    kl = F.kl_div(F.log_softmax(logits.float() / t, dim=1), soft, reduction="batchmean") * t * t
+    return (1 - config.distill) * loss + config.distill * kl, logits
+
+
+def _method_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, eps: float,
+                 amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training method's own loss on one batch, and the (adversarial) logits it was computed from."""
     step = config.step_size() * (eps / config.eps if config.eps else 1.0)
     raw = distributed.unwrap(model)
     if config.method == "clean" or eps == 0:
@@ -300,6 +330,19 @@ def _sharded_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     clean, robust = robust_check(model, xs, ys, eps, steps) if len(ys) else (0.0, 0.0)
     n_clean, n_robust, n = distributed.all_reduce_sum([round(clean * len(ys)), round(robust * len(ys)), len(ys)])
     return n_clean / n, n_robust / n
+
+
+def _checked_teacher(teacher: nn.Module | None, config: TrainConfig, model: nn.Module) -> nn.Module | None:
+    """The eval-mode, frozen teacher of a distilled run (None when ``config.distill`` is 0)."""
+    if not config.distill:
+        return None
+    if not isinstance(teacher, nn.Module):
+        raise CstarError(f"distill={config.distill:g} learns from a robust teacher: pass fit(..., teacher=model) "
+                         "(compress and compare pass the dense model), or set distill=0")
+    if teacher is model:
+        raise CstarError("the teacher is the model being trained: pass a copy of the robust model")
+    device = next(model.parameters()).device
+    return copy.deepcopy(teacher).to(device).eval().requires_grad_(False)  # the caller's teacher is left alone
 
 
 def _held_out_check(train_loader, val, config: TrainConfig):
@@ -442,7 +485,7 @@ def _with_data_eps(config: TrainConfig, loader) -> TrainConfig:
 
 def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch.Tensor, torch.Tensor] | None = None,
         out_dir: str | Path | None = None, resume: bool = False, hooks: Iterable[TrainHook] = (),
-        name: str | None = None) -> list[dict]:
+        name: str | None = None, teacher: nn.Module | None = None) -> list[dict]:
     """Adversarially train ``model`` in place; return the per-epoch log records.
 
     ``train_loader`` yields ``(x, y)`` batches on the training device with x in
@@ -468,9 +511,13 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
     :data:`POLL_EVERY` steps, so that all ranks stop at the same step. ``name``
     (e.g. a pipeline's phase) starts every log line; the progress bar shows
     only on a terminal, and the per-epoch line always (with ``config.progress``).
+    ``teacher`` (needed when ``config.distill`` > 0, unused otherwise) is a
+    robust model whose soft labels the student learns from; a frozen
+    eval-mode copy of it on ``model``'s device is used.
     """
     hooks = list(hooks)
     config = _with_data_eps(config, train_loader)
+    teacher = _checked_teacher(teacher, config, model)
     main = distributed.is_main()  # under torchrun only rank 0 writes files and prints
     device = next(model.parameters()).device
     amp_dtype = resolve_amp_dtype(config, device)
@@ -558,7 +605,7 @@ def fit(model: nn.Module, train_loader, config: TrainConfig, *, val: tuple[torch
                 progress = epoch + i / steps_per_epoch
                 eps = config.eps * min(1.0, progress / config.eps_warmup_epochs) if config.eps_warmup_epochs else config.eps
                 with attacks.inputs_checked():
-                    loss, logits = _training_loss(trainer, x, y, config, eps, amp_dtype)
+                    loss, logits = _training_loss(trainer, x, y, config, eps, amp_dtype, teacher)
                 for hook in hooks:
                     extra = hook.penalty(model)
                     if extra is not None:

@@ -131,6 +131,6 @@ def test_attack_benchmark_writes_every_settings_rate_and_strength(tmp_path, monk
     script("bench_attack_throughput").main()
     result = json.loads(out.with_suffix(".json").read_text())
     names = [row["setting"] for row in result["rows"]]
-    assert {"cstar", "cstar NCHW", "plain loop"} <= set(names)
+    assert {"cstar evaluate", "cstar", "cstar NCHW", "plain loop"} <= set(names)
     assert all(row["images_per_second"] > 0 and 0 <= row["robust_accuracy"] <= 1 for row in result["rows"])
     assert "Machine:" in out.with_suffix(".md").read_text()

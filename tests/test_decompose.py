@@ -74,6 +74,30 @@ def test_full_rank_decomposition_reproduces_the_model(make, shape):
     torch.testing.assert_close(got, expected, atol=1e-4 * float(expected.abs().max()), rtol=1e-4)
 
 
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(6, 8, 3, padding=1, padding_mode="reflect"),
+    nn.Conv2d(6, 8, 3, padding=2, dilation=2, padding_mode="circular", bias=False),
+    nn.Conv2d(6, 8, 5, stride=2, padding=2, padding_mode="replicate"),
+    nn.Conv2d(6, 8, 3, padding="same"),
+    nn.Conv2d(6, 8, 3, padding="valid", padding_mode="reflect"),
+    nn.Conv2d(6, 8, 1, stride=2, padding=1, padding_mode="reflect"),
+], ids=["reflect", "circular-dilated", "replicate-strided", "same", "valid", "1x1-reflect"])
+def test_convs_of_any_padding_mode_factorise_exactly_at_full_rank_and_reload(conv, tmp_path):
+    from cstar.serialize import load, save
+
+    x = torch.randn(2, 6, 9, 9)
+    model = _seeded(nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))).eval()
+    plan = select_ranks(model, 1.3, input_shape=(6, 9, 9), exclude=["4"])
+    assert plan.layers["0"].kind in ("tucker2", "svd"), plan.skipped
+    factorised = decompose(model, _full_rank(plan)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(factorised(x), model(x), atol=1e-4, rtol=1e-4)
+    small = decompose(model, plan).eval()
+    save(small, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "m")(x), small(x))
+
+
 def test_input_model_is_unchanged():
     model = create("resnet20", 10)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -121,7 +121,7 @@ def test_channel_pruning_where_it_is_not_defined_refuses_in_one_line(name):
 PHASE = "{epochs: 1, optimizer: adam, lr: 0.001, attack_steps: 1, batch_size: 64, check_size: 0}"
 
 
-@pytest.mark.parametrize("name", ["bottleneck_resnet", "vit"])
+@pytest.mark.parametrize("name", list(FACTORIES))
 def test_cli_compress_runs_a_factory_model_end_to_end_and_eval_reloads_it(name, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["compress", "--model", f"tests.archs:{name}", "--data", "digits", "--ratio", "2", "--out", str(out),
@@ -165,3 +165,9 @@ def test_a_model_arg_contradicting_the_datas_classes_is_refused(tmp_path, capsys
     assert main(["train", "--model", "tests.archs:vit", "--model-arg", "num_classes=3", "--data", "digits",
                  "--out", str(tmp_path / "run")]) == 2
     assert "--model-arg num_classes=3 contradicts the 10 classes of digits" in capsys.readouterr().err
+
+
+def test_loading_a_factory_models_save_in_python_without_model_names_the_factory(tmp_path):
+    save(built("convnext"), tmp_path / "m")
+    with pytest.raises(CstarError, match=r"factory 'tests.archs:convnext'.*model=cstar.models.create"):
+        load(tmp_path / "m")

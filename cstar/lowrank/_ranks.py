@@ -253,10 +253,6 @@ def _decline_reason(module: nn.Module) -> str | None:
         return None
     if module.groups != 1:
         return f"grouped conv (groups={module.groups}): Tucker-2 needs groups=1"
-    if module.padding_mode != "zeros":
-        return f"padding_mode={module.padding_mode!r}: factorised layers pad with zeros"
-    if isinstance(module.padding, str):
-        return f"padding={module.padding!r} given as a string: factorised layers need explicit padding"
     return None
 
 

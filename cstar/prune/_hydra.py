@@ -98,7 +98,7 @@ def learn_channel_scores(model: nn.Module, train_loader, ratio: float, config: T
                          input_shape: tuple[int, ...] | None = None, norm: int = 2, fold_bn: bool = False,
                          min_channels: int = 1, init_scale: float = 1.0,
                          val: tuple[torch.Tensor, torch.Tensor] | None = None, out_dir: str | Path | None = None,
-                         resume: bool = False, graph: str = "fx") -> ScoredModel:
+                         resume: bool = False, graph: str = "fx", teacher: nn.Module | None = None) -> ScoredModel:
     """Train channel scores of a copy of ``model`` on ``config``'s adversarial loss; return the :class:`ScoredModel`.
 
     The budget (channels kept per group) is that of
@@ -107,8 +107,8 @@ def learn_channel_scores(model: nn.Module, train_loader, ratio: float, config: T
     mean-normalised magnitude scores times ``init_scale``. ``config``
     (default ``TrainConfig()``: PGD-10 at the data's eps, 10 epochs, SGD lr 0.1
     cosine) drives :func:`cstar.fit` with ``val`` and ``out_dir`` (its
-    metrics and checkpoints; ``resume=True`` continues from its checkpoint).
-    ``model`` is not modified.
+    metrics and checkpoints; ``resume=True`` continues from its checkpoint;
+    ``teacher`` for ``config.distill``). ``model`` is not modified.
     """
     if config is None:
         config = TrainConfig()
@@ -121,7 +121,7 @@ def learn_channel_scores(model: nn.Module, train_loader, ratio: float, config: T
     magnitude = channel_scores(model, groups, norm=norm, fold_bn=fold_bn)
     init = {g: normalise_scores(s).float() * float(init_scale) for g, s in magnitude.items()}
     scored = ScoredModel(copy.deepcopy(model), groups, plan.counts, init)
-    fit(scored, train_loader, config, val=val, out_dir=out_dir, resume=resume)
+    fit(scored, train_loader, config, val=val, out_dir=out_dir, resume=resume, teacher=teacher)
     return scored
 
 
@@ -149,7 +149,7 @@ def robust_prune(model: nn.Module, train_loader, ratio: float, method: str = "ma
     is not used and may be None); ``"hydra"``: :func:`hydra_prune`, scores
     trained with ``score_config``. ``options``: ``input_shape``, ``norm``,
     ``fold_bn``, ``min_channels``, ``graph``, and for hydra ``init_scale``,
-    ``val``, ``out_dir``. Fine-tune the result with ``cstar.fit``.
+    ``val``, ``out_dir``, ``resume``, ``teacher``. Fine-tune the result with ``cstar.fit``.
     """
     if method not in METHODS:
         raise CstarError(f"unknown pruning method {method!r}: choose one of {', '.join(METHODS)}")
@@ -159,7 +159,7 @@ def robust_prune(model: nn.Module, train_loader, ratio: float, method: str = "ma
             raise CstarError("score_config is only used by method='hydra': drop it or pass method='hydra'")
         check_options(options, common, "magnitude pruning")
         return magnitude_prune(model, ratio, **options)
-    check_options(options, (*common, "init_scale", "val", "out_dir", "resume"), "hydra pruning")
+    check_options(options, (*common, "init_scale", "val", "out_dir", "resume", "teacher"), "hydra pruning")
     if train_loader is None:
         raise CstarError("method='hydra' trains scores on adversarial examples: pass a train_loader")
     if score_config is not None and not isinstance(score_config, TrainConfig):
