@@ -44,9 +44,9 @@ from torch import nn
 from . import attacks, distributed, prune
 from ._errors import CstarError
 from ._io import atomic_write_bytes, atomic_write_text, write_json
+from ._phases import settings_from_dict, split_held_out, train_phase, training_loader, training_seconds, with_data_eps
 from .admm import ADMMConfig
-from .compress import (CompressConfig, compress, settings_from_dict, split_held_out, train_phase, training_loader,
-                       training_seconds, with_data_eps)
+from .compress import CompressConfig, compress
 from .counting import count_flops, count_params
 from .evaluate import evaluate, subset_label
 from .lowrank import decompose, select_ranks
@@ -116,7 +116,7 @@ def cell_name(method: str, ratio: float) -> str:
 
 def _train(model: nn.Module, train_part, val, settings: TrainConfig, out_dir: Path, seed: int,
            teacher: nn.Module | None = None) -> float:
-    """:func:`cstar.compress.train_phase`, resumable from ``out_dir``; returns its training seconds."""
+    """:func:`cstar._phases.train_phase`, resumable from ``out_dir``; returns its training seconds."""
     name = f"{out_dir.parent.name} {out_dir.name}"  # e.g. "magnitude-4x search"
     return round(train_phase(model, train_part, val, settings, out_dir, resume=True, seed=seed, name=name,
                              teacher=teacher)[1], 1)

@@ -23,18 +23,17 @@ broadcast, so all ranks build the same factorised model. ``resume`` then needs
 from __future__ import annotations
 
 import copy
-import json
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import data as data_module
 from . import distributed
-from ._errors import CstarError, check_options
+from ._errors import CstarError
 from ._io import load_checkpoint, save_checkpoint, write_json
+from ._phases import PhaseLedger, settings_from_dict, split_held_out, train_phase, training_loader, with_data_eps
 from ._precision import full_float32
 from .admm import ADMM, ADMMConfig
 from .counting import count_flops, count_params
@@ -42,7 +41,7 @@ from .evaluate import evaluate
 from .lowrank import RankPlan, decompose, select_ranks
 from .report import write_report
 from .serialize import save
-from .train import TrainConfig, fit
+from .train import TrainConfig
 
 PHASES = ("dense", "ranks", "admm", "decompose", "finetune", "evaluate")
 EVAL_PHASES = ("dense", "admm_projected", "final")
@@ -112,69 +111,6 @@ def check_plan(model: nn.Module, config: CompressConfig) -> None:
     select_ranks(model, **config.select_kwargs())
 
 
-def with_data_eps(config, spec, train_keys: tuple[str, ...]):
-    """``config`` (a settings dataclass) with every ``train_keys`` section's ``eps=None`` set to ``spec.eps``,
-    the threat model of the training data (a :class:`cstar.data.DatasetSpec`)."""
-    return replace(config, **{key: getattr(config, key).with_eps_of(spec) for key in train_keys})
-
-
-def settings_from_dict(cls, values: dict, train_keys: tuple[str, ...], what: str):
-    """``cls(**values)`` for a settings dataclass whose ``train_keys`` sections are
-    :class:`TrainConfig` and whose ``admm`` section is :class:`ADMMConfig`, given
-    as nested dicts (a YAML preset); an unknown key at any level is an error."""
-    check_options(values, [f.name for f in fields(cls)], what)
-    values = dict(values)
-    for key in train_keys:
-        if isinstance(values.get(key), dict):
-            values[key] = TrainConfig.from_dict(values[key])
-    if isinstance(values.get("admm"), dict):
-        values["admm"] = ADMMConfig.from_dict(values["admm"])
-    return cls(**values)
-
-
-class _Phases:
-    """``phases.json``: what is done, with each phase's seconds (training seconds for the training phases) and results."""
-
-    def __init__(self, out: Path, resume: bool) -> None:
-        self.path = out / "phases.json"
-        self.done: dict[str, dict] = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
-
-    def finish(self, phase: str, **info) -> None:
-        self.done[phase] = info
-        if distributed.is_main():
-            write_json(self.path, self.done)
-
-
-def split_held_out(train_set, val_size: int, device):
-    """(training part, (x, y) of the last ``val_size`` images) for per-epoch checks."""
-    if val_size <= 0 or not hasattr(train_set, "split_off"):
-        return train_set, None
-    return train_set.split_off(val_size, device)
-
-
-def training_loader(train_part, config: TrainConfig, device, seed: int = 0):
-    """The shuffled, augmented loader of ``train_part`` for ``config`` (this process's shard under torchrun)."""
-    return data_module.make_loader(train_part, config.batch_size, train=True, device=device, seed=seed,
-                                   rank=distributed.rank(), world_size=distributed.world_size())
-
-
-def training_seconds(history: list[dict]) -> float:
-    """Seconds the epochs of a :func:`cstar.fit` history trained (per-epoch checks excluded); a resumed run's
-    history holds its epochs from before the resume too, so this is the phase's whole training time."""
-    return sum(record.get("train_seconds", 0.0) for record in history)
-
-
-def train_phase(model, train_part, val, config: TrainConfig, out: Path, resume: bool, hooks=(), seed: int = 0,
-                name: str | None = None, teacher: nn.Module | None = None):
-    """:func:`cstar.fit` of ``model`` on ``train_part`` into ``out``, its log lines named ``name`` (default: the
-    folder's name, e.g. "admm"), distilled from ``teacher`` when ``config.distill``; returns (history,
-    :func:`training_seconds`)."""
-    loader = training_loader(train_part, config, next(model.parameters()).device, seed)
-    history = fit(model, loader, config, val=val, out_dir=out, resume=resume, hooks=hooks, name=name or out.name,
-                  teacher=teacher)
-    return history, training_seconds(history)
-
-
 def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_dir: str | Path, *,
              pretrained: bool = False, resume: bool = False, val_size: int = 1000, seed: int = 0) -> dict:
     """Run the CSTAR pipeline on ``model`` (trained in place) and return the results dict.
@@ -185,7 +121,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     out = Path(out_dir)
     config = with_data_eps(config, train_set.spec, ("dense", "admm_train", "finetune"))
     main = distributed.is_main()  # under torchrun only rank 0 writes files and prints
-    phases = _Phases(out, resume)
+    phases = PhaseLedger(out, resume)
     if "ranks" not in phases.done:
         check_plan(model, config)  # before training and before any file is written
     if main:

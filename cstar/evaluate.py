@@ -90,9 +90,12 @@ def _folded(model: nn.Module) -> nn.Module:
     """``model`` (in eval mode) with BatchNorm folded into its convs, or ``model`` itself when nothing folds."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return model
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an untraceable model is evaluated unfolded: the same accuracies, slower
-        return fold_batchnorm(model)
+    try:  # a model fold_batchnorm cannot trace or copy is evaluated as it is: the same accuracies, slower
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fold_batchnorm(model)
+    except Exception:  # noqa: BLE001
+        return model
 
 
 def subset_label(n: int | None, total: int) -> str:
@@ -161,30 +164,32 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
             raise CstarError(f"{partial} holds counts only (written without per_example): delete it to start over, "
                              f"or resume without per_example")
         hits = saved.get("per_example", hits)
-    try:
-        for index, (xb, yb) in enumerate(_batches(shard, shard_n, batch_size, device)):
-            if index < done:
-                continue
-            torch.manual_seed(seed + index)
-            total += len(yb)
-            for spec, label in zip(specs, labels):
-                t0 = time.perf_counter()
-                x_eval = xb if spec == "clean" else spec(target, xb, yb)
-                with torch.no_grad():
-                    right = target(x_eval).argmax(1) == yb
-                correct[label] += right.sum().item()
-                if per_example:
-                    hits[label] += "".join("1" if r else "0" for r in right.tolist())
-                seconds[label] += time.perf_counter() - t0
-            if progress and distributed.is_main():
-                where = " (rank 0's share)" if sharded else ""
-                print(f"  {total} images{where}: " + "  ".join(f"{k} {correct[k] / total:.4f}" for k in labels),
-                      flush=True)
-            if partial is not None:
-                write_json(partial, {**state, "batches": index + 1, "total": total, "correct": correct,
-                                     "seconds": seconds, **({"per_example": hits} if per_example else {})})
-    finally:
-        model.train(was_training)
+    # each batch's attacks are seeded with seed + index; the caller's random state is restored afterwards
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            for index, (xb, yb) in enumerate(_batches(shard, shard_n, batch_size, device)):
+                if index < done:
+                    continue
+                torch.manual_seed(seed + index)
+                total += len(yb)
+                for spec, label in zip(specs, labels):
+                    t0 = time.perf_counter()
+                    x_eval = xb if spec == "clean" else spec(target, xb, yb)
+                    with torch.no_grad():
+                        right = target(x_eval).argmax(1) == yb
+                    correct[label] += right.sum().item()
+                    if per_example:
+                        hits[label] += "".join("1" if r else "0" for r in right.tolist())
+                    seconds[label] += time.perf_counter() - t0
+                if progress and distributed.is_main():
+                    where = " (rank 0's share)" if sharded else ""
+                    print(f"  {total} images{where}: " + "  ".join(f"{k} {correct[k] / total:.4f}" for k in labels),
+                          flush=True)
+                if partial is not None:
+                    write_json(partial, {**state, "batches": index + 1, "total": total, "correct": correct,
+                                         "seconds": seconds, **({"per_example": hits} if per_example else {})})
+        finally:
+            model.train(was_training)
     if sharded:
         *counts, total = distributed.all_reduce_sum([*(correct[k] for k in labels), total])
         correct = dict(zip(labels, counts))

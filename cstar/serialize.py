@@ -45,6 +45,7 @@ from ._errors import CstarError
 from ._io import atomic_write_bytes, state_mismatch, write_json
 from .lowrank._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from .models import Normalize, create, list_models
+from .models._external import is_external
 
 FORMAT = "cstar-model"
 VERSION = 1
@@ -427,7 +428,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
     source = path / MODEL_JSON
     tied = record["tied"]
     built_by = (record["attributes"].get("cstar_config") or {}).get("name")
-    if model is None and record["architecture"].get("kind") == "replay" and isinstance(built_by, str) and ":" in built_by:
+    if model is None and record["architecture"].get("kind") == "replay" and is_external(built_by):
         raise CstarError(f"{path} holds a model of the factory {built_by!r}, whose code a save does not hold: pass "
                          f"model=cstar.models.create({built_by!r}, ...) built as the saved one was (its cstar_config "
                          f"attribute says how), or on the command line --model {built_by}")

@@ -235,7 +235,8 @@ def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
 
 def _training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, eps: float,
-                   amp_dtype: torch.dtype | None, teacher: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   amp_dtype: torch.dtype | None, teacher: nn.Module | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The method's loss on one batch (distilled from ``teacher`` when ``config.distill``), and the logits it
     was computed from.
 

@@ -171,3 +171,15 @@ def test_loading_a_factory_models_save_in_python_without_model_names_the_factory
     save(built("convnext"), tmp_path / "m")
     with pytest.raises(CstarError, match=r"factory 'tests.archs:convnext'.*model=cstar.models.create"):
         load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("hub", ["torchvision", "timm"])
+def test_a_hub_that_does_not_import_here_is_named_with_its_extra(hub, capsys):
+    try:
+        __import__(hub)
+    except Exception:  # noqa: BLE001 - not installed, or does not import beside this torch (as on the CI machine)
+        pass
+    else:
+        pytest.skip(f"{hub} imports here")
+    assert main(["info", "--model", f"{hub}:resnet18", "--data", "cifar10"]) == 2
+    assert f"pip install 'cstar[{hub}]'" in capsys.readouterr().err

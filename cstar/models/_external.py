@@ -27,7 +27,7 @@ from torch import nn
 from .._errors import CstarError
 from ._layers import Normalize
 
-_HUBS = {"torchvision": "torchvision", "timm": "timm"}
+_HUBS = ("torchvision", "timm")  # model hubs named by their package
 
 
 def is_external(name: object) -> bool:
