@@ -40,8 +40,8 @@ def attack_in_channels_last(model: nn.Module, x: torch.Tensor) -> bool:
     """
     if x.device.type != "cpu" or x.dim() != 4:
         return False
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    return bool(convs) and not channels_last_unsafe_convs(model)
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return has_conv and not channels_last_unsafe_convs(model)
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

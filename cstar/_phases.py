@@ -15,7 +15,7 @@ from torch import nn
 
 from . import data as data_module
 from . import distributed
-from ._errors import check_options
+from ._errors import CstarError, check_options
 from ._io import write_json
 from .admm import ADMMConfig
 from .train import TrainConfig, fit
@@ -25,6 +25,13 @@ def with_data_eps(config, spec, train_keys: tuple[str, ...]):
     """``config`` (a settings dataclass) with every ``train_keys`` section's ``eps=None`` set to ``spec.eps``,
     the threat model of the training data (a :class:`cstar.data.DatasetSpec`)."""
     return replace(config, **{key: getattr(config, key).with_eps_of(spec) for key in train_keys})
+
+
+def check_dense_not_distilled(dense: TrainConfig, later: str) -> None:
+    """Refuse ``distill`` on the dense phase: the dense model is the teacher of the ``later`` phases and has none."""
+    if isinstance(dense, TrainConfig) and dense.distill:
+        raise CstarError(f"dense.distill: the dense model is the teacher of the phases after it and has none of its "
+                         f"own; set distill in {later}")
 
 
 def settings_from_dict(cls, values: dict, train_keys: tuple[str, ...], what: str):

@@ -44,7 +44,8 @@ from torch import nn
 from . import attacks, distributed, prune
 from ._errors import CstarError
 from ._io import atomic_write_bytes, atomic_write_text, write_json
-from ._phases import settings_from_dict, split_held_out, train_phase, training_loader, training_seconds, with_data_eps
+from ._phases import (check_dense_not_distilled, settings_from_dict, split_held_out, train_phase, training_loader,
+                      training_seconds, with_data_eps)
 from .admm import ADMMConfig
 from .compress import CompressConfig, compress
 from .counting import count_flops, count_params
@@ -89,9 +90,7 @@ class CompareConfig:
             raise CstarError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
         if not self.methods:
             raise CstarError(f"no method to compare: choose from {', '.join(METHODS)}")
-        if isinstance(self.dense, TrainConfig) and self.dense.distill:
-            raise CstarError("dense.distill: the dense model is every method's teacher and has none of its own; set "
-                             "distill in search or finetune")
+        check_dense_not_distilled(self.dense, "search or finetune")
         bad = [r for r in self.ratios if not r > 1]
         if bad or not self.ratios:
             raise CstarError(f"ratios {bad or '[]'}: each ratio must be a number > 1 (dense / compressed), e.g. 4,16")

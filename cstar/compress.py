@@ -33,7 +33,8 @@ from torch import nn
 from . import distributed
 from ._errors import CstarError
 from ._io import load_checkpoint, save_checkpoint, write_json
-from ._phases import PhaseLedger, settings_from_dict, split_held_out, train_phase, training_loader, with_data_eps
+from ._phases import (PhaseLedger, check_dense_not_distilled, settings_from_dict, split_held_out, train_phase,
+                      training_loader, with_data_eps)
 from ._precision import full_float32
 from .admm import ADMM, ADMMConfig
 from .counting import count_flops, count_params
@@ -89,9 +90,7 @@ class CompressConfig:
         unknown = sorted(set(self.eval_phases) - set(EVAL_PHASES))
         if unknown:
             raise CstarError(f"unknown evaluation phase(s) {', '.join(unknown)}: choose from {', '.join(EVAL_PHASES)}")
-        if isinstance(self.dense, TrainConfig) and self.dense.distill:
-            raise CstarError("dense.distill: the dense model is the teacher of the phases after it and has none of "
-                             "its own; set distill in admm_train or finetune")
+        check_dense_not_distilled(self.dense, "admm_train or finetune")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -402,11 +402,19 @@ def _read_record(path: Path) -> dict:
     return record
 
 
-def needs_fresh_model(path: str | os.PathLike) -> tuple[bool, dict[str, Any]]:
-    """(whether :func:`load` of save ``path`` needs ``model=``, the ``cstar_*`` attributes the save holds, such
-    as ``cstar_config``: how the model was built). Reads ``model.json`` only."""
-    record = _read_record(Path(path))
-    return record["architecture"].get("kind") == "replay", record["attributes"]
+def _factory_config(record: dict) -> dict | None:
+    """The ``cstar_config`` of a saved model that a factory built and that :func:`load` needs ``model=`` for
+    (its classes are not cstar's), else None."""
+    config = record["attributes"].get("cstar_config") or {}
+    replay = record["architecture"].get("kind") == "replay"
+    return config if replay and is_external(config.get("name")) else None
+
+
+def factory_config(path: str | os.PathLike) -> dict | None:
+    """How the model in save ``path`` was built (its ``cstar_config``) when a factory built it and
+    :func:`load` needs a fresh instance, ``cstar.models.create(**config)``; None otherwise. Reads
+    ``model.json`` only: nothing is imported."""
+    return _factory_config(_read_record(Path(path)))
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
@@ -427,8 +435,9 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
     record = _read_record(path)
     source = path / MODEL_JSON
     tied = record["tied"]
-    built_by = (record["attributes"].get("cstar_config") or {}).get("name")
-    if model is None and record["architecture"].get("kind") == "replay" and is_external(built_by):
+    factory = _factory_config(record)
+    if model is None and factory is not None:
+        built_by = factory["name"]
         raise CstarError(f"{path} holds a model of the factory {built_by!r}, whose code a save does not hold: pass "
                          f"model=cstar.models.create({built_by!r}, ...) built as the saved one was (its cstar_config "
                          f"attribute says how), or on the command line --model {built_by}")

@@ -11,7 +11,7 @@ import yaml
 from .. import data, models
 from .._errors import CstarError
 from .._io import load_checkpoint, state_mismatch
-from ..models._external import check_named, is_external
+from ..models._external import check_named
 from ._options import model_kwargs, require
 
 # ----------------------------------------------------------------------------- data
@@ -72,10 +72,11 @@ def build_model(args: argparse.Namespace, spec: data.DatasetSpec, num_classes: i
     c, h, _ = spec.image_shape
     mean, std = kwargs.pop("mean", spec.mean), kwargs.pop("std", spec.std)  # the data's, unless given
     for key, value in (("num_classes", num_classes), ("in_channels", c)):
-        if kwargs.pop(key, value) != value:
+        given = kwargs.pop(key, value)
+        if given != value:
             what = "classes" if key == "num_classes" else "input channels"
-            raise CstarError(f"--model-arg {key}={model_kwargs(args.model_arg)[key]} contradicts the {value} {what} "
-                             f"of {spec.name}: drop it (cstar passes the data's)")
+            raise CstarError(f"--model-arg {key}={given} contradicts the {value} {what} of {spec.name}: drop it "
+                             "(cstar passes the data's)")
     return models.create(args.model, num_classes, in_channels=c, input_size=h, mean=mean, std=std, **kwargs)
 
 
@@ -101,11 +102,10 @@ def load_model(path: str, where: torch.device = torch.device("cpu"), named: str 
     """A cstar.save directory or a checkpoint written by ``cstar train``; the model of a factory (recorded in
     its ``cstar_config``) is rebuilt fresh, then loaded, when the user ``named`` that factory (--model)."""
     if Path(path).is_dir():
-        from ..serialize import load, needs_fresh_model
+        from ..serialize import factory_config, load
 
-        needs_model, attributes = needs_fresh_model(path)
-        config = attributes.get("cstar_config") or {}
-        if not needs_model or not is_external(config.get("name")):
+        config = factory_config(path)
+        if config is None:
             return load(path, map_location=where)
         check_named(config["name"], named, path)
         return load(path, map_location=where, model=models.create(**config))
