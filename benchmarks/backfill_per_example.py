@@ -21,7 +21,7 @@ import yaml
 
 from cstar import data
 from cstar._io import write_json
-from cstar.evaluate import evaluate
+from cstar._evaluate import evaluate
 from cstar.serialize import load
 
 TOLERANCE = 0.002  # a few examples may flip near the decision boundary (thread counts change float sums)

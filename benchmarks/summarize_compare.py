@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 
 from cstar._io import atomic_write_bytes, atomic_write_text, write_json
-from cstar.compare import cell_name, format_comparison
-from cstar.evaluate import paired_difference
+from cstar._compare import cell_name, format_comparison
+from cstar._evaluate import paired_difference
 
 RIVALS = {"pruning": ("hydra", "magnitude"), "post-hoc low rank": ("lowrank_global", "lowrank_uniform")}
 

@@ -9,9 +9,10 @@ The public API, by concept (each lives in one module, see docs/DESIGN.md):
   :func:`paired_difference`
 - counting: :func:`count_params`, :func:`count_flops`, :func:`layer_table`
 - low rank: :func:`tucker2`, :func:`tucker2_project`, :func:`svd_factors`,
-  :func:`svd_project`, :func:`select_ranks`, :func:`decompose`
+  :func:`svd_project`, :class:`RankSpec`, :func:`select_ranks`, :func:`decompose`
 - CSTAR: :func:`compress` with :class:`CompressConfig`; :class:`ADMM`
-- comparison with the baselines: :func:`compare` with :class:`CompareConfig`
+- comparison with the baselines: :func:`compare` with :class:`CompareConfig`; the
+  compression methods it runs: :mod:`cstar.compressors` (``register`` adds one)
 - files: :func:`save`, :func:`load`, :func:`export`; :func:`optimize_for_inference`;
   :func:`full_float32` (TF32 off, for exactness checks on GPUs)
 - pruning baselines: :mod:`cstar.prune` (``find_groups``, ``prune_channels``,
@@ -19,19 +20,18 @@ The public API, by concept (each lives in one module, see docs/DESIGN.md):
 - multi-process runs (torchrun, DDP): :mod:`cstar.distributed`
 """
 
-__version__ = "0.1.0"
-
-from . import attacks, data, distributed, models, prune
+from ._version import __version__
+from . import attacks, compressors, data, distributed, models, prune
 from ._errors import CstarError
 from .admm import ADMM, ADMMConfig
-from .compare import CompareConfig, compare
-from .compress import CompressConfig, compress
+from ._compare import CompareConfig, compare
+from ._compress import CompressConfig, compress
 from .counting import count_flops, count_params, layer_table
-from .evaluate import evaluate, paired_difference
+from ._evaluate import evaluate, paired_difference
 from ._precision import full_float32
 from .inference import fold_batchnorm, optimize_for_inference
-from .lowrank import (LayerPlan, LowRankConv1x1, LowRankLinear, RankPlan, Tucker2Conv2d, decompose, mode_spectra,
-                      select_ranks, svd_factors, svd_project, tucker2, tucker2_project)
+from .lowrank import (LayerPlan, LowRankConv1x1, LowRankLinear, RankPlan, RankSpec, Tucker2Conv2d, decompose,
+                      mode_spectra, select_ranks, svd_factors, svd_project, tucker2, tucker2_project)
 from .prune import (ChannelGroup, ChannelMask, ChannelPlan, ScoredModel, channel_scores, find_groups, hydra_prune,
                     learn_channel_scores, magnitude_prune, prune_channels, robust_prune, select_channels)
 from .serialize import export, load, save
@@ -39,8 +39,9 @@ from .train import TrainConfig, TrainHook, fit
 
 __all__ = [
     "ADMM", "ADMMConfig", "ChannelGroup", "ChannelMask", "ChannelPlan", "CompareConfig", "CompressConfig",
-    "CstarError", "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "ScoredModel", "TrainConfig",
-    "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "channel_scores", "compare", "compress", "count_flops",
+    "CstarError", "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankSpec", "ScoredModel", "TrainConfig",
+    "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "channel_scores", "compare", "compress", "compressors",
+    "count_flops",
     "count_params", "data", "decompose", "distributed", "evaluate", "export", "find_groups", "fit",
     "fold_batchnorm", "full_float32", "hydra_prune", "layer_table", "learn_channel_scores", "load", "magnitude_prune",
     "mode_spectra", "models", "optimize_for_inference", "paired_difference", "prune", "prune_channels",

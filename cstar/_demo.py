@@ -16,7 +16,7 @@ import torch
 
 from . import data, models
 from .admm import ADMMConfig
-from .compare import CompareConfig, compare, format_comparison
+from ._compare import CompareConfig, compare, format_comparison
 from .train import TrainConfig
 
 METHODS = ("dense", "cstar", "magnitude", "lowrank_global")

@@ -1,4 +1,4 @@
-"""What every compression pipeline shares below :mod:`cstar.compress` and :mod:`cstar.compare`.
+"""What every compression pipeline shares below :func:`cstar.compress` and :func:`cstar.compare`.
 
 Settings dataclasses with training sections (the data's eps, nested dicts from
 YAML), the ledger of finished phases (``phases.json``), the held-out split of

@@ -44,7 +44,7 @@ from torch import nn
 
 from . import distributed
 from ._errors import CstarError, check_options
-from .lowrank import RankPlan, select_ranks, svd_project, tucker2_project
+from .lowrank import RankPlan, RankSpec, select_ranks, svd_project, tucker2_project
 from .train import TrainHook
 
 
@@ -99,16 +99,16 @@ def project(weight: torch.Tensor, kind: str, ranks: tuple[int, ...], n_iter: int
 class ADMM(TrainHook):
     """ADMM state (``Z``, ``U``, ``rho``) for the compressed layers of ``plan``.
 
-    ``steps_per_epoch`` sets the default interval. ``select_kwargs`` (the
-    arguments ``plan`` was made with, for :func:`cstar.lowrank.select_ranks`) are
-    needed only when ``config.reselect > 0``.
+    ``steps_per_epoch`` sets the default interval. ``rank_spec`` (the
+    :class:`cstar.lowrank.RankSpec` ``plan`` was made for) is needed only when
+    ``config.reselect > 0``.
     """
 
     def __init__(self, model: nn.Module, plan: RankPlan, config: ADMMConfig, steps_per_epoch: int,
-                 select_kwargs: dict | None = None) -> None:
-        if config.reselect and select_kwargs is None:
-            raise CstarError("ADMM rank re-selection needs the select_ranks arguments (select_kwargs)")
-        self.config, self.select_kwargs = config, select_kwargs
+                 rank_spec: RankSpec | None = None) -> None:
+        if config.reselect and rank_spec is None:
+            raise CstarError("ADMM rank re-selection needs the RankSpec the plan was made for: pass rank_spec")
+        self.config, self.rank_spec = config, rank_spec
         self.device = next(model.parameters()).device
         self.interval = config.interval or steps_per_epoch
         self.rho = config.rho
@@ -188,7 +188,7 @@ class ADMM(TrainHook):
     def _reselect(self, model: nn.Module) -> None:
         """New global ranks from the current weights; a newly compressed layer's dual starts at 0
         (every Z is recomputed by the Z-step that follows)."""
-        self._set_plan(model, distributed.broadcast_object(select_ranks(model, **self.select_kwargs)))
+        self._set_plan(model, distributed.broadcast_object(select_ranks(model, self.rank_spec)))
         self.U = {n: self.U.get(n, torch.zeros_like(w)) for n, w in self._weights(model).items()}
 
     def after_epoch(self, model: nn.Module, record: dict) -> None:

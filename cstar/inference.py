@@ -9,6 +9,8 @@
   saved with :func:`cstar.serialize.save`.
 - :func:`optimize_for_inference`: BN folding, channels-last memory format and
   ``torch.compile``, each optional.
+- :func:`folded_or_same`: BN folded where it can be, else the model itself
+  (what evaluation and export use).
 """
 
 from __future__ import annotations
@@ -77,6 +79,19 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         parent, _, key = bn_name.rpartition(".")
         folded.get_submodule(parent)._modules[key] = nn.Identity()
     return folded
+
+
+def folded_or_same(model: nn.Module) -> nn.Module:
+    """An eval copy of ``model`` with BatchNorm folded, or ``model`` itself when it has no BatchNorm or cannot be
+    traced or copied (quietly: the caller gets the same outputs, only slower)."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fold_batchnorm(model)
+    except Exception:  # noqa: BLE001  (deepcopy and fx raise many types)
+        return model
 
 
 def optimize_for_inference(

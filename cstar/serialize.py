@@ -40,11 +40,12 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from ._errors import CstarError
 from ._io import atomic_write_bytes, state_mismatch, write_json
+from .inference import folded_or_same
 from .lowrank._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
-from .models import Normalize, create, list_models
+from .models import Normalize, create, list_models, input_shape as models_input_shape
 from .models._external import is_external
 
 FORMAT = "cstar-model"
@@ -480,14 +481,14 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
 def _input_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
     if input_shape is not None:
         return tuple(int(v) for v in input_shape)
-    config = getattr(model, "cstar_config", None)
-    if isinstance(config, dict) and "in_channels" in config and "input_size" in config:
-        return (config["in_channels"], config["input_size"], config["input_size"])
+    shape = models_input_shape(model)
+    if shape is not None:
+        return shape
     raise CstarError("export needs the input shape of this model: pass input_shape=(C, H, W)")
 
 
 def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx",
-           input_shape: tuple[int, ...] | None = None, opset: int | None = None) -> Path:
+           input_shape: tuple[int, ...] | None = None, opset: int | None = None, fold_bn: bool = True) -> Path:
     """Export ``model`` (a copy, in eval mode) to the file ``path``; returns the path.
 
     ``format`` "torchscript" traces with ``torch.jit.trace``; "onnx" uses torch's
@@ -495,6 +496,9 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx",
     package, not ``onnxscript``), with a dynamic batch dimension, input named
     "input" and output "logits"; ``opset`` defaults to torch's choice.
     ``input_shape`` (C, H, W) defaults to ``cstar_config``'s channels and size.
+    ``fold_bn`` (default True): BatchNorm folded into the convs before export
+    (:func:`cstar.inference.folded_or_same`; the same outputs within float
+    rounding, fewer nodes for runtimes that do not fold it themselves).
     """
     if format not in ("onnx", "torchscript"):
         raise CstarError(f"unknown export format {format!r}: choose 'onnx' or 'torchscript'")
@@ -504,7 +508,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx",
     if format == "onnx" and importlib.util.find_spec("onnx") is None:
         raise CstarError("ONNX export needs the onnx package: pip install 'cstar[export]' (or pip install onnx)")
     shape = _input_shape(model, input_shape)
-    model = copy.deepcopy(model).eval()
+    model = copy.deepcopy(folded_or_same(model) if fold_bn else model).eval()
     device = next(iter(model.parameters()), torch.empty(0)).device
     example = torch.rand(1, *shape, device=device)
     buffer = io.BytesIO()

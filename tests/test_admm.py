@@ -7,7 +7,7 @@ import torch.nn as nn
 from cstar import data
 from cstar._errors import CstarError
 from cstar.admm import ADMM, ADMMConfig, project
-from cstar.lowrank import decompose, select_ranks
+from cstar.lowrank import RankSpec, decompose, select_ranks
 from cstar.train import TrainConfig, fit
 
 
@@ -148,7 +148,7 @@ def test_state_round_trip(setup):
 def test_reselection_replans_from_current_weights(setup):
     model, plan = setup
     kwargs = {"ratio": 6.0, "input_shape": (1, 8, 8)}
-    admm = ADMM(model, plan, ADMMConfig(reselect=1), steps_per_epoch=10, select_kwargs=kwargs)
+    admm = ADMM(model, plan, ADMMConfig(reselect=1), steps_per_epoch=10, rank_spec=RankSpec(**kwargs))
     with torch.no_grad():
         model.fc1.weight.mul_(torch.linspace(0.01, 1, 512))  # reshape the spectrum
     admm.z_step(model, 10)

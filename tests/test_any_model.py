@@ -13,7 +13,7 @@ from torch import nn
 
 import cstar
 from cstar import CstarError, data
-from cstar.compress import CompressConfig
+from cstar._compress import CompressConfig
 from cstar.lowrank import Tucker2Conv2d, decompose, select_ranks
 from cstar.prune import magnitude_prune
 from cstar.serialize import load, save

@@ -7,7 +7,7 @@ import torch
 
 from cstar import data, models
 from cstar.cli import main
-from cstar.compare import METHODS, CompareConfig, batch1_latencies_ms, compare
+from cstar._compare import METHODS, CompareConfig, batch1_latencies_ms, compare
 from cstar.serialize import load
 from cstar.train import TrainConfig
 from cstar._errors import CstarError
@@ -220,7 +220,7 @@ def test_a_resume_asking_for_autoattack_adds_it_to_finished_cells_only(digits, f
         calls.append(config.autoattack_n)
         return {"accuracy": 0.5, "subset": f"first {config.autoattack_n} examples"}
 
-    monkeypatch.setattr(sys.modules["cstar.compare"], "_autoattack", fake_autoattack)
+    monkeypatch.setattr(sys.modules["cstar._compare"], "_autoattack", fake_autoattack)
     per_example = {p: p.stat().st_mtime_ns for p in (finished_copy / "cells").glob("*/per_example.json")}
     after = compare(dense_model(train_set), train_set, test_set, config(autoattack_n=20), finished_copy,
                     val_size=200)["cells"]

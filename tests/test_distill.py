@@ -11,8 +11,8 @@ from torch import nn
 
 import cstar
 from cstar import CstarError, data
-from cstar.compare import CompareConfig
-from cstar.compress import CompressConfig
+from cstar._compare import CompareConfig
+from cstar._compress import CompressConfig
 from cstar.train import TrainConfig, _training_loss, fit
 
 

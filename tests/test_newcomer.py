@@ -433,7 +433,7 @@ def test_clean_training_without_the_check_needs_no_eps():
 
 def test_the_compression_phases_take_the_eps_of_the_training_data():
     from cstar._phases import with_data_eps
-    from cstar.compress import CompressConfig
+    from cstar._compress import CompressConfig
 
     config = with_data_eps(CompressConfig(), data.DATASETS["fashion_mnist"], ("dense", "admm_train", "finetune"))
     assert config.dense.eps == config.admm_train.eps == config.finetune.eps == pytest.approx(0.1)

@@ -138,9 +138,9 @@ class _KilledAfter(Exception):
 def test_a_killed_evaluation_resumes_after_its_last_batch_with_the_same_result(tmp_path, monkeypatch, per_example):
     import importlib
 
-    from cstar.evaluate import evaluate
+    from cstar._evaluate import evaluate
 
-    evaluate_module = importlib.import_module("cstar.evaluate")  # the module, not the function cstar.evaluate
+    evaluate_module = importlib.import_module("cstar._evaluate")
 
     test_set = data.load("digits", split="test")
     model = _tiny()
@@ -171,7 +171,7 @@ def test_a_killed_evaluation_resumes_after_its_last_batch_with_the_same_result(t
 
 def _resume_from_counts_only_progress(tmp_path, saved_eps: float, **options) -> None:
     """Resume a clean evaluation (eps 0.1, batch 64) from saved progress of one batch, counts only, at ``saved_eps``."""
-    from cstar.evaluate import evaluate
+    from cstar._evaluate import evaluate
 
     out = tmp_path / "eval.json"
     out.with_name("eval.json.partial").write_text(json.dumps(

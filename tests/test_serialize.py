@@ -195,6 +195,18 @@ def test_export_onnx_runs_in_onnxruntime_with_any_batch_size(tmp_path):
         assert torch.allclose(torch.from_numpy(got), model(x), atol=1e-4, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("fold_bn, bn_calls", [(True, 0), (False, 21)])
+def test_export_folds_batchnorm_unless_asked_not_to(tmp_path, fold_bn, bn_calls):
+    model = randomise_bn(factorised_resnet20())
+    loaded = torch.jit.load(str(export(model, tmp_path / "m.pt", format="torchscript", fold_bn=fold_bn)))
+    calls = [node.kind() for node in loaded.inlined_graph.nodes()]
+    assert calls.count("aten::batch_norm") == bn_calls
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-4, rtol=0)
+
+
 def test_export_of_a_model_without_config_needs_input_shape(tmp_path):
     with pytest.raises(CstarError, match="input_shape"):
         export(_sequential(), tmp_path / "m.pt", format="torchscript")

@@ -16,11 +16,11 @@ from .. import data, distributed
 from .._errors import CstarError
 from .._io import prepare_run_dir, save_checkpoint, write_json
 from ..counting import count_flops, count_params, format_table, layer_table
-from ..evaluate import evaluate, format_results
+from .._evaluate import evaluate, format_results
 from ..train import fit
 from . import _inputs as inputs
 from . import _runs as runs
-from ._options import names, numbers, phase_config, plan_kwargs, require, train_config
+from ._options import names, numbers, phase_config, rank_spec, require, train_config
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -111,7 +111,7 @@ def cmd_ranks(args: argparse.Namespace) -> int:
     from ..lowrank import select_ranks
 
     torch.manual_seed(0)
-    plan = select_ranks(inputs.model_for_planning(args), **plan_kwargs(args))
+    plan = select_ranks(inputs.model_for_planning(args), rank_spec(args))
     print(plan.table())
     if args.json:
         plan.save(args.json)
@@ -124,7 +124,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     from ..serialize import save
 
     model = inputs.load_model(args.checkpoint, named=args.model)
-    plan = RankPlan.load(args.plan) if args.plan else select_ranks(model, **plan_kwargs(args))
+    plan = RankPlan.load(args.plan) if args.plan else select_ranks(model, rank_spec(args))
     factorised = decompose(model, plan, n_iter=args.n_iter)
     out = save(factorised, args.out)
     print(plan.table())
@@ -138,7 +138,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not args.force:
         raise CstarError(f"{args.out} already exists: pass --force to overwrite it, or choose another --out")
     model = inputs.load_model(args.checkpoint, named=args.model)
-    path = export(model, args.out, format=args.format, input_shape=inputs.input_shape(model))
+    path = export(model, args.out, format=args.format, input_shape=inputs.input_shape(model),
+                  fold_bn=not args.no_fold_bn)
     print(f"{args.format} model written to {path}")
     return 0
 
@@ -153,7 +154,7 @@ def _common_phase_settings(args: argparse.Namespace, eps: float) -> dict:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from ..admm import ADMMConfig
-    from ..compress import CompressConfig, check_plan, compress
+    from .._compress import CompressConfig, check_plan, compress
 
     device = runs.device(args.device)
     train_set, test_set, eps = inputs.train_and_test(args)
@@ -186,7 +187,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..admm import ADMMConfig
-    from ..compare import CompareConfig, compare
+    from .._compare import CompareConfig, compare
 
     device = runs.device(args.device)
     train_set, test_set, eps = inputs.train_and_test(args)

@@ -120,10 +120,10 @@ def run_config_beside(path: str) -> dict:
 
 def input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
     """(channels, height, width) of one input image, from the model's ``cstar_config``."""
-    cfg = getattr(model, "cstar_config", None)
-    if not cfg:
+    shape = models.input_shape(model)
+    if shape is None:
         raise CstarError("the model has no cstar_config, so its input shape is unknown: use a built-in model")
-    return (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+    return shape
 
 
 def model_for_planning(args: argparse.Namespace) -> torch.nn.Module:

@@ -18,6 +18,7 @@ import yaml
 
 from .. import _presets as presets
 from .._errors import CstarError
+from ..lowrank import RankSpec
 from ..train import TrainConfig
 from ._parser import build_parser, parse_eps
 from ._runs import NOT_SAVED, device_type
@@ -204,11 +205,11 @@ def model_kwargs(pairs: list[str]) -> dict:
     return out
 
 
-def plan_kwargs(args: argparse.Namespace) -> dict:
-    """The keywords of :func:`cstar.select_ranks` from the rank-plan options."""
+def rank_spec(args: argparse.Namespace) -> RankSpec:
+    """The :class:`cstar.lowrank.RankSpec` of the rank-plan options."""
     require(args, "ratio")
-    return {"ratio": args.ratio, "budget": args.budget, "flops_ratio": args.flops_ratio, "method": args.rank_method,
-            "exclude": names(args.exclude) or None, "multiple_of": args.multiple_of}
+    return RankSpec(args.ratio, budget=args.budget, flops_ratio=args.flops_ratio, method=args.rank_method,
+                    exclude=names(args.exclude) or None, multiple_of=args.multiple_of)
 
 
 def train_config(args: argparse.Namespace, eps: float) -> TrainConfig:

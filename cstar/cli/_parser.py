@@ -11,7 +11,8 @@ from fractions import Fraction
 
 import yaml
 
-from .. import __version__, data, models
+from .. import data, models
+from .._version import __version__
 from .._errors import CstarError
 from ..train import AMP_DTYPES, METHODS, OPTIMIZERS, SCHEDULES, TrainConfig
 
@@ -288,6 +289,8 @@ def _export(sub) -> None:
     x.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     x.add_argument("--out", required=True, help="output file (.onnx or .pt)")
     x.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    x.add_argument("--no-fold-bn", action="store_true",
+                   help="keep BatchNorm nodes (default: folded into the convs, the same outputs within rounding)")
     x.add_argument("--config", default=None)
 
 

@@ -2,6 +2,7 @@
 
 - :func:`mode_spectra`, :func:`tucker2`, :func:`tucker2_project`, :func:`svd_factors`,
   :func:`svd_project`: factorise or project one weight (``_tucker.py``).
+- :class:`RankSpec`: the target a plan must meet, validated once (``_spec.py``).
 - :func:`select_ranks` -> :class:`RankPlan` of :class:`LayerPlan`: the ranks of every
   layer for a target compression ratio (``_ranks.py``).
 - :func:`decompose`: a copy of a model with every planned layer replaced by its
@@ -12,9 +13,10 @@
 from ._decompose import decompose
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ._ranks import LayerPlan, RankPlan, select_ranks
+from ._spec import RankSpec
 from ._tucker import mode_spectra, svd_factors, svd_project, tucker2, tucker2_project
 
 __all__ = [
-    "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "Tucker2Conv2d", "decompose", "mode_spectra",
+    "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankSpec", "Tucker2Conv2d", "decompose", "mode_spectra",
     "select_ranks", "svd_factors", "svd_project", "tucker2", "tucker2_project",
 ]

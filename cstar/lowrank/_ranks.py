@@ -34,8 +34,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
-import numbers
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +44,11 @@ from torch import nn
 from .._errors import CstarError
 from .._io import write_json
 from ..counting import LayerStats, count_params, layer_table
+from ..models import input_shape as input_shape_of
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
+from ._spec import RankSpec
 from ._tucker import hosvd_energy, singular_energies
 
-_BUDGETS = ("params", "flops", "joint")
-_METHODS = ("global", "uniform")
 _BISECTION_STEPS = 60
 _ENERGY_FLOOR = 1e-12  # log(0) guard for a layer whose leading components carry no energy
 
@@ -288,13 +287,6 @@ def _survey(model: nn.Module, exclude: list[str] | None
     return candidates, excluded, skipped
 
 
-def _default_input_shape(model: nn.Module) -> tuple[int, int, int] | None:
-    cfg = getattr(model, "cstar_config", None)
-    if isinstance(cfg, dict) and "in_channels" in cfg and "input_size" in cfg:
-        return (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
-    return None
-
-
 def _positions(module: nn.Module, row: LayerStats | None) -> tuple[int, int]:
     """(input positions, output positions) summed over calls, from a ``layer_table`` row (None: never ran).
 
@@ -316,20 +308,6 @@ def _describe(name: str, module: nn.Module, positions: tuple[int, int] | None) -
                       hosvd_energy(weight).cpu().numpy(), bias, in_pos, out_pos)
     retained = _retained_svd(weight.reshape(weight.shape[0], weight.shape[1]))
     return _Layer(name, "svd", tuple(weight.shape), (len(retained) - 1,), retained, bias, in_pos, out_pos)
-
-
-def _check_ratio(what: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 1:
-        raise CstarError(
-            f"{what} must be a number > 1 (dense size / compressed size), got {value!r}; e.g. 16 for 16x"
-        )
-    return float(value)
-
-
-def _check_positive_int(what: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise CstarError(f"{what} must be an integer >= 1, got {value!r}")
-    return int(value)
 
 
 def _log_energy(layer: _Layer, ranks: tuple[int, ...] | None) -> float:
@@ -418,41 +396,46 @@ class _Allocator:
         return states
 
 
-def select_ranks(model: nn.Module, ratio: float, *, budget: str = "params", flops_ratio: float | None = None,
-                 input_shape: tuple[int, int, int] | None = None, method: str = "global",
-                 exclude: list[str] | None = None, min_rank: int = 1, multiple_of: int = 1) -> RankPlan:
+def select_ranks(model: nn.Module, ratio: float | RankSpec, *, budget: str = "params",
+                 flops_ratio: float | None = None, input_shape: tuple[int, int, int] | None = None,
+                 method: str = "global", exclude: list[str] | None = None, min_rank: int = 1,
+                 multiple_of: int = 1) -> RankPlan:
     """Choose the ranks of every compressible layer so that the whole model is ``ratio`` times smaller.
 
-    ``budget``: ``"params"`` (ratio on parameters), ``"flops"`` (ratio on MACs)
-    or ``"joint"`` (``ratio`` on parameters and ``flops_ratio`` on MACs at once).
-    ``input_shape`` (C, H, W) defaults to the model's ``cstar_config``; it is
-    required for the MACs budgets and otherwise only fills the MACs columns.
-    ``exclude`` names modules kept dense, with everything inside them (default:
-    the first conv and the last linear, the classifier). ``method``: ``"global"``
-    (maximal product of retained energy shares, see the module docstring) or
-    ``"uniform"``. Ranks are multiples of ``multiple_of`` (or ``min_rank``, or a
-    full mode size). The achieved ratio is >= the target and, for ``"global"``,
-    as close to it as the smallest rank step allows.
+    ``ratio`` is a number or a whole :class:`RankSpec` (then pass no other
+    setting); the keywords are the spec's fields. ``budget``: ``"params"``
+    (ratio on parameters), ``"flops"`` (ratio on MACs) or ``"joint"``
+    (``ratio`` on parameters and ``flops_ratio`` on MACs at once).
+    ``input_shape`` (C, H, W) defaults to the model's own
+    (:func:`cstar.models.input_shape`); it is required for the MACs budgets and
+    otherwise only fills the MACs columns. ``exclude`` names modules kept dense,
+    with everything inside them (default: the first conv and the last linear,
+    the classifier). ``method``: ``"global"`` (maximal product of retained
+    energy shares, see the module docstring) or ``"uniform"``. Ranks are
+    multiples of ``multiple_of`` (or ``min_rank``, or a full mode size). The
+    achieved ratio is >= the target and, for ``"global"``, as close to it as
+    the smallest rank step allows.
     """
     if not isinstance(model, nn.Module):
         raise CstarError(f"select_ranks needs an nn.Module, got {type(model).__name__}")
-    ratio = _check_ratio("ratio", ratio)
-    if budget not in _BUDGETS:
-        raise CstarError(f"unknown budget {budget!r}; choose one of: {', '.join(_BUDGETS)}")
-    if method not in _METHODS:
-        raise CstarError(f"unknown method {method!r}; choose one of: {', '.join(_METHODS)}")
-    if budget == "joint":
-        if flops_ratio is None:
-            raise CstarError("budget='joint' needs flops_ratio (the MACs ratio to meet beside ratio); pass it")
-        flops_ratio = _check_ratio("flops_ratio", flops_ratio)
-    elif flops_ratio is not None:
-        raise CstarError(f"flops_ratio is only used with budget='joint' (got budget={budget!r}); drop it or "
-                         "pass budget='joint'")
-    min_rank = _check_positive_int("min_rank", min_rank)
-    multiple_of = _check_positive_int("multiple_of", multiple_of)
-    if input_shape is not None and not isinstance(input_shape, (tuple, list)):
-        raise CstarError(f"input_shape must be a tuple (C, H, W), got {input_shape!r}")
-    shape = tuple(input_shape) if input_shape is not None else _default_input_shape(model)
+    keywords = {"budget": budget, "flops_ratio": flops_ratio, "input_shape": input_shape, "method": method,
+                "exclude": exclude, "min_rank": min_rank, "multiple_of": multiple_of}
+    if isinstance(ratio, RankSpec):
+        defaults = {f.name: f.default for f in fields(RankSpec) if f.name in keywords}
+        given = [k for k, v in keywords.items() if v != defaults[k]]
+        if given:
+            raise CstarError(f"select_ranks got a RankSpec and {', '.join(given)}: put every setting in the "
+                             "RankSpec (dataclasses.replace(spec, ...))")
+        spec = ratio
+    else:
+        spec = RankSpec(ratio, **keywords)
+    return _plan(model, spec)
+
+
+def _plan(model: nn.Module, spec: RankSpec) -> RankPlan:
+    ratio, budget, flops_ratio, method = spec.ratio, spec.budget, spec.flops_ratio, spec.method
+    exclude = None if spec.exclude is None else list(spec.exclude)
+    shape = spec.input_shape or input_shape_of(model)
     if shape is None and budget != "params":
         raise CstarError(f"budget={budget!r} counts MACs, which needs input_shape=(C, H, W); the model has no "
                          "cstar_config to take it from: pass input_shape")
@@ -471,11 +454,11 @@ def select_ranks(model: nn.Module, ratio: float, *, budget: str = "params", flop
     targets = {"params": (ratio,), "flops": (ratio,), "joint": (ratio, flops_ratio)}[budget]
     fixed = {m: dense[m] - sum(getattr(layer, f"dense_{m}") for layer in layers) for m in measures}
     limits = tuple(dense[m] / t - fixed[m] for m, t in zip(measures, targets))
-    allocator = _Allocator(layers, measures, limits, min_rank, multiple_of)
+    allocator = _Allocator(layers, measures, limits, spec.min_rank, spec.multiple_of)
 
     smallest = allocator.at_fraction(0.0)
     if not allocator.fits(smallest):
-        _raise_unreachable(allocator, smallest, dense, fixed, targets, excluded, exclude is None, min_rank)
+        _raise_unreachable(allocator, smallest, dense, fixed, targets, excluded, exclude is None, spec.min_rank)
     states = allocator.greedy() if method == "global" else allocator.uniform()
 
     plans = {}

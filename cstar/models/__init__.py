@@ -10,6 +10,6 @@ through a factory name: ``package.module:factory``, ``torchvision:NAME`` or
 
 from . import _preact, _resnet, _small_cnn, _vgg  # noqa: F401  (importing registers the builders)
 from ._layers import Normalize
-from ._registry import create, list_models, register
+from ._registry import create, input_shape, list_models, register
 
-__all__ = ["Normalize", "create", "list_models", "register"]
+__all__ = ["Normalize", "create", "input_shape", "list_models", "register"]

@@ -126,3 +126,12 @@ def create(
     )
     model.cstar_config = {**common, **options}
     return model
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    """(channels, height, width) of one input image of a model :func:`create` built (read from its
+    ``cstar_config``); None for any other model (then pass the shape where it is asked for)."""
+    config = getattr(model, "cstar_config", None)
+    if isinstance(config, dict) and "in_channels" in config and "input_size" in config:
+        return (config["in_channels"], config["input_size"], config["input_size"])
+    return None

@@ -13,7 +13,8 @@
 """
 
 from ._budget import ChannelPlan, select_channels
-from ._graph import ChannelGroup, find_groups
+from ._find import find_groups
+from ._group import ChannelGroup
 from ._hydra import ScoredModel, hydra_prune, learn_channel_scores, robust_prune
 from ._magnitude import channel_scores, magnitude_plan, magnitude_prune
 from ._surgery import ChannelMask, keep_masks, prune_channels

@@ -29,8 +29,8 @@ from torch import nn
 
 from .._errors import CstarError
 from ..counting import count_params
-from ..lowrank._ranks import _check_positive_int, _check_ratio
-from ._graph import ChannelGroup
+from .._checks import check_positive_int, check_ratio
+from ._group import ChannelGroup
 
 
 @dataclass
@@ -142,8 +142,8 @@ def select_channels(model: nn.Module, groups: Sequence[ChannelGroup], scores: Ma
     ranking. Raises :class:`CstarError` for ``ratio <= 1``, a model with
     nothing prunable, or a ratio that even ``min_channels`` per group misses.
     """
-    ratio = _check_ratio("ratio", ratio)
-    min_channels = _check_positive_int("min_channels", min_channels)
+    ratio = check_ratio("ratio", ratio)
+    min_channels = check_positive_int("min_channels", min_channels)
     cost = CostModel(model, groups)
     if not cost.groups:
         reasons = sorted({g.reason for g in groups if not g.prunable})

@@ -1,6 +1,6 @@
 """Channel dependency groups: which layers must shrink together when channels are removed.
 
-:func:`find_groups` traces a model with ``torch.fx`` (plus one eval-mode
+:func:`cstar.prune.find_groups` traces a model with ``torch.fx`` (plus one eval-mode
 forward of a random batch of 2 for the shapes) and follows every tensor's
 channel dimension (dim 1) from the layer that produced it to every layer that
 reads it. A *group* is one channel space: the convs/linears whose output
@@ -27,7 +27,6 @@ from __future__ import annotations
 import builtins
 import math
 import operator
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -39,8 +38,7 @@ from .._errors import CstarError
 from ..counting import _dummy_input, eval_mode
 from ..lowrank._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ..models import Normalize
-
-GRAPHS = ("fx", "torch_pruning")
+from ._group import ChannelGroup
 
 #: Modules that keep channel c in channel c (exact classes).
 _PASS_MODULES = (
@@ -62,30 +60,6 @@ _RESHAPES = {torch.flatten, torch.reshape}
 _RESHAPE_METHODS = {"flatten", "view", "reshape"}
 _SHAPE_QUERIES = {"size", "dim"}
 _OPAQUE_LEAVES = (Normalize, Tucker2Conv2d, LowRankConv1x1, LowRankLinear)
-
-
-@dataclass
-class ChannelGroup:
-    """One group of coupled channels (see the module docstring).
-
-    ``channels``: the group's size. ``producers``/``norms``/``consumers``:
-    dotted module names (``model.get_submodule``), in forward order.
-    ``expand[name]``: features per channel of a consumer or norm behind a
-    flatten of (C, H, W) (H*W; absent means 1). ``bn_after[producer]``: the
-    BatchNorm that reads that producer's output directly, if any.
-    ``prunable`` is False when the group must keep all its channels, with the
-    ``reason``.
-    """
-
-    id: int
-    channels: int
-    producers: tuple[str, ...]
-    norms: tuple[str, ...]
-    consumers: tuple[str, ...]
-    prunable: bool
-    reason: str = ""
-    expand: dict[str, int] = field(default_factory=dict)
-    bn_after: dict[str, str] = field(default_factory=dict)
 
 
 class _Tracer(fx.Tracer):
@@ -126,19 +100,6 @@ class _Spaces:
     def block(self, i: int, reason: str) -> None:
         root = self.find(i)
         self.reason[root] = self.reason[root] or reason
-
-
-def default_input_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
-    """``input_shape`` as a tuple, else (in_channels, input_size, input_size) from ``cstar_config``."""
-    if input_shape is not None:
-        if not isinstance(input_shape, (tuple, list)):
-            raise CstarError(f"input_shape must be a tuple (C, H, W), got {input_shape!r}")
-        return tuple(input_shape)
-    config = getattr(model, "cstar_config", None)
-    if isinstance(config, dict) and "in_channels" in config and "input_size" in config:
-        return (config["in_channels"], config["input_size"], config["input_size"])
-    raise CstarError(f"{type(model).__name__} has no cstar_config to take its input shape from: pass "
-                     "input_shape=(C, H, W)")
 
 
 def _trace(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
@@ -369,25 +330,8 @@ def _collect(walk: _Walk) -> list[ChannelGroup]:
     return groups
 
 
-def find_groups(model: nn.Module, input_shape: tuple[int, ...] | None = None, graph: str = "fx"
-                ) -> list[ChannelGroup]:
-    """The channel groups of ``model`` (prunable or not), ids 0, 1, ... in forward order.
-
-    ``input_shape`` (C, H, W) defaults to the model's ``cstar_config``.
-    ``graph="fx"`` uses the torch.fx analysis of this module; ``"torch_pruning"``
-    uses Torch-Pruning's dependency graph (optional extra ``cstar[pruning]``).
-    The model is not changed. Raises :class:`CstarError` for a model that
-    cannot be traced.
-    """
-    if not isinstance(model, nn.Module):
-        raise CstarError(f"channel pruning needs an nn.Module, got {type(model).__name__}")
-    if graph not in GRAPHS:
-        raise CstarError(f"unknown graph {graph!r}: choose one of {', '.join(GRAPHS)}")
-    shape = default_input_shape(model, input_shape)
-    if graph == "torch_pruning":
-        from ._torch_pruning import find_groups_tp
-
-        return find_groups_tp(model, shape)
+def fx_groups(model: nn.Module, shape: tuple[int, ...]) -> list[ChannelGroup]:
+    """The channel groups of ``model`` by this module's torch.fx analysis (see :func:`find_groups`)."""
     walk = _Walk(_trace(model, shape))
     walk.run()
     return _collect(walk)

@@ -26,7 +26,7 @@ from .._errors import CstarError, check_options
 from ..counting import count_params
 from ..train import TrainConfig, fit
 from ._budget import normalise_scores
-from ._graph import ChannelGroup
+from ._group import ChannelGroup
 from ._magnitude import channel_scores, magnitude_plan, magnitude_prune
 from ._surgery import ChannelMask, prune_channels
 

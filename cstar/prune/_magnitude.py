@@ -9,7 +9,8 @@ from torch import nn
 
 from .._errors import CstarError
 from ._budget import ChannelPlan, select_channels
-from ._graph import ChannelGroup, find_groups
+from ._find import find_groups
+from ._group import ChannelGroup
 from ._surgery import prune_channels
 
 

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .._errors import CstarError
-from ._graph import ChannelGroup
+from ._find import find_groups
+from ._group import ChannelGroup
 
 Keep = Mapping[int, "torch.Tensor | Sequence[int]"]
 
@@ -123,8 +124,6 @@ def prune_channels(model: nn.Module, keep: Keep, groups: Sequence[ChannelGroup] 
     model's class and forward, is unchanged. ``groups`` defaults to
     ``find_groups(model, input_shape)``. ``model`` itself is not modified.
     """
-    from ._graph import find_groups
-
     groups = find_groups(model, input_shape) if groups is None else groups
     keep = check_keep(groups, keep)
     pruned = copy.deepcopy(model)

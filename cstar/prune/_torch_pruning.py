@@ -20,7 +20,7 @@ from torch import nn
 
 from .._errors import CstarError
 from ..counting import _dummy_input, eval_mode
-from ._graph import ChannelGroup
+from ._group import ChannelGroup
 
 _LAYERS = (nn.Conv2d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)

@@ -38,8 +38,8 @@ from ._phases import (PhaseLedger, check_dense_not_distilled, settings_from_dict
 from ._precision import full_float32
 from .admm import ADMM, ADMMConfig
 from .counting import count_flops, count_params
-from .evaluate import evaluate
-from .lowrank import RankPlan, decompose, select_ranks
+from ._evaluate import evaluate
+from .lowrank import RankPlan, RankSpec, decompose, select_ranks
 from .report import write_report
 from .serialize import save
 from .train import TrainConfig
@@ -95,10 +95,10 @@ class CompressConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def select_kwargs(self) -> dict:
-        return {"ratio": self.ratio, "budget": self.budget, "flops_ratio": self.flops_ratio,
-                "method": self.rank_method, "exclude": self.exclude, "min_rank": self.min_rank,
-                "multiple_of": self.multiple_of}
+    def rank_spec(self) -> RankSpec:
+        """The rank-plan target of these settings (validated)."""
+        return RankSpec(self.ratio, budget=self.budget, flops_ratio=self.flops_ratio, method=self.rank_method,
+                        exclude=self.exclude, min_rank=self.min_rank, multiple_of=self.multiple_of)
 
 
 def check_plan(model: nn.Module, config: CompressConfig) -> None:
@@ -107,7 +107,7 @@ def check_plan(model: nn.Module, config: CompressConfig) -> None:
     The ranks themselves are chosen later, from the trained dense weights;
     reachability depends only on the layers' shapes.
     """
-    select_ranks(model, **config.select_kwargs())
+    select_ranks(model, config.rank_spec())
 
 
 def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_dir: str | Path, *,
@@ -150,7 +150,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         plan = RankPlan.load(out / "plan.json")
     else:
         t0 = time.perf_counter()
-        plan = distributed.broadcast_object(select_ranks(model, **config.select_kwargs()) if main else None)
+        plan = distributed.broadcast_object(select_ranks(model, config.rank_spec()) if main else None)
         if main:
             plan.save(out / "plan.json")
         phases.finish("ranks", seconds=round(time.perf_counter() - t0, 2), ratio=plan.ratio,
@@ -161,7 +161,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     # 3. ADMM
     steps_per_epoch = len(training_loader(train_part, config.admm_train, "cpu", seed))  # counted, not moved
     admm = ADMM(model, plan, config.admm, steps_per_epoch,
-                select_kwargs=config.select_kwargs() if config.admm.reselect else None)
+                rank_spec=config.rank_spec() if config.admm.reselect else None)
     if "admm" in phases.done:
         state = load_checkpoint(out / "admm.pt", map_location=device)
         model.load_state_dict(state["model"])

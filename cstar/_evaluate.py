@@ -14,7 +14,6 @@ import json
 import math
 import statistics
 import time
-import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -25,7 +24,7 @@ from . import attacks, distributed
 from .data import make_loader
 from ._errors import CstarError
 from ._io import write_json
-from .inference import fold_batchnorm
+from .inference import folded_or_same
 
 DEFAULT_ATTACKS = ("clean", "pgd20")
 
@@ -86,18 +85,6 @@ def _shard(data, n: int | None, batch_size: int, device: torch.device):
     return data, n, False
 
 
-def _folded(model: nn.Module) -> nn.Module:
-    """``model`` (in eval mode) with BatchNorm folded into its convs, or ``model`` itself when nothing folds."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return model
-    try:  # a model fold_batchnorm cannot trace or copy is evaluated as it is: the same accuracies, slower
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fold_batchnorm(model)
-    except Exception:  # noqa: BLE001
-        return model
-
-
 def subset_label(n: int | None, total: int) -> str:
     """How a result names the test examples it used: ``total`` of them, the first ``n`` asked for (None: all)."""
     return f"first {total} examples" if n is not None else f"all {total} examples"
@@ -145,7 +132,7 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    target = _folded(model) if fold_bn else model
+    target = folded_or_same(model) if fold_bn else model
     correct = dict.fromkeys(labels, 0)
     hits = {k: "" for k in labels}  # filled only with per_example
     seconds = dict.fromkeys(labels, 0.0)

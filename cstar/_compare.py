@@ -4,15 +4,9 @@ Every method starts from the same dense robust model and gets the same
 adversarial training after it: a first phase of ``search.epochs`` epochs with
 the ``search`` settings, then ``finetune.epochs`` epochs with the ``finetune``
 settings (same attack, optimiser and schedules for all). What the first phase
-trains is the method's own:
-
-- ``cstar``: ADMM adversarial training under the rank constraints, then the
-  exact decomposition (:func:`cstar.compress`);
-- ``hydra``: channel scores on the adversarial loss with the weights frozen
-  (structured HYDRA), then the physical removal of the lowest-scored channels;
-- ``magnitude``: global channel pruning by filter norm first, then the weights;
-- ``lowrank_global`` / ``lowrank_uniform``: decomposition of the dense model with
-  global / uniform ranks first (no ADMM), then the factorised weights.
+trains is the method's own: each method is a function of
+:mod:`cstar.compressors` (``cstar``, ``hydra``, ``magnitude``,
+``lowrank_global``, ``lowrank_uniform``, and any registered there).
 
 ``dense`` is the starting model itself (ratio 1). Each (method, ratio) cell
 lives in ``<out>/cells/<method>-<ratio>x/`` and is done when its
@@ -41,20 +35,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import attacks, distributed, prune
+from . import attacks, compressors, distributed
 from ._errors import CstarError
 from ._io import atomic_write_bytes, atomic_write_text, write_json
-from ._phases import (check_dense_not_distilled, settings_from_dict, split_held_out, train_phase, training_loader,
-                      training_seconds, with_data_eps)
+from ._phases import check_dense_not_distilled, settings_from_dict, split_held_out, train_phase, with_data_eps
 from .admm import ADMMConfig
-from .compress import CompressConfig, compress
 from .counting import count_flops, count_params
-from .evaluate import evaluate, subset_label
-from .lowrank import decompose, select_ranks
+from ._evaluate import evaluate, subset_label
 from .serialize import load, save
 from .train import TrainConfig
 
-METHODS = ("dense", "cstar", "hydra", "magnitude", "lowrank_global", "lowrank_uniform")
+METHODS = ("dense", *compressors.names())  # the built-in methods; compressors.names() has any registered later
 
 
 @dataclass
@@ -85,11 +76,9 @@ class CompareConfig:
     latency_runs: int = 50
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.methods) - set(METHODS))
-        if unknown:
-            raise CstarError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+        compressors.check_names(sorted(set(self.methods), key=str), allow_dense=True)
         if not self.methods:
-            raise CstarError(f"no method to compare: choose from {', '.join(METHODS)}")
+            raise CstarError(f"no method to compare: choose from dense, {', '.join(compressors.names())}")
         check_dense_not_distilled(self.dense, "search or finetune")
         bad = [r for r in self.ratios if not r > 1]
         if bad or not self.ratios:
@@ -113,48 +102,10 @@ def cell_name(method: str, ratio: float) -> str:
     return "dense" if method == "dense" else f"{method}-{ratio:g}x"
 
 
-def _train(model: nn.Module, train_part, val, settings: TrainConfig, out_dir: Path, seed: int,
-           teacher: nn.Module | None = None) -> float:
-    """:func:`cstar._phases.train_phase`, resumable from ``out_dir``; returns its training seconds."""
-    name = f"{out_dir.parent.name} {out_dir.name}"  # e.g. "magnitude-4x search"
-    return round(train_phase(model, train_part, val, settings, out_dir, resume=True, seed=seed, name=name,
-                             teacher=teacher)[1], 1)
-
-
 def _load_cell(cell: Path, dense: nn.Module) -> nn.Module:
     """The model a cell saved in ``cell/model``; a copy of ``dense`` is the fresh instance that a model of a
     class cstar cannot build is replayed on (see :func:`cstar.load`)."""
     return load(cell / "model", model=copy.deepcopy(dense))
-
-
-def _compress_cell(method: str, ratio: float, dense: nn.Module, train_set, train_part, val, config: CompareConfig,
-                   cell: Path, seed: int) -> tuple[nn.Module, dict]:
-    """The compressed and trained model of one cell, and the training seconds of its two phases (summed over
-    their epochs, so that a resumed cell counts the epochs before the resume too)."""
-    model = copy.deepcopy(dense)
-    device = next(dense.parameters()).device
-    if method == "cstar":
-        settings = CompressConfig(ratio=ratio, admm_train=config.search, finetune=config.finetune, admm=config.admm,
-                                  eval_phases=[])
-        phases = compress(model, train_set, None, settings, cell / "cstar", pretrained=True, resume=True,
-                          val_size=len(train_set) - len(train_part), seed=seed)["phases"]
-        seconds = {"search": phases["admm"]["seconds"], "finetune": phases["finetune"]["seconds"]}
-        return _load_cell(cell / "cstar", dense).to(device), seconds
-    if method == "hydra":  # the first phase learns the channel scores (weights frozen), then removes channels
-        model = prune.hydra_prune(model, training_loader(train_part, config.search, device, seed), ratio, config.search,
-                                  val=val, out_dir=cell / "search", resume=True, teacher=dense)
-        log = cell / "search" / "metrics.jsonl"  # rank 0's; other nodes may not see it (their figure is unused)
-        history = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-        seconds = {"search": round(training_seconds(history), 1)}
-    else:  # the first phase trains the weights of the compressed model
-        if method == "magnitude":
-            model = prune.magnitude_prune(model, ratio)
-        else:
-            model = decompose(model, select_ranks(model, ratio, method=method.removeprefix("lowrank_")))
-        model = model.to(device)
-        seconds = {"search": _train(model, train_part, val, config.search, cell / "search", seed, dense)}
-    seconds["finetune"] = _train(model, train_part, val, config.finetune, cell / "finetune", seed, dense)
-    return model, seconds
 
 
 @torch.inference_mode()
@@ -201,9 +152,7 @@ def _settings_record(settings: TrainConfig | ADMMConfig) -> dict:
 
 def _training_settings(method: str, config: CompareConfig, seed: int) -> dict:
     """What a cell's model depends on besides the dense model: its phases' settings and the seed."""
-    phases = {"search": _settings_record(config.search), "finetune": _settings_record(config.finetune)}
-    if method == "cstar":
-        phases["admm"] = _settings_record(config.admm)
+    phases = {key: _settings_record(getattr(config, key)) for key in compressors.settings_of(method)}
     return {**phases, "seed": seed}
 
 
@@ -321,7 +270,8 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
     input_shape = tuple(train_set.spec.image_shape)
     train_part, val = split_held_out(train_set, val_size, device)
     if not pretrained:
-        _train(dense, train_part, val, config.dense, out / "dense_train", seed)
+        train_phase(dense, train_part, val, config.dense, out / "dense_train", resume=True, seed=seed,
+                    name=f"{out.name} dense_train")
     dense_size = (count_params(dense), count_flops(dense, input_shape))
 
     cells = {}
@@ -354,7 +304,8 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
             if method == "dense":
                 model, seconds = copy.deepcopy(dense), {}
             else:
-                model, seconds = _compress_cell(method, ratio, dense, train_set, train_part, val, config, cell, seed)
+                model, seconds = compressors.get(method)(compressors.Cell(
+                    dense, ratio, train_set, train_part, val, config.search, config.finetune, config.admm, cell, seed))
             figures, per_example = _measure(model, dense_size, test_set, config, eps, input_shape)
             row = {"method": method, "target_ratio": ratio, "train_seconds": seconds,
                    **({} if training is None else {"training": training}), **figures}
@@ -390,7 +341,9 @@ def format_comparison(results: dict) -> str:
             "batch-1 latency (ms, 1 thread)", "train (s)"]
     lines = [f"Training budget: {results['budget']}.", f"L-inf eps {results['eps']:.4g}; accuracy in %.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for c in sorted(cells, key=lambda c: (c["target_ratio"], METHODS.index(c["method"]))):
+    order = ("dense", *compressors.names())
+    for c in sorted(cells, key=lambda c: (c["target_ratio"], order.index(c["method"]) if c["method"] in order
+                                          else len(order))):
         aa = c.get("autoattack")
         lines.append("| " + " | ".join([
             c["method"], f"{c['target_ratio']:g}x", f"{c['params']:,}", f"{c['params_ratio']:.2f}x",
@@ -419,7 +372,7 @@ def _plot(out: Path, results: dict) -> None:
     labels = sorted({k for c in cells for k in c["accuracy"]}, key=lambda k: (k != "clean", k))
     fig, axes = plt.subplots(1, len(labels), figsize=(5 * len(labels), 4), squeeze=False)
     for ax, label in zip(axes[0], labels):
-        for method in METHODS:
+        for method in dict.fromkeys(c["method"] for c in cells):
             points = sorted((c["params_ratio"], 100 * c["accuracy"][label]) for c in cells
                             if c["method"] == method and label in c["accuracy"])
             if points:

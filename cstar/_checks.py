@@ -1,0 +1,24 @@
+"""Checks of user-given numbers shared by the layers above (one line naming the value and the fix)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from ._errors import CstarError
+
+
+def check_ratio(what: str, value: object) -> float:
+    """``value`` as a float > 1, or one line naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 1:
+        raise CstarError(
+            f"{what} must be a number > 1 (dense size / compressed size), got {value!r}; e.g. 16 for 16x"
+        )
+    return float(value)
+
+
+def check_positive_int(what: str, value: object) -> int:
+    """``value`` as an int >= 1, or one line naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise CstarError(f"{what} must be an integer >= 1, got {value!r}")
+    return int(value)

@@ -1,0 +1,75 @@
+"""What a rank plan must meet: one typed, validated specification (:class:`RankSpec`).
+
+Taken by :func:`cstar.lowrank.select_ranks`, built once from
+:class:`cstar.CompressConfig` or the command line, and kept by ADMM for rank
+re-selection, so the path of a target ratio can be followed from the user to
+the plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .._checks import check_positive_int, check_ratio
+from .._errors import CstarError
+
+BUDGETS = ("params", "flops", "joint")
+ALLOCATIONS = ("global", "uniform")
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """The target of a rank plan; validated when built.
+
+    ``ratio``: whole-model dense / compressed size, > 1, on parameters
+    (``budget="params"``), MACs (``"flops"``), or parameters with
+    ``flops_ratio`` on MACs at once (``"joint"``). ``method``: ``"global"``
+    (energy-optimal allocation) or ``"uniform"`` (the same rank fraction
+    everywhere). ``exclude``: module names kept dense (None: the first conv and
+    the classifier). Ranks are at least ``min_rank`` and multiples of
+    ``multiple_of`` (CPU kernels like multiples of 8 or 16 channels).
+    ``input_shape`` (C, H, W) for counting MACs; None: the model's own.
+    """
+
+    ratio: float
+    budget: str = "params"
+    flops_ratio: float | None = None
+    method: str = "global"
+    exclude: tuple[str, ...] | None = None
+    min_rank: int = 1
+    multiple_of: int = 1
+    input_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise the fields once, here
+        set_(self, "ratio", check_ratio("ratio", self.ratio))
+        if self.budget not in BUDGETS:
+            raise CstarError(f"unknown budget {self.budget!r}; choose one of: {', '.join(BUDGETS)}")
+        if self.method not in ALLOCATIONS:
+            raise CstarError(f"unknown method {self.method!r}; choose one of: {', '.join(ALLOCATIONS)}")
+        if self.budget == "joint":
+            if self.flops_ratio is None:
+                raise CstarError("budget='joint' needs flops_ratio (the MACs ratio to meet beside ratio); pass it")
+            set_(self, "flops_ratio", check_ratio("flops_ratio", self.flops_ratio))
+        elif self.flops_ratio is not None:
+            raise CstarError(f"flops_ratio is only used with budget='joint' (got budget={self.budget!r}); drop it "
+                             "or pass budget='joint'")
+        set_(self, "min_rank", check_positive_int("min_rank", self.min_rank))
+        set_(self, "multiple_of", check_positive_int("multiple_of", self.multiple_of))
+        if self.exclude is not None:
+            if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(n, str) for n in self.exclude):
+                raise CstarError(f"exclude must be a list of module names, got {self.exclude!r}; "
+                                 "e.g. exclude=['conv1', 'fc']")
+            set_(self, "exclude", tuple(self.exclude))
+        if self.input_shape is not None:
+            if not isinstance(self.input_shape, (tuple, list)):
+                raise CstarError(f"input_shape must be a tuple (C, H, W), got {self.input_shape!r}")
+            set_(self, "input_shape", tuple(self.input_shape))
+
+    def to_dict(self) -> dict:
+        """Plain JSON values (lists for tuples)."""
+        out = asdict(self)
+        for key in ("exclude", "input_shape"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        return out

@@ -1,0 +1,79 @@
+"""The compressor registry: a method added in one function runs in compare like the built-in ones."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cstar import compressors, data
+from cstar._errors import CstarError
+from cstar._compare import CompareConfig, compare
+from cstar.counting import count_params
+from cstar.train import TrainConfig
+
+from test_compare import config, dense_model
+
+DESIGN = Path(__file__).resolve().parent.parent / "docs" / "DESIGN.md"
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The registry as shipped, restored after the test (registration is global)."""
+    monkeypatch.setattr(compressors, "_REGISTRY", dict(compressors._REGISTRY))
+    return compressors
+
+
+def design_example() -> str:
+    text = DESIGN.read_text()
+    section = text[text.index("## Adding a compression method"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_built_in_methods_are_registered_in_order():
+    assert compressors.names() == ("cstar", "hydra", "magnitude", "lowrank_global", "lowrank_uniform")
+    assert compressors.settings_of("cstar") == ("search", "finetune", "admm")
+    assert compressors.settings_of("magnitude") == ("search", "finetune")
+
+
+def test_the_design_example_runs_in_compare_beside_a_built_in_method(registry, tmp_path):
+    exec(compile(design_example(), str(DESIGN), "exec"), {})
+    assert "l1_channels" in registry.names()
+    train_set, test_set = data.load("digits", split="train"), data.load("digits", split="test")
+    dense = dense_model(train_set)
+    results = compare(dense, train_set, test_set, config(methods=["dense", "magnitude", "l1_channels"],
+                                                         latency_runs=0), tmp_path / "run", val_size=200)
+    cell = results["cells"]["l1_channels-4x"]
+    assert cell["params_ratio"] == pytest.approx(4.0, rel=0.05) and cell["params"] < count_params(dense) / 3.9
+    assert set(cell["train_seconds"]) == {"search", "finetune"}
+    assert set(cell["training"]) == {"search", "finetune", "seed"}
+    for phase in ("search", "finetune"):  # both phases trained (and are resumable) in the cell's directory
+        assert (tmp_path / "run" / "cells" / "l1_channels-4x" / phase / "metrics.jsonl").exists()
+    assert "l1_channels" in (tmp_path / "run" / "comparison.md").read_text()
+
+
+def test_a_method_not_registered_is_refused_naming_the_registry(registry):
+    with pytest.raises(CstarError, match=r"unknown method\(s\) snip: .*cstar\.compressors\.register"):
+        CompareConfig(methods=["dense", "snip"])
+
+
+@pytest.mark.parametrize("name, settings, message", [
+    ("magnitude", ("search", "finetune"), "already registered"),
+    ("dense", ("search", "finetune"), "other than 'dense'"),
+    ("two words", ("search", "finetune"), "use an identifier"),
+    ("mine", ("search", "warmup"), "unknown settings warmup"),
+])
+def test_bad_registrations_are_refused_in_one_line(registry, name, settings, message):
+    with pytest.raises(CstarError, match=message):
+        registry.register(name, settings=settings)(lambda cell: None)
+
+
+def test_a_cell_trains_a_phase_resumably_in_its_own_directory(tmp_path):
+    train_set = data.load("digits", split="train")
+    dense = dense_model(train_set)
+    settings = TrainConfig(epochs=1, method="clean", batch_size=64, check_size=0, progress=False)
+    cell = compressors.Cell(dense, 2.0, train_set, train_set, None, settings, settings, None, tmp_path / "m-2x", 0)
+    model = cell.fresh_copy()
+    seconds = cell.train(model, "finetune")
+    assert model is not dense and isinstance(seconds, float) and seconds > 0
+    assert (tmp_path / "m-2x" / "finetune" / "metrics.jsonl").exists()
+    assert any((a != b).any() for a, b in zip(model.parameters(), dense.parameters()))

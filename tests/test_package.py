@@ -1,0 +1,67 @@
+"""The shape of the package: public names do not hide modules, and no module imports itself back."""
+
+import ast
+import types
+from pathlib import Path
+
+import cstar
+
+ROOT = Path(cstar.__file__).resolve().parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def is_module(name: str) -> bool:
+    relative = Path(*name.split("."))
+    return (ROOT.parent / relative).with_suffix(".py").exists() or (ROOT.parent / relative / "__init__.py").exists()
+
+
+def imports(path: Path) -> set[str]:
+    """The cstar modules that ``path`` imports, at module level or inside functions."""
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "cstar"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                source = f"{base}.{node.module}" if node.module else base
+            else:
+                source = node.module or ""
+            if source.split(".")[0] != "cstar":
+                continue
+            for alias in node.names:  # `from pkg import submodule` imports the submodule, not pkg's other names
+                found.add(f"{source}.{alias.name}" if is_module(f"{source}.{alias.name}") else source)
+    return found - {me}
+
+
+def test_no_public_name_hides_a_module():
+    hidden = [name for name in cstar.__all__ if is_module(f"cstar.{name}")
+              and not isinstance(getattr(cstar, name), types.ModuleType)]
+    assert hidden == []
+
+
+def test_no_import_cycle_between_cstar_modules():
+    graph = {module_name(p): imports(p) for p in ROOT.rglob("*.py")}
+    # a package's __init__ re-exports its modules; a module reaching its own package's __init__ is
+    # therefore a cycle too, so such edges stay in the graph
+    cycles, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+    assert cycles == []
