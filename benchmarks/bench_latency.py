@@ -1,23 +1,33 @@
-"""Batch-1 CPU latency of a dense vs low-rank CIFAR ResNet-18 (the paper's Table 6, on this machine).
+"""CPU latency of a dense vs low-rank model on every deployment path, speed-ups side by side in one run.
 
 Usage:
-    python benchmarks/bench_latency.py [--width 64] [--threads N] [--rounds 10] [--per-round 10]
-                                       [--no-compile] [--out benchmarks/results/latency]
+    python benchmarks/bench_latency.py [--model resnet18] [--width 64] [--input-size 32] [--batch 1]
+        [--plans params:16,flops:4,flops:8,flops:16,flops:64] [--multiple-of 1,16]
+        [--paths eager,fold_bn,fold_bn+channels_last,fold_bn+compile,onnxruntime]
+        [--threads N] [--rounds 10] [--per-round 20] [--settle 20] [--out benchmarks/results/latency]
 
-The model is ``resnet18`` (width 64 by default, 10 classes) with random
-weights: latency does not depend on the weight values, but the global ranks
-are chosen from the spectra of random kernels, so a trained model gets other
-per-layer ranks at the same budget. Input 1x3x32x32, CPU,
-``torch.inference_mode``, a fixed thread count (default: all cores).
+The model (default the CIFAR ``resnet18`` at width 64, 10 classes; any name
+``cstar.models.create`` takes, e.g. ``resnet50_imagenet --input-size 224`` or
+``tests.archs:mobilenet_v3``) has random weights: latency does not depend on
+the values, but the global ranks are chosen from the spectra of random
+kernels, so a trained model gets other per-layer ranks at the same budget.
+Each plan ``budget:ratio`` (``flops:16`` = 16x fewer MACs) is decomposed once
+per ``--multiple-of`` value (ranks rounded to multiples of it: CPU kernels
+work in blocks of 8 or 16 channels).
 
-Part 1: dense vs decomposed at 2x-64x under the params budget and the FLOPs
-budget, plus one joint row (16x params and 16x FLOPs), all in eager mode.
-Part 2: the dense and the FLOPs-16x models with BN folding, channels-last and
-``torch.compile``, alone and combined; outputs are checked against the eager
-model before timing. Times are interleaved (every model runs ``--per-round``
-times in each of ``--rounds`` rounds) so background load hits all alike;
-reported: the median and the interquartile range (IQR) in milliseconds.
-Writes ``<out>.json`` and ``<out>.md`` and prints the tables.
+Paths: ``eager`` (PyTorch, as trained), ``fold_bn`` (BatchNorm folded),
+``fold_bn+channels_last``, ``fold_bn+compile`` (``torch.compile``), and
+``onnxruntime`` (``cstar.export`` to ONNX, run by onnxruntime's CPU provider
+with all graph optimisations). Every path's output is checked against the eager
+model before timing. Every round times each path in turn and, within it, each model in turn
+(``--settle`` untimed runs, then ``--per-round`` timed ones), so that slow
+drifts of the machine's load hit all cells alike and no runtime's idle
+threads share the cores with another cell's timed runs; reported: median and interquartile range (IQR) in milliseconds, the
+like-for-like speed-up (dense and decomposed on the same path) and the best
+path's speed-up (the decomposed model's fastest path against the dense model's
+fastest path). The share of CPU time the hypervisor stole during the run is
+recorded: above a few percent, figures are noisy.
+Writes ``<out>.json`` and ``<out>.md`` and prints the table.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,172 +44,259 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cstar._env import describe_device, environment
-from cstar._io import atomic_write_text, write_json
-from cstar.counting import count_flops, count_params
-from cstar.inference import optimize_for_inference
-from cstar.lowrank import decompose, select_ranks
-from cstar.models import create
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # names like tests.archs:mobilenet_v3
 
-INPUT = (3, 32, 32)
-RATIOS = (2, 4, 8, 16, 32, 64)
-VARIANTS = {  # name -> options of optimize_for_inference
-    "eager": {"fold_bn": False},
-    "fold_bn": {"fold_bn": True},
-    "channels_last": {"fold_bn": False, "channels_last": True},
-    "compile": {"fold_bn": False, "compile": True},
-    "fold_bn+channels_last": {"fold_bn": True, "channels_last": True},
-    "fold_bn+channels_last+compile": {"fold_bn": True, "channels_last": True, "compile": True},
-}
+from cstar._env import describe_device, environment  # noqa: E402
+from cstar._io import atomic_write_text, write_json  # noqa: E402
+from cstar.counting import count_flops, count_params  # noqa: E402
+from cstar.inference import optimize_for_inference  # noqa: E402
+from cstar.lowrank import decompose, select_ranks  # noqa: E402
+from cstar.models import create  # noqa: E402
+from cstar.serialize import export  # noqa: E402
+
+PATHS = ("eager", "fold_bn", "fold_bn+channels_last", "fold_bn+compile", "onnxruntime")
 TOLERANCE = 1e-4  # max |difference| allowed, relative to max |logit| of the eager model
 
 
-def time_models(runs: dict[str, Callable[[], object]], rounds: int, per_round: int, warmup: int) -> dict[str, dict]:
-    """Median and IQR (ms) of each zero-argument callable, interleaved over ``rounds``."""
-    samples: dict[str, list[float]] = {name: [] for name in runs}
+def cpu_times() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs from /proc/stat; (0, 0) where it does not exist."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def time_runs(runs: dict[tuple[str, str], Callable[[], object]], rounds: int, per_round: int,
+              settle: int) -> dict[tuple[str, str], dict]:
+    """Median, IQR and minimum (ms) of each zero-argument callable, keyed (model, path).
+
+    Each of ``rounds`` rounds times every path in turn, and within a path every
+    model in turn: ``settle`` untimed runs, then ``per_round`` timed ones. The
+    untimed runs matter: onnxruntime's and OpenMP's idle threads spin for a while
+    after work, and a session's spinning threads slow the next session's runs
+    (interleaving sessions run by run doubled the dense model's onnxruntime
+    latency here and inflated the speed-ups).
+    """
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    paths = list(dict.fromkeys(path for _, path in runs))
     with torch.inference_mode():
-        for run in runs.values():
-            for _ in range(warmup):
-                run()
         for _ in range(rounds):
-            for name, run in runs.items():
-                for _ in range(per_round):
-                    start = time.perf_counter()
-                    run()
-                    samples[name].append((time.perf_counter() - start) * 1e3)
+            for path in paths:
+                for key, run in runs.items():
+                    if key[1] != path:
+                        continue
+                    for _ in range(settle):
+                        run()
+                    for _ in range(per_round):
+                        start = time.perf_counter()
+                        run()
+                        samples[key].append((time.perf_counter() - start) * 1e3)
     out = {}
-    for name, values in samples.items():
+    for key, values in samples.items():
         q1, _, q3 = statistics.quantiles(values, n=4)
-        out[name] = {"median_ms": statistics.median(values), "iqr_ms": q3 - q1, "min_ms": min(values),
-                     "n": len(values)}
+        out[key] = {"median_ms": statistics.median(values), "iqr_ms": q3 - q1, "min_ms": min(values),
+                    "n": len(values)}
     return out
 
 
-def decomposed_models(dense: nn.Module) -> list[dict]:
-    """Dense plus one decomposed model per (budget, ratio); each a dict with the model and its counts."""
-    rows = [{"name": "dense", "budget": "-", "target": "1x", "model": dense}]
-    for budget in ("params", "flops"):
-        for ratio in RATIOS:
-            plan = select_ranks(dense, ratio, budget=budget, input_shape=INPUT)
-            rows.append({"name": f"{budget}-{ratio}x", "budget": budget, "target": f"{ratio}x",
+def plan_models(dense: nn.Module, plans: list[tuple[str, float]], multiples: list[int],
+                shape: tuple[int, ...]) -> list[dict]:
+    """Dense plus one decomposed model per (plan, multiple_of); each a dict with the model and its counts."""
+    rows = [{"name": "dense", "budget": "-", "ratio": 1.0, "multiple_of": None, "model": dense}]
+    for budget, ratio in plans:
+        for multiple in multiples:
+            plan = select_ranks(dense, ratio, budget=budget, input_shape=shape, multiple_of=multiple)
+            rows.append({"name": f"{budget}-{ratio:g}x" + (f" m{multiple}" if len(multiples) > 1 else ""),
+                         "budget": budget, "ratio": ratio, "multiple_of": multiple,
                          "model": decompose(dense, plan).eval()})
-            print(f"decomposed {budget}-{ratio}x", flush=True)
-    plan = select_ranks(dense, 16, budget="joint", flops_ratio=16, input_shape=INPUT)
-    rows.append({"name": "joint-16x", "budget": "joint", "target": "16x params + 16x FLOPs",
-                 "model": decompose(dense, plan).eval()})
-    params, macs = count_params(dense), count_flops(dense, INPUT)
+            print(f"decomposed {rows[-1]['name']}", flush=True)
+    params, macs = count_params(dense), count_flops(dense, shape)
     for row in rows:
-        row["params"], row["macs"] = count_params(row["model"]), count_flops(row["model"], INPUT)
+        row["params"], row["macs"] = count_params(row["model"]), count_flops(row["model"], shape)
         row["params_ratio"], row["flops_ratio"] = params / row["params"], macs / row["macs"]
     return rows
 
 
-def variant(model: nn.Module, name: str, x: torch.Tensor) -> dict:
-    """The model under inference settings ``name``, its input, and the check of its outputs (compiles it)."""
-    options = VARIANTS[name]
-    x = x.contiguous(memory_format=torch.channels_last) if options.get("channels_last") else x
+def onnxruntime_run(model: nn.Module, x: torch.Tensor, threads: int, workdir: Path, name: str) -> Callable:
+    """``model`` exported by :func:`cstar.export` and loaded in an onnxruntime CPU session."""
+    import onnxruntime as ort
+
+    path = export(model, workdir / f"{name.replace(' ', '_')}.onnx", input_shape=tuple(x.shape[1:]))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"input": x.numpy()}
+    return lambda: torch.from_numpy(session.run(None, feed)[0])
+
+
+def prepare(model: nn.Module, path: str, x: torch.Tensor, threads: int, workdir: Path, name: str) -> dict:
+    """A zero-argument call of ``model`` on ``x`` along ``path``, checked against eager mode (or the error)."""
     start = time.perf_counter()
     try:
-        fast = optimize_for_inference(model, **options)
+        if path == "onnxruntime":
+            run = onnxruntime_run(model, x, threads, workdir, name)
+        else:
+            options = {"fold_bn": "fold_bn" in path, "channels_last": "channels_last" in path,
+                       "compile": "compile" in path}
+            fast = optimize_for_inference(model, **options)
+            xin = x.contiguous(memory_format=torch.channels_last) if options["channels_last"] else x
+            run = lambda: fast(xin)  # noqa: E731
         with torch.inference_mode():
-            reference, got = model(x), fast(x)
-    except Exception as exc:  # torch.compile can fail for want of a compiler or a backend
-        return {"variant": name, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"}
+            reference, got = model(x), run()
+    except Exception as exc:  # a missing compiler, backend or package: reported in the table, not fatal
+        return {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"}
     error = (got - reference).abs().max().item() / max(1.0, reference.abs().max().item())
     if error > TOLERANCE:
-        raise SystemExit(f"{name}: outputs differ from the eager model by {error:.2e} (relative), above {TOLERANCE}")
-    return {"variant": name, "run": lambda: fast(x), "relative_error": error,
-            "setup_s": time.perf_counter() - start}
+        raise SystemExit(f"{name} / {path}: outputs differ from eager mode by {error:.2e} (relative), "
+                         f"above {TOLERANCE}")
+    return {"run": run, "relative_error": error, "setup_s": time.perf_counter() - start}
+
+
+def speedups(rows: list[dict], paths: list[str]) -> None:
+    """Fill each row's like-for-like speed-ups and its best path's speed-up over the dense model's best path."""
+    dense = rows[0]["paths"]
+
+    def best(cells: dict) -> tuple[str, float] | None:
+        timed = [(p, c["median_ms"]) for p, c in cells.items() if "median_ms" in c]
+        return min(timed, key=lambda t: t[1]) if timed else None
+
+    dense_best = best(dense)
+    for row in rows:
+        for path in paths:
+            cell = row["paths"][path]
+            if "median_ms" in cell and "median_ms" in dense[path]:
+                cell["speedup"] = dense[path]["median_ms"] / cell["median_ms"]
+        mine = best(row["paths"])
+        if mine and dense_best:
+            row["best"] = {"path": mine[0], "median_ms": mine[1], "dense_path": dense_best[0],
+                           "speedup": dense_best[1] / mine[1]}
 
 
 def markdown(result: dict) -> str:
+    paths = result["paths"]
+    steal = result["steal_percent"]
     lines = [
-        f"# Batch-1 CPU latency, {result['model']}, input 1x{'x'.join(map(str, INPUT))}",
+        f"# CPU latency, {result['model']}, input {result['batch']}x{'x'.join(map(str, result['input']))}",
         "",
-        f"Machine: {result['device']}; torch {result['environment']['torch']}; {result['threads']} threads; "
-        f"random weights; median of {result['samples']} runs (interleaved rounds) after warm-up; "
-        f"1-min load average {result['load_average_1min']['start']:.1f} at start, "
-        f"{result['load_average_1min']['end']:.1f} at end (this benchmark adds about {result['threads']}; "
-        "more means other jobs shared the cores).",
+        f"Machine: {result['device']}; torch {result['environment']['torch']}; onnxruntime "
+        f"{result['onnxruntime'] or 'not installed'}; {result['threads']} threads; random weights; median of "
+        f"{result['samples']} runs per cell ({result['rounds']} rounds of {result['settle']} untimed + "
+        f"{result['per_round']} timed runs); CPU stolen by the host during "
+        f"the run: {steal:.1f}%; 1-min load average {result['load_average_1min']['start']:.1f} at start "
+        f"(this benchmark adds about {result['threads']}).",
         f"Command: `{result['environment']['command']}`",
         "",
-        "## Dense vs decomposed (eager)",
+        "Each path cell: median ms (like-for-like speed-up: dense on the same path / this model). "
+        "Best: this model's fastest path against the dense model's fastest path.",
         "",
-        "| model | budget | target | params | params ratio | MACs | FLOPs ratio | latency ms | IQR ms | min ms "
-        "| speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params ratio | FLOPs ratio | " + " | ".join(paths) + " | best |",
+        "|---|---|---|" + "---|" * len(paths) + "---|",
     ]
     for r in result["rows"]:
-        lines.append(
-            f"| {r['name']} | {r['budget']} | {r['target']} | {r['params']:,} | {r['params_ratio']:.2f}x | "
-            f"{r['macs']:,} | {r['flops_ratio']:.2f}x | {r['median_ms']:.2f} | {r['iqr_ms']:.2f} | "
-            f"{r['min_ms']:.2f} | {r['speedup']:.2f}x |"
-        )
-    lines += [
-        "",
-        "## Inference settings (speed-up vs dense eager; like for like: vs dense under the same settings)",
-        "",
-        "| model | settings | latency ms | IQR ms | min ms | speed-up vs dense eager | like-for-like speed-up "
-        "| max rel. error |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["inference"]:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | failed: {r['error']} | | | | | |")
-        else:
-            like = f"{r['like_for_like']:.2f}x" if "like_for_like" in r else "-"
-            lines.append(
-                f"| {r['model']} | {r['variant']} | {r['median_ms']:.2f} | {r['iqr_ms']:.2f} | {r['min_ms']:.2f} | "
-                f"{r['speedup_vs_dense_eager']:.2f}x | {like} | {r['relative_error']:.1e} |"
-            )
+        cells = []
+        for path in paths:
+            c = r["paths"][path]
+            if "error" in c:
+                cells.append("failed")
+            else:
+                cells.append(f"{c['median_ms']:.2f} ({c.get('speedup', 1.0):.2f}x)")
+        b = r.get("best")
+        best = f"{b['path']} {b['median_ms']:.2f} ({b['speedup']:.2f}x)" if b else "-"
+        lines.append(f"| {r['name']} | {r['params_ratio']:.2f}x | {r['flops_ratio']:.2f}x | "
+                     + " | ".join(cells) + f" | {best} |")
+    errors = [(r["name"], p, r["paths"][p]["error"]) for r in result["rows"] for p in paths
+              if "error" in r["paths"][p]]
+    if errors:
+        lines += ["", "Failed paths:"] + [f"- {name} / {path}: {error}" for name, path, error in errors]
+    lines += ["", "IQR (ms) per cell, in the same layout:", "",
+              "| model | " + " | ".join(paths) + " |", "|---|" + "---|" * len(paths)]
+    for r in result["rows"]:
+        lines.append(f"| {r['name']} | " + " | ".join(
+            f"{r['paths'][p]['iqr_ms']:.2f}" if "iqr_ms" in r["paths"][p] else "-" for p in paths) + " |")
     return "\n".join(lines) + "\n"
+
+
+def parse_plans(text: str) -> list[tuple[str, float]]:
+    plans = []
+    for item in text.split(","):
+        budget, _, ratio = item.partition(":")
+        if budget not in ("params", "flops") or not ratio:
+            raise SystemExit(f"--plans item {item!r}: write budget:ratio with budget params or flops, e.g. flops:16")
+        plans.append((budget, float(ratio)))
+    return plans
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=64, help="ResNet-18 width (default 64, the standard model)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (default 10)")
-    parser.add_argument("--per-round", type=int, default=5, help="runs per model per round (default 5)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default 5)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile settings")
+    parser.add_argument("--model", default="resnet18", help="a cstar.models name or package.module:factory")
+    parser.add_argument("--width", type=int, default=64, help="width of the built-in ResNets (default 64)")
+    parser.add_argument("--input-size", type=int, default=32, help="input height and width (default 32)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    parser.add_argument("--plans", default="params:16,flops:4,flops:8,flops:16,flops:64",
+                        help="budget:ratio items (default params:16,flops:4,flops:8,flops:16,flops:64)")
+    parser.add_argument("--multiple-of", default="1,16", help="rank multiples, one model each (default 1,16)")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"paths to time (default {','.join(PATHS)})")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads (default: all cores)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds over every cell (default 10)")
+    parser.add_argument("--per-round", type=int, default=20, help="timed runs per cell per round (default 20)")
+    parser.add_argument("--settle", type=int, default=20,
+                        help="untimed runs before each cell's timed ones in every round (default 20)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latency"), help="output path stem")
     args = parser.parse_args()
+    paths = args.paths.split(",")
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown:
+        raise SystemExit(f"--paths: unknown {', '.join(unknown)}; choose from {', '.join(PATHS)}")
+    plans = parse_plans(args.plans)
+    multiples = [int(v) for v in args.multiple_of.split(",")]
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    # every model shares its forward's code object: without this, dynamo runs the 9th model on in eager mode
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(plans) * len(multiples))
+    kwargs = {"width": args.width} if args.model in ("resnet18", "resnet18_imagenet", "preact_resnet18") else {}
+    dense = create(args.model, 10, **kwargs).eval()
+    shape = (next(m for m in dense.modules() if isinstance(m, nn.Conv2d)).in_channels, args.input_size,
+             args.input_size)
+    x = torch.rand(args.batch, *shape)
     device = describe_device("cpu")
-    load_before = os.getloadavg()[0]
-    print(f"machine: {device}; threads: {torch.get_num_threads()}; load average {load_before:.1f}", flush=True)
-    dense = create("resnet18", 10, width=args.width).eval()
-    x = torch.rand(1, *INPUT)
-    rows = decomposed_models(dense)
-    times = time_models({r["name"]: (lambda m=r["model"]: m(x)) for r in rows},
-                        args.rounds, args.per_round, args.warmup)
-    for r in rows:
-        r.update(times[r["name"]])
-        r["speedup"] = times["dense"]["median_ms"] / r["median_ms"]
+    print(f"machine: {device}; threads {torch.get_num_threads()}", flush=True)
+    rows = plan_models(dense, plans, multiples, shape)
 
-    names = [v for v in VARIANTS if not (args.no_compile and "compile" in v)]
-    inference = []
-    for row in (rows[0], next(r for r in rows if r["name"] == "flops-16x")):
-        for name in names:
-            inference.append({"model": row["name"], **variant(row["model"], name, x)})
-            print(f"prepared {row['name']} / {name}", flush=True)
-    timed = [r for r in inference if "run" in r]
-    times = time_models({f"{r['model']}/{r['variant']}": r.pop("run") for r in timed},
-                        args.rounds, args.per_round, args.warmup)
-    for r in timed:
-        r.update(times[f"{r['model']}/{r['variant']}"])
-        r["speedup_vs_dense_eager"] = times["dense/eager"]["median_ms"] / r["median_ms"]
-        if r["model"] != "dense" and f"dense/{r['variant']}" in times:
-            r["like_for_like"] = times[f"dense/{r['variant']}"]["median_ms"] / r["median_ms"]
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in rows:
+            row["paths"] = {}
+            for path in paths:
+                cell = prepare(row["model"], path, x, args.threads, Path(tmp), row["name"])
+                if "run" in cell:
+                    runs[(row["name"], path)] = cell.pop("run")
+                row["paths"][path] = cell
+            print(f"prepared {row['name']}", flush=True)
+        load_before, (steal0, total0) = os.getloadavg()[0], cpu_times()
+        times = time_runs(runs, args.rounds, args.per_round, args.settle)
+        steal1, total1 = cpu_times()
+    for row in rows:
+        for path in paths:
+            row["paths"][path].update(times.get((row["name"], path), {}))
+    speedups(rows, paths)
 
+    try:
+        import onnxruntime
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    name = f"{args.model} width {args.width}" if kwargs else args.model
     result = {
-        "model": f"resnet18 width {args.width}", "device": device, "threads": torch.get_num_threads(),
-        "samples": args.rounds * args.per_round, "environment": environment("cpu"),
+        "model": name, "input": list(shape), "batch": args.batch, "device": device, "threads": args.threads,
+        "onnxruntime": ort_version, "paths": paths, "samples": args.rounds * args.per_round, "rounds": args.rounds,
+        "per_round": args.per_round, "settle": args.settle,
+        "environment": environment("cpu"),
+        "steal_percent": 100.0 * (steal1 - steal0) / max(1, total1 - total0),
         "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
-        "rows": [{k: v for k, v in r.items() if k != "model"} for r in rows], "inference": inference,
+        "rows": [{k: v for k, v in r.items() if k != "model"} for r in rows],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out.with_suffix(".json"), result)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -134,3 +135,40 @@ def test_attack_benchmark_writes_every_settings_rate_and_strength(tmp_path, monk
     assert {"cstar evaluate", "cstar", "cstar NCHW", "plain loop"} <= set(names)
     assert all(row["images_per_second"] > 0 and 0 <= row["robust_accuracy"] <= 1 for row in result["rows"])
     assert "Machine:" in out.with_suffix(".md").read_text()
+
+
+@pytest.fixture(scope="module")
+def bench_latency():
+    return script("bench_latency")
+
+
+def test_latency_speedups_are_like_for_like_and_best_against_best(bench_latency):
+    rows = [{"paths": {"eager": {"median_ms": 10.0}, "onnxruntime": {"median_ms": 8.0}}},
+            {"paths": {"eager": {"median_ms": 4.0}, "onnxruntime": {"median_ms": 1.0}}},
+            {"paths": {"eager": {"median_ms": 5.0}, "onnxruntime": {"error": "ImportError: no onnxruntime"}}}]
+    bench_latency.speedups(rows, ["eager", "onnxruntime"])
+    assert rows[1]["paths"]["eager"]["speedup"] == 2.5 and rows[1]["paths"]["onnxruntime"]["speedup"] == 8.0
+    assert rows[1]["best"] == {"path": "onnxruntime", "median_ms": 1.0, "dense_path": "onnxruntime", "speedup": 8.0}
+    assert "speedup" not in rows[2]["paths"]["onnxruntime"]
+    assert rows[2]["best"]["path"] == "eager" and rows[2]["best"]["speedup"] == 8.0 / 5.0
+
+
+def test_latency_benchmark_times_every_path_of_every_plan(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'cstar[export]')")
+    out = tmp_path / "latency"
+    monkeypatch.setattr("sys.argv", ["bench_latency.py", "--model", "resnet20", "--plans", "flops:4",
+                                     "--multiple-of", "1,8", "--paths", "eager,fold_bn,onnxruntime", "--threads",
+                                     "1", "--rounds", "1", "--per-round", "2", "--settle", "0", "--out", str(out)])
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng():  # the script seeds torch and sets the thread count: keep the session's
+        try:
+            script("bench_latency").main()
+        finally:
+            torch.set_num_threads(threads)
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["name"] for r in result["rows"]] == ["dense", "flops-4x m1", "flops-4x m8"]
+    for row in result["rows"]:
+        assert all(row["paths"][p]["median_ms"] > 0 and row["paths"][p]["relative_error"] < 1e-4
+                   for p in ("eager", "fold_bn", "onnxruntime"))
+    assert result["rows"][1]["flops_ratio"] == pytest.approx(4.0, rel=0.05)
+    assert "| flops-4x m8 |" in out.with_suffix(".md").read_text()
