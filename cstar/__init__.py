@@ -34,7 +34,8 @@ from .lowrank import (LayerPlan, LowRankConv1x1, LowRankLinear, RankPlan, RankSp
                       mode_spectra, select_ranks, svd_factors, svd_project, tucker2, tucker2_project)
 from .prune import (ChannelGroup, ChannelMask, ChannelPlan, ScoredModel, channel_scores, find_groups, hydra_prune,
                     learn_channel_scores, magnitude_prune, prune_channels, robust_prune, select_channels)
-from .serialize import export, load, save
+from ._export import export
+from .serialize import load, save
 from .train import TrainConfig, TrainHook, fit
 
 __all__ = [

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from . import attacks, compressors, distributed
+from . import _log as log
 from ._errors import CstarError
 from ._io import atomic_write_bytes, atomic_write_text, write_json
 from ._phases import check_dense_not_distilled, settings_from_dict, split_held_out, train_phase, with_data_eps
@@ -255,7 +256,8 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
     ``pretrained=False`` first trains ``dense`` in place with ``config.dense``
     (into ``<out>/dense_train``, resumable); otherwise it is left untouched.
     ``train_set``/``test_set`` are :mod:`cstar.data` datasets; the last
-    ``val_size`` training images are held out for the per-epoch robustness check.
+    ``val_size`` training images are held out for the per-epoch robustness check
+    (of an image-folder dataset, the first ``val_size`` of its validation folder).
     Finished cells are read back, not rerun.
     """
     out = Path(out_dir)
@@ -268,7 +270,7 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
     device = next(dense.parameters()).device
     eps = config.finetune.eps
     input_shape = tuple(train_set.spec.image_shape)
-    train_part, val = split_held_out(train_set, val_size, device)
+    train_part, val = split_held_out(train_set, val_size, device, test_set)
     if not pretrained:
         train_phase(dense, train_part, val, config.dense, out / "dense_train", resume=True, seed=seed,
                     name=f"{out.name} dense_train")
@@ -288,19 +290,19 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
                 stale = _stale_evaluation(row, config, len(test_set))
                 if any(stale):
                     what = " and ".join(w for w, s in zip(("attacks", "AutoAttack"), stale) if s)
-                    print(f"{name}: done earlier; evaluating its {what} under the new evaluation settings", flush=True)
+                    log.info(f"{name}: done earlier; evaluating its {what} under the new evaluation settings")
                     row = _reevaluate(row, cell, dense, test_set, config, eps, device, *stale)
                     if distributed.is_main():
                         write_json(result_path, row)
                     distributed.barrier()
                 else:
-                    print(f"{name}: done earlier", flush=True)
+                    log.info(f"{name}: done earlier")
                 cells[name] = row
                 continue
             if distributed.is_main():
                 cell.mkdir(parents=True, exist_ok=True)
             distributed.barrier()
-            print(f"{name}: running", flush=True)
+            log.info(f"{name}: running")
             if method == "dense":
                 model, seconds = copy.deepcopy(dense), {}
             else:
@@ -317,8 +319,8 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
                 write_json(result_path, row)  # last: its existence marks the cell done
             distributed.barrier()
             cells[name] = row
-            print(f"{name}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in row["accuracy"].items())
-                  + f", {row['params_ratio']:.2f}x params", flush=True)
+            log.info(f"{name}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in row["accuracy"].items())
+                     + f", {row['params_ratio']:.2f}x params")
 
     if config.latency_runs and distributed.is_main():  # all cells at once, interleaved: comparable under drifting load
         latencies = batch1_latencies_ms({name: _load_cell(cells_dir / name, dense) for name in cells}, input_shape,

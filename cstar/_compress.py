@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from . import _log as log
 from ._errors import CstarError
 from ._io import load_checkpoint, save_checkpoint, write_json
 from ._phases import (PhaseLedger, check_dense_not_distilled, settings_from_dict, split_held_out, train_phase,
@@ -115,7 +116,10 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     """Run the CSTAR pipeline on ``model`` (trained in place) and return the results dict.
 
     ``train_set``/``test_set`` are :mod:`cstar.data` datasets. ``pretrained=True``
-    skips dense training. Files go to ``out_dir`` (see the module docstring).
+    skips dense training. The last ``val_size`` training images are held out for
+    the per-epoch robustness check (of an image-folder dataset, the first
+    ``val_size`` of its validation folder, ``test_set``). Files go to ``out_dir``
+    (see the module docstring).
     """
     out = Path(out_dir)
     config = with_data_eps(config, train_set.spec, ("dense", "admm_train", "finetune"))
@@ -127,7 +131,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         out.mkdir(parents=True, exist_ok=True)
     distributed.barrier()  # every rank has read phases.json before rank 0 updates it
     device = next(model.parameters()).device
-    train_part, val = split_held_out(train_set, val_size, device)
+    train_part, val = split_held_out(train_set, val_size, device, test_set)
     if main:
         write_json(out / "compress_config.json", config.to_dict())
 
@@ -156,7 +160,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         phases.finish("ranks", seconds=round(time.perf_counter() - t0, 2), ratio=plan.ratio,
                       flops_ratio=plan.flops_ratio)
     if main:
-        print(plan.table())
+        log.info(plan.table())
 
     # 3. ADMM
     steps_per_epoch = len(training_loader(train_part, config.admm_train, "cpu", seed))  # counted, not moved
@@ -241,7 +245,7 @@ def _evaluate_phases(dense, projected, final, test_set, config: CompressConfig) 
         result = evaluate(model, test_set, config.eval_attacks, eps=eps, step=config.eval_step, n=config.eval_n)
         evaluations[phase] = result
         if distributed.is_main():
-            print(f"{phase}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in result["accuracy"].items()), flush=True)
+            log.info(f"{phase}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in result["accuracy"].items()))
     if config.autoattack_n:
         evaluations["final_autoattack"] = evaluate(final, test_set, ["autoattack"], eps=eps, n=config.autoattack_n,
                                                    batch_size=100)

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from . import attacks, distributed
 from .data import make_loader
+from . import _log as log
 from ._errors import CstarError
 from ._io import write_json
 from .inference import folded_or_same
@@ -170,8 +171,7 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
                     seconds[label] += time.perf_counter() - t0
                 if progress and distributed.is_main():
                     where = " (rank 0's share)" if sharded else ""
-                    print(f"  {total} images{where}: " + "  ".join(f"{k} {correct[k] / total:.4f}" for k in labels),
-                          flush=True)
+                    log.info(f"  {total} images{where}: " + "  ".join(f"{k} {correct[k] / total:.4f}" for k in labels))
                 if partial is not None:
                     write_json(partial, {**state, "batches": index + 1, "total": total, "correct": correct,
                                          "seconds": seconds, **({"per_example": hits} if per_example else {})})

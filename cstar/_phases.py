@@ -11,9 +11,11 @@ import json
 from dataclasses import fields, replace
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from . import data as data_module
+from . import _log as log
 from . import distributed
 from ._errors import CstarError, check_options
 from ._io import write_json
@@ -61,10 +63,33 @@ class PhaseLedger:
             write_json(self.path, self.done)
 
 
-def split_held_out(train_set, val_size: int, device):
-    """(training part, (x, y) of the last ``val_size`` images) for per-epoch checks."""
-    if val_size <= 0 or not hasattr(train_set, "split_off"):
+def split_held_out(train_set, val_size: int, device, test_set=None):
+    """(training part, (x, y) on ``device`` for the per-epoch checks, or None).
+
+    In-memory datasets hold out their last ``val_size`` training images. An
+    image-folder dataset cannot be split cheaply, so its check takes the first
+    ``val_size`` images of ``test_set`` (its validation folder; said in the
+    log), and has none without it.
+    """
+    if val_size <= 0:
         return train_set, None
+    if isinstance(train_set, data_module.FolderData):
+        if test_set is None:
+            return train_set, None
+        log.info(f"per-epoch check on the first {val_size} images of the validation folder")
+        xs, ys, seen = [], [], 0
+        for x, y in data_module.make_loader(test_set, min(256, val_size), train=False, device=device):
+            xs.append(x)
+            ys.append(y)
+            seen += len(y)
+            if seen >= val_size:
+                break
+        return train_set, (torch.cat(xs)[:val_size], torch.cat(ys)[:val_size])
+    if not hasattr(train_set, "split_off"):
+        return train_set, None
+    if val_size >= len(train_set):
+        raise CstarError(f"val_size {val_size} (--val-size) leaves no training data ({len(train_set)} images): "
+                         "use a smaller value")
     return train_set.split_off(val_size, device)
 
 

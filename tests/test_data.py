@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from cstar._errors import CstarError
+from cstar._phases import split_held_out
 from cstar.data import (DATASETS, BatchLoader, FolderData, FolderLoader, TensorData, download, load,
                         make_loader)
 from cstar.data._augment import random_crop, random_flip
@@ -267,6 +268,16 @@ def test_image_folder_classes_labels_and_center_crop(tmp_path):
     image, label = data[2]  # a 32x32 dog: 28 * 256 / 224 = 32, so no resize, centre crop only
     assert label == 1 and image.dtype == torch.uint8
     assert np.array_equal(image.numpy(), pixels["val/dog/0.png"][2:30, 2:30].transpose(2, 0, 1))
+
+
+def test_a_folder_dataset_is_checked_on_the_first_images_of_its_validation_folder(tmp_path):
+    write_image_folder(tmp_path)
+    train, val_folder = load("imagefolder", tmp_path, "train", image_size=28), load("imagefolder", tmp_path, "test",
+                                                                                   image_size=28)
+    part, (x, y) = split_held_out(train, 3, "cpu", val_folder)
+    assert part is train and x.shape == (3, 3, 28, 28) and y.tolist() == [0, 0, 1]
+    assert torch.equal(x[2], val_folder[2][0].float() / 255)
+    assert split_held_out(train, 3, "cpu") == (train, None)  # no validation folder given: no check
 
 
 def test_image_folder_random_crop_is_seeded(tmp_path):

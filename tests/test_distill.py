@@ -13,7 +13,8 @@ import cstar
 from cstar import CstarError, data
 from cstar._compare import CompareConfig
 from cstar._compress import CompressConfig
-from cstar.train import TrainConfig, _training_loss, fit
+from cstar._train_losses import training_loss as _training_loss
+from cstar.train import TrainConfig, fit
 
 
 def tiny(seed: int) -> nn.Module:

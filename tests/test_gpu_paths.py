@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import cstar
-from cstar import data, distributed, train
+from cstar import _train_epoch, _train_state, data, distributed, train
 from cstar._errors import CstarError
 from cstar._precision import full_float32
 from cstar.attacks import pgd
@@ -59,10 +59,10 @@ def test_a_resume_reads_the_checkpoint_on_the_cpu_whatever_the_training_device(t
 
 
 def test_rng_states_that_came_back_off_the_cpu_are_restored(monkeypatch):
-    saved = train._rng_state()
+    saved = _train_state.rng_state()
     torch.rand(3)
     moved = {"torch": _NotOnCpu(saved["torch"])}
-    train._set_rng_state(moved)
+    _train_state.set_rng_state(moved)
     assert torch.equal(torch.get_rng_state(), saved["torch"])
 
 
@@ -88,7 +88,7 @@ def test_a_checkpoint_from_a_machine_with_more_gpus_restores_the_gpus_there_are(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
     state = torch.get_rng_state()
-    train._set_rng_state({"torch": state, "cuda": [state.clone(), state.clone()]})
+    _train_state.set_rng_state({"torch": state, "cuda": [state.clone(), state.clone()]})
     assert restored == [0]
 
 
@@ -222,13 +222,13 @@ def test_divergence_names_the_first_bad_step_though_it_is_checked_later(tmp_path
 
 def test_the_stop_and_divergence_checks_run_every_few_steps_not_every_step(monkeypatch):
     polls = []
-    real = train._poll
+    real = _train_epoch._poll
 
     def counting(*args):
         polls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(train, "_poll", counting)
+    monkeypatch.setattr(_train_epoch, "_poll", counting)
     fit(_tiny(), _loader(), _config(epochs=1))
     steps = len(_loader())
     assert steps > 2 * POLL_EVERY

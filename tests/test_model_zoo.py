@@ -20,7 +20,8 @@ from cstar.cli import main
 from cstar.lowrank import LowRankLinear, Tucker2Conv2d, decompose, select_ranks
 from cstar.models import create
 from cstar.prune import magnitude_prune
-from cstar.serialize import export, load, save
+from cstar import export
+from cstar.serialize import load, save
 
 from archs import FACTORIES
 

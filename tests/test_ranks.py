@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from cstar._errors import CstarError
-from cstar.lowrank import LayerPlan, RankPlan, select_ranks
+from cstar.lowrank import LayerPlan, RankPlan, RankSpec, select_ranks
 from cstar.models import create
 
 
@@ -187,6 +187,30 @@ def test_nothing_to_compress():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(CstarError, match=message):
         select_ranks(TinyNet(), 2, **kwargs)
+
+
+def test_a_rank_spec_gives_the_plan_its_keywords_give():
+    spec = RankSpec(3, budget="joint", flops_ratio=2.5, multiple_of=4, exclude=["stages.0"])
+    model = create("resnet20", 10)
+    assert select_ranks(model, spec) == select_ranks(model, 3, budget="joint", flops_ratio=2.5, multiple_of=4,
+                                                     exclude=["stages.0"])
+    assert spec.to_dict()["exclude"] == ["stages.0"] and spec.exclude == ("stages.0",)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"ratio": 1}, "must be a number > 1"),
+    ({"ratio": 4, "multiple_of": 0}, "multiple_of must be an integer >= 1"),
+    ({"ratio": 4, "exclude": "conv1"}, "exclude must be a list of module names"),
+    ({"ratio": 4, "budget": "latency"}, "unknown budget"),
+])
+def test_a_bad_rank_spec_is_refused_when_built(kwargs, message):
+    with pytest.raises(CstarError, match=message):
+        RankSpec(**kwargs)
+
+
+def test_a_rank_spec_and_keywords_together_are_refused():
+    with pytest.raises(CstarError, match="got a RankSpec and budget"):
+        select_ranks(TinyNet(), RankSpec(2), budget="flops")
 
 
 def test_dict_and_file_round_trip(tmp_path):

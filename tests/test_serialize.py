@@ -12,7 +12,8 @@ from torch import nn
 from cstar import CstarError
 from cstar.lowrank import LowRankConv1x1, LowRankLinear, Tucker2Conv2d, decompose, select_ranks
 from cstar.models import create
-from cstar.serialize import export, load, save
+from cstar import export
+from cstar.serialize import load, save
 
 from helpers import factorised_resnet20, randomise_bn
 

@@ -244,6 +244,17 @@ def test_hook_state_is_checkpointed_and_resumed(digits, tmp_path):
     assert hook.epochs == 2 and hook.steps == 2 * (len(train_set) // 64)
 
 
+def test_fit_leaves_the_callers_random_state_as_it_was():
+    x, y = torch.rand(64, 3, 8, 8), torch.randint(0, 10, (64,))
+    loader = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 64, 32)]
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fit(model, loader, config(epochs=1, check_size=0, seed=7))  # PGD training draws random starts
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_channels_last_training_matches_the_default_format():
     torch.manual_seed(0)
     x, y = torch.rand(128, 3, 8, 8), torch.randint(0, 10, (128,))
@@ -260,6 +271,18 @@ def test_channels_last_training_matches_the_default_format():
     assert results[1][0].weight.is_contiguous(memory_format=torch.channels_last)
     for a, b in zip(results[0].state_dict().values(), results[1].state_dict().values()):
         torch.testing.assert_close(a, b.contiguous(), atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_training_gives_one_channel_images_channels_last_strides():
+    # with one channel .contiguous(channels_last) changes nothing: the strides must be set by hand
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    loader = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 64, 32)]
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10))
+    strides = []
+    model[0].register_forward_pre_hook(lambda module, args: strides.append(args[0].stride(1)))
+    fit(model, loader, config(method="clean", optimizer="sgd", lr=0.05, epochs=1, check_size=0, channels_last=True))
+    assert strides and all(stride == 1 for stride in strides)
 
 
 def test_channels_last_is_turned_off_for_convs_that_onednn_mis_trains():

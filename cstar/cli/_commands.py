@@ -133,7 +133,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..serialize import export
+    from .._export import export
 
     if Path(args.out).exists() and not args.force:
         raise CstarError(f"{args.out} already exists: pass --force to overwrite it, or choose another --out")

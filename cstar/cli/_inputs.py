@@ -11,6 +11,7 @@ import yaml
 from .. import data, models
 from .._errors import CstarError
 from .._io import load_checkpoint, state_mismatch
+from .._phases import split_held_out
 from ..models._external import check_named
 from ._options import model_kwargs, require
 
@@ -38,27 +39,13 @@ def train_and_test(args: argparse.Namespace):
 
 
 def validation(train_set, test_set, val_size: int, check_size: int, where: torch.device):
-    """Split the training set into (training part, validation tensors) for the per-epoch check.
-
-    In-memory datasets hold out their last ``val_size`` training images. A folder
-    dataset cannot be split cheaply, so its check uses the first ``check_size``
-    images of its validation folder (said in the log).
-    """
+    """Split the training set into (training part, validation tensors) for ``cstar train``'s per-epoch check
+    (:func:`cstar._phases.split_held_out`: a folder dataset's check takes ``check_size`` images of its
+    validation folder)."""
     if val_size <= 0 or check_size <= 0:
         return train_set, None
-    if isinstance(train_set, data.FolderData):
-        print(f"per-epoch check on the first {check_size} images of the validation folder")
-        xs, ys, seen = [], [], 0
-        for x, y in data.make_loader(test_set, min(256, check_size), train=False, device=where):
-            xs.append(x)
-            ys.append(y)
-            seen += len(y)
-            if seen >= check_size:
-                break
-        return train_set, (torch.cat(xs)[:check_size], torch.cat(ys)[:check_size])
-    if val_size >= len(train_set):
-        raise CstarError(f"--val-size {val_size} leaves no training data ({len(train_set)} images): use a smaller value")
-    return train_set.split_off(val_size, where)
+    return split_held_out(train_set, check_size if isinstance(train_set, data.FolderData) else val_size, where,
+                          test_set)
 
 
 # ----------------------------------------------------------------------------- models

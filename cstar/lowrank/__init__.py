@@ -4,7 +4,7 @@
   :func:`svd_project`: factorise or project one weight (``_tucker.py``).
 - :class:`RankSpec`: the target a plan must meet, validated once (``_spec.py``).
 - :func:`select_ranks` -> :class:`RankPlan` of :class:`LayerPlan`: the ranks of every
-  layer for a target compression ratio (``_ranks.py``).
+  layer for a target compression ratio (``_ranks.py``, ``_plan.py``).
 - :func:`decompose`: a copy of a model with every planned layer replaced by its
   factorised form, :class:`Tucker2Conv2d`, :class:`LowRankConv1x1` or
   :class:`LowRankLinear` (``_decompose.py``, ``_layers.py``).
@@ -12,7 +12,8 @@
 
 from ._decompose import decompose
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
-from ._ranks import LayerPlan, RankPlan, select_ranks
+from ._plan import LayerPlan, RankPlan
+from ._ranks import select_ranks
 from ._spec import RankSpec
 from ._tucker import mode_spectra, svd_factors, svd_project, tucker2, tucker2_project
 

@@ -9,7 +9,8 @@ from torch import nn
 
 from .._errors import CstarError
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
-from ._ranks import LayerPlan, RankPlan, _decline_reason
+from ._plan import LayerPlan, RankPlan
+from ._ranks import _decline_reason
 from ._tucker import _check_n_iter, svd_factors, tucker2
 
 

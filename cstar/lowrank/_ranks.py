@@ -32,165 +32,23 @@ the output resolution; MAC multipliers come from one traced forward pass).
 from __future__ import annotations
 
 import heapq
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 from torch import nn
 
 from .._errors import CstarError
-from .._io import write_json
 from ..counting import LayerStats, count_params, layer_table
 from ..models import input_shape as input_shape_of
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
+from ._plan import LayerPlan, RankPlan
 from ._spec import RankSpec
 from ._tucker import hosvd_energy, singular_energies
 
 _BISECTION_STEPS = 60
 _ENERGY_FLOOR = 1e-12  # log(0) guard for a layer whose leading components carry no energy
-
-
-@dataclass
-class LayerPlan:
-    """The plan of one compressible layer.
-
-    ``kind`` is ``"tucker2"`` (ranks ``(r_out, r_in)``), ``"svd"`` (ranks ``(r,)``)
-    or ``"dense"`` (kept as is; ranks are the full mode sizes). ``params`` and
-    ``macs`` (per image; None without an input shape) are those of the layer as
-    planned, ``dense_*`` those of the original layer; ``energy`` in [0, 1] is the
-    retained normalised spectral energy; ``shape`` is the original weight's shape.
-    """
-
-    kind: str
-    ranks: tuple[int, ...]
-    dense_params: int
-    params: int
-    dense_macs: int | None
-    macs: int | None
-    energy: float
-    shape: tuple[int, ...] = ()
-
-
-@dataclass
-class RankPlan:
-    """Ranks of every compressible layer of a model, with exact cost accounting.
-
-    ``target`` is the requested ratio (on parameters for ``budget="params"`` and
-    ``"joint"``, on MACs for ``"flops"``); ``flops_target`` the MACs ratio of a
-    ``"joint"`` budget. ``excluded`` lists the compressible layers kept dense on
-    request, ``skipped`` the declined ones with the reason. Totals are for the
-    whole model (every parameter; MACs None without an ``input_shape``).
-    """
-
-    layers: dict[str, LayerPlan]
-    target: float
-    budget: str
-    method: str
-    input_shape: tuple[int, ...] | None
-    excluded: list[str]
-    skipped: dict[str, str]
-    dense_params: int
-    params: int
-    dense_macs: int | None
-    macs: int | None
-    flops_target: float | None = None
-
-    @property
-    def ratio(self) -> float:
-        """Dense parameters / planned parameters, whole model."""
-        return self.dense_params / self.params
-
-    @property
-    def flops_ratio(self) -> float | None:
-        """Dense MACs / planned MACs, whole model (None without an input shape)."""
-        if self.macs is None or self.dense_macs is None:
-            return None
-        return self.dense_macs / self.macs
-
-    def to_dict(self) -> dict:
-        """Plain JSON-ready dict (tuples as lists; ``ratio``/``flops_ratio`` added for readers)."""
-        d = asdict(self)
-        d["input_shape"] = None if self.input_shape is None else list(self.input_shape)
-        for layer in d["layers"].values():
-            layer["ranks"], layer["shape"] = list(layer["ranks"]), list(layer["shape"])
-        d["ratio"], d["flops_ratio"] = self.ratio, self.flops_ratio
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RankPlan":
-        """Inverse of :meth:`to_dict`."""
-        if not isinstance(d, dict):
-            raise CstarError(f"a rank plan must be a dict from RankPlan.to_dict(), got {type(d).__name__}")
-        names, layer_names = list(cls.__dataclass_fields__), list(LayerPlan.__dataclass_fields__)
-        missing = [k for k in names if k not in d]
-        if missing:
-            raise CstarError(f"not a rank plan: missing {', '.join(missing)}; pass a dict from RankPlan.to_dict()")
-        layers = {}
-        for name, layer in d["layers"].items():
-            missing = [k for k in layer_names if k not in layer]
-            if missing:
-                raise CstarError(f"rank plan layer {name!r} lacks {', '.join(missing)}; pass a dict from to_dict()")
-            values = {k: layer[k] for k in layer_names}
-            values["ranks"], values["shape"] = tuple(layer["ranks"]), tuple(layer["shape"])
-            layers[name] = LayerPlan(**values)
-        values = {k: d[k] for k in names}
-        values["layers"] = layers
-        values["input_shape"] = None if d["input_shape"] is None else tuple(d["input_shape"])
-        values["excluded"], values["skipped"] = list(d["excluded"]), dict(d["skipped"])
-        return cls(**values)
-
-    def save(self, path: str | Path) -> Path:
-        """Write the plan as JSON, atomically; the parent directory must exist."""
-        path = Path(path)
-        if not path.parent.is_dir():
-            raise CstarError(f"cannot save rank plan: directory {path.parent} does not exist; create it first")
-        return write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "RankPlan":
-        """Read a plan written by :meth:`save`."""
-        path = Path(path)
-        if not path.is_file():
-            raise CstarError(f"rank plan {path} does not exist: pass a JSON file written by RankPlan.save")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CstarError(
-                f"rank plan {path} is not valid JSON ({exc}); pass a file written by RankPlan.save"
-            ) from None
-        return cls.from_dict(d)
-
-    def table(self) -> str:
-        """Aligned text: one row per layer, then whole-model totals with both ratios."""
-        header = ("layer", "kind", "shape", "ranks", "params", "MACs", "energy")
-        rows = [
-            (name, p.kind, "x".join(map(str, p.shape)), ",".join(map(str, p.ranks)),
-             f"{p.dense_params:,} -> {p.params:,}", _macs_text(p.dense_macs, p.macs), f"{p.energy:.3f}")
-            for name, p in self.layers.items()
-        ]
-        flops = "-" if self.flops_ratio is None else f"{self.flops_ratio:.2f}x"
-        total = ("total", "", "", "", f"{self.dense_params:,} -> {self.params:,}",
-                 _macs_text(self.dense_macs, self.macs), "")
-        widths = [max(len(r[i]) for r in (header, *rows, total)) for i in range(len(header))]
-
-        def line(cells: tuple[str, ...]) -> str:
-            padded = (c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-            return "  ".join(padded).rstrip()
-
-        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
-        lines = [line(header), rule, *map(line, rows), rule, line(total),
-                 f"ratio {self.ratio:.2f}x params, {flops} MACs ({self.method} ranks, {self.budget} budget)"]
-        if self.excluded:
-            lines.append(f"excluded (kept dense): {', '.join(self.excluded)}")
-        lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
-        return "\n".join(lines)
-
-
-def _macs_text(dense: int | None, planned: int | None) -> str:
-    return "-" if dense is None else f"{dense / 1e6:,.2f}M -> {planned / 1e6:,.2f}M"
 
 
 @dataclass

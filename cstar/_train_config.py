@@ -1,0 +1,187 @@
+"""The settings of an adversarial training run (:class:`TrainConfig`) and the extension point of
+:func:`cstar.fit` (:class:`TrainHook`); both re-exported by :mod:`cstar.train`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from . import _smoke
+from ._errors import CstarError, check_options
+
+METHODS = ("pgd", "fgsm_rs", "nfgsm", "trades", "clean")
+SCHEDULES = ("cosine", "onecycle", "multistep", "constant")
+OPTIMIZERS = ("sgd", "adam")
+AMP_DTYPES = ("auto", "bfloat16", "float16")
+POLL_EVERY = 8  # optimiser steps between the checks that need a host sync (divergence; under torchrun also signals)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of an adversarial training run (defaults: PGD-10 AT with SGD, as for CIFAR-10).
+
+    ``eps`` and ``attack_step`` are L-inf radii in input units ([0, 1] images);
+    ``eps=None`` (default) is the training data's threat model, read by :func:`fit`
+    from a loader of :func:`cstar.data.make_loader` (MNIST 0.3, Fashion-MNIST 0.1,
+    CIFAR and SVHN 8/255, ImageNet folders 4/255), as the command line does.
+    ``attack_step=None`` picks the method's usual step: ``2.5 * eps / attack_steps``
+    for PGD and TRADES, ``1.25 * eps`` for FGSM-RS, ``eps`` for N-FGSM.
+    ``eps_warmup_epochs`` ramps eps linearly from 0 (helps MNIST at eps 0.3).
+    ``distill`` in [0, 1] (default 0, off) mixes adversarial distillation from a
+    robust teacher into the loss, as ARD and RSLAD do (Goldblum et al. 2020;
+    Zi et al. 2021): ``(1 - distill) * method loss + distill * T^2 *
+    KL(teacher(x) / T || student(x_adv) / T)`` with ``T = distill_temperature``,
+    the teacher's soft labels taken on the clean batch and the student's on the
+    method's adversarial one; :func:`fit` needs ``teacher=`` (``compress`` and
+    ``compare`` pass the dense model to every phase after it).
+    ``lr`` is the peak learning rate; ``warmup_epochs`` ramps it linearly first.
+    ``amp`` trains under ``torch.autocast`` in ``amp_dtype``: "auto" (default)
+    is bfloat16 on GPUs that support it (no loss scaling needed) and float16
+    with a GradScaler on older GPUs, and nothing on the CPU (a warning says so);
+    "bfloat16" or "float16" forces that type on any device. Under float16 the
+    attacks rescale each example's loss gradient so that it cannot underflow
+    (see :mod:`cstar.attacks`), and a step whose gradients overflow is skipped
+    (the learning-rate schedule and the hooks' ``after_step`` then wait). The
+    type used is recorded in every epoch record (``amp``).
+    ``channels_last`` trains in NHWC memory format (1.3x faster for a width-16
+    ResNet-18 on 2 CPU cores here; the same arithmetic); on the CPU it is turned
+    off, with a warning, for models that oneDNN mis-trains in NHWC
+    (:func:`cstar._memory_format.channels_last_unsafe_convs`).
+    ``check_size`` images of the validation set get a PGD-``check_steps`` check
+    after every epoch; ``select="best"`` keeps the epoch with the best check.
+    Under torchrun (:mod:`cstar.distributed`) ``batch_size`` is per process (the
+    global batch is ``batch_size * world_size``) and BatchNorm statistics are per
+    process unless ``sync_bn`` (CUDA only) computes them over the global batch.
+    """
+
+    method: str = "pgd"
+    epochs: int = 10
+    batch_size: int = 128
+    eps: float | None = None
+    attack_steps: int = 10
+    attack_step: float | None = None
+    eps_warmup_epochs: float = 0.0
+    trades_beta: float = 6.0
+    distill: float = 0.0
+    distill_temperature: float = 1.0
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    grad_clip: float | None = None
+    amp: bool = False
+    amp_dtype: str = "auto"
+    channels_last: bool = False
+    check_size: int = 512
+    check_steps: int = 10
+    overfit_guard: bool = True
+    select: str = "last"
+    seed: int = 0
+    progress: bool = True
+    sync_bn: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+        if _smoke.active():  # documentation examples as tests: a token budget (see cstar._smoke)
+            self.epochs = min(self.epochs, _smoke.EPOCHS)
+            self.check_size = min(self.check_size, _smoke.CHECK_IMAGES)
+
+    def validate(self) -> None:
+        """Raise :class:`CstarError` on a value that cannot work."""
+        _choice("method", self.method, METHODS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("select", self.select, ("last", "best"))
+        _choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
+        if self.eps is not None and not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)
+                                         and 0 <= self.eps <= 1):
+            raise CstarError(f"eps={self.eps} is out of range: inputs are in [0, 1], so use 0 <= eps <= 1 (e.g. 8/255 = {8/255:.5f})")
+        if self.method not in ("clean",) and self.eps == 0:
+            raise CstarError(f"eps=0 with method '{self.method}' is clean training: pass --method clean or a positive --eps")
+        for name in ("epochs", "batch_size", "attack_steps", "check_steps"):
+            if int(getattr(self, name)) < 1:
+                raise CstarError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.check_size < 0:
+            raise CstarError(f"check_size={self.check_size} must be >= 0 (0 turns the per-epoch PGD check off)")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise CstarError(f"lr={self.lr} must be a positive number")
+        if self.weight_decay < 0:
+            raise CstarError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.attack_step is not None and not self.attack_step > 0:
+            raise CstarError(f"attack_step={self.attack_step} must be positive (or omitted for the method's default)")
+        if not (isinstance(self.distill, (int, float)) and 0 <= self.distill <= 1):
+            raise CstarError(f"distill={self.distill} must be in [0, 1]: the weight of the distillation term "
+                             "(0 turns it off)")
+        if not (isinstance(self.distill_temperature, (int, float)) and self.distill_temperature > 0):
+            raise CstarError(f"distill_temperature={self.distill_temperature} must be positive (1 keeps the logits)")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise CstarError(f"grad_clip={self.grad_clip} must be positive (or omitted to turn clipping off)")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from a dict (e.g. a YAML config); unknown keys are an error."""
+        check_options(values, [f.name for f in fields(cls)], "training")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_eps_of(self, spec) -> "TrainConfig":
+        """This config, with ``eps`` from dataset ``spec`` (a :class:`cstar.data.DatasetSpec`) when it is None."""
+        return self if self.eps is not None else replace(self, eps=spec.eps)
+
+    def summary(self) -> str:
+        """One line for reports, e.g. ``"2 epoch(s) of pgd-5 (eps 0.3, adam lr 0.001, cosine)"``."""
+        attack = f"{self.method}-{self.attack_steps}" if self.method in ("pgd", "trades") else self.method
+        eps = "" if self.eps is None else f"eps {self.eps:.4g}, "
+        distill = f", distilled {self.distill:g} at T {self.distill_temperature:g}" if self.distill else ""
+        return f"{self.epochs} epoch(s) of {attack} ({eps}{self.optimizer} lr {self.lr:g}, {self.schedule}{distill})"
+
+    def step_size(self) -> float:
+        if self.eps is None:
+            raise CstarError("TrainConfig.eps is not set: pass eps= (fit sets it from a cstar.data loader's dataset)")
+        if self.attack_step is not None:
+            return self.attack_step
+        if self.method in ("pgd", "trades"):
+            return 2.5 * self.eps / self.attack_steps
+        if self.method == "fgsm_rs":
+            return 1.25 * self.eps
+        return self.eps
+
+
+class TrainHook:
+    """Extends :func:`fit` without forking it (ADMM is one); every method is optional.
+
+    ``penalty(model)`` returns a scalar added to the loss of every step (or None);
+    ``after_step(model, step)`` runs after each optimiser step (``step`` counts
+    the steps taken, from 1 over the whole run: a step that a float16
+    GradScaler skipped is not counted); ``after_epoch(model, record)`` may add fields to
+    the epoch's log record; ``state_dict``/``load_state_dict`` put the hook's
+    state into the checkpoint so that ``resume`` restores it.
+    """
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def after_epoch(self, model: nn.Module, record: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _choice(name: str, value: str, valid: Iterable[str]) -> None:
+    if value not in valid:
+        raise CstarError(f"unknown {name} '{value}': choose one of {', '.join(valid)}")
