@@ -52,7 +52,7 @@ from cstar.counting import count_flops, count_params  # noqa: E402
 from cstar.inference import optimize_for_inference  # noqa: E402
 from cstar.lowrank import decompose, select_ranks  # noqa: E402
 from cstar.models import create  # noqa: E402
-from cstar.serialize import export  # noqa: E402
+from cstar import export  # noqa: E402
 
 PATHS = ("eager", "fold_bn", "fold_bn+channels_last", "fold_bn+compile", "onnxruntime")
 TOLERANCE = 1e-4  # max |difference| allowed, relative to max |logit| of the eager model
