@@ -20,7 +20,7 @@ re-evaluates the cell's saved model and trains nothing. Beside the result, its
 each attack, for paired comparisons (:func:`cstar.paired_difference`). The
 outputs are ``results.json``, ``comparison.md`` (method x ratio: params, MACs,
 clean, PGD, AutoAttack subset, batch-1 latency) and, with matplotlib,
-``accuracy_vs_ratio.png``.
+``accuracy_vs_ratio.png`` (accuracy against parameters, MACs and latency).
 """
 
 from __future__ import annotations
@@ -359,8 +359,14 @@ def format_comparison(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# x axes of the Pareto view: (cell key, label, log scale)
+_AXES = (("params_ratio", "parameter compression ratio", True), ("macs_ratio", "MACs compression ratio", True),
+         ("latency_ms", "batch-1 CPU latency (ms, 1 thread)", False))
+
+
 def _plot(out: Path, results: dict) -> None:
-    """``accuracy_vs_ratio.png``: clean and robust accuracy against the parameter ratio, a line per method."""
+    """``accuracy_vs_ratio.png``, the Pareto view: each accuracy (a row) against the parameter ratio, the MACs
+    ratio and, when measured, the batch-1 latency (the columns), a line per method."""
     try:
         import matplotlib
 
@@ -372,21 +378,24 @@ def _plot(out: Path, results: dict) -> None:
 
     cells = list(results["cells"].values())
     labels = sorted({k for c in cells for k in c["accuracy"]}, key=lambda k: (k != "clean", k))
-    fig, axes = plt.subplots(1, len(labels), figsize=(5 * len(labels), 4), squeeze=False)
-    for ax, label in zip(axes[0], labels):
-        for method in dict.fromkeys(c["method"] for c in cells):
-            points = sorted((c["params_ratio"], 100 * c["accuracy"][label]) for c in cells
-                            if c["method"] == method and label in c["accuracy"])
-            if points:
-                ax.plot(*zip(*points), marker="o", label=method)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("parameter compression ratio")
-        ax.set_ylabel(f"{label} accuracy (%)")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend()
+    axes_used = [axis for axis in _AXES if all(axis[0] in c for c in cells)]
+    fig, grid = plt.subplots(len(labels), len(axes_used), figsize=(4.5 * len(axes_used), 3.6 * len(labels)),
+                             squeeze=False)
+    for row, label in zip(grid, labels):
+        for ax, (key, title, log_scale) in zip(row, axes_used):
+            for method in dict.fromkeys(c["method"] for c in cells):
+                points = sorted((c[key], 100 * c["accuracy"][label]) for c in cells
+                                if c["method"] == method and label in c["accuracy"])
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=method)
+            if log_scale:
+                ax.set_xscale("log", base=2)
+            ax.set_xlabel(title)
+            ax.set_ylabel(f"{label} accuracy (%)")
+            ax.grid(alpha=0.3)
+    grid[0][0].legend()
     buffer = BytesIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=120)
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(out / "accuracy_vs_ratio.png", buffer.getvalue())
