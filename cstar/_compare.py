@@ -46,7 +46,8 @@ from ._evaluate import evaluate, subset_label
 from .serialize import load, save
 from .train import TrainConfig
 
-METHODS = ("dense", *compressors.names())  # the built-in methods; compressors.names() has any registered later
+# the default methods (the equal-MACs variants and methods registered later are opt-in: compressors.names())
+METHODS = ("dense", "cstar", "hydra", "magnitude", "lowrank_global", "lowrank_uniform")
 
 
 @dataclass

@@ -20,7 +20,10 @@ runs it beside the built-in ones (listed by :func:`names`): ``cstar`` (ADMM
 under the rank constraints, then the exact decomposition), ``hydra`` (channel
 scores learned on the adversarial loss, weights frozen), ``magnitude`` (channels
 pruned by filter norm), ``lowrank_global`` / ``lowrank_uniform`` (post-hoc
-decomposition with global / uniform ranks).
+decomposition with global / uniform ranks), and ``cstar_equal_macs`` /
+``lowrank_equal_macs``: the low-rank methods held to the parameter ratio and,
+at once, to the MACs ratio that magnitude pruning reaches there (equal size
+and equal compute: pruning removes MACs faster than low rank does).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from ._errors import CstarError
 from ._phases import train_phase, training_loader, training_seconds
 from .admm import ADMMConfig
 from ._compress import CompressConfig, compress
+from .counting import count_flops
 from .lowrank import decompose, select_ranks
 from .serialize import load
 from .train import TrainConfig
@@ -152,16 +156,30 @@ def check_names(methods: list[str], allow_dense: bool = False) -> None:
                          "(or register one with cstar.compressors.register)")
 
 
-@register("cstar", settings=("search", "finetune", "admm"))
-def cstar_admm(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
-    """ADMM adversarial training under the rank constraints (``search`` settings), the exact decomposition, then
-    fine-tuning: :func:`cstar.compress` in ``out_dir/cstar``."""
+def _cstar(cell: Cell, **target) -> tuple[nn.Module, dict[str, float]]:
+    """:func:`cstar.compress` of the dense model in ``out_dir/cstar`` at ``cell.ratio`` and ``target`` (budget
+    settings of :class:`cstar.CompressConfig`); the trained model and its phases' seconds."""
     settings = CompressConfig(ratio=cell.ratio, admm_train=cell.search, finetune=cell.finetune, admm=cell.admm,
-                              eval_phases=[])
+                              eval_phases=[], **target)
     phases = compress(cell.fresh_copy(), cell.train_set, None, settings, cell.out_dir / "cstar", pretrained=True,
                       resume=True, val_size=len(cell.train_set) - len(cell.train_part), seed=cell.seed)["phases"]
     model = load(cell.out_dir / "cstar" / "model", model=cell.fresh_copy()).to(cell.device)
     return model, {"search": phases["admm"]["seconds"], "finetune": phases["finetune"]["seconds"]}
+
+
+def pruning_macs_ratio(cell: Cell) -> float:
+    """The MACs ratio (dense / pruned) that magnitude channel pruning reaches at ``cell.ratio`` parameters: the
+    speed target of the equal-MACs methods (computed from the dense model; nothing is trained)."""
+    shape = tuple(cell.train_set.spec.image_shape)
+    dense = cell.fresh_copy()
+    return count_flops(dense, shape) / count_flops(prune.magnitude_prune(dense, cell.ratio, shape), shape)
+
+
+@register("cstar", settings=("search", "finetune", "admm"))
+def cstar_admm(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
+    """ADMM adversarial training under the rank constraints (``search`` settings), the exact decomposition, then
+    fine-tuning: :func:`cstar.compress`."""
+    return _cstar(cell)
 
 
 @register("hydra")
@@ -195,3 +213,19 @@ def lowrank_uniform(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     """Post-hoc decomposition with the same rank fraction in every layer, then both phases on the factors."""
     model = cell.fresh_copy()
     return cell.train_weights(decompose(model, select_ranks(model, cell.ratio, method="uniform")))
+
+
+@register("cstar_equal_macs", settings=("search", "finetune", "admm"))
+def cstar_equal_macs(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
+    """CSTAR held to the parameter ratio and, at once, to the MACs ratio magnitude pruning reaches there (the
+    joint budget): equal size and equal compute against pruning."""
+    return _cstar(cell, budget="joint", flops_ratio=pruning_macs_ratio(cell))
+
+
+@register("lowrank_equal_macs")
+def lowrank_equal_macs(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
+    """Post-hoc global low rank at the parameter ratio and the MACs ratio magnitude pruning reaches there."""
+    model = cell.fresh_copy()
+    plan = select_ranks(model, cell.ratio, budget="joint", flops_ratio=pruning_macs_ratio(cell),
+                        input_shape=tuple(cell.train_set.spec.image_shape))
+    return cell.train_weights(decompose(model, plan))

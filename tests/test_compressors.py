@@ -30,7 +30,8 @@ def design_example() -> str:
 
 
 def test_the_built_in_methods_are_registered_in_order():
-    assert compressors.names() == ("cstar", "hydra", "magnitude", "lowrank_global", "lowrank_uniform")
+    assert compressors.names() == ("cstar", "hydra", "magnitude", "lowrank_global", "lowrank_uniform",
+                                   "cstar_equal_macs", "lowrank_equal_macs")
     assert compressors.settings_of("cstar") == ("search", "finetune", "admm")
     assert compressors.settings_of("magnitude") == ("search", "finetune")
 
@@ -77,3 +78,17 @@ def test_a_cell_trains_a_phase_resumably_in_its_own_directory(tmp_path):
     assert model is not dense and isinstance(seconds, float) and seconds > 0
     assert (tmp_path / "m-2x" / "finetune" / "metrics.jsonl").exists()
     assert any((a != b).any() for a, b in zip(model.parameters(), dense.parameters()))
+
+
+def test_the_equal_macs_methods_meet_both_the_ratio_and_the_macs_of_pruning(tmp_path):
+    train_set, test_set = data.load("digits", split="train"), data.load("digits", split="test")
+    results = compare(dense_model(train_set), train_set, test_set,
+                      config(methods=["dense", "magnitude", "cstar_equal_macs", "lowrank_equal_macs"], latency_runs=0),
+                      tmp_path / "run", val_size=200)
+    cells = results["cells"]
+    pruned = cells["magnitude-4x"]
+    for name in ("cstar_equal_macs-4x", "lowrank_equal_macs-4x"):
+        assert cells[name]["params_ratio"] >= 4.0 * 0.99
+        assert cells[name]["macs_ratio"] >= pruned["macs_ratio"] * 0.999  # as fast as pruning on MACs, or faster
+        assert cells[name]["macs_ratio"] > 3.5  # pruning reaches 4.0x MACs here, a params budget alone 1.87x
+    assert "admm" in cells["cstar_equal_macs-4x"]["training"]
