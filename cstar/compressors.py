@@ -81,6 +81,8 @@ class Cell:
     def train(self, model: nn.Module, phase: str) -> float:
         """Train ``model`` in place with the ``phase`` ("search" or "finetune") settings, resumably, with the
         dense model as teacher (used when the settings distill); returns the phase's training seconds."""
+        if phase not in ("search", "finetune"):
+            raise CstarError(f"unknown phase {phase!r}: a cell trains 'search' or 'finetune'")
         settings = {"search": self.search, "finetune": self.finetune}[phase]
         name = f"{self.out_dir.name} {phase}"  # e.g. "magnitude-4x search"
         _, seconds = train_phase(model, self.train_part, self.val, settings, self.out_dir / phase, resume=True,

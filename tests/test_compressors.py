@@ -78,6 +78,8 @@ def test_a_cell_trains_a_phase_resumably_in_its_own_directory(tmp_path):
     assert model is not dense and isinstance(seconds, float) and seconds > 0
     assert (tmp_path / "m-2x" / "finetune" / "metrics.jsonl").exists()
     assert any((a != b).any() for a, b in zip(model.parameters(), dense.parameters()))
+    with pytest.raises(CstarError, match="unknown phase 'warmup'"):
+        cell.train(model, "warmup")
 
 
 def test_the_equal_macs_methods_meet_both_the_ratio_and_the_macs_of_pruning(tmp_path):
