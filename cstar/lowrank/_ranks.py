@@ -113,9 +113,10 @@ def _decline_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _survey(model: nn.Module, exclude: list[str] | None
+def _survey(model: nn.Module, exclude: tuple[str, ...] | None
             ) -> tuple[list[tuple[str, nn.Module]], list[str], dict[str, str]]:
-    """Split the model's Conv2d/Linear layers into candidates, excluded names and skipped (name -> reason)."""
+    """Split the model's Conv2d/Linear layers into candidates, excluded names and skipped (name -> reason);
+    ``exclude`` as :class:`RankSpec` checked it (None: the first conv and the last linear)."""
     modules = dict(model.named_modules())
     layers = [(n, m) for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if exclude is None:
@@ -123,8 +124,6 @@ def _survey(model: nn.Module, exclude: list[str] | None
         linears = [n for n, m in layers if isinstance(m, nn.Linear)]
         exclude = convs[:1] + linears[-1:]
     else:
-        if not isinstance(exclude, (list, tuple)) or not all(isinstance(e, str) for e in exclude):
-            raise CstarError(f"exclude must be a list of module names, got {exclude!r}; e.g. exclude=['conv1', 'fc']")
         unknown = [e for e in exclude if e not in modules]
         if unknown:
             known = ", ".join(n for n, _ in layers[:8])
@@ -292,7 +291,7 @@ def select_ranks(model: nn.Module, ratio: float | RankSpec, *, budget: str = "pa
 
 def _plan(model: nn.Module, spec: RankSpec) -> RankPlan:
     ratio, budget, flops_ratio, method = spec.ratio, spec.budget, spec.flops_ratio, spec.method
-    exclude = None if spec.exclude is None else list(spec.exclude)
+    exclude = spec.exclude
     shape = spec.input_shape or input_shape_of(model)
     if shape is None and budget != "params":
         raise CstarError(f"budget={budget!r} counts MACs, which needs input_shape=(C, H, W); the model has no "
