@@ -48,7 +48,8 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx",
     if format == "onnx" and importlib.util.find_spec("onnx") is None:
         raise CstarError("ONNX export needs the onnx package: pip install 'cstar[export]' (or pip install onnx)")
     shape = _input_shape(model, input_shape)
-    model = copy.deepcopy(folded_or_same(model) if fold_bn else model).eval()
+    exported = folded_or_same(model) if fold_bn else model  # folding already returns a copy
+    model = (copy.deepcopy(model) if exported is model else exported).eval()
     device = next(iter(model.parameters()), torch.empty(0)).device
     example = torch.rand(1, *shape, device=device)
     buffer = io.BytesIO()
