@@ -172,9 +172,8 @@ def _cstar(cell: Cell, **target) -> tuple[nn.Module, dict[str, float]]:
 def pruning_macs_ratio(cell: Cell) -> float:
     """The MACs ratio (dense / pruned) that magnitude channel pruning reaches at ``cell.ratio`` parameters: the
     speed target of the equal-MACs methods (computed from the dense model; nothing is trained)."""
-    shape = tuple(cell.train_set.spec.image_shape)
-    dense = cell.fresh_copy()
-    return count_flops(dense, shape) / count_flops(prune.magnitude_prune(dense, cell.ratio, shape), shape)
+    shape = tuple(cell.train_set.spec.image_shape)  # magnitude_prune prunes a copy; count_flops restores modes
+    return count_flops(cell.dense, shape) / count_flops(prune.magnitude_prune(cell.dense, cell.ratio, shape), shape)
 
 
 @register("cstar", settings=("search", "finetune", "admm"))
