@@ -35,9 +35,9 @@ from cstar.train import TrainConfig, fit
 
 SETTINGS = {
     "mnist": dict(dataset="mnist", model="small_cnn", kw={}, train=dict(
-        method="pgd", eps=0.3, attack_steps=5, attack_step=0.1, optimizer="adam", lr=1e-3, weight_decay=0.0)),
+        attack="pgd", eps=0.3, attack_steps=5, attack_step=0.1, optimizer="adam", lr=1e-3, weight_decay=0.0)),
     "cifar10": dict(dataset="cifar10", model="resnet18", kw={"width": 16}, train=dict(
-        method="nfgsm", eps=8 / 255, optimizer="sgd", lr=0.01, weight_decay=5e-4, channels_last=True)),
+        attack="nfgsm", eps=8 / 255, optimizer="sgd", lr=0.01, weight_decay=5e-4, channels_last=True)),
 }
 
 
@@ -81,7 +81,7 @@ def measure(name: str, root: str, ratio: float, steps: int, rounds: int, batch_s
         return (steps_per_epoch * (step_admm - step_plain) + z_per_epoch * z) / epoch_plain
 
     return {"setting": name, "model": setting["model"], **setting["kw"], "ratio": ratio,
-            "training": setting["train"]["method"], "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
+            "training": setting["train"]["attack"], "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
             "compressed_layers": len(admm.names), "step_seconds_plain": round(step_plain, 4),
             "step_seconds_admm": round(step_admm, 4), "z_step_seconds": round(z, 4),
             "epoch_seconds_plain": round(epoch_plain, 1),

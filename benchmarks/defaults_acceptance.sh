@@ -51,7 +51,7 @@ fi
 if [ ! -e "$out/c10-dense/model.pt" ]; then
   resume=(); [ -e "$out/c10-dense/config.yaml" ] && resume=(--resume)
   timed train_cifar10 cstar train --model resnet18 --width 16 --data cifar10 --root "$CIFAR_ROOT" \
-    --method nfgsm --epochs 10 --optimizer sgd --lr 0.2 --weight-decay 5e-4 --schedule onecycle \
+    --attack nfgsm --epochs 10 --optimizer sgd --lr 0.2 --weight-decay 5e-4 --schedule onecycle \
     --channels-last --eval-attacks clean,pgd20 --eval-n 2000 --out "$out/c10-dense" "${resume[@]}" \
     2>&1 | tee -a "$out/train_cifar10.log"
 fi

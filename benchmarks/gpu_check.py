@@ -118,7 +118,7 @@ def _decomposed(model: nn.Module, ratio: float, budget: str = "params") -> tuple
 
 
 def _train_config(s: Settings, **kw) -> TrainConfig:
-    base = dict(method="pgd", epochs=1, batch_size=s.batch, eps=8 / 255, attack_steps=2, optimizer="sgd", lr=0.01,
+    base = dict(attack="pgd", epochs=1, batch_size=s.batch, eps=8 / 255, attack_steps=2, optimizer="sgd", lr=0.01,
                 weight_decay=5e-4, schedule="constant", check_size=0, progress=False)
     return TrainConfig(**{**base, **kw})
 

@@ -20,10 +20,12 @@ from cstar._io import atomic_write_text, write_json
 
 
 def method_label(config: dict) -> str:
-    """The training method, with its attack steps where it has some (e.g. ``pgd-3``)."""
-    if config["method"] in ("pgd", "trades"):
-        return f"{config['method']}-{config['attack_steps']}"
-    return config["method"]
+    """The training attack, with its steps where it has some (e.g. ``pgd-3``); runs recorded before the
+    rename of ``method`` to ``attack`` name it ``method``."""
+    attack = config["attack"] if "attack" in config else config["method"]
+    if attack in ("pgd", "trades"):
+        return f"{attack}-{config['attack_steps']}"
+    return attack
 
 
 def summarize(run: Path) -> dict:

@@ -40,6 +40,7 @@ from . import _log as log
 from ._errors import CstarError
 from ._io import atomic_write_bytes, atomic_write_text, write_json
 from ._phases import check_dense_not_distilled, settings_from_dict, split_held_out, train_phase, with_data_eps
+from ._renamed import renamed
 from .admm import ADMMConfig
 from .counting import count_flops, count_params
 from ._evaluate import evaluate, subset_label
@@ -171,10 +172,12 @@ def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
 
 
 def _with_new_fields(recorded: dict) -> dict:
-    """A cell's training record with the settings added to ``cstar`` since it was written at their defaults."""
+    """A cell's training record in today's terms: the settings added to ``cstar`` since it was written at their
+    defaults, the renamed ones under their new names."""
     defaults = {"search": _settings_record(TrainConfig()), "finetune": _settings_record(TrainConfig()),
                 "admm": _settings_record(ADMMConfig())}
-    return {key: {**defaults[key], **value} if key in defaults else value for key, value in recorded.items()}
+    return {key: {**defaults[key], **renamed(value, "a cell's record", note=False)} if key in defaults else value
+            for key, value in recorded.items()}
 
 
 def _check_same_training(name: str, row: dict, training: dict) -> None:

@@ -30,7 +30,7 @@ def demo_config(dense_epochs: int = 20, phase_epochs: int = 4, ratios: tuple[flo
     eps = data.DATASETS["digits"].eps
 
     def phase(epochs: int, lr: float) -> TrainConfig:
-        return TrainConfig(method="pgd", epochs=epochs, batch_size=64, eps=eps, attack_steps=7, optimizer="adam",
+        return TrainConfig(attack="pgd", epochs=epochs, batch_size=64, eps=eps, attack_steps=7, optimizer="adam",
                            lr=lr, weight_decay=0.0, check_size=VAL_SIZE, check_steps=5, seed=seed, progress=False)
 
     return CompareConfig(ratios=list(ratios), methods=list(METHODS), dense=phase(dense_epochs, 2e-3),

@@ -18,7 +18,7 @@ from ._errors import CstarError
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 SECTIONS = ("dense", "admm_train", "admm", "finetune", "search")
-_TAKEN = SECTIONS + ("method", "eval_attacks", "eval_step")  # what a dataset default supplies
+_TAKEN = SECTIONS + ("attack", "eval_attacks", "eval_step")  # what a dataset default supplies
 
 # (command, dataset) -> (preset on a CPU, preset on a GPU)
 _BY_DATASET = {

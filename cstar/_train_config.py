@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Iterable
 
@@ -12,8 +14,9 @@ import torch.nn as nn
 
 from . import _smoke
 from ._errors import CstarError, check_options
+from ._renamed import renamed
 
-METHODS = ("pgd", "fgsm_rs", "nfgsm", "trades", "clean")
+ATTACKS = ("pgd", "fgsm_rs", "nfgsm", "trades", "clean")
 SCHEDULES = ("cosine", "onecycle", "multistep", "constant")
 OPTIMIZERS = ("sgd", "adam")
 AMP_DTYPES = ("auto", "bfloat16", "float16")
@@ -28,15 +31,18 @@ class TrainConfig:
     ``eps=None`` (default) is the training data's threat model, read by :func:`fit`
     from a loader of :func:`cstar.data.make_loader` (MNIST 0.3, Fashion-MNIST 0.1,
     CIFAR and SVHN 8/255, ImageNet folders 4/255), as the command line does.
-    ``attack_step=None`` picks the method's usual step: ``2.5 * eps / attack_steps``
+    ``attack`` is the training attack or objective: ``"pgd"`` (PGD-AT),
+    ``"fgsm_rs"``, ``"nfgsm"``, ``"trades"`` or ``"clean"`` (its old name
+    ``method=`` still works, with a :class:`FutureWarning`).
+    ``attack_step=None`` picks the attack's usual step: ``2.5 * eps / attack_steps``
     for PGD and TRADES, ``1.25 * eps`` for FGSM-RS, ``eps`` for N-FGSM.
     ``eps_warmup_epochs`` ramps eps linearly from 0 (helps MNIST at eps 0.3).
     ``distill`` in [0, 1] (default 0, off) mixes adversarial distillation from a
     robust teacher into the loss, as ARD and RSLAD do (Goldblum et al. 2020;
-    Zi et al. 2021): ``(1 - distill) * method loss + distill * T^2 *
+    Zi et al. 2021): ``(1 - distill) * attack loss + distill * T^2 *
     KL(teacher(x) / T || student(x_adv) / T)`` with ``T = distill_temperature``,
     the teacher's soft labels taken on the clean batch and the student's on the
-    method's adversarial one; :func:`fit` needs ``teacher=`` (``compress`` and
+    attack's adversarial one; :func:`fit` needs ``teacher=`` (``compress`` and
     ``compare`` pass the dense model to every phase after it).
     ``lr`` is the peak learning rate; ``warmup_epochs`` ramps it linearly first.
     ``amp`` trains under ``torch.autocast`` in ``amp_dtype``: "auto" (default)
@@ -58,7 +64,7 @@ class TrainConfig:
     process unless ``sync_bn`` (CUDA only) computes them over the global batch.
     """
 
-    method: str = "pgd"
+    attack: str = "pgd"
     epochs: int = 10
     batch_size: int = 128
     eps: float | None = None
@@ -94,7 +100,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`CstarError` on a value that cannot work."""
-        _choice("method", self.method, METHODS)
+        _choice("attack", self.attack, ATTACKS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("select", self.select, ("last", "best"))
@@ -102,8 +108,8 @@ class TrainConfig:
         if self.eps is not None and not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)
                                          and 0 <= self.eps <= 1):
             raise CstarError(f"eps={self.eps} is out of range: inputs are in [0, 1], so use 0 <= eps <= 1 (e.g. 8/255 = {8/255:.5f})")
-        if self.method not in ("clean",) and self.eps == 0:
-            raise CstarError(f"eps=0 with method '{self.method}' is clean training: pass --method clean or a positive --eps")
+        if self.attack != "clean" and self.eps == 0:
+            raise CstarError(f"eps=0 with attack '{self.attack}' is clean training: pass --attack clean or a positive --eps")
         for name in ("epochs", "batch_size", "attack_steps", "check_steps"):
             if int(getattr(self, name)) < 1:
                 raise CstarError(f"{name}={getattr(self, name)} must be at least 1")
@@ -114,7 +120,7 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise CstarError(f"weight_decay={self.weight_decay} must be >= 0")
         if self.attack_step is not None and not self.attack_step > 0:
-            raise CstarError(f"attack_step={self.attack_step} must be positive (or omitted for the method's default)")
+            raise CstarError(f"attack_step={self.attack_step} must be positive (or omitted for the attack's default)")
         if not (isinstance(self.distill, (int, float)) and 0 <= self.distill <= 1):
             raise CstarError(f"distill={self.distill} must be in [0, 1]: the weight of the distillation term "
                              "(0 turns it off)")
@@ -125,7 +131,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        """Build from a dict (e.g. a YAML config); unknown keys are an error."""
+        """Build from a dict (e.g. a YAML config); unknown keys are an error, the old key ``method`` a
+        :class:`FutureWarning` (it is ``attack`` now)."""
+        values = renamed(values, "the training settings")
         check_options(values, [f.name for f in fields(cls)], "training")
         return cls(**values)
 
@@ -138,7 +146,7 @@ class TrainConfig:
 
     def summary(self) -> str:
         """One line for reports, e.g. ``"2 epoch(s) of pgd-5 (eps 0.3, adam lr 0.001, cosine)"``."""
-        attack = f"{self.method}-{self.attack_steps}" if self.method in ("pgd", "trades") else self.method
+        attack = f"{self.attack}-{self.attack_steps}" if self.attack in ("pgd", "trades") else self.attack
         eps = "" if self.eps is None else f"eps {self.eps:.4g}, "
         distill = f", distilled {self.distill:g} at T {self.distill_temperature:g}" if self.distill else ""
         return f"{self.epochs} epoch(s) of {attack} ({eps}{self.optimizer} lr {self.lr:g}, {self.schedule}{distill})"
@@ -148,11 +156,28 @@ class TrainConfig:
             raise CstarError("TrainConfig.eps is not set: pass eps= (fit sets it from a cstar.data loader's dataset)")
         if self.attack_step is not None:
             return self.attack_step
-        if self.method in ("pgd", "trades"):
+        if self.attack in ("pgd", "trades"):
             return 2.5 * self.eps / self.attack_steps
-        if self.method == "fgsm_rs":
+        if self.attack == "fgsm_rs":
             return 1.25 * self.eps
         return self.eps
+
+    @property
+    def method(self) -> str:
+        """The old name of :attr:`attack` (a :class:`FutureWarning`)."""
+        warnings.warn("TrainConfig.method is now TrainConfig.attack", FutureWarning, stacklevel=2)
+        return self.attack
+
+
+def _accepting_old_names(init):
+    """``TrainConfig.__init__`` that also takes ``method=``, the old name of ``attack=`` (noted)."""
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **renamed(kwargs, "TrainConfig()"))
+    return __init__
+
+
+TrainConfig.__init__ = _accepting_old_names(TrainConfig.__init__)
 
 
 class TrainHook:

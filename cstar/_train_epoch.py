@@ -143,7 +143,7 @@ def train_one_epoch(run: EpochContext, epoch: int, partial: dict, stop_request,
     for i, (x, y) in enumerate(bar):
         if i < done:  # resumed mid-epoch: replay the loader's order up to where the run stopped
             continue
-        if not checked and config.method != "clean":
+        if not checked and config.attack != "clean":
             attacks.check_inputs(x, y, (0.0, 1.0))
             checked = True
         x = to_channels_last(x) if run.memory_format == torch.channels_last else x.contiguous()

@@ -1,4 +1,4 @@
-"""The loss of one training step: the method's (PGD-AT, FGSM-RS, N-FGSM, TRADES, clean) and, when asked,
+"""The loss of one training step: the attack's (PGD-AT, FGSM-RS, N-FGSM, TRADES, clean) and, when asked,
 adversarial distillation from a robust teacher."""
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from ._train_config import TrainConfig
 def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, eps: float,
                    amp_dtype: torch.dtype | None, teacher: nn.Module | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The method's loss on one batch (distilled from ``teacher`` when ``config.distill``), and the logits it
-    was computed from.
+    """The training attack's loss on one batch (distilled from ``teacher`` when ``config.distill``), and the
+    logits it was computed from.
 
     ``model`` may be a DistributedDataParallel wrapper: attacks then run on the
     plain module inside, so that only the loss forward goes through the wrapper
     (DDP sees one forward and one backward per step).
     """
-    loss, logits = method_loss(model, x, y, config, eps, amp_dtype)
+    loss, logits = attack_loss(model, x, y, config, eps, amp_dtype)
     if not config.distill:
         return loss, logits
     with torch.no_grad(), torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -31,18 +31,18 @@ def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Tr
     return (1 - config.distill) * loss + config.distill * kl, logits
 
 
-def method_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, eps: float,
+def attack_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, eps: float,
                  amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training method's own loss on one batch, and the (adversarial) logits it was computed from."""
+    """The training attack's own loss on one batch, and the (adversarial) logits it was computed from."""
     step = config.step_size() * (eps / config.eps if config.eps else 1.0)
     raw = distributed.unwrap(model)
-    if config.method == "clean" or eps == 0:
+    if config.attack == "clean" or eps == 0:
         x_train = x
-    elif config.method == "pgd":
+    elif config.attack == "pgd":
         x_train = attacks.pgd(raw, x, y, eps, step, config.attack_steps, amp_dtype=amp_dtype)
-    elif config.method == "fgsm_rs":
+    elif config.attack == "fgsm_rs":
         x_train = attacks.fgsm(raw, x, y, eps, random_start=True, step=step, amp_dtype=amp_dtype)
-    elif config.method == "nfgsm":
+    elif config.attack == "nfgsm":
         x_train = attacks.nfgsm(raw, x, y, eps, noise=2 * eps, step=step, amp_dtype=amp_dtype)
     else:  # trades
         return trades_loss(model, x, y, config, eps, step, amp_dtype)

@@ -160,8 +160,9 @@ def _robustness_collapsed(record: dict, best: dict, config: TrainConfig, hooks: 
             f"{robust:.3f} from {best['robust']:.3f} (epoch {best['epoch']})"
             + ("; stopping and restoring the best epoch" if config.overfit_guard else "")
             + f". To avoid it: lower lr (now {config.lr:g}; --lr, or 'lr' in the training section)"
-            + (", or train with method pgd or nfgsm (--method) instead of fgsm_rs" if config.method == "fgsm_rs"
-               else ", or use a multi-step attack (method pgd)" if config.method == "nfgsm" else "")
+            + (", or train with the multi-step method pgd or with nfgsm (--attack) instead of fgsm_rs"
+               if config.attack == "fgsm_rs"
+               else ", or train with the multi-step method pgd (--attack pgd)" if config.attack == "nfgsm" else "")
             + ("; in an ADMM phase, a smaller rho (--admm '{rho: ...}') pulls the weights less hard"
                if hooks else ""), stacklevel=4)
     return collapsed and config.overfit_guard

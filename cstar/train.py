@@ -29,11 +29,11 @@ from ._errors import CstarError
 from ._io import append_jsonl, atomic_write_text, load_latest_checkpoint
 from ._memory_format import ONEDNN_IC_BLOCK, channels_last_unsafe_convs
 from ._signals import stop_requests
-from ._train_config import AMP_DTYPES, METHODS, OPTIMIZERS, POLL_EVERY, SCHEDULES, TrainConfig, TrainHook
+from ._train_config import AMP_DTYPES, ATTACKS, OPTIMIZERS, POLL_EVERY, SCHEDULES, TrainConfig, TrainHook
 from ._train_epoch import EpochContext, train_one_epoch
 from ._train_state import BestEpoch, Checkpointer, Progress, check_resumable, interrupt
 
-__all__ = ["AMP_DTYPES", "METHODS", "OPTIMIZERS", "POLL_EVERY", "SCHEDULES", "TrainConfig", "TrainHook", "fit",
+__all__ = ["AMP_DTYPES", "ATTACKS", "OPTIMIZERS", "POLL_EVERY", "SCHEDULES", "TrainConfig", "TrainHook", "fit",
            "lr_factor", "make_optimizer", "resolve_amp_dtype", "robust_check"]
 
 
@@ -147,7 +147,7 @@ def _with_data_eps(config: TrainConfig, loader) -> TrainConfig:
     if config.eps is not None:
         return config
     spec = getattr(getattr(loader, "data", None), "spec", None)
-    if spec is None and config.method == "clean" and config.check_size == 0:
+    if spec is None and config.attack == "clean" and config.check_size == 0:
         return replace(config, eps=0.0)  # nothing adversarial happens: no radius needed
     if spec is None:
         raise CstarError(f"TrainConfig.eps is not set and the {type(loader).__name__} does not say its dataset's "

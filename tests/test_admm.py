@@ -107,7 +107,7 @@ def _admm_run_on_digits(admm_config: ADMMConfig, **train) -> ADMM:
     model = TinyNet()
     loader = data.make_loader(data.load("digits", split="train"), 64, train=True, seed=0)
     admm = ADMM(model, select_ranks(model, 6.0, input_shape=(1, 8, 8)), admm_config, steps_per_epoch=len(loader))
-    fit(model, loader, TrainConfig(method="clean", batch_size=64, weight_decay=0.0, check_size=0, progress=False,
+    fit(model, loader, TrainConfig(attack="clean", batch_size=64, weight_decay=0.0, check_size=0, progress=False,
                                    **train), hooks=[admm])
     return admm
 

@@ -67,7 +67,7 @@ def test_divergence_in_a_later_epoch_keeps_the_last_good_checkpoint_and_names_th
     train_set = data.load("digits", split="train")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    config = TrainConfig(method="clean", epochs=3, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0,
+    config = TrainConfig(attack="clean", epochs=3, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0,
                          check_size=0, progress=False)
     with pytest.raises(CstarError, match=r"diverged at epoch 2, step 1 .*checkpoint\.pt"):
         fit(model, _nan_from(data.make_loader(train_set, 64, train=True), epoch=1), config, out_dir=tmp_path)

@@ -12,7 +12,7 @@ from cstar.serialize import load
 from cstar.train import TrainConfig
 from cstar._errors import CstarError
 
-TRAIN = dict(method="pgd", eps=0.2, attack_steps=2, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0,
+TRAIN = dict(attack="pgd", eps=0.2, attack_steps=2, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0,
              check_size=0, progress=False)
 
 

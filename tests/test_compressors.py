@@ -71,7 +71,7 @@ def test_bad_registrations_are_refused_in_one_line(registry, name, settings, mes
 def test_a_cell_trains_a_phase_resumably_in_its_own_directory(tmp_path):
     train_set = data.load("digits", split="train")
     dense = dense_model(train_set)
-    settings = TrainConfig(epochs=1, method="clean", batch_size=64, check_size=0, progress=False)
+    settings = TrainConfig(epochs=1, attack="clean", batch_size=64, check_size=0, progress=False)
     cell = compressors.Cell(dense, 2.0, train_set, train_set, None, settings, settings, None, tmp_path / "m-2x", 0)
     model = cell.fresh_copy()
     seconds = cell.train(model, "finetune")

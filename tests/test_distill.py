@@ -25,7 +25,7 @@ def tiny(seed: int) -> nn.Module:
 def test_the_distilled_loss_mixes_the_methods_loss_and_the_tempered_kl_to_the_teacher():
     student, teacher = tiny(0), tiny(1).eval()
     x, y = torch.rand(5, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1])
-    config = TrainConfig(method="clean", eps=0.1, distill=0.25, distill_temperature=2.0)
+    config = TrainConfig(attack="clean", eps=0.1, distill=0.25, distill_temperature=2.0)
     loss, logits = _training_loss(student, x, y, config, 0.1, None, teacher)
     s, t = student(x), teacher(x)
     p_teacher = torch.softmax(t / 2, 1)
@@ -38,7 +38,7 @@ def test_the_distilled_loss_mixes_the_methods_loss_and_the_tempered_kl_to_the_te
 def test_without_distill_the_loss_is_the_methods_own_and_needs_no_teacher():
     student = tiny(0)
     x, y = torch.rand(5, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1])
-    loss, _ = _training_loss(student, x, y, TrainConfig(method="clean", eps=0.1), 0.1, None, None)
+    loss, _ = _training_loss(student, x, y, TrainConfig(attack="clean", eps=0.1), 0.1, None, None)
     torch.testing.assert_close(loss, F.cross_entropy(student(x), y))
 
 
@@ -62,7 +62,7 @@ def test_fit_refuses_distill_without_a_teacher_before_any_step():
     student = tiny(0)
     before = copy.deepcopy(student.state_dict())
     with pytest.raises(CstarError, match="pass fit\\(..., teacher=model\\)"):
-        fit(student, loader(), TrainConfig(method="fgsm_rs", eps=0.1, epochs=1, check_size=0, distill=0.5,
+        fit(student, loader(), TrainConfig(attack="fgsm_rs", eps=0.1, epochs=1, check_size=0, distill=0.5,
                                            progress=False))
     assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
 
@@ -70,7 +70,7 @@ def test_fit_refuses_distill_without_a_teacher_before_any_step():
 def test_fit_learns_from_a_teacher_it_leaves_alone():
     student, teacher = tiny(0), tiny(1).train()
     before = copy.deepcopy(teacher.state_dict())
-    config = TrainConfig(method="fgsm_rs", eps=0.1, epochs=3, check_size=0, distill=1.0, optimizer="adam", lr=0.01,
+    config = TrainConfig(attack="fgsm_rs", eps=0.1, epochs=3, check_size=0, distill=1.0, optimizer="adam", lr=0.01,
                          weight_decay=0, progress=False)
     x = torch.cat([b[0] for b in loader()])
 

@@ -76,7 +76,7 @@ def _train_runs() -> dict:
     out = {}
     for method in METHODS:
         model = tiny_net()
-        config = cstar.TrainConfig(method=method, epochs=1, batch_size=PER_RANK * (2 // world), eps=0.1,
+        config = cstar.TrainConfig(attack=method, epochs=1, batch_size=PER_RANK * (2 // world), eps=0.1,
                                    attack_steps=3, schedule="constant", lr=0.5, weight_decay=0.0, check_size=11,
                                    check_steps=3, progress=False)
         loader = make_loader(data, config.batch_size, train=True, rank=distributed.rank(), world_size=world)
@@ -108,7 +108,7 @@ def worker(workdir: Path) -> None:
     (workdir / f"eval-{r}.json").write_text(json.dumps(result))
     loader = make_loader(tiny_data(16, seed=1), 8, train=True, rank=r, world_size=2)
     try:
-        cstar.fit(tiny_net(), loader, cstar.TrainConfig(method="clean", epochs=1, sync_bn=True, progress=False))
+        cstar.fit(tiny_net(), loader, cstar.TrainConfig(attack="clean", epochs=1, sync_bn=True, progress=False))
     except CstarError as exc:
         (workdir / f"sync-bn-{r}.txt").write_text(str(exc))
     (workdir / f"diverged-{r}.txt").write_text(diverge_on_rank_1())
@@ -132,7 +132,7 @@ def diverge_on_rank_1() -> str:
     """What ``fit`` raises on this rank when rank 1's loss alone is not finite (it must not hang)."""
     loader = make_loader(tiny_data(48, seed=1), 8, train=True, rank=distributed.rank(), world_size=2)
     try:
-        cstar.fit(tiny_net(), loader, cstar.TrainConfig(method="clean", epochs=2, check_size=0, progress=False),
+        cstar.fit(tiny_net(), loader, cstar.TrainConfig(attack="clean", epochs=2, check_size=0, progress=False),
                   hooks=[_NaNOnRank1()])
     except CstarError as exc:
         return str(exc)
@@ -245,7 +245,7 @@ def test_compress_runs_under_torchrun_and_its_model_reloads(tmp_path):
 
 def test_only_rank_0_warns(tmp_path):
     proc = torchrun(["-m", "cstar", "train", "--model", "small_cnn", "--data", "digits", "--epochs", "1",
-                     "--method", "clean", "--amp", "--val-size", "64", "--eval-attacks", "clean", "--eval-n", "64",
+                     "--attack", "clean", "--amp", "--val-size", "64", "--eval-attacks", "clean", "--eval-n", "64",
                      "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")], cwd=tmp_path)
     assert proc.stderr.count("amp=True has no effect on the CPU") == 1
 

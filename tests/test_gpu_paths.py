@@ -30,7 +30,7 @@ def _tiny(seed=0):
 
 
 def _config(**kw):
-    base = dict(method="clean", epochs=2, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0, check_size=0,
+    base = dict(attack="clean", epochs=2, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0, check_size=0,
                 progress=False)
     return TrainConfig(**{**base, **kw})
 
@@ -240,7 +240,7 @@ def test_attacks_inside_a_training_step_skip_the_range_scan(monkeypatch):
     scans = []
     real = torch.aminmax
     monkeypatch.setattr(torch, "aminmax", lambda *a, **k: scans.append(1) or real(*a, **k))
-    fit(_tiny(), _loader(), _config(epochs=2, method="pgd", eps=0.1, attack_steps=2))
+    fit(_tiny(), _loader(), _config(epochs=2, attack="pgd", eps=0.1, attack_steps=2))
     assert len(scans) == 2
 
 

@@ -97,13 +97,13 @@ def mnist_run(tmp_path_factory):
         pytest.skip("CSTAR_TEST_DATA (a root holding MNIST/raw) is not set")
     out = tmp_path_factory.mktemp("runs") / "mnist"
     assert main(["train", "--model", "small_cnn", "--data", "mnist", "--root", DATA, "--train-n", "600",
-                 "--method", "clean", "--out", str(out), *FAST]) == 0
+                 "--attack", "clean", "--out", str(out), *FAST]) == 0
     return out
 
 
 def test_train_takes_the_first_n_training_images(capsys, tmp_path):
     code, out, err = run(capsys, "train", "--model", "small_cnn", "--data", "digits", "--train-n", "300",
-                         "--method", "clean", "--out", tmp_path / "run", *FAST)
+                         "--attack", "clean", "--out", tmp_path / "run", *FAST)
     assert code == 0, err  # was: unrecognized arguments: --train-n
     assert "(200 train / 360 test images)" in out  # 300 images, the last 100 held out for the check
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train_n"] == 300
@@ -140,7 +140,7 @@ def test_a_resume_with_other_settings_is_refused_and_rewrites_nothing(capsys, tr
 
 def test_fit_refuses_a_checkpoint_of_another_architecture_in_one_line(tmp_path):
     train_set = data.load("digits", split="train")
-    config = TrainConfig(method="clean", epochs=1, batch_size=64, check_size=0, progress=False)
+    config = TrainConfig(attack="clean", epochs=1, batch_size=64, check_size=0, progress=False)
     fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), data.make_loader(train_set, 64, train=True), config,
         out_dir=tmp_path)
     other = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
@@ -152,7 +152,7 @@ def test_fit_refuses_a_checkpoint_of_another_architecture_in_one_line(tmp_path):
 def test_fit_refuses_to_resume_with_another_optimizer(tmp_path):
     train_set = data.load("digits", split="train")
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    config = TrainConfig(method="clean", epochs=1, batch_size=64, check_size=0, progress=False, optimizer="adam")
+    config = TrainConfig(attack="clean", epochs=1, batch_size=64, check_size=0, progress=False, optimizer="adam")
     fit(model, data.make_loader(train_set, 64, train=True), config, out_dir=tmp_path)
     with pytest.raises(CstarError, match="optimizer adam"):
         fit(model, data.make_loader(train_set, 64, train=True),
@@ -232,7 +232,7 @@ def test_piped_training_logs_one_line_per_epoch(tmp_path):
 
 def test_a_resumed_run_says_where_it_resumes(capsys, tmp_path):
     train_set = data.load("digits", split="train")
-    config = TrainConfig(method="clean", epochs=1, batch_size=64, check_size=0)
+    config = TrainConfig(attack="clean", epochs=1, batch_size=64, check_size=0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     fit(model, data.make_loader(train_set, 64, train=True), config, out_dir=tmp_path, name="dense")
     capsys.readouterr()
@@ -341,7 +341,7 @@ def _digits_net():
 
 def test_fit_without_validation_data_holds_out_images_and_checks_every_epoch():
     loader = data.make_loader(data.load("digits", split="train"), 64, train=True)
-    config = TrainConfig(method="pgd", epochs=1, batch_size=64, eps=0.2, attack_steps=2, optimizer="adam", lr=2e-3,
+    config = TrainConfig(attack="pgd", epochs=1, batch_size=64, eps=0.2, attack_steps=2, optimizer="adam", lr=2e-3,
                          weight_decay=0.0, check_size=100, progress=False)
     with pytest.warns(UserWarning, match="last 100 training images are held out"):
         history = fit(_digits_net(), loader, config)
@@ -350,7 +350,7 @@ def test_fit_without_validation_data_holds_out_images_and_checks_every_epoch():
 
 def test_a_collapse_stops_the_run_restores_the_best_epoch_and_names_the_flag(tmp_path):
     loader = data.make_loader(data.load("digits", split="train"), 64, train=True)
-    config = TrainConfig(method="fgsm_rs", epochs=4, batch_size=64, eps=0.2, optimizer="adam", lr=2e-3,
+    config = TrainConfig(attack="fgsm_rs", epochs=4, batch_size=64, eps=0.2, optimizer="adam", lr=2e-3,
                          weight_decay=0.0, check_size=100, progress=False)
     model = _digits_net()
     snapshots = {}
@@ -427,7 +427,7 @@ def test_fit_refuses_a_loader_that_does_not_say_its_threat_model_without_eps():
 def test_clean_training_without_the_check_needs_no_eps():
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
     batches = [(torch.rand(8, 1, 28, 28), torch.arange(8))]
-    history = fit(model, batches, TrainConfig(method="clean", epochs=1, check_size=0, progress=False))
+    history = fit(model, batches, TrainConfig(attack="clean", epochs=1, check_size=0, progress=False))
     assert len(history) == 1
 
 

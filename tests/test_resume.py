@@ -17,7 +17,7 @@ from cstar.cli import main
 from cstar.train import TrainConfig, fit
 from helpers import BatchHook
 
-TRAIN = ["train", "--model", "small_cnn", "--data", "digits", "--method", "pgd", "--attack-steps", "2",
+TRAIN = ["train", "--model", "small_cnn", "--data", "digits", "--attack", "pgd", "--attack-steps", "2",
          "--epochs", "3", "--batch-size", "16", "--optimizer", "adam", "--lr", "2e-3", "--check-size", "64",
          "--eval-attacks", "clean,pgd5", "--seed", "3", "--no-progress"]
 TIMINGS = ("train_seconds", "images_per_second", "seconds")
@@ -99,7 +99,7 @@ def _tiny(seed=0):
 
 def test_sigterm_mid_epoch_resumes_at_the_batch_where_it_stopped(tmp_path):
     train_set = data.load("digits", split="train")
-    config = TrainConfig(method="pgd", epochs=2, batch_size=64, eps=0.1, attack_steps=2, optimizer="adam", lr=3e-3,
+    config = TrainConfig(attack="pgd", epochs=2, batch_size=64, eps=0.1, attack_steps=2, optimizer="adam", lr=3e-3,
                          weight_decay=0.0, check_size=0, progress=False)
     full = _tiny()
     fit(full, data.make_loader(train_set, 64, train=True, seed=0), config, out_dir=tmp_path / "full")
@@ -119,7 +119,7 @@ def test_sigterm_mid_epoch_resumes_at_the_batch_where_it_stopped(tmp_path):
 
 def test_resume_falls_back_to_the_previous_checkpoint_when_the_latest_is_corrupt(tmp_path):
     train_set = data.load("digits", split="train")
-    config = TrainConfig(method="clean", epochs=2, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0,
+    config = TrainConfig(attack="clean", epochs=2, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0,
                          check_size=0, progress=False)
     fit(_tiny(), data.make_loader(train_set, 64, train=True, seed=0), config, out_dir=tmp_path)
     latest = tmp_path / "checkpoint.pt"

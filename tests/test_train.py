@@ -29,7 +29,7 @@ def as_float(ds):
 
 
 def config(**kw):
-    base = dict(method="pgd", epochs=2, batch_size=64, eps=0.1, attack_steps=3, optimizer="adam", lr=3e-3,
+    base = dict(attack="pgd", epochs=2, batch_size=64, eps=0.1, attack_steps=3, optimizer="adam", lr=3e-3,
                 weight_decay=0.0, check_size=100, progress=False)
     base.update(kw)
     return TrainConfig(**base)
@@ -62,8 +62,8 @@ def test_multistep_divides_by_ten_at_half_and_three_quarters():
     assert [lr_factor(cfg, s, 10) for s in (0, 20, 30)] == pytest.approx([1.0, 0.1, 0.01])
 
 
-@pytest.mark.parametrize("bad", [dict(method="madry"), dict(eps=2.0), dict(eps=float("nan")), dict(lr=0),
-                                 dict(epochs=0), dict(schedule="step"), dict(method="pgd", eps=0.0)])
+@pytest.mark.parametrize("bad", [dict(attack="madry"), dict(eps=2.0), dict(eps=float("nan")), dict(lr=0),
+                                 dict(epochs=0), dict(schedule="step"), dict(attack="pgd", eps=0.0)])
 def test_bad_config_values_raise_cstar_error(bad):
     with pytest.raises(CstarError):
         config(**bad)
@@ -75,15 +75,15 @@ def test_unknown_config_key_is_named():
 
 
 def test_default_step_sizes_follow_the_method():
-    assert config(method="pgd", eps=8 / 255, attack_steps=10).step_size() == pytest.approx(2 / 255)
-    assert config(method="fgsm_rs", eps=0.1).step_size() == pytest.approx(0.125)
-    assert config(method="nfgsm", eps=0.1).step_size() == pytest.approx(0.1)
+    assert config(attack="pgd", eps=8 / 255, attack_steps=10).step_size() == pytest.approx(2 / 255)
+    assert config(attack="fgsm_rs", eps=0.1).step_size() == pytest.approx(0.125)
+    assert config(attack="nfgsm", eps=0.1).step_size() == pytest.approx(0.1)
 
 
 def train_and_check(train_set, test_set, method):
     """(clean, PGD-10) test accuracy of the tiny model after 6 epochs of ``method``."""
     model = tiny_model()
-    fit(model, data.make_loader(train_set, 64, train=True, seed=0), config(method=method, epochs=6, check_size=0))
+    fit(model, data.make_loader(train_set, 64, train=True, seed=0), config(attack=method, epochs=6, check_size=0))
     x, y = as_float(test_set)
     return train.robust_check(model, x, y, eps=0.1, steps=10)
 
@@ -227,7 +227,7 @@ def test_hooks_add_a_penalty_see_every_step_and_log(digits):
     for strength in (0.0, 1.0):
         model, hook = tiny_model(), _CountingShrinkHook(strength)
         loader = data.make_loader(train_set, 64, train=True, seed=0)
-        history = fit(model, loader, config(method="clean", epochs=2, check_size=0), hooks=[hook])
+        history = fit(model, loader, config(attack="clean", epochs=2, check_size=0), hooks=[hook])
         norms[strength] = sum(p.pow(2).sum().item() for p in model.parameters())
     assert norms[1.0] < 0.5 * norms[0.0]
     assert hook.steps == 2 * len(loader) and history[-1]["hook_steps"] == hook.steps
@@ -237,9 +237,9 @@ def test_hook_state_is_checkpointed_and_resumed(digits, tmp_path):
     train_set, _ = digits
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_model(), _Hooked(data.make_loader(train_set, 64, train=True, seed=0), kill_at=1),
-            config(method="clean", epochs=2, check_size=0), out_dir=tmp_path, hooks=[_CountingShrinkHook(0.0)])
+            config(attack="clean", epochs=2, check_size=0), out_dir=tmp_path, hooks=[_CountingShrinkHook(0.0)])
     hook = _CountingShrinkHook(0.0)
-    fit(tiny_model(), data.make_loader(train_set, 64, train=True, seed=0), config(method="clean", epochs=2, check_size=0),
+    fit(tiny_model(), data.make_loader(train_set, 64, train=True, seed=0), config(attack="clean", epochs=2, check_size=0),
         out_dir=tmp_path, resume=True, hooks=[hook])
     assert hook.epochs == 2 and hook.steps == 2 * (len(train_set) // 64)
 
@@ -265,7 +265,7 @@ def test_channels_last_training_matches_the_default_format():
         model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
                               nn.Linear(512, 10))
         # Clean SGD: PGD's sign steps and Adam's normalisation would amplify float rounding differences.
-        fit(model, loader, config(method="clean", optimizer="sgd", lr=0.05, epochs=1, check_size=0,
+        fit(model, loader, config(attack="clean", optimizer="sgd", lr=0.05, epochs=1, check_size=0,
                                   channels_last=channels_last))
         results.append(model)
     assert results[1][0].weight.is_contiguous(memory_format=torch.channels_last)
@@ -281,7 +281,7 @@ def test_channels_last_training_gives_one_channel_images_channels_last_strides()
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10))
     strides = []
     model[0].register_forward_pre_hook(lambda module, args: strides.append(args[0].stride(1)))
-    fit(model, loader, config(method="clean", optimizer="sgd", lr=0.05, epochs=1, check_size=0, channels_last=True))
+    fit(model, loader, config(attack="clean", optimizer="sgd", lr=0.05, epochs=1, check_size=0, channels_last=True))
     assert strides and all(stride == 1 for stride in strides)
 
 
@@ -296,7 +296,7 @@ def test_channels_last_is_turned_off_for_convs_that_onednn_mis_trains():
         model = nn.Sequential(nn.Conv2d(5, 9, 1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(9 * 8 * 8, 10))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            fit(model, loader, config(method="clean", optimizer="sgd", lr=0.05, epochs=1, check_size=0,
+            fit(model, loader, config(attack="clean", optimizer="sgd", lr=0.05, epochs=1, check_size=0,
                                       channels_last=channels_last))
         results.append((model, [str(w.message) for w in caught]))
     assert not any("channels_last is off" in m for m in results[0][1])

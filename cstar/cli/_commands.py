@@ -35,7 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                        resume=args.resume)
     runs.write_run_files(out, args, eps, device)
     print(f"cstar train: {args.model} on {args.data} ({len(train_part)} train / {len(test_set)} test images), "
-          f"{args.method} eps={eps:.4g}, {count_params(model):,} parameters, device {device}; output in {out}")
+          f"{args.attack} eps={eps:.4g}, {count_params(model):,} parameters, device {device}; output in {out}")
     loader = data.make_loader(train_part, config.batch_size, train=True, device=device, seed=args.seed,
                               rank=distributed.rank(), world_size=distributed.world_size())
     t0 = time.perf_counter()
@@ -46,9 +46,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                            "dataset": args.data, "eps": eps})
     result = evaluate(model, test_set, names(args.eval_attacks), eps=eps, step=args.eval_step, n=args.eval_n,
                       seed=args.seed, out_path=out / "results.json",
-                      meta={"model": args.model, "dataset": args.data, "method": args.method,
+                      meta={"model": args.model, "dataset": args.data, "attack": args.attack,
                             "epochs_run": len(history), "train_seconds": round(train_seconds, 1)})
-    print(format_results({f"{args.model} ({args.method})": result}))
+    print(format_results({f"{args.model} ({args.attack})": result}))
     print(f"trained in {train_seconds / 60:.1f} min; results in {out / 'results.json'}, model in {out / 'model.pt'}")
     return 0
 
@@ -145,10 +145,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _common_phase_settings(args: argparse.Namespace, eps: float) -> dict:
-    """The training settings every phase of compress and compare shares (eps, seed, progress, --method)."""
+    """The training settings every phase of compress and compare shares (eps, seed, progress, --attack)."""
     common = {"eps": eps, "seed": args.seed, "progress": not args.no_progress}
-    if args.method:
-        common["method"] = args.method
+    if args.attack:
+        common["attack"] = args.attack
     return common
 
 

@@ -18,6 +18,7 @@ import yaml
 
 from .. import _presets as presets
 from .._errors import CstarError
+from .._renamed import renamed
 from ..lowrank import RankSpec
 from ..train import TrainConfig
 from ._parser import build_parser, parse_eps
@@ -102,7 +103,7 @@ def _load_config_file(path: str) -> dict:
         raise CstarError(f"config file {p} is not valid YAML/JSON ({str(exc).splitlines()[0]}): fix its syntax") from None
     if not isinstance(values, dict):
         raise CstarError(f"config file {p} must hold a mapping of option: value, not a {type(values).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in values.items()}
+    return renamed({str(k).replace("-", "_"): v for k, v in values.items()}, f"config file {p}")
 
 
 def _config_values(args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
@@ -144,6 +145,7 @@ def _recorded_options(args: argparse.Namespace, given: dict) -> dict:
         recorded = yaml.safe_load(record_path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:
         raise CstarError(f"{record_path} is not valid YAML: restore it, or start a new run without --resume") from None
+    recorded = _current_names(recorded)
     may_change = _MAY_CHANGE_ON_RESUME | (_EVALUATION_OPTIONS if args.command in ("train", "compare") else set())
     differences = [f"--{key.replace('_', '-')} {_shown(value)} (the run has {_shown(recorded[key])})"
                    for key, value in sorted(given.items())
@@ -153,6 +155,13 @@ def _recorded_options(args: argparse.Namespace, given: dict) -> dict:
                          f"just --resume --out {args.out} (it reads the rest from {record_path}), or start a new "
                          "run in another --out")
     return {key: value for key, value in recorded.items() if key not in NOT_SAVED}
+
+
+def _current_names(record: dict) -> dict:
+    """A run's record with the options renamed since it was written under their new names (silently)."""
+    record = renamed(record, "the run's record", note=False)
+    return {key: renamed(value, "the run's record", note=False) if key in SECTIONS and isinstance(value, dict)
+            else value for key, value in record.items()}
 
 
 def _same_option(a, b) -> bool:
@@ -215,7 +224,7 @@ def rank_spec(args: argparse.Namespace) -> RankSpec:
 def train_config(args: argparse.Namespace, eps: float) -> TrainConfig:
     """The :class:`TrainConfig` of ``cstar train``'s flat training options."""
     return TrainConfig(
-        method=args.method, epochs=args.epochs, batch_size=args.batch_size, eps=eps,
+        attack=args.attack, epochs=args.epochs, batch_size=args.batch_size, eps=eps,
         attack_steps=args.attack_steps, attack_step=args.attack_step, eps_warmup_epochs=args.eps_warmup,
         trades_beta=args.trades_beta, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,

@@ -7,6 +7,7 @@ layers presets, ``--config`` and a resumed run's record over these.
 from __future__ import annotations
 
 import argparse
+import warnings
 from fractions import Fraction
 
 import yaml
@@ -14,7 +15,7 @@ import yaml
 from .. import data, models
 from .._version import __version__
 from .._errors import CstarError
-from ..train import AMP_DTYPES, METHODS, OPTIMIZERS, SCHEDULES, TrainConfig
+from ..train import AMP_DTYPES, ATTACKS, OPTIMIZERS, SCHEDULES, TrainConfig
 
 FACTORY_FORMS = "package.module:factory, torchvision:NAME, timm:NAME (with --model-arg KEY=VALUE)"
 
@@ -62,6 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- option groups
 
 
+class _OldName(argparse.Action):
+    """A flag's old name: sets the new flag's option, with a :class:`FutureWarning` naming the new flag."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = "--" + self.dest.replace("_", "-")
+        warnings.warn(f"{option_string} is now {new}; {option_string} still works for now", FutureWarning)
+        setattr(namespace, self.dest, values)
+
+
+def _old_name(g, flag: str, dest: str) -> None:
+    """Accept ``flag``, hidden from the help, as the old name of the option ``dest`` (same choices)."""
+    new = next(a for a in g._group_actions if a.dest == dest)
+    g.add_argument(flag, dest=dest, action=_OldName, choices=new.choices, default=new.default, help=argparse.SUPPRESS)
+
+
 def _data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", help=f"dataset: {', '.join(sorted(data.DATASETS))}")
@@ -107,7 +123,8 @@ def _pipeline_options(p: argparse.ArgumentParser, title: str):
     _model_options(p)
     _data_options(p)
     g = p.add_argument_group(title)
-    g.add_argument("--method", choices=METHODS, default=None, help="training attack of every phase (default: pgd)")
+    g.add_argument("--attack", choices=ATTACKS, default=None, help="training attack of every phase (default: pgd)")
+    _old_name(g, "--method", "attack")
     g.add_argument("--train-n", type=int, default=None, help="train on the first N training images only")
     g.add_argument("--val-size", type=int, default=1000, help="training images held out for per-epoch checks")
     g.add_argument("--eval-attacks", default="clean,pgd20")
@@ -137,7 +154,8 @@ def _train(sub) -> None:
     _data_options(t)
     d = TrainConfig.__dataclass_fields__
     g = t.add_argument_group("training")
-    g.add_argument("--method", choices=METHODS, default="pgd", help="training attack/objective (default: pgd)")
+    g.add_argument("--attack", choices=ATTACKS, default="pgd", help="training attack/objective (default: pgd)")
+    _old_name(g, "--method", "attack")
     g.add_argument("--epochs", type=int, default=d["epochs"].default)
     g.add_argument("--batch-size", type=int, default=d["batch_size"].default)
     g.add_argument("--attack-steps", type=int, default=d["attack_steps"].default, help="PGD/TRADES steps (default: 10)")
