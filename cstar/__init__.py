@@ -31,7 +31,8 @@ from ._evaluate import evaluate, paired_difference
 from ._precision import full_float32
 from .inference import fold_batchnorm, optimize_for_inference
 from .lowrank import (LayerPlan, LowRankConv1x1, LowRankLinear, RankPlan, RankSpec, Tucker2Conv2d, decompose,
-                      mode_spectra, select_ranks, svd_factors, svd_project, tucker2, tucker2_project)
+                      layer_sensitivity, mode_spectra, select_ranks, svd_factors, svd_project, tucker2,
+                      tucker2_project)
 from .prune import (ChannelGroup, ChannelMask, ChannelPlan, ScoredModel, channel_scores, find_groups, hydra_prune,
                     learn_channel_scores, magnitude_prune, prune_channels, robust_prune, select_channels)
 from ._export import export
@@ -44,7 +45,7 @@ __all__ = [
     "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "channel_scores", "compare", "compress", "compressors",
     "count_flops",
     "count_params", "data", "decompose", "distributed", "evaluate", "export", "find_groups", "fit",
-    "fold_batchnorm", "full_float32", "hydra_prune", "layer_table", "learn_channel_scores", "load", "magnitude_prune",
+    "fold_batchnorm", "full_float32", "hydra_prune", "layer_sensitivity", "layer_table", "learn_channel_scores", "load", "magnitude_prune",
     "mode_spectra", "models", "optimize_for_inference", "paired_difference", "prune", "prune_channels",
     "robust_prune", "save", "select_channels", "select_ranks", "svd_factors", "svd_project", "tucker2",
     "tucker2_project",

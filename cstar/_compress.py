@@ -55,6 +55,8 @@ class CompressConfig:
 
     ``ratio`` is whole-model dense/compressed parameters (``budget="params"``),
     MACs (``"flops"``), or parameters with ``flops_ratio`` on MACs (``"joint"``).
+    ``layer_weights`` weigh the global rank allocation's layers (see
+    :class:`cstar.lowrank.RankSpec`; e.g. :func:`cstar.lowrank.layer_sensitivity`).
     ``dense`` trains the dense model when none is given; ``admm_train`` and
     ``finetune`` are the adversarial training settings of phases 3 and 5; their
     ``distill`` learns from the dense model (adversarial distillation).
@@ -70,6 +72,7 @@ class CompressConfig:
     exclude: list[str] | None = None
     min_rank: int = 1
     multiple_of: int = 1
+    layer_weights: dict[str, float] | None = None
     dense: TrainConfig = field(default_factory=TrainConfig)
     admm_train: TrainConfig = field(default_factory=TrainConfig)
     admm: ADMMConfig = field(default_factory=ADMMConfig)
@@ -99,7 +102,8 @@ class CompressConfig:
     def rank_spec(self) -> RankSpec:
         """The rank-plan target of these settings (validated)."""
         return RankSpec(self.ratio, budget=self.budget, flops_ratio=self.flops_ratio, method=self.rank_method,
-                        exclude=self.exclude, min_rank=self.min_rank, multiple_of=self.multiple_of)
+                        exclude=self.exclude, min_rank=self.min_rank, multiple_of=self.multiple_of,
+                        layer_weights=self.layer_weights)
 
 
 def check_plan(model: nn.Module, config: CompressConfig) -> None:

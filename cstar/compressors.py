@@ -20,10 +20,13 @@ runs it beside the built-in ones (listed by :func:`names`): ``cstar`` (ADMM
 under the rank constraints, then the exact decomposition), ``hydra`` (channel
 scores learned on the adversarial loss, weights frozen), ``magnitude`` (channels
 pruned by filter norm), ``lowrank_global`` / ``lowrank_uniform`` (post-hoc
-decomposition with global / uniform ranks), and ``cstar_equal_macs`` /
+decomposition with global / uniform ranks), ``cstar_equal_macs`` /
 ``lowrank_equal_macs``: the low-rank methods held to the parameter ratio and,
 at once, to the MACs ratio that magnitude pruning reaches there (equal size
-and equal compute: pruning removes MACs faster than low rank does).
+and equal compute: pruning removes MACs faster than low rank does), and
+``cstar_sensitivity`` / ``lowrank_sensitivity``: their global ranks weighed by
+each layer's sensitivity of the adversarial loss
+(:func:`cstar.lowrank.layer_sensitivity`), robustness-aware ranks.
 """
 
 from __future__ import annotations
@@ -34,15 +37,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from . import prune
+from . import data, distributed, prune
 from ._errors import CstarError
 from ._phases import train_phase, training_loader, training_seconds
 from .admm import ADMMConfig
 from ._compress import CompressConfig, compress
 from .counting import count_flops
-from .lowrank import decompose, select_ranks
+from .lowrank import decompose, layer_sensitivity, select_ranks
 from .serialize import load
 from .train import TrainConfig
 
@@ -230,3 +234,30 @@ def lowrank_equal_macs(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     plan = select_ranks(model, cell.ratio, budget="joint", flops_ratio=pruning_macs_ratio(cell),
                         input_shape=tuple(cell.train_set.spec.image_shape))
     return cell.train_weights(decompose(model, plan))
+
+
+def dense_sensitivity(cell: Cell, max_batches: int = 8) -> dict[str, float]:
+    """The dense model's :func:`cstar.lowrank.layer_sensitivity` on the ``search`` attack's radius and steps, over
+    the first ``max_batches`` batches of the training part in order (the same on every process and every resume:
+    seeded, and rank 0's under torchrun)."""
+    batches = data.make_loader(cell.train_part, cell.search.batch_size, train=False, device=cell.device)
+    with torch.random.fork_rng(devices=[cell.device] if cell.device.type == "cuda" else []):
+        torch.manual_seed(cell.seed)
+        weights = layer_sensitivity(cell.dense, batches, cell.search.eps, steps=cell.search.attack_steps,
+                                    max_batches=max_batches)
+    return distributed.broadcast_object(weights)
+
+
+@register("cstar_sensitivity", settings=("search", "finetune", "admm"))
+def cstar_sensitivity(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
+    """CSTAR with robustness-aware ranks: the global allocation weighs each layer by its sensitivity of the
+    adversarial loss on the dense model (:func:`dense_sensitivity`)."""
+    return _cstar(cell, layer_weights=dense_sensitivity(cell))
+
+
+@register("lowrank_sensitivity")
+def lowrank_sensitivity(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
+    """Post-hoc decomposition with robustness-aware global ranks (:func:`dense_sensitivity`), then both phases."""
+    model = cell.fresh_copy()
+    return cell.train_weights(decompose(model, select_ranks(model, cell.ratio,
+                                                            layer_weights=dense_sensitivity(cell))))

@@ -1,5 +1,6 @@
 """The compressor registry: a method added in one function runs in compare like the built-in ones."""
 
+import json
 import re
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def design_example() -> str:
 
 def test_the_built_in_methods_are_registered_in_order():
     assert compressors.names() == ("cstar", "hydra", "magnitude", "lowrank_global", "lowrank_uniform",
-                                   "cstar_equal_macs", "lowrank_equal_macs")
+                                   "cstar_equal_macs", "lowrank_equal_macs", "cstar_sensitivity",
+                                   "lowrank_sensitivity")
     assert compressors.settings_of("cstar") == ("search", "finetune", "admm")
     assert compressors.settings_of("magnitude") == ("search", "finetune")
 
@@ -94,3 +96,24 @@ def test_the_equal_macs_methods_meet_both_the_ratio_and_the_macs_of_pruning(tmp_
         assert cells[name]["macs_ratio"] >= pruned["macs_ratio"] * 0.999  # as fast as pruning on MACs, or faster
         assert cells[name]["macs_ratio"] > 3.5  # pruning reaches 4.0x MACs here, a params budget alone 1.87x
     assert "admm" in cells["cstar_equal_macs-4x"]["training"]
+
+
+def test_the_sensitivity_methods_allocate_ranks_by_the_dense_models_sensitivity(tmp_path):
+    from cstar.lowrank import select_ranks
+
+    train_set, test_set = data.load("digits", split="train"), data.load("digits", split="test")
+    dense = dense_model(train_set)
+    results = compare(dense, train_set, test_set,
+                      config(methods=["dense", "lowrank_sensitivity", "cstar_sensitivity"], latency_runs=0),
+                      tmp_path / "run", val_size=200)
+    for name in ("lowrank_sensitivity-4x", "cstar_sensitivity-4x"):
+        assert results["cells"][name]["params_ratio"] >= 4.0
+    cfg = config()
+    cell = compressors.Cell(dense, 4.0, train_set, train_set, None, cfg.search, cfg.finetune, cfg.admm,
+                            tmp_path / "c", 0)
+    weights = compressors.dense_sensitivity(cell)
+    assert weights == compressors.dense_sensitivity(cell)  # seeded: the same plan on every resume and process
+    assert len(set(weights.values())) > 1  # the layers are told apart
+    expected = select_ranks(dense, 4.0, layer_weights=weights)
+    plan = (tmp_path / "run" / "cells" / "cstar_sensitivity-4x" / "cstar" / "plan.json").read_text()
+    assert json.loads(plan)["layers"] == json.loads(json.dumps(expected.to_dict()["layers"]))

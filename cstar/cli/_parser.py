@@ -258,7 +258,8 @@ def _compare(sub) -> None:
     g.add_argument("--ratios", default="4,16", help="comma-separated parameter ratios (default: 4,16)")
     g.add_argument("--methods", default="dense,cstar,hydra,magnitude,lowrank_global,lowrank_uniform",
                    help="comma-separated: dense, cstar, hydra, magnitude, lowrank_global, lowrank_uniform, and "
-                        "cstar_equal_macs, lowrank_equal_macs (held to pruning's MACs ratio too)")
+                        "cstar_equal_macs, lowrank_equal_macs (held to pruning's MACs ratio too), "
+                        "cstar_sensitivity, lowrank_sensitivity (robustness-aware ranks)")
     g.add_argument("--dense", type=yaml_mapping, default=None, help="dense training settings (without --checkpoint)")
     g.add_argument("--search", type=yaml_mapping, default=None,
                    help="first-phase settings of every method (default epochs 5, lr 0.01)")

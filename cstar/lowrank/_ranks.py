@@ -12,7 +12,9 @@ squared singular values. Shares are normalised per layer, so layers of any size
 are comparable; a dense layer has energy 1.
 
 ``method="global"`` maximises the sum over layers of log(energy), i.e. the
-product of the layers' retained shares, under the budget: every layer starts at
+product of the layers' retained shares (each layer's term multiplied by its
+``layer_weights`` entry when given, e.g. by its sensitivity of the adversarial
+loss), under the budget: every layer starts at
 ``min_rank`` and, with a heap, the rank (one mode, grown by ``multiple_of``)
 whose log-energy gain per unit of added cost is largest is grown, as long as
 the budget allows; the plan's cost then ends within one smallest step of the
@@ -63,6 +65,7 @@ class _Layer:
     bias: int
     in_pos: int | None  # spatial positions the first factor runs at, summed over calls (None: no input shape)
     out_pos: int | None  # positions (rows, for a linear) of the output, summed over calls
+    weight: float = 1.0  # how many times the layer's log-energy counts in the global objective
     dense_params: int = field(init=False)
     dense_macs: int | None = field(init=False)
 
@@ -215,7 +218,7 @@ class _Allocator:
         grown = list(ranks)
         grown[mode] = min(layer.dims[mode], (ranks[mode] // m + 1) * m)
         state = self.settle(layer, tuple(grown))
-        return state, _log_energy(layer, state) - _log_energy(layer, ranks)
+        return state, layer.weight * (_log_energy(layer, state) - _log_energy(layer, ranks))
 
     def greedy(self) -> list:
         states = self.at_fraction(0.0)
@@ -256,7 +259,7 @@ class _Allocator:
 def select_ranks(model: nn.Module, ratio: float | RankSpec, *, budget: str = "params",
                  flops_ratio: float | None = None, input_shape: tuple[int, int, int] | None = None,
                  method: str = "global", exclude: list[str] | None = None, min_rank: int = 1,
-                 multiple_of: int = 1) -> RankPlan:
+                 multiple_of: int = 1, layer_weights: dict[str, float] | None = None) -> RankPlan:
     """Choose the ranks of every compressible layer so that the whole model is ``ratio`` times smaller.
 
     ``ratio`` is a number or a whole :class:`RankSpec` (then pass no other
@@ -268,7 +271,8 @@ def select_ranks(model: nn.Module, ratio: float | RankSpec, *, budget: str = "pa
     otherwise only fills the MACs columns. ``exclude`` names modules kept dense,
     with everything inside them (default: the first conv and the last linear,
     the classifier). ``method``: ``"global"`` (maximal product of retained
-    energy shares, see the module docstring) or ``"uniform"``. Ranks are
+    energy shares, see the module docstring; ``layer_weights`` weigh each
+    layer's share, e.g. by :func:`cstar.lowrank.layer_sensitivity`) or ``"uniform"``. Ranks are
     multiples of ``multiple_of`` (or ``min_rank``, or a full mode size). The
     achieved ratio is >= the target and, for ``"global"``, as close to it as
     the smallest rank step allows.
@@ -276,7 +280,7 @@ def select_ranks(model: nn.Module, ratio: float | RankSpec, *, budget: str = "pa
     if not isinstance(model, nn.Module):
         raise CstarError(f"select_ranks needs an nn.Module, got {type(model).__name__}")
     keywords = {"budget": budget, "flops_ratio": flops_ratio, "input_shape": input_shape, "method": method,
-                "exclude": exclude, "min_rank": min_rank, "multiple_of": multiple_of}
+                "exclude": exclude, "min_rank": min_rank, "multiple_of": multiple_of, "layer_weights": layer_weights}
     if isinstance(ratio, RankSpec):
         defaults = {f.name: f.default for f in fields(RankSpec) if f.name in keywords}
         given = [k for k, v in keywords.items() if v != defaults[k]]
@@ -304,6 +308,13 @@ def _plan(model: nn.Module, spec: RankSpec) -> RankPlan:
                          f"outside the exclusions {excluded}{hint}")
     rows = {r.name: r for r in layer_table(model, shape)} if shape is not None else None
     layers = [_describe(n, m, None if rows is None else _positions(m, rows.get(n))) for n, m in candidates]
+    weights = dict(spec.layer_weights or ())  # entries of excluded or skipped layers have nothing to weigh
+    unknown = sorted(set(weights) - {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))})
+    if unknown:
+        raise CstarError(f"layer_weights name {', '.join(map(repr, unknown))}, which are not Conv2d or Linear "
+                         f"layers of the model; the compressible ones are: {', '.join(n for n, _ in candidates)}")
+    for layer in layers:
+        layer.weight = weights.get(layer.name, 1.0)
 
     dense = {"params": count_params(model),
              "macs": None if rows is None else sum(r.macs for r in rows.values())}

@@ -8,6 +8,7 @@ the plan.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from .._checks import check_positive_int, check_ratio
@@ -29,6 +30,10 @@ class RankSpec:
     the classifier). Ranks are at least ``min_rank`` and multiples of
     ``multiple_of`` (CPU kernels like multiples of 8 or 16 channels).
     ``input_shape`` (C, H, W) for counting MACs; None: the model's own.
+    ``layer_weights`` ({module name: weight > 0}, for ``"global"`` only): each
+    layer's log-energy counts that many times in the objective (unnamed layers
+    1), e.g. :func:`cstar.lowrank.layer_sensitivity`'s estimate of how much the
+    adversarial loss depends on each layer; None (default): all layers alike.
     """
 
     ratio: float
@@ -39,6 +44,7 @@ class RankSpec:
     min_rank: int = 1
     multiple_of: int = 1
     input_shape: tuple[int, ...] | None = None
+    layer_weights: tuple[tuple[str, float], ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the fields once, here
@@ -65,6 +71,8 @@ class RankSpec:
             if not isinstance(self.input_shape, (tuple, list)):
                 raise CstarError(f"input_shape must be a tuple (C, H, W), got {self.input_shape!r}")
             set_(self, "input_shape", tuple(self.input_shape))
+        if self.layer_weights is not None:
+            set_(self, "layer_weights", _checked_weights(self.layer_weights, self.method))
 
     def to_dict(self) -> dict:
         """Plain JSON values (lists for tuples)."""
@@ -72,4 +80,24 @@ class RankSpec:
         for key in ("exclude", "input_shape"):
             if out[key] is not None:
                 out[key] = list(out[key])
+        if out["layer_weights"] is not None:
+            out["layer_weights"] = dict(out["layer_weights"])
         return out
+
+
+def _checked_weights(weights, method: str) -> tuple[tuple[str, float], ...]:
+    """``weights`` (a mapping or pairs) as sorted (name, weight) pairs, each weight a positive finite number."""
+    if method != "global":
+        raise CstarError(f"layer_weights weigh the global allocation's objective; method={method!r} has none: "
+                         "drop layer_weights or use method='global'")
+    try:
+        pairs = sorted((weights.items() if hasattr(weights, "items") else weights))
+    except (TypeError, ValueError):
+        raise CstarError(f"layer_weights must map module names to numbers, got {weights!r}") from None
+    for item in pairs:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)
+                and math.isfinite(item[1]) and item[1] > 0):
+            raise CstarError(f"layer_weights: {item!r} is not a module name with a positive finite weight, "
+                             "e.g. {'layer1.0.conv1': 1.5}")
+    return tuple((name, float(w)) for name, w in pairs)
