@@ -309,7 +309,7 @@ def _plan(model: nn.Module, spec: RankSpec) -> RankPlan:
     rows = {r.name: r for r in layer_table(model, shape)} if shape is not None else None
     layers = [_describe(n, m, None if rows is None else _positions(m, rows.get(n))) for n, m in candidates]
     weights = dict(spec.layer_weights or ())  # entries of excluded or skipped layers have nothing to weigh
-    unknown = sorted(set(weights) - {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))})
+    unknown = sorted(set(weights) - {n for n, _ in candidates} - set(excluded) - set(skipped))
     if unknown:
         raise CstarError(f"layer_weights name {', '.join(map(repr, unknown))}, which are not Conv2d or Linear "
                          f"layers of the model; the compressible ones are: {', '.join(n for n, _ in candidates)}")

@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import attacks
 from .._errors import CstarError
+from ..counting import eval_mode
 
 
 def layer_sensitivity(model: nn.Module, batches: Iterable, eps: float, *, steps: int = 5,
@@ -47,26 +48,21 @@ def layer_sensitivity(model: nn.Module, batches: Iterable, eps: float, *, steps:
         raise CstarError("layer_sensitivity: the model has no Conv2d or Linear layer")
     device = next(model.parameters()).device
     weights = [m.weight for _, m in layers]
-    totals = torch.zeros(len(layers), dtype=torch.float64)
-    modes = {m: m.training for m in model.modules()}
+    totals = torch.zeros(len(layers), dtype=torch.float64, device=device)
     seen = 0
-    try:
-        model.eval()
+    with eval_mode(model):
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             x_adv = attacks.pgd(model, x, y, eps, step or 2.5 * eps / steps, steps) if eps > 0 else x
             loss = F.cross_entropy(model(x_adv), y)
             grads = torch.autograd.grad(loss, weights)
-            totals += torch.stack([(g * w.detach()).double().pow(2).sum().cpu() for g, w in zip(grads, weights)])
+            totals += torch.stack([(g * w.detach()).double().pow(2).sum() for g, w in zip(grads, weights)])
             seen += 1
             if seen == max_batches:
                 break
-    finally:
-        for module, training in modes.items():
-            module.train(training)
     if seen == 0:
         raise CstarError("layer_sensitivity got no batch: pass a loader with at least one (x, y) batch")
-    mean = totals / seen
+    mean = totals.cpu() / seen
     if not bool(torch.isfinite(mean).all()) or float(mean.sum()) <= 0:
         raise CstarError("layer_sensitivity: the adversarial loss has no finite, non-zero gradient on these "
                          "batches; check the model's outputs and the labels")
