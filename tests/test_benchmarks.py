@@ -172,3 +172,24 @@ def test_latency_benchmark_times_every_path_of_every_plan(tmp_path, monkeypatch)
                    for p in ("eager", "fold_bn", "onnxruntime"))
     assert result["rows"][1]["flops_ratio"] == pytest.approx(4.0, rel=0.05)
     assert "| flops-4x m8 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.skipif(not os.environ.get("CSTAR_TEST_DATA"), reason="CSTAR_TEST_DATA (a root holding MNIST/raw) is not set")
+def test_rank_weights_benchmark_pairs_each_weighting_with_the_energy_ranks(tmp_path, monkeypatch):
+    import cstar
+
+    model = cstar.models.create("small_cnn", 10, in_channels=1, input_size=28)
+    cstar.save(model, tmp_path / "dense")
+    out = tmp_path / "weights"
+    monkeypatch.setattr("sys.argv", ["bench", "--checkpoint", str(tmp_path / "dense"), "--data", "mnist", "--root",
+                                     os.environ["CSTAR_TEST_DATA"], "--ratios", "8", "--powers", "0,1",
+                                     "--attacks", "clean,pgd2", "--n", "16", "--batches", "1", "--out", str(out)])
+    with torch.random.fork_rng():  # the script seeds the global generator
+        script("bench_rank_weights").main()
+    result = json.loads(out.with_suffix(".json").read_text())
+    energy, weighted = result["rows"]
+    assert (energy["power"], weighted["power"]) == (0.0, 1.0) and "vs_energy" not in energy
+    assert set(weighted["vs_energy"]) == {"clean", "pgd2"}
+    assert all(row["params_ratio"] >= 8 for row in result["rows"])
+    assert sorted(result["sensitivity"]) == ["conv1", "conv2", "fc1", "fc2"]
+    assert "Machine:" in out.with_suffix(".md").read_text()
