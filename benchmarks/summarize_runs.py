@@ -17,12 +17,13 @@ from pathlib import Path
 import yaml
 
 from cstar._io import atomic_write_text, write_json
+from cstar._renamed import renamed
 
 
 def method_label(config: dict) -> str:
-    """The training attack, with its steps where it has some (e.g. ``pgd-3``); runs recorded before the
-    rename of ``method`` to ``attack`` name it ``method``."""
-    attack = config["attack"] if "attack" in config else config["method"]
+    """The training attack, with its steps where it has some (e.g. ``pgd-3``); a run recorded before the
+    rename of ``method`` to ``attack`` is read in today's names."""
+    attack = renamed(config, "a run's record", note=False)["attack"]
     if attack in ("pgd", "trades"):
         return f"{attack}-{config['attack_steps']}"
     return attack

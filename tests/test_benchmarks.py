@@ -90,6 +90,12 @@ def test_run_summary_names_the_attack_steps_and_collects_every_evaluation(tmp_pa
                                        "autoattack (n=1000)": 33.0}
 
 
+@pytest.mark.parametrize("key", ["attack", "method"])
+def test_run_summary_reads_the_attack_under_its_name_and_its_old_one(key):
+    label = script("summarize_runs").method_label({key: "trades", "attack_steps": 7})
+    assert label == "trades-7"
+
+
 def test_paired_cells_counts_the_images_only_one_cell_got_right():
     paired_cells = script("paired_cells")
     a = {"subset": "first 8", "per_example": {"clean": "11110000", "pgd20": "11000000"}}
