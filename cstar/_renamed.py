@@ -28,8 +28,8 @@ def renamed(values: dict, where: str, note: bool = True) -> dict:
         if old not in out:
             continue
         if new in out:
-            raise CstarError(f"{where} give both '{old}' and '{new}': '{old}' is the old name of '{new}'; "
-                             f"keep only '{new}'")
+            raise CstarError(f"{where}: both '{old}' and '{new}' are given, and '{old}' is the old name of "
+                             f"'{new}'; keep only '{new}'")
         out[new] = out.pop(old)
         if note:
             warnings.warn(f"'{old}' in {where} is now '{new}' (the training attack); '{old}' still works for now",
