@@ -28,6 +28,8 @@ CASES = [
      ["fnal", "final"]),
     ("train-n-out-of-range", ["compress", "--model", "small_cnn", "--data", "digits", "--train-n", "0"],
      ["--train-n", "between 1 and"]),
+    ("train-n-less-than-a-batch", ["train", "--model", "small_cnn", "--data", "digits", "--train-n", "100",
+                                   "--val-size", "50", "--batch-size", "64"], ["50 training images", "--val-size"]),
     ("zero-epochs", ["train", "--model", "small_cnn", "--data", "digits", "--epochs", "0"], ["epochs", "at least 1"]),
     ("zero-batch-size", ["train", "--model", "small_cnn", "--data", "digits", "--batch-size", "0"],
      ["batch_size", "at least 1"]),

@@ -31,13 +31,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # the initial weights
     model = inputs.build_model(args, train_set.spec, train_set.num_classes).to(device)
     train_part, val = inputs.validation(train_set, test_set, args.val_size, config.check_size, device)
+    if len(train_part) < config.batch_size * distributed.world_size():
+        held_out = len(train_set) - len(train_part)
+        held = f" (after the {held_out} held out by --val-size)" if held_out else ""
+        raise CstarError(f"{len(train_part)} training images{held} make less than one batch of --batch-size "
+                         f"{config.batch_size} per process: give more images (--train-n), a smaller --val-size "
+                         "or a smaller --batch-size")
+    loader = data.make_loader(train_part, config.batch_size, train=True, device=device, seed=args.seed,
+                              rank=distributed.rank(), world_size=distributed.world_size())
     out = runs.run_dir(args.out or runs.default_out("train", args.model, args.data), force=args.force,
                        resume=args.resume)
     runs.write_run_files(out, args, eps, device)
     print(f"cstar train: {args.model} on {args.data} ({len(train_part)} train / {len(test_set)} test images), "
           f"{args.attack} eps={eps:.4g}, {count_params(model):,} parameters, device {device}; output in {out}")
-    loader = data.make_loader(train_part, config.batch_size, train=True, device=device, seed=args.seed,
-                              rank=distributed.rank(), world_size=distributed.world_size())
     t0 = time.perf_counter()
     history = fit(model, loader, config, val=val, out_dir=out, resume=args.resume)
     train_seconds = time.perf_counter() - t0
