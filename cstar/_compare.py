@@ -15,7 +15,8 @@ half-trained cell continues from its last epoch checkpoint). A finished cell
 records the training settings and seed it was trained with, and a resume with
 other ones is refused (it would mix budgets in one table); a resume with other
 evaluation settings (attacks, ``eval_n``, ``eval_step``, ``autoattack_n``)
-re-evaluates the cell's saved model and trains nothing. Beside the result, its
+re-evaluates the cell's saved model and trains nothing; one with more methods
+or ratios trains only the new cells. Beside the result, its
 ``per_example.json`` keeps which test examples the cell's model got right under
 each attack, for paired comparisons (:func:`cstar.paired_difference`). The
 outputs are ``results.json``, ``comparison.md`` (method x ratio: params, MACs,

@@ -8,6 +8,7 @@ when ``CSTAR_TEST_DATA`` is set.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -205,6 +206,18 @@ def test_a_comparison_resumes_from_its_directory_with_new_evaluation_settings(ca
     assert code == 0, err
     results = json.loads((compared / "results.json").read_text())
     assert set(results["cells"]["magnitude-2x"]["accuracy"]) == {"clean", "fgsm"}
+
+
+def test_a_comparison_resumed_with_another_method_trains_only_the_new_cell(capsys, compared, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(compared, out)
+    finished = (out / "cells" / "magnitude-2x" / "result.json").read_bytes()
+    code, _, err = run(capsys, "compare", "--resume", "--out", out, "--methods", "dense,magnitude,lowrank_global")
+    assert code == 0, err  # was refused: "--methods ... (the run has dense,magnitude)"
+    assert (out / "cells" / "magnitude-2x" / "result.json").read_bytes() == finished  # not retrained
+    assert set(json.loads((out / "results.json").read_text())["cells"]) == {"dense", "magnitude-2x",
+                                                                           "lowrank_global-2x"}
+    assert yaml.safe_load((out / "config.yaml").read_text())["methods"] == "dense,magnitude,lowrank_global"
 
 
 # --- small things ---------------------------------------------------------------------------------------------

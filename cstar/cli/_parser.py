@@ -136,7 +136,8 @@ def _pipeline_options(p: argparse.ArgumentParser, title: str):
 def _run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="output directory (default: runs/<command>-<model>-<data>-<time>)")
-    g.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    g.add_argument("--force", action="store_true",
+                   help="empty an existing output directory first (all of it: checkpoints, finished cells)")
     g.add_argument("--config", default=None,
                    help="YAML/JSON file of option values, or a preset's name (command-line flags win)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
