@@ -199,3 +199,57 @@ def test_rank_weights_benchmark_pairs_each_weighting_with_the_energy_ranks(tmp_p
     assert all(row["params_ratio"] >= 8 for row in result["rows"])
     assert sorted(result["sensitivity"]) == ["conv1", "conv2", "fc1", "fc2"]
     assert "Machine:" in out.with_suffix(".md").read_text()
+
+
+@pytest.fixture(scope="module")
+def small_comparison(tmp_path_factory):
+    """A finished comparison of cstar and post-hoc low rank at 2x on digits (one epoch per phase)."""
+    import cstar
+    from cstar.cli import main
+
+    root = tmp_path_factory.mktemp("budget")
+    torch.manual_seed(0)
+    cstar.save(cstar.models.create("small_cnn", 10, in_channels=1, input_size=8), root / "dense")
+    section = "{epochs: 1, optimizer: adam, lr: 0.002, attack_steps: 2, batch_size: 64, check_size: 50}"
+    assert main(["compare", "--checkpoint", str(root / "dense"), "--data", "digits", "--train-n", "600",
+                 "--val-size", "100", "--eval-n", "100", "--eval-attacks", "clean,pgd2", "--no-progress",
+                 "--ratios", "2", "--methods", "cstar,lowrank_global", "--search", section, "--finetune", section,
+                 "--latency-runs", "0", "--out", str(root / "compare")]) == 0
+    return root / "compare"
+
+
+def test_finetune_budget_rebuilds_each_cell_so_its_own_budget_reproduces_the_cell(small_comparison):
+    from cstar import evaluate
+    from cstar._compare import CompareConfig
+    from cstar._phases import split_held_out
+    from cstar.cli import _inputs as inputs, parse_args
+
+    bench = script("bench_finetune_budget")
+    run = parse_args(["compare", "--resume", "--out", str(small_comparison)])
+    config = CompareConfig.from_dict(json.loads((small_comparison / "compare_config.json").read_text()))
+    train_set, test_set, eps = inputs.train_and_test(run)
+    dense = inputs.starting_model(run, train_set, torch.device("cpu"))
+    train_part, val = split_held_out(train_set, run.val_size, "cpu", test_set)
+    starts = bench.starting_models(small_comparison, dense, 2.0)
+    for method, model in starts.items():
+        bench.fine_tune(model, config.finetune.epochs, config, train_part, val,
+                        small_comparison.parent / f"again-{method}", run.seed, dense)
+        again = evaluate(model, test_set, config.eval_attacks, eps=eps, n=config.eval_n, per_example=True)
+        cell = bench.cell_figures(small_comparison, method, 2.0)
+        assert again["per_example"] == cell["per_example"], method  # same start + same phase = the cell
+
+
+def test_finetune_budget_pairs_cstar_with_post_hoc_at_every_budget(small_comparison, tmp_path, monkeypatch):
+    out = tmp_path / "budget"
+    monkeypatch.setattr("sys.argv", ["bench", "--compare", str(small_comparison), "--ratio", "2",
+                                     "--budgets", "0,2", "--out", str(out)])
+    with torch.random.fork_rng():
+        script("bench_finetune_budget").main()
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["finetune_epochs"] for r in result["rows"]] == [0, 1, 2]  # 1: the comparison's own cells
+    assert [r["total_epochs"] for r in result["rows"]] == [1, 2, 3]
+    for row in result["rows"]:
+        for attack, diff in row["difference"].items():
+            assert diff["difference"] == pytest.approx(row["cstar"][attack] - row["lowrank_global"][attack])
+    assert result["rows"][0]["finetune_seconds"] == {"cstar": 0.0, "lowrank_global": 0.0}
+    assert "| 2 | 3 |" in out.with_suffix(".md").read_text()
