@@ -40,6 +40,19 @@ def test_margins_are_cstar_minus_the_best_of_each_family_per_metric(summarize_co
     assert "pruning" not in rows[4.0, "clean"]  # no rival ran at 4x
 
 
+def test_margins_of_another_method_against_named_families(summarize_compare):
+    results = {"cells": {str(i): c for i, c in enumerate([
+        cell("cstar", 32.0, 0.45, 0.30), cell("cstar_equal_macs", 32.0, 0.44, 0.29),
+        cell("magnitude", 32.0, 0.40, 0.29), cell("lowrank_global", 32.0, 0.46, 0.31),
+        cell("lowrank_equal_macs", 32.0, 0.45, 0.28)])}}
+    rivals = {"pruning": ("magnitude",), "post-hoc low rank": ("lowrank_equal_macs",)}
+    rows = {r["label"]: r for r in summarize_compare.margins(results, ours="cstar_equal_macs", rivals=rivals)}
+    assert rows["clean"]["cstar"] == 44.0 and rows["clean"]["pruning"]["margin"] == 4.0
+    assert rows["pgd20"]["post-hoc low rank"] == {"best": "lowrank_equal_macs", "accuracy": 28.0, "margin": 1.0}
+    table = summarize_compare.margin_table(list(rows.values()), "cstar_equal_macs", tuple(rivals))
+    assert "| ratio | accuracy | cstar_equal_macs |" in table and "28.00 lowrank_equal_macs (+1.00)" in table
+
+
 def test_margins_carry_a_paired_interval_where_both_cells_kept_per_example_results(summarize_compare):
     results = {"cells": {str(i): c for i, c in enumerate([
         cell("cstar", 16.0, 0.6, 0.4), cell("magnitude", 16.0, 0.4, 0.2), cell("lowrank_global", 16.0, 0.5, 0.3)])}}
