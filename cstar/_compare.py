@@ -336,7 +336,7 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
     if distributed.is_main():
         write_json(out / "results.json", results)
         atomic_write_text(out / "comparison.md", format_comparison(results))
-        _plot(out, results)
+        plot_pareto(results, out / "accuracy_vs_ratio.png")
     return results
 
 
@@ -369,9 +369,10 @@ _AXES = (("params_ratio", "parameter compression ratio", True), ("macs_ratio", "
          ("latency_ms", "batch-1 CPU latency (ms, 1 thread)", False))
 
 
-def _plot(out: Path, results: dict) -> None:
-    """``accuracy_vs_ratio.png``, the Pareto view: each accuracy (a row) against the parameter ratio, the MACs
-    ratio and, when measured, the batch-1 latency (the columns), a line per method."""
+def plot_pareto(results: dict, path: Path) -> None:
+    """The Pareto view of a comparison's ``results`` into the PNG ``path``: each accuracy (a row) against the
+    parameter ratio, the MACs ratio and, when every cell has one, the batch-1 latency (the columns), a line per
+    method. Nothing without matplotlib."""
     try:
         import matplotlib
 
@@ -403,4 +404,4 @@ def _plot(out: Path, results: dict) -> None:
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    atomic_write_bytes(out / "accuracy_vs_ratio.png", buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())

@@ -266,3 +266,27 @@ def test_finetune_budget_pairs_cstar_with_post_hoc_at_every_budget(small_compari
             assert diff["difference"] == pytest.approx(row["cstar"][attack] - row["lowrank_global"][attack])
     assert result["rows"][0]["finetune_seconds"] == {"cstar": 0.0, "lowrank_global": 0.0}
     assert "| 2 | 3 |" in out.with_suffix(".md").read_text()
+
+
+def comparison(cells, lr=0.01):
+    phase = {"attack": "pgd", "epochs": 2, "lr": lr}
+    return {"budget": "b", "eps": 0.3, "config": {"search": phase, "finetune": phase},
+            "cells": {f"{c['method']}-{c['target_ratio']:g}x": {**c, "latency_ms": 1.0} for c in cells}}
+
+
+def test_pareto_merges_comparisons_keeping_the_first_of_a_repeated_cell_and_no_latency(tmp_path):
+    pareto = script("pareto")
+    low = comparison([cell("cstar", 4.0, 0.6, 0.4), cell("magnitude", 4.0, 0.5, 0.3)])
+    high = comparison([cell("cstar", 32.0, 0.4, 0.3), cell("magnitude", 4.0, 0.1, 0.1)])
+    results, repeated = pareto.merged({"low": low, "high": high})
+    assert set(results["cells"]) == {"cstar-4x", "magnitude-4x", "cstar-32x"}
+    assert results["cells"]["magnitude-4x"]["accuracy"]["clean"] == 0.5 and repeated == [
+        "magnitude-4x (kept from low, not high)"]
+    assert all("latency_ms" not in c for c in results["cells"].values())  # measured at other times: not comparable
+
+
+def test_pareto_refuses_comparisons_of_different_budgets():
+    pareto = script("pareto")
+    with pytest.raises(SystemExit, match="search.lr 0.02 \\(not 0.01\\)"):
+        pareto.merged({"a": comparison([cell("cstar", 4.0, 0.6, 0.4)]),
+                       "b": comparison([cell("cstar", 8.0, 0.5, 0.3)], lr=0.02)})

@@ -246,13 +246,13 @@ def test_the_pareto_view_plots_accuracy_against_params_macs_and_measured_latency
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    from cstar._compare import _plot
+    from cstar._compare import plot_pareto
 
     def cell(method, ratio, macs, acc, ms):
         return {"method": method, "params_ratio": ratio, "macs_ratio": macs,
                 "accuracy": {"clean": acc, "pgd20": acc / 2}, **({"latency_ms": ms} if latency else {})}
 
     cells = [cell("dense", 1, 1, 0.9, 3.0), cell("cstar", 4, 2, 0.85, 2.0), cell("magnitude", 4, 5, 0.8, 1.0)]
-    _plot(tmp_path, {"cells": {str(i): c for i, c in enumerate(cells)}})
-    width, height = Image.open(tmp_path / "accuracy_vs_ratio.png").size
+    plot_pareto({"cells": {str(i): c for i, c in enumerate(cells)}}, tmp_path / "view.png")
+    width, height = Image.open(tmp_path / "view.png").size
     assert round(width / 110 / 4.5) == columns and round(height / 110 / 3.6) == 2  # one row per accuracy
