@@ -148,7 +148,7 @@ def main() -> None:
             f"Accuracy (%) {' / '.join(config.eval_attacks)} on the {subset} of the test set; the difference "
             "paired over the same images (95% interval, McNemar p). The comparison's own cells give the "
             f"{config.finetune.epochs}-epoch row.\n\n" + "\n".join(table) +
-            f"\n\nMachine: {env['device_name']}, {torch.get_num_threads()} threads, torch {env['torch']}. "
+            f"\n\nMachine: {env['device_name']}, torch {env['torch']}. "
             f"Command: `{command}`\n")
     atomic_write_text(args.out.with_suffix(".md"), text)
     print(text)
