@@ -8,7 +8,7 @@ Both methods start from their comparison cell's first phase, which has the
 same number of epochs: CSTAR's ADMM training projected and decomposed
 (``cells/cstar-<R>x/cstar/decomposed.pt``), post-hoc low rank's global-rank
 factors after its first fine-tuning phase (``cells/lowrank_global-<R>x/search``).
-Each is then fine-tuned for every budget of ``--budgets`` epochs with the
+Each is then fine-tuned (on the CPU) for every budget of ``--budgets`` epochs with the
 comparison's ``finetune`` settings (a fresh schedule over those epochs, the
 comparison's data split and seed; budget 0: no fine-tuning) and evaluated with
 the comparison's attacks on its test images. The comparison's own cells add
@@ -78,6 +78,11 @@ def cell_figures(compare_dir: Path, method: str, ratio: float) -> dict:
             "seconds": row["train_seconds"]["finetune"], "from": str(cell)}
 
 
+def percent(accuracy: dict[str, float]) -> str:
+    """``{"clean": 0.451, "pgd20": 0.304}`` -> ``"45.10 / 30.40"``."""
+    return " / ".join(f"{100 * v:.2f}" for v in accuracy.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compare", type=Path, required=True, help="a finished cstar compare --out directory")
@@ -133,10 +138,9 @@ def main() -> None:
         summary.append({"finetune_epochs": budget, "total_epochs": first + budget,
                         "cstar": a["accuracy"], "lowrank_global": b["accuracy"], "difference": diffs,
                         "finetune_seconds": {"cstar": a["seconds"], "lowrank_global": b["seconds"]}})
-        shown = lambda acc: " / ".join(f"{100 * v:.2f}" for v in acc.values())  # noqa: E731
         gap = "; ".join(f"{k} {100 * d['difference']:+.2f} ({100 * d['ci'][0]:+.2f} to {100 * d['ci'][1]:+.2f}, "
                         f"p={d['p_value']:.2g})" for k, d in diffs.items())
-        table.append(f"| {budget} | {first + budget} | {shown(a['accuracy'])} | {shown(b['accuracy'])} | {gap} |")
+        table.append(f"| {budget} | {first + budget} | {percent(a['accuracy'])} | {percent(b['accuracy'])} | {gap} |")
     env = environment(device, run.seed)
     command = "python " + " ".join(sys.argv)
     subset = rows["cstar"][config.finetune.epochs]["subset"]
