@@ -17,15 +17,12 @@ training budgets or threat models are refused (they do not belong in one view).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from cstar._compare import cell_name, format_comparison, plot_pareto
+from cstar._compare import _with_new_fields, cell_name, format_comparison, plot_pareto
 from cstar._io import atomic_write_text, write_json
-from cstar._renamed import renamed
-from cstar.train import TrainConfig
 
 
 def read_results(path: Path) -> dict:
@@ -38,27 +35,24 @@ def read_results(path: Path) -> dict:
     return record["results"]
 
 
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # for records older than a setting
-# The settings of a comparison's phases that make its budget (the rest, e.g. progress bars, does not).
-BUDGET_KEYS = ("attack", "epochs", "batch_size", "eps", "attack_steps", "attack_step", "trades_beta", "distill",
-               "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs")
-
-
 def budget(results: dict) -> dict:
-    """The training budget of a comparison's results: its phases' settings that matter, and the threat model."""
-    phases = {}
-    for phase in ("search", "finetune"):
-        settings = {**DEFAULTS, **renamed(results["config"][phase], "a comparison's record", note=False)}
-        phases.update({f"{phase}.{key}": settings[key] for key in BUDGET_KEYS})
-    return {**phases, "eps": results["eps"]}
+    """The training budget of a comparison's results, flat (``search.lr``...): its phases' settings in today's
+    terms, as its cells record them (display-only ``progress`` left out), and the threat model."""
+    config = results["config"]
+    record = _with_new_fields({key: config[key] for key in ("search", "finetune", "admm") if key in config})
+    flat = {f"{phase}.{key}": value for phase, settings in record.items() for key, value in settings.items()
+            if key != "progress"}
+    return {**flat, "eps": results["eps"]}
 
 
 def merged(inputs: dict[str, dict]) -> tuple[dict, list[str]]:
     """(one results dict holding every input's cells without latency, the cells that several inputs gave)."""
     first_name, first = next(iter(inputs.items()))
+    theirs = budget(first)
     for name, results in inputs.items():
-        ours, theirs = budget(results), budget(first)
-        differ = [f"{key} {ours[key]} (not {theirs[key]})" for key in ours if ours[key] != theirs[key]]
+        ours = budget(results)
+        differ = [f"{key} {ours.get(key)} (not {theirs.get(key)})" for key in sorted(set(ours) | set(theirs))
+                  if ours.get(key) != theirs.get(key)]
         if differ:
             raise SystemExit(f"error: {name} has another budget than {first_name}: {', '.join(differ)}; one view "
                              "needs one budget and one eps")
