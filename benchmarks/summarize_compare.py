@@ -99,8 +99,8 @@ def main() -> None:
                    for path in (args.run / "cells").glob("*/per_example.json")}
     rows = margins(results, per_example, args.ours, rivals)
     name = "CSTAR" if args.ours == "cstar" else args.ours
-    record = {"results": results, "ours": args.ours, "rivals": rivals, "margins": rows, "device": env["device_name"], "torch": env["torch"],
-              "command": env["command"]}
+    record = {"results": results, "ours": args.ours, "rivals": rivals, "margins": rows,
+              "device": env["device_name"], "torch": env["torch"], "command": env["command"]}
     write_json(args.out.with_suffix(".json"), record)
     text = (f"# cstar compare: {args.run.name}\n\n{format_comparison(results)}\n"
             f"{name} minus the best rival of each family, in points:\n\n{margin_table(rows, name, tuple(rivals))}\n"

@@ -29,8 +29,9 @@ SECTIONS = presets.SECTIONS
 # Options a resumed run may change; any other option given with --resume must equal the run's record.
 _MAY_CHANGE_ON_RESUME = {"device", "no_progress", "out"}
 _EVALUATION_OPTIONS = {"eval_attacks", "eval_step", "eval_n", "autoattack_n", "latency_runs"}
-# A comparison's cells are independent (each records its own budget and seed): a resume may add or drop some.
-_COMPARE_CELLS = {"methods", "ratios"}
+# ... and those only some commands' resumes may change: train and compare re-evaluate; a comparison's cells are
+# independent (each records its own budget and seed), so its resume may add or drop methods and ratios.
+_ALSO_ON_RESUME = {"train": _EVALUATION_OPTIONS, "compare": _EVALUATION_OPTIONS | {"methods", "ratios"}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -148,8 +149,7 @@ def _recorded_options(args: argparse.Namespace, given: dict) -> dict:
     except yaml.YAMLError:
         raise CstarError(f"{record_path} is not valid YAML: restore it, or start a new run without --resume") from None
     recorded = _current_names(recorded)
-    may_change = (_MAY_CHANGE_ON_RESUME | (_EVALUATION_OPTIONS if args.command in ("train", "compare") else set())
-                  | (_COMPARE_CELLS if args.command == "compare" else set()))
+    may_change = _MAY_CHANGE_ON_RESUME | _ALSO_ON_RESUME.get(args.command, set())
     differences = [f"--{key.replace('_', '-')} {_shown(value)} (the run has {_shown(recorded[key])})"
                    for key, value in sorted(given.items())
                    if key in recorded and key not in may_change and not _same_option(value, recorded[key])]
