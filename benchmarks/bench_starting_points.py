@@ -33,7 +33,7 @@ from cstar.lowrank import decompose, select_ranks
 def starting_points(dense: torch.nn.Module, cstar_dir: Path, ratio: float) -> dict[str, torch.nn.Module]:
     """The compressed models to evaluate, by name, none of them fine-tuned."""
     admm = load(cstar_dir / "model")  # the architecture; its weights are replaced by the projection's
-    admm.load_state_dict(torch.load(cstar_dir / "decomposed.pt", map_location="cpu")["model"])
+    admm.load_state_dict(torch.load(cstar_dir / "decomposed.pt", map_location="cpu", weights_only=True)["model"])
     return {
         "cstar: ADMM, projected": admm,
         "post-hoc low rank, global ranks": decompose(copy.deepcopy(dense), select_ranks(dense, ratio, method="global")),

@@ -150,8 +150,10 @@ def test_a_half_precision_attack_moves_every_pixel_a_float32_one_moves(confident
     for dtype in (None, amp_dtype):
         x_adv = pgd(model, x, y, 0.2, 0.2, 1, random_start=False, amp_dtype=dtype)
         unmoved[dtype] = (x_adv == x).float().mean().item()
-    assert unmoved[None] == 0.0
-    assert unmoved[amp_dtype] == 0.0  # float16 without the rescaled gradient left about 24% of pixels unmoved
+    # Thresholds, not zero: a CPU's half-precision kernels may round a handful of gradients to exactly zero
+    # (6e-5 of pixels on an AMD EPYC); the bug this guards (float16 without the rescaled gradient) left ~24%.
+    assert unmoved[None] < 1e-3
+    assert unmoved[amp_dtype] < 1e-3
 
 
 @pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16])
