@@ -19,6 +19,7 @@ from torch import nn
 from ._errors import CstarError
 from .lowrank._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from .models import Normalize, create, list_models
+from .models._recorded import recorded_config, short
 
 
 def _attrs(*names: str) -> Callable[[nn.Module], dict]:
@@ -174,31 +175,40 @@ def json_attributes(model: nn.Module) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- building a model from JSON
 
 
-def _build(spec: Any, name: str, source: Path) -> nn.Module | None:
+#: The deepest nesting of Sequentials a model.json may describe (a crafted one could exhaust the stack).
+MAX_DEPTH = 64
+
+
+def _build(spec: Any, name: str, source: Path, depth: int = 0) -> nn.Module | None:
     """The module described by ``spec`` (see :func:`_describe`); ``source`` names the file in errors."""
     if spec is None:
         return None
     label = name or "<root>"
+    if depth > MAX_DEPTH:
+        raise CstarError(f"{source}: module {short(label)} is nested more than {MAX_DEPTH} levels deep: the file is "
+                         "corrupt or crafted; save the model again with cstar.save")
     if not isinstance(spec, dict) or spec.get("class") not in SAVABLE:
         found = spec.get("class") if isinstance(spec, dict) else spec
         raise CstarError(
-            f"{source}: module {label!r} has unknown class {found!r}; the file was edited or written by another "
+            f"{source}: module {short(label)} has unknown class {short(found)}; the file was edited or written by another "
             f"program: save the model again with cstar.save (known classes: {', '.join(SAVABLE)})"
         )
     args, children = spec.get("args", {}), spec.get("children", [])
     if not isinstance(args, dict) or not isinstance(children, list) or not all(
         isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) for c in children
     ):
-        raise CstarError(f"{source}: module {label!r} has malformed args or children; save the model again")
+        raise CstarError(f"{source}: module {short(label)} has malformed args or children; save the model again")
     try:
         module = SAVABLE[spec["class"]][0](**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
-    except (TypeError, ValueError, RuntimeError) as exc:  # CstarError is a ValueError
+        for key, child in children:
+            module.add_module(key, _build(child, _join(name, key), source, depth + 1))
+    except CstarError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever crafted arguments break is the file's fault, in one line
         raise CstarError(
-            f"{source}: cannot build module {label!r} ({spec['class']}) from its arguments ({exc}); "
-            "save the model again with cstar.save"
+            f"{source}: cannot build module {short(label)} ({spec['class']}) from its arguments "
+            f"({type(exc).__name__}: {short(str(exc), 100)}); save the model again with cstar.save"
         ) from None
-    for key, child in children:
-        module.add_module(key, _build(child, _join(name, key), source))
     return module
 
 
@@ -215,11 +225,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module | None, source
 
 def _replay(architecture: dict, fresh: nn.Module | None, source: Path) -> nn.Module:
     """``fresh`` with every recorded standard layer rebuilt from ``model.json`` in its place."""
-    saved, layers = architecture.get("class"), architecture.get("layers")
-    if not isinstance(layers, dict):
-        raise CstarError(f"{source}: the replay record has no layers; save the model again")
+    saved, layers, foreign = architecture.get("class"), architecture.get("layers"), architecture.get("foreign") or []
+    if not isinstance(saved, str) or not isinstance(layers, dict) or not isinstance(foreign, list):
+        raise CstarError(f"{source}: the replay record's class, layers or foreign entry is malformed: the file is "
+                         "corrupt or crafted; save the model again with cstar.save")
     if fresh is None:
-        foreign = ", ".join(architecture.get("foreign") or [str(saved)])
+        foreign = short(", ".join(map(str, foreign or [saved])), 200)
         raise CstarError(f"{source.parent} holds a {saved} built of classes whose code a save does not hold "
                          f"({foreign}): pass a freshly built instance, cstar.load(path, model={saved.rpartition('.')[2]}"
                          "(...)), or deploy it through ONNX")
@@ -244,14 +255,26 @@ def rebuild(architecture: Any, source: Path, fresh: nn.Module | None = None) -> 
     if kind == "tree":
         return _build(architecture.get("root"), "", source)
     if kind != "builtin":
-        raise CstarError(f"{source}: unknown architecture kind {kind!r}; save the model again with cstar.save")
-    try:
-        model = create(**architecture["config"])
-    except (CstarError, TypeError, KeyError) as exc:
-        raise CstarError(f"{source}: cannot rebuild the built-in model ({exc}); save the model again") from None
-    for name, spec in architecture.get("replacements", {}).items():
+        raise CstarError(f"{source}: unknown architecture kind {short(kind)}; save the model again with cstar.save")
+    config = recorded_config(architecture.get("config"), source, builtin_only=True)  # a registered name, or refused
+    replacements = architecture.get("replacements", {})
+    if not isinstance(replacements, dict):
+        raise CstarError(f"{source}: the replacements entry is not a mapping: the file is corrupt or crafted; save again")
+    model = _create(config, source)
+    for name, spec in replacements.items():
         _set_submodule(model, name, _build(spec, name, source), source)
     return model
+
+
+def _create(config: dict, source: Path) -> nn.Module:
+    """``create(**config)`` of a checked built-in config, any failure in one line."""
+    try:
+        return create(**config)
+    except CstarError as exc:
+        raise CstarError(f"{source}: cannot rebuild the built-in model ({exc}); save the model again") from None
+    except Exception as exc:  # noqa: BLE001 - whatever crafted options break is the file's fault, in one line
+        raise CstarError(f"{source}: cannot rebuild the built-in model ({type(exc).__name__}: {short(str(exc), 100)});"
+                         " save the model again") from None
 
 
 # ----------------------------------------------------------------------------- tied tensors

@@ -22,3 +22,14 @@ def check_positive_int(what: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise CstarError(f"{what} must be an integer >= 1, got {value!r}")
     return int(value)
+
+
+def check_finite(tensors, source: object) -> None:
+    """One line naming the first tensor of ``tensors`` (a state dict, or a model) that holds NaN or Inf:
+    such a model predicts class 0 for every image, so an accuracy of it would be a figure of nothing."""
+    state = tensors.state_dict() if hasattr(tensors, "state_dict") else tensors
+    for name, tensor in state.items():
+        if hasattr(tensor, "is_floating_point") and tensor.is_floating_point() and tensor.device.type != "meta" \
+                and not bool(tensor.isfinite().all()):
+            raise CstarError(f"{source} holds NaN or Inf values (tensor {name!r}): the model diverged or the file is "
+                             "corrupt; pass a model with finite weights (e.g. the last good checkpoint)")

@@ -14,6 +14,7 @@ import errno
 import io
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -112,7 +113,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise CstarError(f"checkpoint {path} does not exist: pass the path of a checkpoint.pt written by 'cstar train'")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a foreign pickle protocol: the refusal below says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
         raise CstarError(f"cannot read checkpoint {path}: {_unreadable(path, exc)}; pass a checkpoint.pt written "
                          "by 'cstar train' (cstar loads only tensors and plain values, weights_only, never pickled code)") from None
@@ -134,6 +137,9 @@ def _unreadable(path: Path, exc: Exception) -> str:
         kind = "it is a corrupt (truncated) pickle or holds more than tensors and plain values"
     else:
         return "it is corrupt or not a PyTorch file (a torch.save file starts with a zip or pickle header)"
+    if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
+        return ("it holds pickled code or objects besides tensors and plain values, which cstar never runs "
+                "(refused by torch.load(weights_only=True))")
     detail = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
     return f"{kind} ({detail[:120]})"
 

@@ -38,14 +38,17 @@ from torch import nn
 
 from ._version import __version__
 from ._errors import CstarError
+from ._checks import check_finite
 from ._io import atomic_write_bytes, state_mismatch, write_json
 from ._architecture import architecture as describe_architecture, factorised, json_attributes, rebuild
 from .models._external import is_external
+from .models._recorded import short
 
 FORMAT = "cstar-model"
 VERSION = 1
 MODEL_JSON = "model.json"
 WEIGHTS = "model.safetensors"
+MAX_RECORD_BYTES = 64 * 2**20  # a model.json of ~100k layers is ~30 MB
 
 
 def _split_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -145,10 +148,17 @@ def _read_record(path: Path) -> dict:
             f"{path} is not a cstar model directory (no {MODEL_JSON}): pass a directory written by "
             "cstar.serialize.save (a training checkpoint.pt is not one)"
         )
+    size = (path / MODEL_JSON).stat().st_size
+    if size > MAX_RECORD_BYTES:
+        raise CstarError(f"{path / MODEL_JSON} is {size:,} bytes, more than the {MAX_RECORD_BYTES:,} a model "
+                         "description needs: the file is corrupt or crafted; save the model again")
     try:
         record = json.loads((path / MODEL_JSON).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CstarError(f"{path / MODEL_JSON} is not valid JSON ({exc}): save the model again") from None
+        raise CstarError(f"{path / MODEL_JSON} is not valid JSON ({short(str(exc), 100)}): save the model again") from None
+    except RecursionError:
+        raise CstarError(f"{path / MODEL_JSON} is nested too deeply to be a model description: the file is corrupt "
+                         "or crafted; save the model again") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CstarError(f"{path / MODEL_JSON} is not a cstar model file (format is not {FORMAT!r}): pass a cstar save")
     if record.get("version") != VERSION:
@@ -158,7 +168,26 @@ def _read_record(path: Path) -> dict:
         )
     if not all(isinstance(record.get(k), dict) for k in ("architecture", "tied", "attributes", "weights")):
         raise CstarError(f"{path / MODEL_JSON} lacks an architecture, tied, attributes or weights entry: save again")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in record["tied"].items()):
+        raise CstarError(f"{path / MODEL_JSON}: the tied entry must map tensor names to tensor names: save again")
+    if not isinstance(record["weights"].get("sha256"), str):
+        raise CstarError(f"{path / MODEL_JSON} records no SHA-256 of its weights: save the model again")
+    _check_attributes(record["attributes"], path / MODEL_JSON)
     return record
+
+
+def _check_attributes(attributes: dict, source: Path) -> None:
+    """The ``cstar_*`` attributes that cstar reads back (config, factorised layers) have the shapes it wrote."""
+    config = attributes.get("cstar_config")
+    if config is not None and not (isinstance(config, dict) and isinstance(config.get("name"), str)):
+        raise CstarError(f"{source}: the cstar_config attribute is {short(config)}, not a model description: the file "
+                         "is corrupt or crafted; save the model again")
+    lowrank = attributes.get("cstar_lowrank", {})
+    if not isinstance(lowrank, dict) or not all(
+            isinstance(layer, dict) and isinstance(layer.get("kind"), str) and isinstance(layer.get("ranks"), list)
+            and all(isinstance(r, int) and not isinstance(r, bool) for r in layer["ranks"]) for layer in lowrank.values()):
+        raise CstarError(f"{source}: the cstar_lowrank attribute is not a mapping of layer -> kind and ranks: the "
+                         "file is corrupt or crafted; save the model again")
 
 
 def _factory_config(record: dict) -> dict | None:
@@ -167,6 +196,35 @@ def _factory_config(record: dict) -> dict | None:
     config = record["attributes"].get("cstar_config") or {}
     replay = record["architecture"].get("kind") == "replay"
     return config if replay and is_external(config.get("name")) else None
+
+
+def _read_weights(path: Path, record: dict) -> dict[str, torch.Tensor]:
+    """The tensors of save ``path``, read only once their file matches the checksum in ``model.json``."""
+    weights_path = path / WEIGHTS
+    try:
+        data = weights_path.read_bytes()
+    except OSError as exc:
+        raise CstarError(f"cannot read {weights_path} ({exc.strerror}): the save is incomplete; save again") from None
+    if hashlib.sha256(data).hexdigest() != record["weights"]["sha256"]:
+        raise CstarError(
+            f"{weights_path} does not match the checksum in {MODEL_JSON}: it is corrupt, truncated or from another "
+            "save; save the model again"
+        )
+    try:
+        return safetensors.torch.load(data)
+    except Exception as exc:  # safetensors raises its own error type for malformed files
+        raise CstarError(f"{weights_path} is not a valid safetensors file ({short(str(exc), 100)}); "
+                         "save the model again") from None
+
+
+def _shape_problem(record: dict, source: Path, fresh: nn.Module | None, shapes: dict[str, torch.Size]) -> str | None:
+    """What differs between the weights' ``shapes`` and the recorded architecture, found on a copy built on
+    the meta device: a crafted description costs no memory before it is refused."""
+    meta_fresh = None if fresh is None else copy.deepcopy(fresh).to("meta")
+    with torch.device("meta"):
+        skeleton = rebuild(record["architecture"], source, meta_fresh)
+    _retie(skeleton, record["tied"], source)
+    return state_mismatch(skeleton, shapes, record["tied"])
 
 
 def factory_config(path: str | os.PathLike) -> dict | None:
@@ -200,28 +258,17 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
         raise CstarError(f"{path} holds a model of the factory {built_by!r}, whose code a save does not hold: pass "
                          f"model=cstar.models.create({built_by!r}, ...) built as the saved one was (its cstar_config "
                          f"attribute says how), or on the command line --model {built_by}")
-    model = rebuild(record["architecture"], source, model)
-    _retie(model, tied, source)
+    tensors = _read_weights(path, record)
+    problem = _shape_problem(record, source, model, {k: v.shape for k, v in tensors.items()})
     weights_path = path / WEIGHTS
-    try:
-        data = weights_path.read_bytes()
-    except OSError as exc:
-        raise CstarError(f"cannot read {weights_path} ({exc.strerror}): the save is incomplete; save again") from None
-    if hashlib.sha256(data).hexdigest() != record["weights"].get("sha256"):
-        raise CstarError(
-            f"{weights_path} does not match the checksum in {MODEL_JSON}: it is corrupt, truncated or from another "
-            "save; save the model again"
-        )
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as exc:  # safetensors raises its own error type for malformed files
-        raise CstarError(f"{weights_path} is not a valid safetensors file ({exc}); save the model again") from None
-    problem = state_mismatch(model, {k: v.shape for k, v in tensors.items()}, tied)
     if problem and record["architecture"].get("kind") == "replay":
         raise CstarError(f"{weights_path} does not fit model= with the saved layers in place ({problem}): pass an "
                          "instance built with the same arguments as the saved one")
     if problem:
         raise CstarError(f"{weights_path} does not fit the architecture in {MODEL_JSON} ({problem}); save again")
+    check_finite(tensors, weights_path)
+    model = rebuild(record["architecture"], source, model)
+    _retie(model, tied, source)
     floating = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(floating) == 1:
         model.to(floating.pop())

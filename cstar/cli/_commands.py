@@ -69,6 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, state = inputs.load_model(args.checkpoint, device, args.model), {}
     else:
         model, state = inputs.model_from_checkpoint(args.checkpoint, device, args.model)
+    inputs.check_model_options(args, model)
     name, test_set, eps = _eval_data(args, model, state)
     result = evaluate(model, test_set, names(args.attacks), eps=eps, step=args.step, n=args.n,
                       batch_size=args.batch_size, seed=args.seed, out_path=args.json, progress=True,
@@ -84,7 +85,7 @@ def _eval_data(args: argparse.Namespace, model: torch.nn.Module, state: dict):
     """(dataset name, test set, eps) of ``cstar eval``: --data, else what the checkpoint or its run says;
     --eps, else the eps the model was trained at, else (another dataset) that dataset's own."""
     run = inputs.run_config_beside(args.checkpoint)
-    trained_on = state.get("dataset") or run.get("data")
+    trained_on = inputs.recorded_dataset(state.get("dataset") or run.get("data"), args.checkpoint)
     name = args.data or trained_on
     if name is None:
         raise CstarError(f"which dataset? {args.checkpoint} does not say: pass --data")
@@ -94,7 +95,7 @@ def _eval_data(args: argparse.Namespace, model: torch.nn.Module, state: dict):
     if args.eps is not None:
         return name, test_set, args.eps
     if trained_on in (None, name):
-        return name, test_set, state.get("eps", test_set.spec.eps)
+        return name, test_set, inputs.recorded_eps(state.get("eps", test_set.spec.eps), args.checkpoint)
     print(f"note: {args.checkpoint} was trained on {trained_on}; evaluating on {name} at its eps "
           f"{test_set.spec.eps:g} (pass --eps to choose)", flush=True)
     return name, test_set, test_set.spec.eps

@@ -12,7 +12,8 @@ from .. import data, models
 from .._errors import CstarError
 from .._io import load_checkpoint, state_mismatch
 from .._phases import split_held_out
-from ..models._external import check_named
+from .._checks import check_finite
+from ..models._recorded import recorded_config, short, skeleton
 from ._options import model_kwargs, require
 
 # ----------------------------------------------------------------------------- data
@@ -68,19 +69,28 @@ def build_model(args: argparse.Namespace, spec: data.DatasetSpec, num_classes: i
 
 
 def model_from_checkpoint(path: str, where: torch.device, named: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """(model, checkpoint dict) of a ``model.pt`` / ``checkpoint.pt`` written by ``cstar train``; a model of a
-    factory is rebuilt only when the user ``named`` that factory (--model)."""
+    """(model, checkpoint dict) of a ``model.pt`` / ``checkpoint.pt`` written by ``cstar train``. The recorded
+    description is checked first (:func:`cstar.models._recorded.recorded_config`: a factory is rebuilt only when
+    the user ``named`` it, --model), then the weights' names, shapes and values, before the model is built."""
     state = load_checkpoint(path, map_location=where)
-    config = state.get("model_config")
-    if not config:
+    if state.get("model_config") is None:
         raise CstarError(f"{path} has no model description (model_config): it was not written by 'cstar train'")
-    check_named(config.get("name"), named, path)
-    model = models.create(**config)
+    config = recorded_config(state["model_config"], path, named=named)
     weights = state["model"]
-    problem = state_mismatch(model, {k: v.shape for k, v in weights.items()}) if isinstance(weights, dict) else "no tensors"
-    if problem:  # checked before any weight is copied
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
+        raise CstarError(f"{path}: its 'model' entry is not a mapping of tensor names to tensors: the file is corrupt "
+                         "or edited; pass the checkpoint that 'cstar train' wrote")
+    built = skeleton(config, path) if config["name"] in models.list_models() else None
+    problem = state_mismatch(built, {k: v.shape for k, v in weights.items()}) if built is not None else None
+    if problem:  # checked on a weightless copy, before the model (and any weight) is allocated
         raise CstarError(f"{path} does not match its architecture '{config['name']}' ({problem}): "
                          "the file is corrupt or edited; pass the checkpoint that 'cstar train' wrote")
+    check_finite(weights, path)
+    model = models.create(**config)
+    problem = state_mismatch(model, {k: v.shape for k, v in weights.items()})
+    if problem:  # a factory's model, checked once built
+        raise CstarError(f"{path} does not match the model of '{config['name']}' ({problem}): pass the checkpoint "
+                         "written for it, or --model-arg as it was trained")
     model.load_state_dict(weights)
     return model.to(where), state
 
@@ -94,15 +104,50 @@ def load_model(path: str, where: torch.device = torch.device("cpu"), named: str 
         config = factory_config(path)
         if config is None:
             return load(path, map_location=where)
-        check_named(config["name"], named, path)
+        config = recorded_config(config, Path(path) / "model.json", named=named)
         return load(path, map_location=where, model=models.create(**config))
     return model_from_checkpoint(path, where, named)[0]
+
+
+def _model_and_dataset(path: str, where: torch.device, named: str | None) -> tuple[torch.nn.Module, str | None]:
+    """(the model of a checkpoint or save, the dataset it records or its run's record names, if any)."""
+    if Path(path).is_dir():
+        model, state = load_model(path, where, named), {}
+    else:
+        model, state = model_from_checkpoint(path, where, named)
+    return model, recorded_dataset(state.get("dataset") or run_config_beside(path).get("data"), path)
 
 
 def run_config_beside(path: str) -> dict:
     """The config.yaml of the run a checkpoint belongs to, if there is one."""
     cfg = Path(path).parent / "config.yaml"
-    return yaml.safe_load(cfg.read_text(encoding="utf-8")) if cfg.is_file() else {}
+    if not cfg.is_file():
+        return {}
+    try:
+        record = yaml.safe_load(cfg.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise CstarError(f"{cfg}, the record of the run {path} belongs to, is not valid YAML ({short(str(exc), 80)}): "
+                         "restore it, or move the checkpoint out of that directory") from None
+    if not isinstance(record, dict):
+        raise CstarError(f"{cfg}, the record of the run {path} belongs to, is not a mapping of options: restore it, "
+                         "or move the checkpoint out of that directory")
+    return record
+
+
+def recorded_dataset(name, source: str) -> str | None:
+    """The dataset name a checkpoint or its run records, checked to be a plain name (None: none recorded)."""
+    if name is not None and not (isinstance(name, str) and name.replace("_", "").replace("-", "").isalnum()):
+        raise CstarError(f"{source} records the dataset {short(name)}, not a dataset name: the file is corrupt or "
+                         "crafted; pass --data")
+    return name
+
+
+def recorded_eps(eps, source: str) -> float:
+    """The eps a checkpoint records, checked to be a radius in [0, 1] like --eps."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
+        raise CstarError(f"{source} records eps {short(eps)}, not a radius in [0, 1]: the file is corrupt or "
+                         "crafted; pass --eps")
+    return float(eps)
 
 
 def input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -116,7 +161,9 @@ def input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
 def model_for_planning(args: argparse.Namespace) -> torch.nn.Module:
     """The checkpoint's model, or a randomly initialised ``--model`` for ``--data`` (default cifar10)."""
     if args.checkpoint:
-        return load_model(args.checkpoint, named=args.model)
+        model = load_model(args.checkpoint, named=args.model)
+        check_model_options(args, model)
+        return model
     if not args.model:
         raise CstarError("give a checkpoint or --model NAME")
     key = (args.data or "cifar10").lower().replace("-", "_")
@@ -139,22 +186,25 @@ def check_fits_data(model: torch.nn.Module, source: str, name: str, spec: data.D
                          f"pass the dataset it was trained on, or a model built for {name}")
 
 
-def _check_model_options(args: argparse.Namespace, model: torch.nn.Module) -> None:
-    """--model / --width given beside --checkpoint must describe the checkpoint's architecture."""
+def check_model_options(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """--model / --width given beside a checkpoint must describe the checkpoint's architecture."""
     cfg = getattr(model, "cstar_config", None) or {}
     if args.model and cfg.get("name") and args.model != cfg["name"]:
         raise CstarError(f"--model {args.model} contradicts {args.checkpoint}, a {cfg['name']}: drop --model "
                          "(the checkpoint says its architecture)")
-    if args.width is not None and cfg.get("width") not in (None, args.width):
+    if getattr(args, "width", None) is not None and cfg.get("width") not in (None, args.width):
         raise CstarError(f"--width {args.width} contradicts {args.checkpoint}, of width {cfg['width']}: drop --width")
 
 
 def starting_model(args: argparse.Namespace, train_set, where: torch.device) -> torch.nn.Module:
     """The dense model of --checkpoint, or a fresh --model (seeded with --seed) to be trained first."""
     if args.checkpoint:
-        model = load_model(args.checkpoint, where, args.model)  # model.pt of 'cstar train', or a cstar.save dir
-        _check_model_options(args, model)
+        model, trained_on = _model_and_dataset(args.checkpoint, where, args.model)
+        check_model_options(args, model)
         check_fits_data(model, args.checkpoint, args.data, train_set.spec, train_set.num_classes)
+        if trained_on is not None and trained_on.lower().replace("-", "_") != train_set.spec.name:
+            print(f"note: {args.checkpoint} was trained on {trained_on}; {args.command} goes on with "
+                  f"{train_set.spec.name} (at eps {train_set.spec.eps:g} unless --eps)", flush=True)
         return model
     require(args, "model")
     torch.manual_seed(args.seed)  # the initial weights

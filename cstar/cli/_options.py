@@ -20,6 +20,8 @@ from .. import _presets as presets
 from .._errors import CstarError
 from .._renamed import renamed
 from ..lowrank import RankSpec
+from ..models._external import is_external
+from ..models._recorded import short
 from ..train import TrainConfig
 from ._parser import build_parser, parse_eps
 from ._runs import NOT_SAVED, device_type
@@ -49,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     recorded = {}
     if getattr(args, "resume", False) and getattr(args, "out", None) and "out" in {a.dest for a in sub._actions}:
         recorded = _recorded_options(args, {**values, **given})
+        _check_recorded_factory(recorded, {**values, **given}, args.out)
         values = {**recorded, **values}
     defaults_preset = None
     if args.command in ("compress", "compare") and not recorded:  # a resumed run's record is complete
@@ -158,6 +161,16 @@ def _recorded_options(args: argparse.Namespace, given: dict) -> dict:
                          f"just --resume --out {args.out} (it reads the rest from {record_path}), or start a new "
                          "run in another --out")
     return {key: value for key, value in recorded.items() if key not in NOT_SAVED}
+
+
+def _check_recorded_factory(recorded: dict, given: dict, out: str) -> None:
+    """A run record never names code to import: a factory it records (``model: package.module:factory``) is
+    built on ``--resume`` only when the user names it again (``--model``, or ``model:`` in ``--config``)."""
+    name = recorded.get("model")
+    if is_external(name) and given.get("model") != name:
+        raise CstarError(f"{Path(out) / 'config.yaml'} records the model factory {short(name)}, whose code cstar "
+                         f"imports only when you name it: resume with --resume --out {out} --model {name} if you "
+                         "trust that code")
 
 
 def _current_names(record: dict) -> dict:

@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from .._checks import check_finite
 from .._errors import CstarError
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ._plan import LayerPlan, RankPlan
@@ -56,6 +57,7 @@ def decompose(model: nn.Module, plan: RankPlan, n_iter: int = 0) -> nn.Module:
     factorised layers, from which the structure can be rebuilt. ``plan`` may also
     be a dict from :meth:`RankPlan.to_dict`.
     """
+    check_finite(model, "decompose: the model")
     if isinstance(plan, dict):
         plan = RankPlan.from_dict(plan)
     if not isinstance(plan, RankPlan):

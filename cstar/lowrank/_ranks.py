@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import check_finite
 from .._errors import CstarError
 from ..counting import LayerStats, count_params, layer_table
 from ..models import input_shape as input_shape_of
@@ -279,6 +280,7 @@ def select_ranks(model: nn.Module, ratio: float | RankSpec, *, budget: str = "pa
     """
     if not isinstance(model, nn.Module):
         raise CstarError(f"select_ranks needs an nn.Module, got {type(model).__name__}")
+    check_finite(model, "select_ranks: the model")
     keywords = {"budget": budget, "flops_ratio": flops_ratio, "input_shape": input_shape, "method": method,
                 "exclude": exclude, "min_rank": min_rank, "multiple_of": multiple_of, "layer_weights": layer_weights}
     if isinstance(ratio, RankSpec):

@@ -7,8 +7,11 @@ the caller's mean and std), then the network, which must return logits
 its layers are named ``net.<the network's own names>``.
 
 Naming a factory imports and runs its module. cstar does so only for a name
-the user typed (an argument, ``--model``); a name read from a checkpoint or a
-save is never imported unless the user names it again (:func:`check_named`).
+the user typed (an argument, ``--model``); a name read from a checkpoint, a
+save or a run record is never imported, and never reaches :func:`_factory`
+(the one place that puts the working directory on ``sys.path``), unless the
+user names it again (:func:`check_named`, through
+:func:`cstar.models._recorded.recorded_config`).
 """
 
 from __future__ import annotations
