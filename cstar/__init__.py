@@ -13,7 +13,8 @@ The public API, by concept (each lives in one module, see docs/DESIGN.md):
 - CSTAR: :func:`compress` with :class:`CompressConfig`; :class:`ADMM`
 - comparison with the baselines: :func:`compare` with :class:`CompareConfig`; the
   compression methods it runs: :mod:`cstar.compressors` (``register`` adds one)
-- files: :func:`save`, :func:`load`, :func:`export`; :func:`optimize_for_inference`;
+- files: :func:`save`, :func:`load`, :func:`load_weights` (weights trained elsewhere), :func:`export`;
+  :func:`optimize_for_inference`;
   :func:`full_float32` (TF32 off, for exactness checks on GPUs)
 - pruning baselines: :mod:`cstar.prune` (``find_groups``, ``prune_channels``,
   ``magnitude_prune``, ``hydra_prune``, ``robust_prune``)
@@ -37,6 +38,7 @@ from .prune import (ChannelGroup, ChannelMask, ChannelPlan, ScoredModel, channel
                     learn_channel_scores, magnitude_prune, prune_channels, robust_prune, select_channels)
 from ._export import export
 from .serialize import load, save
+from ._weights import load_weights
 from .train import TrainConfig, TrainHook, fit
 
 __all__ = [
@@ -45,7 +47,8 @@ __all__ = [
     "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "channel_scores", "compare", "compress", "compressors",
     "count_flops",
     "count_params", "data", "decompose", "distributed", "evaluate", "export", "find_groups", "fit",
-    "fold_batchnorm", "full_float32", "hydra_prune", "layer_sensitivity", "layer_table", "learn_channel_scores", "load", "magnitude_prune",
+    "fold_batchnorm", "full_float32", "hydra_prune", "layer_sensitivity", "layer_table", "learn_channel_scores", "load", "load_weights",
+    "magnitude_prune",
     "mode_spectra", "models", "optimize_for_inference", "paired_difference", "prune", "prune_channels",
     "robust_prune", "save", "select_channels", "select_ranks", "svd_factors", "svd_project", "tucker2",
     "tucker2_project",

@@ -41,6 +41,7 @@ from .admm import ADMM, ADMMConfig
 from .counting import count_flops, count_params
 from ._evaluate import evaluate
 from .lowrank import RankPlan, RankSpec, decompose, select_ranks
+from .models import normalization_of
 from .report import write_report
 from .serialize import save
 from .train import TrainConfig
@@ -275,7 +276,8 @@ def _results(done: dict, plan: RankPlan, dense: nn.Module, final: nn.Module, con
         "accuracy": {phase: r["accuracy"] for phase, r in done.get("evaluate", {}).get("results", {}).items()},
         "eval_subset": {phase: r["subset"] for phase, r in done.get("evaluate", {}).get("results", {}).items()},
         "plan": {"target": plan.target, "budget": plan.budget, "ratio": plan.ratio, "flops_ratio": plan.flops_ratio},
-        "threat_model": {"dataset": dataset, "eps": config.finetune.eps, "budget": _budget_text(config)},
+        "threat_model": {"dataset": dataset, "eps": config.finetune.eps, "budget": _budget_text(config),
+                         "normalization": normalization_of(dense)},
     }
     if shape is not None:
         dense_macs, final_macs = count_flops(dense, shape), count_flops(final, shape)

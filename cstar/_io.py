@@ -112,15 +112,24 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CstarError(f"checkpoint {path} does not exist: pass the path of a checkpoint.pt written by 'cstar train'")
+    state = load_checkpoint_file(path, map_location)
+    if not isinstance(state, dict) or "model" not in state:
+        raise CstarError(f"{path} is not a cstar checkpoint (no 'model' entry): pass a checkpoint.pt written by 'cstar train'")
+    return state
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Whatever ``torch.load(path, weights_only=True)`` returns (tensors and plain values), or one line saying
+    why the file cannot be read (corrupt, not a PyTorch file, or pickled code, which is never run)."""
+    path = Path(path)
     try:
         with warnings.catch_warnings():  # torch's notes on a foreign pickle protocol: the refusal below says it
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise CstarError(f"cannot read checkpoint {path}: {_unreadable(path, exc)}; pass a checkpoint.pt written "
-                         "by 'cstar train' (cstar loads only tensors and plain values, weights_only, never pickled code)") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise CstarError(f"{path} is not a cstar checkpoint (no 'model' entry): pass a checkpoint.pt written by 'cstar train'")
+        raise CstarError(f"cannot read {path}: {_unreadable(path, exc)}; pass a checkpoint cstar wrote or weights "
+                         "saved with torch.save(model.state_dict(), path) (cstar loads only tensors and plain values, "
+                         "weights_only, never pickled code)") from None
     return state
 
 

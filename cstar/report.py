@@ -134,6 +134,8 @@ def write_report(out: Path, results: dict, plan: RankPlan, history: list[dict]) 
         subsets = sorted(set(results.get("eval_subset", {}).values()))
         summary += (f"\n\n{threat.get('dataset') or 'dataset not named'}, L-inf eps {threat['eps']:.4g}; "
                     f"evaluated on {', '.join(subsets) or 'no test images'}; training budget: {threat['budget']}")
+        if threat.get("normalization"):
+            summary += f"\n\ninput normalisation: {threat['normalization']}"
     sections = [
         "# CSTAR compression report", "", summary, "",
         "## Accuracy by phase (%)", "", _accuracy_table(results), "",

@@ -234,6 +234,12 @@ def factory_config(path: str | os.PathLike) -> dict | None:
     return _factory_config(_read_record(Path(path)))
 
 
+def saved_kind(path: str | os.PathLike) -> str | None:
+    """How save ``path`` records its architecture: ``builtin``, ``tree`` or ``replay`` (a class cstar cannot build,
+    replayed on a fresh instance). Reads ``model.json`` only: nothing is imported."""
+    return _read_record(Path(path))["architecture"].get("kind")
+
+
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
          model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save`, in eval mode on ``map_location`` (default "cpu").

@@ -238,8 +238,8 @@ CHECKPOINTS = {
     "model-a-list": (lambda p, t: _checkpoint(p, model=[1, 2]), ["not a mapping of tensor names"]),
     "wrong-shapes": (lambda p, t: _checkpoint(p, model_config=_config(num_classes=5)), ["does not match"]),
     "inf-weights": (lambda p, t: _checkpoint(p, model=_nan_state()), ["NaN or Inf"]),
-    "no-model-entry": (lambda p, t: torch.save({"weights": 1}, p), ["no 'model' entry"]),
-    "not-a-dict": (lambda p, t: torch.save([1, 2], p), ["no 'model' entry"]),
+    "no-model-entry": (lambda p, t: torch.save({"weights": 1}, p), ["without cstar's model description", "--model"]),
+    "not-a-dict": (lambda p, t: torch.save([1, 2], p), ["without cstar's model description", "--model"]),
     "empty-file": (lambda p, t: p.write_bytes(b""), ["empty"]),
     "text-file": (lambda p, t: p.write_text("import os\n"), ["not a PyTorch file"]),
 }

@@ -65,10 +65,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.per_example and not args.json:
         raise CstarError("--per-example keeps its results in the --json card: pass --json")
     device = runs.device(args.device)
-    if Path(args.checkpoint).is_dir():  # a cstar.save directory
-        model, state = inputs.load_model(args.checkpoint, device, args.model), {}
-    else:
-        model, state = inputs.model_from_checkpoint(args.checkpoint, device, args.model)
+    spec = inputs.dataset_spec(args.data)
+    model, state = inputs.model_and_state(args, args.checkpoint, device, spec, spec and spec.num_classes)
     inputs.check_model_options(args, model)
     name, test_set, eps = _eval_data(args, model, state)
     result = evaluate(model, test_set, names(args.attacks), eps=eps, step=args.step, n=args.n,
@@ -130,7 +128,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     from ..lowrank import RankPlan, decompose, select_ranks
     from ..serialize import save
 
-    model = inputs.load_model(args.checkpoint, named=args.model)
+    model = inputs.model_for_reading(args)
     plan = RankPlan.load(args.plan) if args.plan else select_ranks(model, rank_spec(args))
     factorised = decompose(model, plan, n_iter=args.n_iter)
     out = save(factorised, args.out)
@@ -144,7 +142,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if Path(args.out).exists() and not args.force:
         raise CstarError(f"{args.out} already exists: pass --force to overwrite it, or choose another --out")
-    model = inputs.load_model(args.checkpoint, named=args.model)
+    model = inputs.model_for_reading(args)
     path = export(model, args.out, format=args.format, input_shape=inputs.input_shape(model),
                   fold_bn=not args.no_fold_bn)
     print(f"{args.format} model written to {path}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -11,8 +12,10 @@ import yaml
 from .. import data, models
 from .._errors import CstarError
 from .._io import load_checkpoint, state_mismatch
+from .._weights import load_weights, read_weights_file
 from .._phases import split_held_out
 from .._checks import check_finite
+from ..models._external import is_external
 from ..models._recorded import recorded_config, short, skeleton
 from ._options import model_kwargs, require
 
@@ -52,27 +55,113 @@ def validation(train_set, test_set, val_size: int, check_size: int, where: torch
 # ----------------------------------------------------------------------------- models
 
 
-def build_model(args: argparse.Namespace, spec: data.DatasetSpec, num_classes: int) -> torch.nn.Module:
-    """A fresh ``--model`` (with ``--width`` and ``--model-arg``) for ``spec``'s images and normalisation."""
-    kwargs = model_kwargs(args.model_arg)
-    if args.width is not None:
+def normalization(args: argparse.Namespace, spec: data.DatasetSpec, *, trained_elsewhere: bool = False
+                  ) -> tuple[list[float], list[float], str]:
+    """(mean, std, what was chosen) of ``--normalize``: ``data`` (the dataset's mean and std), ``none`` (inputs
+    stay in [0, 1]) or ``MEAN,STD`` (one pair for every channel, or C means then C stds). Default: ``data`` for
+    a model cstar builds and trains, ``none`` for weights trained elsewhere (their normalisation, if any, is
+    inside their model)."""
+    c = spec.image_shape[0]
+    text = getattr(args, "normalize", None) or ("none" if trained_elsewhere else "data")
+    if text == "data":
+        return list(spec.mean), list(spec.std), f"data ({spec.name} mean {_floats(spec.mean)}, std {_floats(spec.std)})"
+    if text == "none":
+        return [0.0] * c, [1.0] * c, "none (inputs in [0, 1])"
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 2:
+        values = [values[0]] * c + [values[1]] * c
+    if len(values) != 2 * c or min(values[c:]) <= 0 or not all(map(math.isfinite, values)):
+        raise CstarError(f"--normalize {text!r}: write data, none, MEAN,STD (e.g. 0.5,0.25) or {c} means then {c} "
+                         "positive stds, comma-separated")
+    return values[:c], values[c:], f"mean {_floats(values[:c])}, std {_floats(values[c:])}"
+
+
+def _floats(values) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+def build_model(args: argparse.Namespace, spec: data.DatasetSpec, num_classes: int, *,
+                trained_elsewhere: bool = False) -> torch.nn.Module:
+    """A fresh ``--model`` (with ``--width`` and ``--model-arg``) for ``spec``'s images, normalised as
+    :func:`normalization` says (``mean``/``std`` in --model-arg win); ``model.cstar_normalize`` says which."""
+    kwargs = model_kwargs(getattr(args, "model_arg", None))
+    if getattr(args, "width", None) is not None:
         kwargs["width"] = args.width
     c, h, _ = spec.image_shape
-    mean, std = kwargs.pop("mean", spec.mean), kwargs.pop("std", spec.std)  # the data's, unless given
+    mean, std, chosen = normalization(args, spec, trained_elsewhere=trained_elsewhere)
+    if "mean" in kwargs or "std" in kwargs:
+        chosen = "--model-arg mean/std"
+    mean, std = kwargs.pop("mean", mean), kwargs.pop("std", std)
     for key, value in (("num_classes", num_classes), ("in_channels", c)):
         given = kwargs.pop(key, value)
         if given != value:
             what = "classes" if key == "num_classes" else "input channels"
             raise CstarError(f"--model-arg {key}={given} contradicts the {value} {what} of {spec.name}: drop it "
                              "(cstar passes the data's)")
-    return models.create(args.model, num_classes, in_channels=c, input_size=h, mean=mean, std=std, **kwargs)
+    model = models.create(args.model, num_classes, in_channels=c, input_size=h, mean=mean, std=std, **kwargs)
+    model.cstar_normalize = chosen
+    return model
+
+
+def model_and_state(args: argparse.Namespace, path: str, where: torch.device, spec: data.DatasetSpec | None = None,
+                    num_classes: int | None = None) -> tuple[torch.nn.Module, dict]:
+    """(model, checkpoint dict) of ``path``: a cstar.save directory, a checkpoint ``cstar train`` wrote, or, with
+    ``--model FACTORY``, weights trained elsewhere (any file :func:`cstar.load_weights` reads) or a save of the
+    user's own class, loaded into a fresh ``--model`` for ``spec``'s images (``--data``)."""
+    if Path(path).is_dir():
+        if is_external(args.model) and own_class_save(path):
+            return own_model(args, path, where, spec, num_classes), {}
+        return load_model(path, where, args.model), {}
+    state = read_weights_file(path)
+    if isinstance(state, dict) and "model_config" in state and "model" in state:
+        return model_from_state(state, path, where, args.model), state
+    if not args.model:
+        raise CstarError(f"{path} holds weights without cstar's model description: name the model they belong to "
+                         "with --model package.module:factory (and --data for its images)")
+    return own_model(args, path, where, spec, num_classes), {}
+
+
+def own_class_save(path: str) -> bool:
+    """True for a cstar.save directory of a class cstar cannot build that records no factory (the user saved
+    their own network): it is replayed on a fresh ``--model``'s network."""
+    from ..serialize import factory_config, saved_kind
+
+    return saved_kind(path) == "replay" and factory_config(path) is None
+
+
+def own_model(args: argparse.Namespace, path: str, where: torch.device, spec: data.DatasetSpec | None,
+              num_classes: int | None) -> torch.nn.Module:
+    """A fresh ``--model`` for ``spec``'s images with the weights of ``path`` (a file, or a save of the user's own
+    class); says which normalisation it chose."""
+    if spec is None:
+        raise CstarError(f"{path} holds a model of your own: pass --data, the dataset whose images it takes, so "
+                         f"that --model {args.model} is built for them")
+    model = build_model(args, spec, num_classes or spec.num_classes, trained_elsewhere=True)
+    if Path(path).is_dir():
+        from ..serialize import load
+
+        load(path, model=model.net)
+    else:
+        load_weights(model, path)
+    check_finite(model, path)
+    print(f"note: {path} loaded into --model {args.model}; normalisation: {model.cstar_normalize} "
+          "(--normalize data|none|MEAN,STD to choose)", flush=True)
+    return model.to(where)
 
 
 def model_from_checkpoint(path: str, where: torch.device, named: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """(model, checkpoint dict) of a ``model.pt`` / ``checkpoint.pt`` written by ``cstar train``. The recorded
-    description is checked first (:func:`cstar.models._recorded.recorded_config`: a factory is rebuilt only when
-    the user ``named`` it, --model), then the weights' names, shapes and values, before the model is built."""
+    """(model, checkpoint dict) of a ``model.pt`` / ``checkpoint.pt`` written by ``cstar train``."""
     state = load_checkpoint(path, map_location=where)
+    return model_from_state(state, path, where, named), state
+
+
+def model_from_state(state: dict, path: str, where: torch.device, named: str | None = None) -> torch.nn.Module:
+    """The model of checkpoint dict ``state`` (read from ``path``). The recorded description is checked first
+    (:func:`cstar.models._recorded.recorded_config`: a factory is rebuilt only when the user ``named`` it,
+    --model), then the weights' names, shapes and values, before the model is built."""
     if state.get("model_config") is None:
         raise CstarError(f"{path} has no model description (model_config): it was not written by 'cstar train'")
     config = recorded_config(state["model_config"], path, named=named)
@@ -92,7 +181,7 @@ def model_from_checkpoint(path: str, where: torch.device, named: str | None = No
         raise CstarError(f"{path} does not match the model of '{config['name']}' ({problem}): pass the checkpoint "
                          "written for it, or --model-arg as it was trained")
     model.load_state_dict(weights)
-    return model.to(where), state
+    return model.to(where)
 
 
 def load_model(path: str, where: torch.device = torch.device("cpu"), named: str | None = None) -> torch.nn.Module:
@@ -109,13 +198,12 @@ def load_model(path: str, where: torch.device = torch.device("cpu"), named: str 
     return model_from_checkpoint(path, where, named)[0]
 
 
-def _model_and_dataset(path: str, where: torch.device, named: str | None) -> tuple[torch.nn.Module, str | None]:
-    """(the model of a checkpoint or save, the dataset it records or its run's record names, if any)."""
-    if Path(path).is_dir():
-        model, state = load_model(path, where, named), {}
-    else:
-        model, state = model_from_checkpoint(path, where, named)
-    return model, recorded_dataset(state.get("dataset") or run_config_beside(path).get("data"), path)
+def _model_and_dataset(args: argparse.Namespace, where: torch.device, spec: data.DatasetSpec, num_classes: int
+                       ) -> tuple[torch.nn.Module, str | None]:
+    """(the model of --checkpoint, the dataset it records or its run's record names, if any)."""
+    model, state = model_and_state(args, args.checkpoint, where, spec, num_classes)
+    run = run_config_beside(args.checkpoint) if state else {}
+    return model, recorded_dataset(state.get("dataset") or run.get("data"), args.checkpoint)
 
 
 def run_config_beside(path: str) -> dict:
@@ -158,19 +246,37 @@ def input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
     return shape
 
 
+def model_for_reading(args: argparse.Namespace) -> torch.nn.Module:
+    """The model of ``args.checkpoint`` for decompose and export (no dataset read: ``--data`` only says which
+    images a model of the user's own class takes)."""
+    spec = dataset_spec(args.data)
+    model = model_and_state(args, args.checkpoint, torch.device("cpu"), spec, spec and spec.num_classes)[0]
+    check_model_options(args, model)
+    return model
+
+
+def dataset_spec(name: str | None) -> data.DatasetSpec | None:
+    """The :class:`cstar.data.DatasetSpec` of dataset ``name`` (None for None), without reading any image."""
+    if name is None:
+        return None
+    key = name.lower().replace("-", "_")
+    if key not in data.DATASETS:
+        raise CstarError(f"unknown dataset '{name}': choose one of {', '.join(sorted(data.DATASETS))}")
+    return data.DATASETS[key]
+
+
 def model_for_planning(args: argparse.Namespace) -> torch.nn.Module:
     """The checkpoint's model, or a randomly initialised ``--model`` for ``--data`` (default cifar10)."""
+    spec = dataset_spec(getattr(args, "data", None) or "cifar10")
+    num_classes = getattr(args, "num_classes", None) or spec.num_classes
     if args.checkpoint:
-        model = load_model(args.checkpoint, named=args.model)
+        model = model_and_state(args, args.checkpoint, torch.device("cpu"),
+                                dataset_spec(getattr(args, "data", None)), num_classes)[0]
         check_model_options(args, model)
         return model
     if not args.model:
         raise CstarError("give a checkpoint or --model NAME")
-    key = (args.data or "cifar10").lower().replace("-", "_")
-    if key not in data.DATASETS:
-        raise CstarError(f"unknown dataset '{args.data}': choose one of {', '.join(sorted(data.DATASETS))}")
-    spec = data.DATASETS[key]
-    return build_model(args, spec, getattr(args, "num_classes", None) or spec.num_classes)
+    return build_model(args, spec, num_classes)
 
 
 def check_fits_data(model: torch.nn.Module, source: str, name: str, spec: data.DatasetSpec, num_classes: int) -> None:
@@ -199,7 +305,7 @@ def check_model_options(args: argparse.Namespace, model: torch.nn.Module) -> Non
 def starting_model(args: argparse.Namespace, train_set, where: torch.device) -> torch.nn.Module:
     """The dense model of --checkpoint, or a fresh --model (seeded with --seed) to be trained first."""
     if args.checkpoint:
-        model, trained_on = _model_and_dataset(args.checkpoint, where, args.model)
+        model, trained_on = _model_and_dataset(args, where, train_set.spec, train_set.num_classes)
         check_model_options(args, model)
         check_fits_data(model, args.checkpoint, args.data, train_set.spec, train_set.num_classes)
         if trained_on is not None and trained_on.lower().replace("-", "_") != train_set.spec.name:

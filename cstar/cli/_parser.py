@@ -94,13 +94,28 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, default=None, help="base width of resnet18 / preact_resnet18 (64 in the paper)")
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra keyword for the model builder, e.g. widen_factor=4 (repeatable)")
+    _normalize_option(g)
 
 
-def _factory_option(p: argparse.ArgumentParser) -> None:
-    """--model on commands that read a model from a file: the factory that built it, named to be imported."""
+def _normalize_option(g) -> None:
+    g.add_argument("--normalize", default=None, metavar="data|none|MEAN,STD",
+                   help="what the model's normalising front does to [0, 1] images: the dataset's mean and std "
+                        "(data), nothing (none), or MEAN,STD; default data for a model cstar trains, none for "
+                        "weights trained elsewhere (--checkpoint with --model FACTORY)")
+
+
+def _factory_option(p: argparse.ArgumentParser, *, data: bool = False) -> None:
+    """--model on commands that read a model from a file: the factory that built it, named to be imported;
+    with its --model-arg and --normalize for weights trained elsewhere (and --data where the command has none)."""
     p.add_argument("--model", default=None, metavar="FACTORY",
                    help=f"the factory that built the model, when it is not a built-in ({FACTORY_FORMS}): cstar "
                         "imports a factory's code only when you name it")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword for the factory, for weights trained elsewhere (repeatable)")
+    _normalize_option(p)
+    if data:
+        p.add_argument("--data", default=None,
+                       help="the dataset whose images the model takes, for weights trained elsewhere")
 
 
 def _plan_options(g, *, ratio_default: float | None) -> None:
@@ -292,7 +307,7 @@ def _decompose(sub) -> None:
                         description="Select ranks for a ratio (or read a plan) and write the factorised model "
                                     "(cstar.save format). This is post-hoc low-rank compression, without ADMM.")
     dc.add_argument("checkpoint", help="the dense model: model.pt of 'cstar train' or a cstar.save directory")
-    _factory_option(dc)
+    _factory_option(dc, data=True)
     g = dc.add_argument_group("rank plan")
     _plan_options(g, ratio_default=None)
     g.add_argument("--multiple-of", type=int, default=1, help="round ranks to multiples of this (default: 1)")
@@ -306,7 +321,7 @@ def _export(sub) -> None:
     x = sub.add_parser("export", help="export a model to ONNX or TorchScript",
                        description="Export a saved model (cstar.save directory or checkpoint) for deployment.")
     x.add_argument("checkpoint", metavar="model", help="a cstar.save directory or a checkpoint.pt")
-    _factory_option(x)
+    _factory_option(x, data=True)
     x.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     x.add_argument("--out", required=True, help="output file (.onnx or .pt)")
     x.add_argument("--force", action="store_true", help="overwrite an existing --out file")

@@ -9,7 +9,7 @@ through a factory name: ``package.module:factory``, ``torchvision:NAME`` or
 """
 
 from . import _preact, _resnet, _small_cnn, _vgg  # noqa: F401  (importing registers the builders)
-from ._layers import Normalize
+from ._layers import Normalize, normalization_of
 from ._registry import create, input_shape, list_models, register
 
-__all__ = ["Normalize", "create", "input_shape", "list_models", "register"]
+__all__ = ["Normalize", "create", "input_shape", "list_models", "normalization_of", "register"]

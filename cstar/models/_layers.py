@@ -56,3 +56,18 @@ def init_weights(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def normalization_of(model: nn.Module) -> str:
+    """What the model does to its [0, 1] inputs before its first layer, in words: the choice recorded by the
+    CLI (``cstar_normalize``), else its :class:`Normalize` front's mean and std, else that it has none of cstar's."""
+    chosen = getattr(model, "cstar_normalize", None)
+    if isinstance(chosen, str):
+        return chosen
+    front = next((m for m in model.modules() if isinstance(m, Normalize)), None)
+    if front is None:
+        return "none of cstar's (any normalisation is inside the model)"
+    mean, std = front.mean.flatten().tolist(), front.std.flatten().tolist()
+    if all(v == 0 for v in mean) and all(v == 1 for v in std):
+        return "none (inputs in [0, 1])"
+    return f"mean {','.join(f'{v:.4g}' for v in mean)}, std {','.join(f'{v:.4g}' for v in std)}"
