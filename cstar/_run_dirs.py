@@ -77,12 +77,15 @@ def check_run_dir(path: str | os.PathLike, command: str, *, force: bool = False,
     if resume:
         _check_resumable(path, command)
     elif not _is_empty(path):
+        if not is_run_dir(path):
+            what = f"{path} holds files and is not a cstar run (no {RUN_RECORD}, no env.json of cstar's)"
+            if force:
+                raise CstarError(f"--force empties only a cstar run directory: {what}; nothing was deleted; choose "
+                                 "another --out")
+            raise CstarError(f"output directory {what}: choose another --out (a new or empty directory)")
         if not force:
             raise CstarError(f"output directory {path} already exists and is not empty: pass --force to overwrite "
                              "it, --resume to continue its run, or choose another --out")
-        if not is_run_dir(path):
-            raise CstarError(f"--force empties only a cstar run directory: {path} is not a cstar run (no {RUN_RECORD}, "
-                             "no env.json of cstar's); nothing was deleted; choose another --out")
 
 
 def _check_may_empty(path: Path) -> None:
@@ -92,7 +95,7 @@ def _check_may_empty(path: Path) -> None:
         raise CstarError(f"--force does not empty {path}: it is a symbolic link; nothing was deleted; pass the "
                          "directory itself, or choose another --out")
     where = path.resolve()
-    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    cwd, home = Path.cwd().resolve(), _home()
     reasons = [(where == Path(where.anchor), "the root of the file system"), (where == cwd, "the working directory"),
                (where in cwd.parents, "a parent of the working directory"), (where == home, "your home directory"),
                (where in home.parents, "a parent of your home directory")]
@@ -100,6 +103,14 @@ def _check_may_empty(path: Path) -> None:
     if reason:
         raise CstarError(f"--force never empties {path}: it is {reason}; nothing was deleted; give each run a "
                          "directory of its own with --out")
+
+
+def _home() -> Path:
+    """The home directory (the root when there is none: then no home to protect beyond it)."""
+    try:
+        return Path.home().resolve()
+    except RuntimeError:  # no HOME and no password entry
+        return Path("/")
 
 
 def _check_resumable(path: Path, command: str) -> None:

@@ -71,7 +71,11 @@ CASES = [
      ["another command's run", "epochs"], None, []),
     ("train-resume-of-an-old-compare-run", ["train", "--resume", "--out", "{tmp}/old_compare"],
      ["another command's run", "ratios"], None, []),
-    # a new run into a broken link
+    # a new run into a folder that is not a run, or a broken link
+    ("new-run-into-an-unrelated-folder", [*TRAIN, "--out", "{tmp}/mine"], ["not a cstar run", "choose another --out"],
+     None, []),
+    ("new-run-into-a-folder-with-a-foreign-env-json", [*COMPRESS, "--out", "{tmp}/foreign_env"], ["not a cstar run"],
+     None, []),
     ("out-is-a-broken-link", [*TRAIN, "--out", "{tmp}/broken"], ["broken symbolic link"], None, []),
     # overwrites of single outputs: refused without --force
     ("decompose-onto-an-existing-save", ["decompose", "{tmp}/save", "--ratio", "2", "--out", "{tmp}/save"],
