@@ -84,8 +84,9 @@ def check_run_dir(path: str | os.PathLike, command: str, *, force: bool = False,
                                  "another --out")
             raise CstarError(f"output directory {what}: choose another --out (a new or empty directory)")
         if not force:
+            resume_it = "" if command == "demo" else ", --resume to continue its run"  # a demo does not resume
             raise CstarError(f"output directory {path} already exists and is not empty: pass --force to overwrite "
-                             "it, --resume to continue its run, or choose another --out")
+                             f"it{resume_it}, or choose another --out")
 
 
 def _check_may_empty(path: Path) -> None:

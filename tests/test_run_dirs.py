@@ -172,3 +172,10 @@ def test_decompose_and_ranks_replace_their_output_only_with_force(save, tmp_path
     ranks = ["ranks", "--model", "small_cnn", "--data", "digits", "--ratio", "2", "--json", str(plan)]
     assert main(ranks) == 2 and plan.read_text() == "mine"
     assert main([*ranks, "--force"]) == 0 and json.loads(plan.read_text())
+
+
+def test_a_demo_into_an_existing_run_is_not_told_to_resume(tmp_path, capsys):
+    out = make_run(tmp_path / "run", "compare")
+    assert main(["demo", "--out", str(out)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "--force" in line and "--resume" not in line  # cstar demo has no --resume
