@@ -1,4 +1,4 @@
-"""Atomic files, checkpoints and run directories.
+"""Atomic files and checkpoints (run directories: :mod:`cstar._run_dirs`).
 
 Everything cstar writes goes through :func:`atomic_write_bytes` (a temporary
 file in the target's directory, flushed and fsynced, then ``os.replace``), so a
@@ -15,7 +15,6 @@ import io
 import json
 import os
 import pickle
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -165,27 +164,3 @@ def load_latest_checkpoint(path: str | os.PathLike, map_location: str | torch.de
         warnings.warn(f"{exc}; resuming from the previous checkpoint {previous} instead", stacklevel=2)
         return load_checkpoint(previous, map_location)
 
-
-def prepare_run_dir(path: str | os.PathLike, *, force: bool = False, resume: bool = False) -> Path:
-    """Create the output directory of a run.
-
-    An existing non-empty directory is an error unless ``resume`` (keep it) or
-    ``force`` (empty it first) is given.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CstarError(f"output path {path} is a file: choose a directory with --out")
-    if path.is_dir() and any(path.iterdir()):
-        if resume:
-            return path
-        if not force:
-            raise CstarError(
-                f"output directory {path} already exists and is not empty: pass --force to overwrite it, "
-                "--resume to continue its run, or choose another --out"
-            )
-        shutil.rmtree(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CstarError(f"cannot create output directory {path} ({exc.strerror}): choose a writable --out") from None
-    return path

@@ -96,6 +96,15 @@ def _is_cstar_dir(path: Path) -> bool:
         return False
 
 
+def check_save_target(path: str | os.PathLike) -> None:
+    """Refuse a ``path`` that :func:`save` may not write: a file, or a non-empty directory that is not a save."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CstarError(f"save target {path} is a file: pass a directory path (it will hold model.json)")
+    if path.is_dir() and any(path.iterdir()) and not _is_cstar_dir(path):
+        raise CstarError(f"save target {path} is a non-empty directory that is not a cstar model: choose a new path")
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save ``model`` to directory ``path`` (``model.json`` + ``model.safetensors``); returns the path.
 
@@ -107,10 +116,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     describe the model (modules whose state is not in their constructor arguments).
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CstarError(f"save target {path} is a file: pass a directory path (it will hold model.json)")
-    if path.is_dir() and any(path.iterdir()) and not _is_cstar_dir(path):
-        raise CstarError(f"save target {path} is a non-empty directory that is not a cstar model: choose a new path")
+    check_save_target(path)
     architecture = describe_architecture(model)
     unique, tied = _split_tied(model.state_dict())
     check = rebuild(architecture, path / MODEL_JSON, copy.deepcopy(model) if architecture["kind"] == "replay" else None)

@@ -285,22 +285,22 @@ def test_a_crafted_run_record_beside_a_checkpoint_is_refused_by_eval(capsys, hom
 def test_a_run_record_naming_a_factory_is_not_imported_on_resume(capsys, home, command, factory):
     run = home / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(f"model: {factory}\nmodel_arg: ['cmd={marker_command(home)}']\ndata: digits\n"
-                                     "epochs: 1\n")
+    (run / "cstar-run.json").write_text(json.dumps({"command": command, "cstar": cstar.__version__}))
+    (run / "config.yaml").write_text(f"model: {factory}\nmodel_arg: ['cmd={marker_command(home)}']\ndata: digits\n")
     argv = [command, "--resume", "--out", run]
     refused_cli(capsys, argv, [f"--model {factory}"], tmp=home)
 
 
 def test_a_run_records_factory_is_built_when_the_user_names_it(capsys, home):
     """The same record resumes once the user names the factory: naming it is the user's decision."""
-    (home / "mynet.py").write_text("import torch.nn as nn\n"
+    (home / "resumenet.py").write_text("import torch.nn as nn\n"
                                    "def net(num_classes=10, in_channels=1):\n"
                                    "    return nn.Sequential(nn.Flatten(), nn.Linear(64 * in_channels, num_classes))\n")
     run = home / "run"
-    assert cstar.cli.main(["train", "--model", "mynet:net", "--data", "digits", "--epochs", "1", "--attack", "clean",
+    assert cstar.cli.main(["train", "--model", "resumenet:net", "--data", "digits", "--epochs", "1", "--attack", "clean",
                            "--eval-attacks", "clean", "--out", str(run)]) == 0
-    refused_cli(capsys, ["train", "--resume", "--out", run], ["--model mynet:net"], tmp=home)
-    assert cstar.cli.main(["train", "--resume", "--out", str(run), "--model", "mynet:net"]) == 0
+    refused_cli(capsys, ["train", "--resume", "--out", run], ["--model resumenet:net"], tmp=home)
+    assert cstar.cli.main(["train", "--resume", "--out", str(run), "--model", "resumenet:net"]) == 0
 
 
 def test_every_torch_load_in_the_project_refuses_pickled_code():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cstar._errors import CstarError
-from cstar._io import (atomic_write_bytes, load_checkpoint, load_latest_checkpoint, prepare_run_dir,
-                       previous_checkpoint, save_checkpoint)
+from cstar._io import atomic_write_bytes, load_checkpoint, load_latest_checkpoint, previous_checkpoint, save_checkpoint
+from cstar._run_dirs import LOCK, RUN_RECORD, prepare_run_dir
 
 
 def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -109,10 +109,10 @@ def test_truncated_checkpoint_is_reported(tmp_path):
 
 
 def test_run_dir_is_protected_unless_forced_or_resumed(tmp_path):
-    run = prepare_run_dir(tmp_path / "run")
+    run = prepare_run_dir(tmp_path / "run", "train")
     (run / "results.json").write_text("{}")
     with pytest.raises(CstarError, match="--force"):
-        prepare_run_dir(run)
-    assert prepare_run_dir(run, resume=True) == run and (run / "results.json").exists()
-    prepare_run_dir(run, force=True)
-    assert not any(run.iterdir())
+        prepare_run_dir(run, "train")
+    assert prepare_run_dir(run, "train", resume=True) == run and (run / "results.json").exists()
+    prepare_run_dir(run, "train", force=True)
+    assert {p.name for p in run.iterdir()} == {LOCK, RUN_RECORD}  # emptied, then marked and locked afresh

@@ -14,7 +14,7 @@ import torch
 
 from .. import data, distributed
 from .._errors import CstarError
-from .._io import prepare_run_dir, save_checkpoint, write_json
+from .._io import save_checkpoint, write_json
 from ..counting import count_flops, count_params, format_table, layer_table
 from .._evaluate import evaluate, format_results
 from ..train import fit
@@ -39,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          "or a smaller --batch-size")
     loader = data.make_loader(train_part, config.batch_size, train=True, device=device, seed=args.seed,
                               rank=distributed.rank(), world_size=distributed.world_size())
-    out = runs.run_dir(args.out or runs.default_out("train", args.model, args.data), force=args.force,
+    out = runs.run_dir(args.out or runs.default_out("train", args.model, args.data), "train", force=args.force,
                        resume=args.resume)
     runs.write_run_files(out, args, eps, device)
     print(f"cstar train: {args.model} on {args.data} ({len(train_part)} train / {len(test_set)} test images), "
@@ -64,6 +64,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CstarError("--resume continues the evaluation whose progress sits beside its --json: pass --json")
     if args.per_example and not args.json:
         raise CstarError("--per-example keeps its results in the --json card: pass --json")
+    if not (args.resume or args.force):
+        runs.refuse_overwrite(args.json, "--json")
     device = runs.device(args.device)
     spec = inputs.dataset_spec(args.data)
     model, state = inputs.model_and_state(args, args.checkpoint, device, spec, spec and spec.num_classes)
@@ -115,6 +117,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_ranks(args: argparse.Namespace) -> int:
     from ..lowrank import select_ranks
 
+    if not args.force:
+        runs.refuse_overwrite(args.json, "--json")
     torch.manual_seed(0)
     plan = select_ranks(inputs.model_for_planning(args), rank_spec(args))
     print(plan.table())
@@ -126,8 +130,11 @@ def cmd_ranks(args: argparse.Namespace) -> int:
 
 def cmd_decompose(args: argparse.Namespace) -> int:
     from ..lowrank import RankPlan, decompose, select_ranks
-    from ..serialize import save
+    from ..serialize import check_save_target, save
 
+    if not args.force:
+        runs.refuse_overwrite(args.out, "--out")
+    check_save_target(args.out)
     model = inputs.model_for_reading(args)
     plan = RankPlan.load(args.plan) if args.plan else select_ranks(model, rank_spec(args))
     factorised = decompose(model, plan, n_iter=args.n_iter)
@@ -140,8 +147,8 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .._export import export
 
-    if Path(args.out).exists() and not args.force:
-        raise CstarError(f"{args.out} already exists: pass --force to overwrite it, or choose another --out")
+    if not args.force:
+        runs.refuse_overwrite(args.out, "--out")
     model = inputs.model_for_reading(args)
     path = export(model, args.out, format=args.format, input_shape=inputs.input_shape(model),
                   fold_bn=not args.no_fold_bn)
@@ -175,7 +182,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     model = inputs.starting_model(args, train_set, device)
     check_plan(model, config)  # an unreachable ratio is refused before training and before any file is written
     out = runs.run_dir(args.out or runs.default_out("compress", args.model or "model", args.data, f"{args.ratio:g}x"),
-                       force=args.force, resume=args.resume)
+                       "compress", force=args.force, resume=args.resume)
     runs.write_run_files(out, args, eps, device)
     print(f"cstar compress: {model.cstar_config['name'] if hasattr(model, 'cstar_config') else 'model'} on "
           f"{args.data}, target {args.ratio:g}x ({args.budget}), eps={eps:.4g}, output in {out}", flush=True)
@@ -206,8 +213,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.admm:
         config.admm = ADMMConfig.from_dict(args.admm)
     model = inputs.starting_model(args, train_set, device)
-    out = runs.run_dir(args.out or runs.default_out("compare", args.model or "model", args.data), force=args.force,
-                       resume=args.resume)
+    out = runs.run_dir(args.out or runs.default_out("compare", args.model or "model", args.data), "compare",
+                       force=args.force, resume=args.resume)
     runs.write_run_files(out, args, eps, device)
     print(f"cstar compare: {', '.join(config.methods)} at {', '.join(f'{r:g}x' for r in config.ratios)} on "
           f"{args.data}, eps={eps:.4g}; {config.budget_text()}; output in {out}", flush=True)
@@ -225,7 +232,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .._env import environment
 
     config = demo_config(args.epochs, args.phase_epochs, tuple(numbers(args.ratios, "--ratios")), args.seed)
-    out = prepare_run_dir(args.out or runs.default_out("demo"), force=args.force)
+    out = runs.run_dir(args.out or runs.default_out("demo"), "demo", force=args.force, resume=False)
     write_json(out / "env.json", environment("cpu", args.seed))
     run_demo(out, config, args.seed)
     return 0

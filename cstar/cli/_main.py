@@ -8,6 +8,7 @@ import warnings
 
 from .. import distributed
 from .._errors import CstarError
+from .._run_dirs import release_run_dirs
 from .._signals import Interrupted
 from ._commands import COMMANDS
 from ._options import parse_args
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if sys.stdout is not stdout:
             sys.stdout.close()
             sys.stdout = stdout
+        release_run_dirs()  # the run's directory is free for the next run
         distributed.shutdown()
 
 

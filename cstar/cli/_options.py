@@ -19,12 +19,13 @@ import yaml
 from .. import _presets as presets
 from .._errors import CstarError
 from .._renamed import renamed
+from .._run_dirs import recorded_command
 from ..lowrank import RankSpec
 from ..models._external import is_external
 from ..models._recorded import short
 from ..train import TrainConfig
 from ._parser import build_parser, parse_eps
-from ._runs import NOT_SAVED, device_type
+from ._runs import NOT_SAVED, check_out, device_type
 
 # Options that hold a YAML mapping (a training, ADMM... section).
 SECTIONS = presets.SECTIONS
@@ -50,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     values = _config_values(args, sub) if args.config else {}
     recorded = {}
     if getattr(args, "resume", False) and getattr(args, "out", None) and "out" in {a.dest for a in sub._actions}:
-        recorded = _recorded_options(args, {**values, **given})
+        check_out(args)  # a run of this command is there to resume, before its record is read
+        recorded = _recorded_options(args, sub, {**values, **given})
         _check_recorded_factory(recorded, {**values, **given}, args.out)
         values = {**recorded, **values}
     defaults_preset = None
@@ -67,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if key in merged:
             setattr(args, key, merged[key])
     args.defaults_preset = defaults_preset
+    check_out(args)  # again: --out may come from --config
     return args
 
 
@@ -137,7 +140,7 @@ def _config_values(args: argparse.Namespace, sub: argparse.ArgumentParser) -> di
     return values
 
 
-def _recorded_options(args: argparse.Namespace, given: dict) -> dict:
+def _recorded_options(args: argparse.Namespace, sub: argparse.ArgumentParser, given: dict) -> dict:
     """The options recorded in the ``config.yaml`` of the run that ``--resume --out DIR`` continues.
 
     Every option given now (on the command line or in ``--config``) must equal
@@ -152,6 +155,11 @@ def _recorded_options(args: argparse.Namespace, given: dict) -> dict:
     except yaml.YAMLError:
         raise CstarError(f"{record_path} is not valid YAML: restore it, or start a new run without --resume") from None
     recorded = _current_names(recorded)
+    foreign = sorted(set(recorded) - {a.dest for a in sub._actions} - {"eps"})
+    if foreign and recorded_command(args.out) is None:  # a run made before cstar-run.json named its command
+        raise CstarError(f"{args.out} holds another command's run, not a 'cstar {args.command}' run ({record_path} "
+                         f"names {', '.join(foreign[:4])}, which 'cstar {args.command}' does not take): resume it with "
+                         "the command that made it, or choose another --out")
     may_change = _MAY_CHANGE_ON_RESUME | _ALSO_ON_RESUME.get(args.command, set())
     differences = [f"--{key.replace('_', '-')} {_shown(value)} (the run has {_shown(recorded[key])})"
                    for key, value in sorted(given.items())

@@ -152,7 +152,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="output directory (default: runs/<command>-<model>-<data>-<time>)")
     g.add_argument("--force", action="store_true",
-                   help="empty an existing output directory first (all of it: checkpoints, finished cells)")
+                   help="empty an existing run directory of cstar's first (all of it: checkpoints, finished cells); "
+                        "never another directory, a symbolic link, the working directory or home")
     g.add_argument("--config", default=None,
                    help="YAML/JSON file of option values, or a preset's name (command-line flags win)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -226,6 +227,7 @@ def _eval(sub) -> None:
     ev.add_argument("--json", default=None, help="write a RobustBench-style JSON here (progress kept in JSON.partial)")
     ev.add_argument("--resume", action="store_true",
                     help="continue a killed evaluation with the same --json after its last finished batch")
+    ev.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     ev.add_argument("--per-example", action="store_true",
                     help="also keep in the --json which test images each attack left correct, for paired "
                          "comparisons of two models (cstar.paired_difference)")
@@ -299,6 +301,7 @@ def _ranks(sub) -> None:
     _plan_options(g, ratio_default=None)
     g.add_argument("--multiple-of", type=int, default=1, help="round ranks to multiples of this (default: 1)")
     r.add_argument("--json", default=None, help="also write the plan as JSON here")
+    r.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     r.add_argument("--config", default=None)
 
 
@@ -314,6 +317,7 @@ def _decompose(sub) -> None:
     dc.add_argument("--plan", default=None, help="a plan JSON from 'cstar ranks --json' (instead of --ratio)")
     dc.add_argument("--n-iter", type=int, default=0, help="HOOI sweeps refining each Tucker-2 factorisation")
     dc.add_argument("--out", required=True, help="output directory of the factorised model")
+    dc.add_argument("--force", action="store_true", help="replace an existing save in --out")
     dc.add_argument("--config", default=None)
 
 
@@ -342,5 +346,5 @@ def _demo(sub) -> None:
                    help="epochs of each method's first phase and of its fine-tuning (default: 4)")
     m.add_argument("--ratios", default="4,8", help="comma-separated parameter ratios (default: 4,8)")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--force", action="store_true")
+    m.add_argument("--force", action="store_true", help="empty an existing demo run directory first")
     m.add_argument("--config", default=None)

@@ -12,10 +12,13 @@ import yaml
 from .. import distributed
 from .._env import environment
 from .._errors import CstarError
-from .._io import atomic_write_text, prepare_run_dir, write_json
+from .._io import atomic_write_text, write_json
+from .._run_dirs import check_run_dir, prepare_run_dir
 
 # Options that control the command itself and are not recorded in config.yaml.
 NOT_SAVED = {"command", "config", "force", "resume", "defaults_preset"}
+# The commands that write a run directory (--out, --force; all but demo also --resume).
+RUN_COMMANDS = ("train", "compress", "compare", "demo")
 
 
 def device_type(name: str) -> str:
@@ -45,10 +48,37 @@ def default_out(kind: str, *parts: str) -> Path:
     return Path("runs") / "-".join([kind, *names, time.strftime("%Y%m%d-%H%M%S")])
 
 
-def run_dir(path: str | Path, *, force: bool, resume: bool) -> Path:
-    """:func:`prepare_run_dir` on rank 0 (under torchrun); every rank gets rank 0's path."""
-    out = prepare_run_dir(path, force=force, resume=resume) if distributed.is_main() else None
-    return Path(distributed.broadcast_object(str(out) if out is not None else None))
+def check_out(args: argparse.Namespace) -> None:
+    """Refuse now, before any work, an ``--out`` (with ``--force``/``--resume``) that the run may not use
+    (see :func:`cstar._run_dirs.check_run_dir`); nothing is touched."""
+    if args.command not in RUN_COMMANDS:
+        return
+    resume = getattr(args, "resume", False)
+    if resume and not args.out:
+        raise CstarError(f"--resume continues the run in --out: pass --out DIR, the directory of the run "
+                         f"(e.g. 'cstar {args.command} --resume --out runs/...')")
+    if args.out:
+        check_run_dir(args.out, args.command, force=args.force, resume=resume)
+
+
+def refuse_overwrite(path: str | Path | None, option: str) -> None:
+    """Refuse to replace an existing file or directory ``path`` (the command's ``option``) without --force."""
+    if path is not None and (Path(path).exists() or Path(path).is_symlink()):
+        raise CstarError(f"{path} already exists: pass --force to overwrite it, or choose another {option}")
+
+
+def run_dir(path: str | Path, command: str, *, force: bool, resume: bool) -> Path:
+    """:func:`prepare_run_dir` on rank 0 (under torchrun); every rank gets rank 0's path, or its refusal."""
+    out, refusal = None, None
+    if distributed.is_main():
+        try:
+            out = str(prepare_run_dir(path, command, force=force, resume=resume))
+        except CstarError as exc:
+            refusal = str(exc)
+    out, refusal = distributed.broadcast_object((out, refusal))
+    if refusal is not None:
+        raise CstarError(refusal)
+    return Path(out)
 
 
 def write_run_files(out: Path, args: argparse.Namespace, eps: float, where: torch.device) -> None:
