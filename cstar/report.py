@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._evaluate import describe_attacks
 from ._io import atomic_write_bytes, atomic_write_text
 from .lowrank import RankPlan
 
@@ -134,6 +135,8 @@ def write_report(out: Path, results: dict, plan: RankPlan, history: list[dict]) 
         subsets = sorted(set(results.get("eval_subset", {}).values()))
         summary += (f"\n\n{threat.get('dataset') or 'dataset not named'}, L-inf eps {threat['eps']:.4g}; "
                     f"evaluated on {', '.join(subsets) or 'no test images'}; training budget: {threat['budget']}")
+    if results.get("attacks"):
+        summary += f"\n\nAttacks: {describe_attacks(results['attacks'])}."
     sections = [
         "# CSTAR compression report", "", summary, "",
         "## Accuracy by phase (%)", "", _accuracy_table(results), "",
