@@ -44,7 +44,7 @@ from ._phases import check_dense_not_distilled, settings_from_dict, split_held_o
 from ._renamed import renamed
 from .admm import ADMMConfig
 from .counting import count_flops, count_params
-from ._evaluate import evaluate, subset_label
+from ._evaluate import attack_settings, attack_specs, describe_attacks, evaluate, subset_label
 from .serialize import load, save
 from .train import TrainConfig
 
@@ -197,13 +197,14 @@ def _evaluate_attacks(model: nn.Module, test_set, config: CompareConfig, eps: fl
     (``{"subset", "per_example": {label: str}}``, for paired comparisons between cells)."""
     result = evaluate(model, test_set, config.eval_attacks, eps=eps, step=config.eval_step, n=config.eval_n,
                       per_example=True)
-    figures = {"accuracy": result["accuracy"], "subset": result["subset"], "evaluation": _evaluation_settings(config)}
+    figures = {"accuracy": result["accuracy"], "subset": result["subset"], "attacks": result["attacks"],
+               "evaluation": _evaluation_settings(config)}
     return figures, {"subset": result["subset"], "per_example": result["per_example"]}
 
 
 def _autoattack(model: nn.Module, test_set, config: CompareConfig, eps: float) -> dict:
     aa = evaluate(model, test_set, ["autoattack"], eps=eps, n=config.autoattack_n, batch_size=100)
-    return {"accuracy": next(iter(aa["accuracy"].values())), "subset": aa["subset"]}
+    return {"accuracy": next(iter(aa["accuracy"].values())), "subset": aa["subset"], "attacks": aa["attacks"]}
 
 
 def _measure(model: nn.Module, dense_size: tuple[int, int], test_set, config: CompareConfig, eps: float,
@@ -360,8 +361,23 @@ def format_comparison(results: dict) -> str:
             f"{c['latency_ms']:.2f}" if "latency_ms" in c else "-",
             f"{sum(c['train_seconds'].values()):.0f}"]) + " |")
     subsets = sorted({c["subset"] for c in cells})
-    lines += ["", f"Evaluated on {', '.join(subsets)} of the test set."]
+    lines += ["", f"Evaluated on {', '.join(subsets)} of the test set.", f"Attacks: {_attacks_text(results)}."]
     return "\n".join(lines) + "\n"
+
+
+def _attacks_text(results: dict) -> str:
+    """Each attack's eps, step and steps, as the cells record them; for cells from before that record, as the
+    comparison's settings give them (a line per distinct setting where the cells differ)."""
+    config = results["config"]
+    derived = attack_settings(attack_specs(config["eval_attacks"], results["eps"], step=config.get("eval_step"),
+                                           warn=False))
+    texts = []
+    for c in results["cells"].values():
+        aa = c.get("autoattack") or {}
+        text = describe_attacks({**c.get("attacks", derived), **aa.get("attacks", {})})
+        if text not in texts:
+            texts.append(text)
+    return " | ".join(texts)
 
 
 # x axes of the Pareto view: (cell key, label, log scale)

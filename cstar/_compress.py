@@ -39,7 +39,7 @@ from ._phases import (PhaseLedger, check_dense_not_distilled, settings_from_dict
 from ._precision import full_float32
 from .admm import ADMM, ADMMConfig
 from .counting import count_flops, count_params
-from ._evaluate import evaluate
+from ._evaluate import attack_specs, evaluate
 from .lowrank import RankPlan, RankSpec, decompose, select_ranks
 from .models import normalization_of
 from .report import write_report
@@ -61,7 +61,8 @@ class CompressConfig:
     ``dense`` trains the dense model when none is given; ``admm_train`` and
     ``finetune`` are the adversarial training settings of phases 3 and 5; their
     ``distill`` learns from the dense model (adversarial distillation).
-    Evaluation: ``eval_attacks`` (PGD step ``eval_step``, default eps/4) of the
+    Evaluation: ``eval_attacks`` (steps ``eval_step``: one for every PGD attack, or
+    ``{attack: step}`` for the attacks named; PGD-k's default ``max(eps/4, 2.5*eps/k)``) of the
     models of ``eval_phases`` (a subset of :data:`EVAL_PHASES`) on the first
     ``eval_n`` test images (all when None); AutoAttack on the first ``autoattack_n`` for the final model (0: off).
     """
@@ -79,7 +80,7 @@ class CompressConfig:
     admm: ADMMConfig = field(default_factory=ADMMConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.01))
     eval_attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])
-    eval_step: float | None = None
+    eval_step: float | dict[str, float] | None = None
     eval_phases: list[str] = field(default_factory=lambda: list(EVAL_PHASES))
     eval_n: int | None = None
     autoattack_n: int = 0
@@ -128,6 +129,8 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     """
     out = Path(out_dir)
     config = with_data_eps(config, train_set.spec, ("dense", "admm_train", "finetune"))
+    if config.eval_phases:  # bad attacks are refused, and a too-short step warned about, before any training
+        attack_specs(config.eval_attacks, config.finetune.eps, step=config.eval_step)
     main = distributed.is_main()  # under torchrun only rank 0 writes files and prints
     phases = PhaseLedger(out, resume)
     if "ranks" not in phases.done:
@@ -269,12 +272,14 @@ def _results(done: dict, plan: RankPlan, dense: nn.Module, final: nn.Module, con
     recorded = config.to_dict()
     if not done.get("dense", {}).get("trained", True):
         recorded["dense"] = None  # a given dense model: no dense training ran
+    evaluations = done.get("evaluate", {}).get("results", {})
     results = {
         "config": recorded,
         "params": {"dense": dense_params, "compressed": final_params, "ratio": dense_params / final_params},
         "phases": {name: {k: v for k, v in info.items() if k != "results"} for name, info in done.items()},
-        "accuracy": {phase: r["accuracy"] for phase, r in done.get("evaluate", {}).get("results", {}).items()},
-        "eval_subset": {phase: r["subset"] for phase, r in done.get("evaluate", {}).get("results", {}).items()},
+        "accuracy": {phase: r["accuracy"] for phase, r in evaluations.items()},
+        "eval_subset": {phase: r["subset"] for phase, r in evaluations.items()},
+        "attacks": {label: settings for r in evaluations.values() for label, settings in r.get("attacks", {}).items()},
         "plan": {"target": plan.target, "budget": plan.budget, "ratio": plan.ratio, "flops_ratio": plan.flops_ratio},
         "threat_model": {"dataset": dataset, "eps": config.finetune.eps, "budget": _budget_text(config),
                          "normalization": normalization_of(dense)},

@@ -10,55 +10,105 @@ the examples and the counts are summed, so every example is counted once.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 import statistics
 import time
+import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
 from . import attacks, distributed
-from .data import make_loader
 from . import _log as log
 from ._errors import CstarError
 from ._io import write_json
+from ._eval_data import (batches, check_counts, check_data, check_labels, check_model, classes_of, data_fingerprint,
+                         weights_sha256)
+from .attacks._common import check_norm
+from .attacks._spec import check_size, steps_by_attack
 from .inference import folded_or_same
 
 DEFAULT_ATTACKS = ("clean", "pgd20")
 
 
-def _batches(data, n: int | None, batch_size: int, device: torch.device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x float in [0,1], y) batches of the first ``n`` examples of ``data`` on ``device``.
+def attack_specs(attacks_to_run, eps: float, *, norm: str = "linf", step=None, warn: bool = True) -> list:
+    """The attacks of an evaluation, checked: ``"clean"`` or an :class:`~cstar.attacks.AttackSpec` each.
 
-    ``data`` is a dataset with ``images``/``labels`` tensors (uint8 images are
-    scaled by 1/255), an ``(images, labels)`` pair, or an iterable of batches.
+    A named attack gets its step from ``step`` (see
+    :func:`cstar.attacks._spec.steps_by_attack`: a number sets every PGD attack's step,
+    a mapping the named attacks'), else its default, which follows its number
+    of steps. With ``warn``, an attack whose steps cannot cross the eps-ball is
+    warned about in one line. Raises :class:`CstarError` for a single name
+    instead of a list, no attack, an unknown form or an attack named twice.
     """
-    if hasattr(data, "images") and hasattr(data, "labels"):
-        data = (data.images, data.labels)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
-        x_all, y_all = data
-        if len(x_all) != len(y_all):
-            raise CstarError(f"{len(x_all)} images but {len(y_all)} labels: pass matching images and labels")
-        count = len(x_all) if n is None else min(n, len(x_all))
-        for i in range(0, count, batch_size):
-            x = x_all[i:min(i + batch_size, count)].to(device)
-            x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-            yield x, y_all[i:min(i + batch_size, count)].to(device)
-        return
-    if isinstance(data, torch.utils.data.Dataset):  # e.g. an image folder: stream it with workers
-        data = make_loader(data, batch_size, train=False, device=device)
-    seen = 0
-    for x, y in data:
-        if n is not None and seen >= n:
-            return
-        if n is not None and seen + len(y) > n:
-            x, y = x[:n - seen], y[:n - seen]
-        seen += len(y)
-        x = x.to(device)
-        yield (x.float() / 255 if x.dtype == torch.uint8 else x), y.to(device)
+    if isinstance(attacks_to_run, (str, bytes, attacks.AttackSpec)):
+        raise CstarError(f"attacks_to_run={attacks_to_run!r} is one attack, not a list (a string is read letter "
+                         f"by letter): pass a list, e.g. [{attacks_to_run!r}] or ['clean', 'pgd20']")
+    if not isinstance(attacks_to_run, Iterable):
+        raise CstarError(f"attacks_to_run={attacks_to_run!r}: pass a list of attacks, e.g. ['clean', 'pgd20']")
+    check_norm(norm)
+    eps = check_size("eps", eps, norm, positive=False)
+    scalar, by_label = steps_by_attack(step, norm)
+    specs = [_spec(item, eps, norm, scalar, by_label) for item in attacks_to_run]
+    if not specs:
+        raise CstarError("no attack to evaluate: name at least one, e.g. ['clean', 'pgd20'] "
+                         "(on the command line: --attacks clean,pgd20)")
+    labels = [_label(spec) for spec in specs]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise CstarError(f"{', '.join(twice)} named twice: name each attack once")
+    for spec in specs if warn else ():
+        short = spec != "clean" and spec.short_reach()
+        if short:
+            warnings.warn(short)  # from this line only: shown once per process
+    return specs
+
+
+def _spec(item, eps: float, norm: str, scalar: float | None, by_label: dict):
+    """One attack of :func:`attack_specs`."""
+    if isinstance(item, attacks.AttackSpec):
+        check_size(f"eps of {item.label}", item.eps, item.norm, positive=False)
+        return item
+    if not isinstance(item, str):
+        raise CstarError(f"attack {item!r}: pass names such as 'clean' or 'pgd20', or AttackSpec objects")
+    if item.strip().lower() == "clean":
+        return "clean"
+    spec = attacks.parse_attack(item, eps, norm=norm)
+    step = by_label.get(spec.label, scalar if spec.name == "pgd" else None)
+    return spec if step is None else dataclasses.replace(spec, step=step)
+
+
+def _label(spec) -> str:
+    return "clean" if spec == "clean" else spec.label
+
+
+def attack_settings(specs) -> dict[str, dict]:
+    """``{label: {"eps", "norm", "step", "steps", "restarts"}}`` of the attacks (clean has none)."""
+    return {spec.label: spec.settings for spec in specs if spec != "clean"}
+
+
+def describe_attacks(settings: dict[str, dict]) -> str:
+    """The attacks' settings in one line: ``pgd40: eps 0.3, step 0.01, 40 steps; ...``."""
+    parts = []
+    for label, s in settings.items():
+        if s.get("steps") is None:
+            parts.append(f"{label}: eps {s['eps']:.4g} (its own steps)")
+            continue
+        restarts = f", {s['restarts']} restarts" if s.get("restarts", 1) > 1 else ""
+        parts.append(f"{label}: eps {s['eps']:.4g}, step {s['step']:.4g}, {s['steps']} step"
+                     f"{'s' if s['steps'] > 1 else ''}{restarts}")
+    return "; ".join(parts)
+
+
+# what each key of an evaluation's saved progress stands for, in a refusal to resume it
+_PROGRESS_KEYS = {"model": "the model's weights", "data": "the test data", "n": "n", "eps": "eps",
+                  "attacks": "the attacks or their eps/step/steps", "labels": "the attacks", "batch_size": "batch_size",
+                  "seed": "seed"}
 
 
 def _shard(data, n: int | None, batch_size: int, device: torch.device):
@@ -92,7 +142,8 @@ def subset_label(n: int | None, total: int) -> str:
 
 
 def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.AttackSpec] = DEFAULT_ATTACKS, *,
-             eps: float, norm: str = "linf", step: float | None = None, n: int | None = None, batch_size: int = 256,
+             eps: float, norm: str = "linf", step: float | dict[str, float] | None = None, n: int | None = None,
+             batch_size: int = 256,
              seed: int = 0, out_path: str | Path | None = None, meta: dict | None = None,
              progress: bool = False, resume: bool = False, per_example: bool = False, fold_bn: bool = True) -> dict:
     """Accuracy of ``model`` on ``data`` under each attack.
@@ -100,9 +151,13 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
     ``attacks_to_run`` holds ``"clean"``, attack names understood by
     :func:`cstar.attacks.parse_attack` (``"fgsm"``, ``"pgd20"``, ``"aa"``...) or
     :class:`~cstar.attacks.AttackSpec` objects. ``n`` evaluates the first ``n``
-    examples (all when None). ``step`` overrides the PGD step (default from
-    ``parse_attack``). Returns ``{"accuracy": {label: float}, "n_examples": int,
-    "subset": str, "eps": float, "norm": str, "seconds": {label: float}}``;
+    examples (all when None). ``step`` sets the steps of the named attacks: a
+    number for every PGD attack, or ``{label: step}`` for the attacks it names
+    (``{"pgd40": 0.01}``); the others keep their defaults, PGD-k's
+    ``max(eps / 4, 2.5 * eps / k)`` (:func:`attack_specs`; a step whose k steps
+    cannot cross the eps-ball is warned about). Returns ``{"accuracy": {label: float},
+    "n_examples": int, "subset": str, "eps": float, "norm": str, "attacks": {label:
+    {"eps", "norm", "step", "steps", "restarts"}}, "seconds": {label: float}}``;
     ``per_example=True`` adds ``"per_example": {label: str}``, one character per
     evaluated example in order, ``"1"`` where the model was right (for paired
     comparisons of two models on the same examples, see :func:`paired_difference`).
@@ -113,7 +168,13 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
     not depend on where a run started. With ``out_path`` (in one process) the
     counts so far are kept in ``<out_path>.partial`` after every batch; with
     ``resume=True`` a killed evaluation continues after its last finished batch
-    (a long AutoAttack run loses at most one batch).
+    (a long AutoAttack run loses at most one batch), and only for the same model
+    weights (their SHA-256), data, attacks and settings.
+
+    Bad arguments (a string for ``attacks_to_run``, eps outside [0, 1] for
+    L-inf, numpy data, float or one-hot labels, images the model cannot take,
+    labels beyond its classes, non-finite weights or logits...) raise
+    :class:`CstarError` before any attack runs or any file is written.
 
     With ``fold_bn`` (default) the attacks and predictions run on a copy of the
     model with each BatchNorm folded into the conv before it
@@ -121,43 +182,53 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
     1.3x faster attacks on a CIFAR ResNet-18 (``benchmarks/bench_attack_throughput.py``).
     A model that ``torch.fx`` cannot trace is evaluated as it is.
     """
-    if n is not None and n < 1:
-        raise CstarError(f"n={n}: evaluate at least one example, or pass n=None for the whole set")
-    specs = []
-    for a in attacks_to_run:
-        if isinstance(a, attacks.AttackSpec) or a == "clean":
-            specs.append(a)
-        else:
-            specs.append(attacks.parse_attack(a, eps, norm=norm, step=step))
-    labels = [s if s == "clean" else s.label for s in specs]
+    check_model(model)
+    check_counts(n, batch_size, seed)
+    check_data(data)
+    specs = attack_specs(attacks_to_run, eps, norm=norm, step=step)
+    labels = [_label(spec) for spec in specs]
     device = next(model.parameters()).device
     was_training = model.training
-    model.eval()
-    target = folded_or_same(model) if fold_bn else model
     correct = dict.fromkeys(labels, 0)
     hits = {k: "" for k in labels}  # filled only with per_example
     seconds = dict.fromkeys(labels, 0.0)
     total = 0
     shard, shard_n, sharded = _shard(data, n, batch_size, device)
+    stream = iter(batches(shard, shard_n, batch_size, device))
+    first = next(stream, None)
+    if first is None and not sharded:
+        raise CstarError("the evaluation data is empty: pass a dataset with at least one example")
+    model.eval()
+    try:
+        target = folded_or_same(model) if fold_bn else model
+        classes = None if first is None else classes_of(target, *first, data)
+    finally:
+        model.train(was_training)
     partial = Path(f"{out_path}.partial") if out_path is not None and not sharded else None
     state = {"labels": labels, "eps": eps, "n": n, "batch_size": batch_size, "seed": seed}
+    if partial is not None:
+        state.update(attacks=attack_settings(specs), model=weights_sha256(model), data=data_fingerprint(data))
     done = 0
     if resume and partial is not None and partial.exists():
         saved = json.loads(partial.read_text())
-        if {k: saved.get(k) for k in state} != state:
-            raise CstarError(f"{partial} was written by an evaluation with other settings "
-                             f"({ {k: saved.get(k) for k in state} }): delete it, or resume with the same settings")
-        done, total, correct, seconds = saved["batches"], saved["total"], saved["correct"], saved["seconds"]
         if per_example and "per_example" not in saved:
             raise CstarError(f"{partial} holds counts only (written without per_example): delete it to start over, "
                              f"or resume without per_example")
+        differ = [_PROGRESS_KEYS.get(k, k) for k in state if saved.get(k) != state[k]]
+        if differ:
+            raise CstarError(f"{partial} was written by an evaluation with other settings ({', '.join(differ)} "
+                             "differ): resume with the same model, data and settings, or delete it to start over")
+        done, total, correct, seconds = saved["batches"], saved["total"], saved["correct"], saved["seconds"]
         hits = saved.get("per_example", hits)
+    model.eval()
     # each batch's attacks are seeded with seed + index; the caller's random state is restored afterwards
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
-            for index, (xb, yb) in enumerate(_batches(shard, shard_n, batch_size, device)):
+            for index, (xb, yb) in enumerate(itertools.chain([first] if first is not None else [], stream)):
                 if index < done:
                     continue
+                if index:
+                    check_labels(yb, classes)
                 torch.manual_seed(seed + index)
                 total += len(yb)
                 for spec, label in zip(specs, labels):
@@ -191,6 +262,7 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
         "subset": subset_label(n, total),
         "eps": eps,
         "norm": norm,
+        "attacks": attack_settings(specs),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     if per_example:
@@ -236,8 +308,8 @@ def paired_difference(a: str, b: str, confidence: float = 0.95) -> dict:
 
 
 def robustbench_card(result: dict, meta: dict) -> dict:
-    """A RobustBench-style model card: accuracies in percent, threat model, eps (and the per-example results,
-    when evaluated with them)."""
+    """A RobustBench-style model card: accuracies in percent, threat model, eps, each attack's eps, step and
+    steps (and the per-example results, when evaluated with them)."""
     acc = result["accuracy"]
     card = {
         **meta,
@@ -245,6 +317,7 @@ def robustbench_card(result: dict, meta: dict) -> dict:
         "eps": result["eps"],
         "n_examples": result["n_examples"],
         "subset": result["subset"],
+        "attacks": result["attacks"],
     }
     for label, value in acc.items():
         key = "autoattack_acc" if label == "autoattack" else f"{label}_acc"
@@ -256,10 +329,16 @@ def robustbench_card(result: dict, meta: dict) -> dict:
 
 
 def format_results(rows: dict[str, dict], labels: Sequence[str] | None = None) -> str:
-    """A markdown table: one row per model/phase, one column per attack (percent)."""
+    """A markdown table: one row per model/phase, one column per attack (percent); then each attack's eps,
+    step and steps (a line per model where the models' settings differ)."""
     labels = list(labels or next(iter(rows.values()))["accuracy"].keys())
     lines = ["| model | n | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
     for name, res in rows.items():
         cells = [f"{100 * res['accuracy'][k]:.2f}" if k in res["accuracy"] else "-" for k in labels]
         lines.append(f"| {name} | {res['n_examples']} | " + " | ".join(cells) + " |")
+    settings = {name: describe_attacks(res["attacks"]) for name, res in rows.items() if res.get("attacks")}
+    if len(set(settings.values())) == 1:
+        lines.append(f"\nattacks: {next(iter(settings.values()))}")
+    else:
+        lines += [f"\nattacks of {name}: {text}" for name, text in settings.items()]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._evaluate import describe_attacks
 from ._io import atomic_write_bytes, atomic_write_text
 from .lowrank import RankPlan
 
@@ -136,6 +137,8 @@ def write_report(out: Path, results: dict, plan: RankPlan, history: list[dict]) 
                     f"evaluated on {', '.join(subsets) or 'no test images'}; training budget: {threat['budget']}")
         if threat.get("normalization"):
             summary += f"\n\ninput normalisation: {threat['normalization']}"
+    if results.get("attacks"):
+        summary += f"\n\nAttacks: {describe_attacks(results['attacks'])}."
     sections = [
         "# CSTAR compression report", "", summary, "",
         "## Accuracy by phase (%)", "", _accuracy_table(results), "",

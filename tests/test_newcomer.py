@@ -290,7 +290,7 @@ def test_compress_on_mnist_without_settings_starts_from_the_measured_mnist_prese
     assert args.defaults_preset == "mnist_small_cnn_cpu"
     for key in ("dense", "admm_train", "admm", "finetune"):
         assert getattr(args, key) == preset[key], key  # was: PGD-10 with SGD at lr 0.1, which diverged here
-    assert args.eval_attacks == "clean,pgd40" and args.eval_step == 0.01  # MNIST's threat model (METHOD.md)
+    assert args.eval_attacks == "clean,pgd40" and args.eval_step == {"pgd40": 0.01}  # MNIST's threat model (METHOD.md)
 
 
 def test_options_given_layer_over_the_dataset_preset_key_by_key():

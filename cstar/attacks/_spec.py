@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from cstar._checks import check_radius
 from cstar._errors import CstarError
 from cstar.attacks._autoattack import autoattack
 from cstar.attacks._common import check_count, check_norm, check_number
@@ -27,9 +29,10 @@ class AttackSpec:
     Fields:
         name: "fgsm", "pgd", "nfgsm" or "autoattack".
         eps: radius in input units (e.g. 8/255).
-        step: step size; ``None`` uses the attack's default (PGD: ``eps / 4``,
-            i.e. 2/255 at 8/255; FGSM: ``eps``, or ``1.25 * eps`` with random
-            start; N-FGSM: ``eps``). Not used by AutoAttack.
+        step: step size; ``None`` uses the attack's default (PGD-k:
+            ``max(eps / 4, 2.5 * eps / k)``, i.e. 2/255 at 8/255 for k >= 10, so
+            that k steps always travel 2.5 eps; FGSM: ``eps``, or ``1.25 * eps``
+            with random start; N-FGSM: ``eps``). Not used by AutoAttack.
         steps: iterations (PGD only; 1 otherwise).
         norm: "linf" or "l2" (N-FGSM: "linf" only).
         random_start: FGSM and PGD only; ``None`` uses the attack's default
@@ -64,6 +67,35 @@ class AttackSpec:
             raise CstarError("autoattack chooses its own step sizes; leave step None")
 
     @property
+    def step_size(self) -> float | None:
+        """The step the attack takes: ``step``, or its default (see the class); None for AutoAttack."""
+        if self.step is not None or self.name == "autoattack":
+            return self.step
+        if self.name == "pgd":
+            return max(self.eps / 4, 2.5 * self.eps / self.steps)
+        return 1.25 * self.eps if self.name == "fgsm" and self.random_start else self.eps
+
+    @property
+    def settings(self) -> dict:
+        """What the attack's figure depends on: ``{"eps", "norm", "step", "steps", "restarts"}`` (AutoAttack:
+        ``step`` and ``steps`` None, it chooses its own)."""
+        if self.name == "autoattack":
+            return {"eps": self.eps, "norm": self.norm, "step": None, "steps": None, "restarts": 1}
+        return {"eps": self.eps, "norm": self.norm, "step": self.step_size, "steps": self.steps,
+                "restarts": self.restarts}
+
+    def short_reach(self) -> str | None:
+        """One line when a gradient attack's steps cannot cross the eps-ball (``steps * step < eps``), which
+        overstates robustness; None otherwise (always for the default steps)."""
+        if self.name not in ("pgd", "fgsm") or self.step_size * self.steps >= self.eps * (1 - 1e-9):
+            return None
+        default = dataclasses.replace(self, step=None).step_size
+        return (f"{self.label} with step {self.step_size:.4g} moves at most {self.step_size * self.steps:.4g} "
+                f"({self.steps} x {self.step_size:.4g}), less than eps {self.eps:.4g}, so its accuracy overstates "
+                f"robustness: leave its step to the default ({default:.4g}) or set one >= eps/{self.steps} "
+                f"= {self.eps / self.steps:.4g}")
+
+    @property
     def label(self) -> str:
         """Short name for tables: "fgsm", "fgsm-rs", "nfgsm", "pgd20", "pgd50x5", "autoattack"."""
         if self.name == "fgsm":
@@ -84,10 +116,9 @@ class AttackSpec:
             return fgsm(
                 model, x, y, self.eps, norm=self.norm, random_start=bool(self.random_start), step=self.step, **options
             )
-        step = self.eps / 4 if self.step is None else self.step
         random_start = True if self.random_start is None else self.random_start
         return pgd(
-            model, x, y, self.eps, step, self.steps,
+            model, x, y, self.eps, self.step_size, self.steps,
             norm=self.norm, random_start=random_start, restarts=self.restarts, **options,
         )
 
@@ -114,3 +145,33 @@ def parse_attack(text: str, eps: float, norm: str = "linf", step: float | None =
             "pgd", eps, step=step, steps=int(match[1]), norm=norm, restarts=int(match[2] or 1)
         )
     raise CstarError(f"unknown attack {text!r}; use one of {_FORMS}")
+
+
+def steps_by_attack(step: object, norm: str = "linf") -> tuple[float | None, dict[str, float]]:
+    """``(one step for every PGD attack, {attack label: step})`` of an evaluation's ``step`` setting.
+
+    ``step`` is None (the defaults), a number (every PGD attack's step), or a
+    mapping of attack names to steps (``{"pgd40": 0.01}``: that attack's step
+    only, so a preset's step for PGD-40 never reaches a PGD-5 run with it).
+    Keys are read as :func:`parse_attack` reads names; steps must be > 0 (and
+    at most 1 for L-inf, whose radii are in [0, 1] image units).
+    """
+    if step is None:
+        return None, {}
+    if not isinstance(step, Mapping):
+        return check_size("step", step, norm), {}
+    steps = {}
+    for name, value in step.items():
+        spec = parse_attack(name, 1.0)
+        if spec.name == "autoattack":
+            raise CstarError(f"step for {name!r}: autoattack chooses its own step sizes; drop it from the steps")
+        steps[spec.label] = check_size(f"step of {spec.label}", value, norm)
+    return None, steps
+
+
+def check_size(what: str, value: object, norm: str, *, positive: bool = True) -> float:
+    """An eps or step of a ``norm`` attack on images in [0, 1]: in [0, 1] for L-inf (as ``--eps`` takes it),
+    finite and >= 0 for L2; > 0 when ``positive``."""
+    if norm == "linf":
+        return check_radius(what, value, positive=positive)
+    return check_number(what, value, positive=positive)

@@ -16,7 +16,7 @@ from .. import data, distributed
 from .._errors import CstarError
 from .._io import save_checkpoint, write_json
 from ..counting import count_flops, count_params, format_table, layer_table
-from .._evaluate import evaluate, format_results
+from .._evaluate import attack_specs, evaluate, format_results
 from ..train import fit
 from . import _inputs as inputs
 from . import _runs as runs
@@ -28,6 +28,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = runs.device(args.device)
     train_set, test_set, eps = inputs.train_and_test(args)
     config = train_config(args, eps)
+    eval_attacks = _checked_attacks(args.eval_attacks, "--eval-attacks", eps, args.eval_step)
     torch.manual_seed(args.seed)  # the initial weights
     model = inputs.build_model(args, train_set.spec, train_set.num_classes).to(device)
     train_part, val = inputs.validation(train_set, test_set, args.val_size, config.check_size, device)
@@ -50,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if distributed.is_main():
         save_checkpoint(out / "model.pt", {"model": model.state_dict(), "model_config": model.cstar_config,
                                            "dataset": args.data, "eps": eps})
-    result = evaluate(model, test_set, names(args.eval_attacks), eps=eps, step=args.eval_step, n=args.eval_n,
+    result = evaluate(model, test_set, eval_attacks, eps=eps, step=args.eval_step, n=args.eval_n,
                       seed=args.seed, out_path=out / "results.json",
                       meta={"model": args.model, "dataset": args.data, "attack": args.attack,
                             "epochs_run": len(history), "train_seconds": round(train_seconds, 1)})
@@ -66,12 +67,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CstarError("--per-example keeps its results in the --json card: pass --json")
     if not (args.resume or args.force):
         runs.refuse_overwrite(args.json, "--json")
+    attack_names = _checked_attacks(args.attacks, "--attacks")
     device = runs.device(args.device)
     spec = inputs.dataset_spec(args.data)
     model, state = inputs.model_and_state(args, args.checkpoint, device, spec, spec and spec.num_classes)
     inputs.check_model_options(args, model)
     name, test_set, eps = _eval_data(args, model, state)
-    result = evaluate(model, test_set, names(args.attacks), eps=eps, step=args.step, n=args.n,
+    result = evaluate(model, test_set, attack_names, eps=eps, step=args.step, n=args.n,
                       batch_size=args.batch_size, seed=args.seed, out_path=args.json, progress=True,
                       resume=args.resume, per_example=args.per_example,
                       meta={"model": model.cstar_config["name"], "dataset": name, "checkpoint": str(args.checkpoint)})
@@ -79,6 +81,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_results({(path.name if path.is_dir() else path.parent.name) or "model": result}))
     print(f"{result['subset']} of the {name} test set, eps={eps:.4g}; seconds per attack: {result['seconds']}")
     return 0
+
+
+def _checked_attacks(text: str | None, option: str, eps: float | None = None, step=None) -> list[str]:
+    """The attack names of ``option``, refused when there are none; with ``eps``, also checked (and a step too
+    short to cross the eps-ball warned about) with ``step``, before any training or file."""
+    attack_names = names(text)
+    if not attack_names:
+        raise CstarError(f"{option} {text!r} names no attack: give e.g. {option} clean,pgd20")
+    if eps is not None:
+        attack_specs(attack_names, eps, step=step)
+    return attack_names
 
 
 def _eval_data(args: argparse.Namespace, model: torch.nn.Module, state: dict):
@@ -175,7 +188,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         ratio=args.ratio, budget=args.budget, flops_ratio=args.flops_ratio, rank_method=args.rank_method,
         exclude=names(args.exclude) or None, dense=phase_config(args.dense, common),
         admm_train=phase_config(args.admm_train, common), finetune=phase_config(args.finetune, common, epochs=5, lr=0.01),
-        eval_attacks=names(args.eval_attacks), eval_step=args.eval_step, eval_phases=names(args.eval_phases),
+        eval_attacks=_checked_attacks(args.eval_attacks, "--eval-attacks", eps, args.eval_step),
+        eval_step=args.eval_step, eval_phases=names(args.eval_phases),
         eval_n=args.eval_n, autoattack_n=args.autoattack_n)
     if args.admm:
         config.admm = ADMMConfig.from_dict(args.admm)
@@ -208,7 +222,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         ratios=numbers(args.ratios, "--ratios"), methods=names(args.methods), dense=phase_config(args.dense, common),
         search=phase_config(args.search, common, epochs=5, lr=0.01),
         finetune=phase_config(args.finetune, common, epochs=5, lr=0.01),
-        eval_attacks=names(args.eval_attacks), eval_step=args.eval_step, eval_n=args.eval_n,
+        eval_attacks=_checked_attacks(args.eval_attacks, "--eval-attacks", eps, args.eval_step),
+        eval_step=args.eval_step, eval_n=args.eval_n,
         autoattack_n=args.autoattack_n, latency_runs=args.latency_runs)
     if args.admm:
         config.admm = ADMMConfig.from_dict(args.admm)

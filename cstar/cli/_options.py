@@ -24,7 +24,7 @@ from ..lowrank import RankSpec
 from ..models._external import is_external
 from ..models._recorded import short
 from ..train import TrainConfig
-from ._parser import build_parser, parse_eps
+from ._parser import build_parser, parse_eps, parse_step
 from ._runs import NOT_SAVED, check_out, device_type
 
 # Options that hold a YAML mapping (a training, ADMM... section).
@@ -131,12 +131,18 @@ def _config_values(args: argparse.Namespace, sub: argparse.ArgumentParser) -> di
                 values[key] = ",".join(str(v) for v in value)
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 values[key] = str(value)
-    for key in ("eps", "attack_step", "step", "eval_step"):
-        if isinstance(values.get(key), str):
-            try:
+    try:
+        for key in ("eps", "attack_step"):
+            if isinstance(values.get(key), str):
                 values[key] = parse_eps(values[key])
-            except argparse.ArgumentTypeError as exc:
-                raise CstarError(f"{key} in {args.config}: {exc}") from None
+        for key in ("step", "eval_step"):  # one step, or a mapping attack -> step
+            if isinstance(values.get(key), str):
+                values[key] = parse_step(values[key])
+            elif isinstance(values.get(key), dict):
+                values[key] = {name: parse_eps(v, "step", positive=True) if isinstance(v, str) else v
+                               for name, v in values[key].items()}
+    except argparse.ArgumentTypeError as exc:
+        raise CstarError(f"{key} in {args.config}: {exc}") from None
     return values
 
 

@@ -14,21 +14,38 @@ import yaml
 
 from .. import data, models
 from .._version import __version__
+from .._checks import check_radius
 from .._errors import CstarError
 from ..train import AMP_DTYPES, ATTACKS, OPTIMIZERS, SCHEDULES, TrainConfig
 
 FACTORY_FORMS = "package.module:factory, torchvision:NAME, timm:NAME (with --model-arg KEY=VALUE)"
+STEP_HELP = ("PGD step size for evaluation: one for every PGD attack, or per attack as pgd40=0.01,pgd5=0.1 "
+             "(default: max(eps/4, 2.5*eps/k) for PGD-k)")
 
 
-def parse_eps(text: str) -> float:
-    """A radius given as a decimal (``0.3``) or a fraction (``8/255``)."""
+def parse_eps(text: str, what: str = "eps", *, positive: bool = False) -> float:
+    """A radius given as a decimal (``0.3``) or a fraction (``8/255``), in [0, 1] (> 0 when ``positive``)."""
     try:
         value = float(Fraction(text.strip()))
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"'{text}' is not a number: write e.g. 0.3 or 8/255") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: inputs are in [0, 1], so use 0 <= eps <= 1")
-    return value
+    try:
+        return check_radius(what, value, positive=positive)
+    except CstarError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_step(text: str) -> float | dict[str, float]:
+    """An attack step: one for every PGD attack (``0.01``), or per attack (``pgd40=0.01,pgd5=0.1``)."""
+    if "=" not in text:
+        return parse_eps(text, "step", positive=True)
+    steps = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if not name.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(f"'{item}' is not ATTACK=STEP: write e.g. pgd40=0.01,pgd5=0.1")
+        steps[name.strip()] = parse_eps(value, "step", positive=True)
+    return steps
 
 
 def yaml_mapping(text: str) -> dict:
@@ -143,7 +160,7 @@ def _pipeline_options(p: argparse.ArgumentParser, title: str):
     g.add_argument("--train-n", type=int, default=None, help="train on the first N training images only")
     g.add_argument("--val-size", type=int, default=1000, help="training images held out for per-epoch checks")
     g.add_argument("--eval-attacks", default="clean,pgd20")
-    g.add_argument("--eval-step", type=parse_eps, default=None, help="PGD step size for evaluation (default: eps/4)")
+    g.add_argument("--eval-step", type=parse_step, default=None, help=STEP_HELP)
     g.add_argument("--eval-n", type=int, default=None, help="evaluate on the first N test images (default: all)")
     return g
 
@@ -209,7 +226,7 @@ def _train(sub) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     e = t.add_argument_group("final evaluation")
     e.add_argument("--eval-attacks", default="clean,pgd20", help="comma-separated (default: clean,pgd20)")
-    e.add_argument("--eval-step", type=parse_eps, default=None, help="PGD step size for evaluation (default: eps/4)")
+    e.add_argument("--eval-step", type=parse_step, default=None, help=STEP_HELP)
     e.add_argument("--eval-n", type=int, default=None, help="evaluate the first N test images (default: all)")
     _run_options(t)
 
@@ -221,7 +238,7 @@ def _eval(sub) -> None:
     _factory_option(ev)
     _data_options(ev)
     ev.add_argument("--attacks", default="clean,pgd20", help="comma-separated: clean, fgsm, pgdK, aa (default: clean,pgd20)")
-    ev.add_argument("--step", type=parse_eps, default=None, help="PGD step size (default: eps/4)")
+    ev.add_argument("--step", type=parse_step, default=None, help=STEP_HELP.replace(" for evaluation", ""))
     ev.add_argument("--n", type=int, default=None, help="evaluate the first N test images (default: all)")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--json", default=None, help="write a RobustBench-style JSON here (progress kept in JSON.partial)")
