@@ -40,10 +40,13 @@ from . import attacks, compressors, distributed
 from . import _log as log
 from ._errors import CstarError
 from ._io import atomic_write_bytes, atomic_write_text, write_json
-from ._phases import check_dense_not_distilled, settings_from_dict, split_held_out, train_phase, with_data_eps
+from ._checks import check_fields, check_ratio, integer
+from ._phases import (EVALUATION_RULES, check_dense_not_distilled, check_run, check_sections, settings_from_dict,
+                      split_held_out, train_phase, with_data_eps)
 from ._renamed import renamed
 from .admm import ADMMConfig
 from .counting import count_flops, count_params
+from .lowrank import select_ranks
 from ._evaluate import attack_settings, attack_specs, describe_attacks, evaluate, subset_label
 from .serialize import load, save
 from .train import TrainConfig
@@ -80,13 +83,17 @@ class CompareConfig:
     latency_runs: int = 50
 
     def __post_init__(self) -> None:
+        if not isinstance(self.methods, (list, tuple)) or not self.methods:
+            raise CstarError(f"no method to compare in methods={self.methods!r}: choose from dense, "
+                             f"{', '.join(compressors.names())}")
         compressors.check_names(sorted(set(self.methods), key=str), allow_dense=True)
-        if not self.methods:
-            raise CstarError(f"no method to compare: choose from dense, {', '.join(compressors.names())}")
+        check_sections(self, ("dense", "search", "finetune"))
         check_dense_not_distilled(self.dense, "search or finetune")
-        bad = [r for r in self.ratios if not r > 1]
-        if bad or not self.ratios:
-            raise CstarError(f"ratios {bad or '[]'}: each ratio must be a number > 1 (dense / compressed), e.g. 4,16")
+        if not isinstance(self.ratios, (list, tuple)) or not self.ratios:
+            raise CstarError(f"ratios must be a list of numbers > 1 (dense / compressed), got {self.ratios!r}; "
+                             "e.g. [4, 16]")
+        self.ratios = [check_ratio(f"ratios[{i}]", r) for i, r in enumerate(self.ratios)]
+        check_fields(self, {**EVALUATION_RULES, "latency_runs": integer(0, fix="timed forward passes (0: off)")})
 
     @classmethod
     def from_dict(cls, values: dict) -> "CompareConfig":
@@ -100,6 +107,14 @@ class CompareConfig:
         """The training budget every compressed model gets, in one line."""
         return (f"every compressed model: {self.search.summary()} for the method's first phase, then "
                 f"{self.finetune.summary()} of fine-tuning, batch {self.finetune.batch_size}")
+
+
+def check_reachable(dense: nn.Module, config: CompareConfig) -> None:
+    """Refuse now a ratio that a rank-planned method of ``config`` cannot reach on ``dense``'s layers (the check
+    :func:`cstar.compress` makes, :func:`cstar._compress.check_plan`: it depends on the layers' shapes alone)."""
+    if any(method in compressors.RANK_PLANNED for method in config.methods):
+        for ratio in config.ratios:
+            select_ranks(dense, ratio)
 
 
 def cell_name(method: str, ratio: float) -> str:
@@ -266,7 +281,8 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
     (of an image-folder dataset, the first ``val_size`` of its validation folder).
     Finished cells are read back, not rerun.
     """
-    out = Path(out_dir)
+    out = check_run(config, CompareConfig, train_set, test_set, out_dir, val_size, seed)
+    check_reachable(dense, config)
     config = with_data_eps(config, train_set.spec, ("dense", "search", "finetune"))
     cells_dir = out / "cells"
     if distributed.is_main():

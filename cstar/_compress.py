@@ -34,8 +34,9 @@ from . import distributed
 from . import _log as log
 from ._errors import CstarError
 from ._io import load_checkpoint, save_checkpoint, write_json
-from ._phases import (PhaseLedger, check_dense_not_distilled, settings_from_dict, split_held_out, train_phase,
-                      training_loader, with_data_eps)
+from ._checks import check_fields
+from ._phases import (EVALUATION_RULES, PhaseLedger, check_dense_not_distilled, check_run, check_sections,
+                      settings_from_dict, split_held_out, train_phase, training_loader, with_data_eps)
 from ._precision import full_float32
 from .admm import ADMM, ADMMConfig
 from .counting import count_flops, count_params
@@ -91,8 +92,12 @@ class CompressConfig:
         return settings_from_dict(cls, values, ("dense", "admm_train", "finetune"), "compress")
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.ratio, (int, float)) and self.ratio > 1):
-            raise CstarError(f"ratio={self.ratio} must be a number > 1 (dense / compressed), e.g. 8")
+        check_sections(self, ("dense", "admm_train", "finetune"))
+        check_fields(self, EVALUATION_RULES)
+        self.rank_spec()  # ratio, budget, exclude...: RankSpec's own checks, the same as select_ranks'
+        if not isinstance(self.eval_phases, (list, tuple)):
+            raise CstarError(f"eval_phases must be a list of phases, got {self.eval_phases!r}; "
+                             f"e.g. {list(EVAL_PHASES)}")
         unknown = sorted(set(self.eval_phases) - set(EVAL_PHASES))
         if unknown:
             raise CstarError(f"unknown evaluation phase(s) {', '.join(unknown)}: choose from {', '.join(EVAL_PHASES)}")
@@ -127,7 +132,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     ``val_size`` of its validation folder, ``test_set``). Files go to ``out_dir``
     (see the module docstring).
     """
-    out = Path(out_dir)
+    out = check_run(config, CompressConfig, train_set, test_set, out_dir, val_size, seed)
     config = with_data_eps(config, train_set.spec, ("dense", "admm_train", "finetune"))
     if config.eval_phases:  # bad attacks are refused, and a too-short step warned about, before any training
         attack_specs(config.eval_attacks, config.finetune.eps, step=config.eval_step)

@@ -8,6 +8,7 @@ the training set, and one training phase (a :func:`cstar.fit` into a folder).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -16,11 +17,77 @@ from torch import nn
 
 from . import data as data_module
 from . import _log as log
-from . import distributed
+from . import attacks, distributed
+from .attacks._spec import steps_by_attack
+from ._checks import COUNT, SEED, check_fields, integer, number
 from ._errors import CstarError, check_options
 from ._io import write_json
 from .admm import ADMMConfig
 from .train import TrainConfig, fit
+
+
+def attack_names(what: str, value: object) -> list:
+    """``value`` as a list of evaluation attacks: ``"clean"``, names :func:`cstar.attacks.parse_attack` reads
+    (``"pgd20"``, ``"aa"``...) or :class:`cstar.attacks.AttackSpec` objects; else one line naming ``what``."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(a, (str, attacks.AttackSpec)) for a in value):
+        raise CstarError(f"{what} must be a list of attack names, got {value!r}; e.g. ['clean', 'pgd20']")
+    for name in value:
+        if isinstance(name, str) and name != "clean":
+            attacks.parse_attack(name, 1.0)  # one line naming an unknown form
+    return list(value)
+
+
+# What the evaluation settings of CompressConfig and CompareConfig must be (cstar._checks).
+def _eval_steps(what: str, value: object) -> object:
+    """None (each attack's default step), one step for every PGD attack, or ``{attack: step}``, as
+    :func:`cstar.attacks._spec.steps_by_attack` reads it (a preset's step reaches only the attacks it names)."""
+    if value is not None:
+        try:
+            steps_by_attack(value)
+        except CstarError as exc:
+            raise CstarError(f"{what}: {exc}") from None
+    return value
+
+
+EVALUATION_RULES = {
+    "eval_attacks": attack_names,
+    "eval_step": _eval_steps,
+    "eval_n": integer(1, optional=True, fix="evaluate at least 1 test image, or none for all of them"),
+    "autoattack_n": integer(0, fix="test images AutoAttack runs on (0: off)"),
+}
+
+
+def check_sections(config, train_keys: tuple[str, ...]) -> None:
+    """Refuse a ``config`` whose ``train_keys`` sections are not :class:`TrainConfig` or whose ``admm`` is not an
+    :class:`ADMMConfig` (a dict there belongs in ``from_dict``)."""
+    kinds = {**dict.fromkeys(train_keys, TrainConfig), "admm": ADMMConfig}
+    for key, kind in kinds.items():
+        if not isinstance(getattr(config, key), kind):
+            raise CstarError(f"{type(config).__name__}.{key} must be a {kind.__name__}, got "
+                             f"{type(getattr(config, key)).__name__}; build the settings from nested dicts with "
+                             f"{type(config).__name__}.from_dict")
+
+
+def check_run(config, kind: type, train_set, test_set, out_dir, val_size: object, seed: object) -> Path:
+    """The checks of a pipeline call's arguments (:func:`cstar.compress`, :func:`cstar.compare`), before any
+    work: ``config`` a ``kind``, the datasets :mod:`cstar.data` ones (``test_set`` may be None), ``out_dir`` a
+    path that is not a file, ``val_size`` an integer >= 0, ``seed`` a seed. Returns ``out_dir`` as a Path."""
+    if not isinstance(config, kind):
+        raise CstarError(f"config must be a {kind.__name__}, got {type(config).__name__}; build one from a dict "
+                         f"with {kind.__name__}.from_dict")
+    datasets = (data_module.TensorData, data_module.FolderData)
+    for what, dataset in (("train_set", train_set), ("test_set", test_set)):
+        if not isinstance(dataset, datasets) and not (what == "test_set" and dataset is None):
+            raise CstarError(f"{what} must be a cstar.data dataset, got {type(dataset).__name__}; use "
+                             "cstar.data.load(name, split=...) or cstar.data.TensorData(images, labels, spec)")
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise CstarError(f"out_dir must be a path, got {type(out_dir).__name__}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CstarError(f"out_dir {out} is a file, not a directory: pass a directory's path")
+    COUNT("val_size", val_size)
+    SEED("seed", seed)
+    return out
 
 
 def with_data_eps(config, spec, train_keys: tuple[str, ...]):

@@ -46,6 +46,9 @@ def resolve(path_or_name: str) -> Path:
     path = Path(path_or_name)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise CstarError(f"config file {path} is a directory: pass the path of a YAML or JSON file in it, or a "
+                         "preset name")
     preset = PRESET_DIR / f"{path_or_name}.yaml"
     if preset.is_file():
         return preset

@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Iterable
 
 import torch
 import torch.nn as nn
 
 from . import _smoke
+from ._checks import SEED, check_fields, check_mapping, flag, integer, number, one_of
 from ._errors import CstarError, check_options
 from ._renamed import renamed
 
@@ -20,6 +19,28 @@ ATTACKS = ("pgd", "fgsm_rs", "nfgsm", "trades", "clean")
 SCHEDULES = ("cosine", "onecycle", "multistep", "constant")
 OPTIMIZERS = ("sgd", "adam")
 AMP_DTYPES = ("auto", "bfloat16", "float16")
+_EPOCHS = "a number of epochs >= 0 (0: off)"
+# What each field of TrainConfig must be (cstar._checks); the command line's flags and sections land here too.
+RULES = {
+    "attack": one_of(ATTACKS), "schedule": one_of(SCHEDULES), "optimizer": one_of(OPTIMIZERS),
+    "select": one_of(("last", "best")), "amp_dtype": one_of(AMP_DTYPES),
+    "epochs": integer(1, fix="train at least 1 epoch"), "batch_size": integer(1, fix="at least 1 image a batch"),
+    "attack_steps": integer(1, fix="at least 1 attack step"), "check_steps": integer(1, fix="at least 1 step"),
+    "check_size": integer(0, fix="0 turns the per-epoch PGD check off"),
+    "eps": number(at_least=0, at_most=1, optional=True,
+                  fix=f"inputs are in [0, 1], so use 0 <= eps <= 1 (e.g. 8/255 = {8/255:.5f})"),
+    "attack_step": number(above=0, optional=True, fix="or omit it for the attack's default"),
+    "eps_warmup_epochs": number(at_least=0, fix=_EPOCHS), "warmup_epochs": number(at_least=0, fix=_EPOCHS),
+    "trades_beta": number(at_least=0, fix="the weight of TRADES' robust term, e.g. 6"),
+    "distill": number(at_least=0, at_most=1, message="{what}={value!r} must be in [0, 1]: the weight of the "
+                      "distillation term (0 turns it off)"),
+    "distill_temperature": number(above=0, message="{what}={value!r} must be positive (1 keeps the logits)"),
+    "lr": number(above=0, fix="the peak learning rate, e.g. 0.1"),
+    "momentum": number(at_least=0, at_most=1, fix="e.g. 0.9"), "weight_decay": number(at_least=0, fix="e.g. 5e-4"),
+    "grad_clip": number(above=0, optional=True, fix="or omit it to turn clipping off"),
+    "seed": SEED, "amp": flag(), "channels_last": flag(), "overfit_guard": flag(), "progress": flag(),
+    "sync_bn": flag(),
+}
 POLL_EVERY = 8  # optimiser steps between the checks that need a host sync (divergence; under torchrun also signals)
 
 
@@ -99,40 +120,17 @@ class TrainConfig:
             self.check_size = min(self.check_size, _smoke.CHECK_IMAGES)
 
     def validate(self) -> None:
-        """Raise :class:`CstarError` on a value that cannot work."""
-        _choice("attack", self.attack, ATTACKS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("select", self.select, ("last", "best"))
-        _choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
-        if self.eps is not None and not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)
-                                         and 0 <= self.eps <= 1):
-            raise CstarError(f"eps={self.eps} is out of range: inputs are in [0, 1], so use 0 <= eps <= 1 (e.g. 8/255 = {8/255:.5f})")
+        """Raise :class:`CstarError` on a value that cannot work (each field's :data:`RULES`, then eps against
+        the attack)."""
+        check_fields(self, RULES)
         if self.attack != "clean" and self.eps == 0:
             raise CstarError(f"eps=0 with attack '{self.attack}' is clean training: pass --attack clean or a positive --eps")
-        for name in ("epochs", "batch_size", "attack_steps", "check_steps"):
-            if int(getattr(self, name)) < 1:
-                raise CstarError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.check_size < 0:
-            raise CstarError(f"check_size={self.check_size} must be >= 0 (0 turns the per-epoch PGD check off)")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise CstarError(f"lr={self.lr} must be a positive number")
-        if self.weight_decay < 0:
-            raise CstarError(f"weight_decay={self.weight_decay} must be >= 0")
-        if self.attack_step is not None and not self.attack_step > 0:
-            raise CstarError(f"attack_step={self.attack_step} must be positive (or omitted for the attack's default)")
-        if not (isinstance(self.distill, (int, float)) and 0 <= self.distill <= 1):
-            raise CstarError(f"distill={self.distill} must be in [0, 1]: the weight of the distillation term "
-                             "(0 turns it off)")
-        if not (isinstance(self.distill_temperature, (int, float)) and self.distill_temperature > 0):
-            raise CstarError(f"distill_temperature={self.distill_temperature} must be positive (1 keeps the logits)")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise CstarError(f"grad_clip={self.grad_clip} must be positive (or omitted to turn clipping off)")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         """Build from a dict (e.g. a YAML config); unknown keys are an error, the old key ``method`` a
         :class:`FutureWarning` (it is ``attack`` now)."""
+        check_mapping(values, "the training settings", "{epochs: 3, lr: 0.01}")
         values = renamed(values, "the training settings")
         check_options(values, [f.name for f in fields(cls)], "training")
         return cls(**values)
@@ -207,6 +205,4 @@ class TrainHook:
         pass
 
 
-def _choice(name: str, value: str, valid: Iterable[str]) -> None:
-    if value not in valid:
-        raise CstarError(f"unknown {name} '{value}': choose one of {', '.join(valid)}")
+

@@ -35,7 +35,6 @@ eigendecompositions are not bitwise reproducible.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import asdict, dataclass, fields
 
@@ -43,9 +42,21 @@ import torch
 from torch import nn
 
 from . import distributed
+from ._checks import check_fields, check_mapping, flag, integer, number
 from ._errors import CstarError, check_options
 from .lowrank import RankPlan, RankSpec, select_ranks, svd_project, tucker2_project
 from .train import TrainHook
+
+
+# What each field of ADMMConfig must be (cstar._checks); ``--admm`` sections and config files land here too.
+_RULES = {
+    "rho": number(above=0, fix="the penalty weight, e.g. 1e-3 (the default)"),
+    "rho_growth": number(at_least=1, fix="1 keeps rho constant"), "rho_max": number(above=0),
+    "interval": integer(1, optional=True, fix="optimiser steps between Z-steps, or none: once an epoch"),
+    "n_iter": integer(0, fix="HOOI sweeps (0: plain HOSVD)"),
+    "reselect": integer(0, fix="Z-steps that re-select ranks"),
+    "decoupled": flag(),
+}
 
 
 @dataclass
@@ -64,22 +75,17 @@ class ADMMConfig:
     decoupled: bool = False
 
     def __post_init__(self) -> None:
-        if not (self.rho > 0 and math.isfinite(self.rho)):
-            raise CstarError(f"rho={self.rho} must be a positive number (default 1e-3)")
-        if self.rho_growth < 1:
-            raise CstarError(f"rho_growth={self.rho_growth} must be >= 1 (1 keeps rho constant)")
+        check_fields(self, _RULES)
         if self.rho_max < self.rho:
             raise CstarError(f"rho_max={self.rho_max} is below rho={self.rho}: raise rho_max")
         if self.decoupled and self.rho_max > 1:
             raise CstarError(f"rho_max={self.rho_max}: with decoupled=True rho is the fraction of the way to the "
                              "constraint moved per step, so rho and rho_max must be <= 1")
-        if self.interval is not None and self.interval < 1:
-            raise CstarError(f"interval={self.interval} must be >= 1 optimiser steps (or None: once an epoch)")
-        if self.n_iter < 0 or self.reselect < 0:
-            raise CstarError("n_iter and reselect must be >= 0")
 
     @classmethod
     def from_dict(cls, values: dict) -> "ADMMConfig":
+        """Build from a dict (an ``--admm`` section, a YAML config); unknown keys are an error."""
+        check_mapping(values, "the ADMM settings", "{rho: 0.01, rho_growth: 1.2}")
         check_options(values, [f.name for f in fields(cls)], "ADMM")
         return cls(**values)
 

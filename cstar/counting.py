@@ -131,6 +131,9 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSta
     try:
         with eval_mode(model), torch.no_grad():
             model(x)
+    except RuntimeError as exc:  # e.g. 3 channels into a model of 1: torch's line, not its traceback
+        raise CstarError(f"the model cannot run on an input of shape {tuple(x.shape[1:])} "
+                         f"({str(exc).strip().splitlines()[0]}): pass the (C, H, W) of the images it takes") from None
     finally:
         for handle in handles:
             handle.remove()

@@ -20,7 +20,7 @@ from .._evaluate import attack_specs, evaluate, format_results
 from ..train import fit
 from . import _inputs as inputs
 from . import _runs as runs
-from ._options import names, numbers, phase_config, rank_spec, require, train_config
+from ._options import admm_config, names, numbers, phase_config, rank_spec, require, train_config
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -178,7 +178,6 @@ def _common_phase_settings(args: argparse.Namespace, eps: float) -> dict:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from ..admm import ADMMConfig
     from .._compress import CompressConfig, check_plan, compress
 
     device = runs.device(args.device)
@@ -186,13 +185,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     common = _common_phase_settings(args, eps)
     config = CompressConfig(
         ratio=args.ratio, budget=args.budget, flops_ratio=args.flops_ratio, rank_method=args.rank_method,
-        exclude=names(args.exclude) or None, dense=phase_config(args.dense, common),
-        admm_train=phase_config(args.admm_train, common), finetune=phase_config(args.finetune, common, epochs=5, lr=0.01),
+        exclude=names(args.exclude) or None, dense=phase_config(args, "dense", common),
+        admm_train=phase_config(args, "admm_train", common), admm=admm_config(args),
+        finetune=phase_config(args, "finetune", common, epochs=5, lr=0.01),
         eval_attacks=_checked_attacks(args.eval_attacks, "--eval-attacks", eps, args.eval_step),
         eval_step=args.eval_step, eval_phases=names(args.eval_phases),
         eval_n=args.eval_n, autoattack_n=args.autoattack_n)
-    if args.admm:
-        config.admm = ADMMConfig.from_dict(args.admm)
     model = inputs.starting_model(args, train_set, device)
     check_plan(model, config)  # an unreachable ratio is refused before training and before any file is written
     out = runs.run_dir(args.out or runs.default_out("compress", args.model or "model", args.data, f"{args.ratio:g}x"),
@@ -212,22 +210,21 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..admm import ADMMConfig
-    from .._compare import CompareConfig, compare
+    from .._compare import CompareConfig, check_reachable, compare
 
     device = runs.device(args.device)
     train_set, test_set, eps = inputs.train_and_test(args)
     common = _common_phase_settings(args, eps)
     config = CompareConfig(
-        ratios=numbers(args.ratios, "--ratios"), methods=names(args.methods), dense=phase_config(args.dense, common),
-        search=phase_config(args.search, common, epochs=5, lr=0.01),
-        finetune=phase_config(args.finetune, common, epochs=5, lr=0.01),
+        ratios=numbers(args.ratios, "--ratios"), methods=names(args.methods),
+        dense=phase_config(args, "dense", common),
+        search=phase_config(args, "search", common, epochs=5, lr=0.01),
+        finetune=phase_config(args, "finetune", common, epochs=5, lr=0.01), admm=admm_config(args),
         eval_attacks=_checked_attacks(args.eval_attacks, "--eval-attacks", eps, args.eval_step),
         eval_step=args.eval_step, eval_n=args.eval_n,
         autoattack_n=args.autoattack_n, latency_runs=args.latency_runs)
-    if args.admm:
-        config.admm = ADMMConfig.from_dict(args.admm)
     model = inputs.starting_model(args, train_set, device)
+    check_reachable(model, config)  # a ratio no rank plan reaches is refused before any work, as compress does
     out = runs.run_dir(args.out or runs.default_out("compare", args.model or "model", args.data), "compare",
                        force=args.force, resume=args.resume)
     runs.write_run_files(out, args, eps, device)

@@ -17,9 +17,13 @@ from pathlib import Path
 import yaml
 
 from .. import _presets as presets
+from .._checks import COUNT, POSITIVE, RATIO, SEED, check_mapping, flag, integer, number, one_of
 from .._errors import CstarError
+from .._phases import EVALUATION_RULES, attack_names
+from .._train_config import RULES as TRAIN_RULES
 from .._renamed import renamed
 from .._run_dirs import recorded_command
+from ..admm import ADMMConfig
 from ..lowrank import RankSpec
 from ..models._external import is_external
 from ..models._recorded import short
@@ -49,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = parser.subcommands[args.command]
     given = _given_options(argv, args.command)
     values = _config_values(args, sub) if args.config else {}
+    from_file = set(values)
     recorded = {}
     if getattr(args, "resume", False) and getattr(args, "out", None) and "out" in {a.dest for a in sub._actions}:
         check_out(args)  # a run of this command is there to resume, before its record is read
@@ -68,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in SECTIONS:
         if key in merged:
             setattr(args, key, merged[key])
+    check_values(args, sub, from_file - set(given), args.config)
     args.defaults_preset = defaults_preset
     check_out(args)  # again: --out may come from --config
     return args
@@ -131,6 +137,8 @@ def _config_values(args: argparse.Namespace, sub: argparse.ArgumentParser) -> di
                 values[key] = ",".join(str(v) for v in value)
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 values[key] = str(value)
+        elif isinstance(action, argparse._AppendAction) and isinstance(value, str):
+            values[key] = [value]  # one KEY=VALUE, as one flag gives it (not its characters)
     try:
         for key in ("eps", "attack_step"):
             if isinstance(values.get(key), str):
@@ -144,6 +152,90 @@ def _config_values(args: argparse.Namespace, sub: argparse.ArgumentParser) -> di
     except argparse.ArgumentTypeError as exc:
         raise CstarError(f"{key} in {args.config}: {exc}") from None
     return values
+
+
+def _radius(text: str, where: str) -> float:
+    """:func:`parse_eps` of ``text`` (an option's value from ``where``), its error as one line."""
+    try:
+        return parse_eps(text)
+    except argparse.ArgumentTypeError as exc:
+        raise CstarError(f"{where}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- checks of every resolved value
+
+
+def _text(what: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise CstarError(f"{what} must be text, got {value!r}")
+    return value
+
+
+def _key_values(what: str, value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CstarError(f"{what} must be KEY=VALUE text or a list of them, got {value!r}; e.g. [width=16]")
+    return value
+
+
+def _eval_attack_names(what: str, value: object) -> str:
+    attack_names(what, names(_text(what, value)))  # an unknown attack is refused before training
+    return value
+
+
+def _ratios(what: str, value: object) -> str:
+    for ratio in numbers(_text(what, value), what):
+        RATIO(what, ratio)
+    return value
+
+
+def _section(what: str, value: object) -> dict:
+    return check_mapping(value, what, "{epochs: 3, lr: 0.01}")
+
+
+# The rules of the options no Python config checks, or whose flag has another name than its setting; every
+# other option takes the rule of the TrainConfig field of its name, else its flag's type's (see _rule).
+FLAG_RULES = {
+    "ratio": RATIO, "flops_ratio": RATIO, "multiple_of": POSITIVE, "n_iter": COUNT, "seed": SEED,
+    "val_size": integer(0, fix="training images held out for the per-epoch check (0: none)"),
+    "train_n": integer(),  # its range is the training set's: cstar.cli._inputs.first_n
+    "eval_attacks": _eval_attack_names, "attacks": _eval_attack_names,
+    "eval_n": EVALUATION_RULES["eval_n"], "n": EVALUATION_RULES["eval_n"],
+    "autoattack_n": EVALUATION_RULES["autoattack_n"], "eval_step": EVALUATION_RULES["eval_step"],
+    "step": EVALUATION_RULES["eval_step"], "latency_runs": integer(0, fix="timed forward passes (0: off)"),
+    "eps_warmup": TRAIN_RULES["eps_warmup_epochs"], "phase_epochs": TRAIN_RULES["epochs"],
+    "width": integer(1, fix="the model's base width, e.g. 16"), "num_classes": integer(1, fix="e.g. 10"),
+    "model_arg": _key_values, "ratios": _ratios, **dict.fromkeys(SECTIONS, _section),
+}
+
+
+def _rule(action: argparse.Action):
+    """The check of ``action``'s option: :data:`FLAG_RULES`, a TrainConfig field's, else by the flag's kind."""
+    if action.dest in FLAG_RULES:
+        return FLAG_RULES[action.dest]
+    if action.dest in TRAIN_RULES:
+        return TRAIN_RULES[action.dest]
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return flag()
+    if action.choices:
+        return one_of(action.choices)
+    kinds = {int: integer(), float: number(), parse_eps: number(at_least=0, at_most=1)}
+    return kinds.get(action.type, _text)
+
+
+def check_values(args: argparse.Namespace, sub: argparse.ArgumentParser, from_file: set, config: str | None) -> None:
+    """Check every option's value, from whichever layer it came (flag, ``--config``, preset, a resumed run's
+    record), and store it normalised; one line naming the option (``from_file``: those ``config`` gave) and
+    what it must be."""
+    for action in sub._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest == "help" or value is None:
+            continue
+        what = "--" + action.dest.replace("_", "-")
+        if not action.option_strings or action.dest in TRAIN_RULES:  # a training setting: TrainConfig's name
+            what = action.dest
+        if action.dest in from_file:
+            what = f"{action.dest} in {config}"
+        setattr(args, action.dest, _rule(action)(what, value))
 
 
 def _recorded_options(args: argparse.Namespace, sub: argparse.ArgumentParser, given: dict) -> dict:
@@ -263,10 +355,27 @@ def train_config(args: argparse.Namespace, eps: float) -> TrainConfig:
         progress=not args.no_progress, sync_bn=args.sync_bn)
 
 
-def phase_config(section: dict | None, common: dict, **defaults) -> TrainConfig:
-    """A training section (a YAML mapping) over ``defaults`` over the settings ``common`` to every phase."""
-    values = {**common, **defaults, **(section or {})}
-    for key in ("eps", "attack_step"):
-        if isinstance(values.get(key), str):
-            values[key] = parse_eps(values[key])
-    return TrainConfig.from_dict(values)
+def _section_error(key: str, exc: CstarError) -> CstarError:
+    """``exc`` (a setting of the section ``key``) naming the section's option, e.g. ``--admm rho must be...``."""
+    return CstarError(f"--{key.replace('_', '-')} {exc}")
+
+
+def phase_config(args: argparse.Namespace, key: str, common: dict, **defaults) -> TrainConfig:
+    """The training section ``key`` of ``args`` (a YAML mapping) over ``defaults`` over the settings ``common``
+    to every phase."""
+    values = {**common, **defaults, **(getattr(args, key) or {})}
+    try:
+        for name in ("eps", "attack_step"):
+            if isinstance(values.get(name), str):
+                values[name] = _radius(values[name], name)
+        return TrainConfig.from_dict(values)
+    except CstarError as exc:
+        raise _section_error(key, exc) from None
+
+
+def admm_config(args: argparse.Namespace) -> ADMMConfig:
+    """The :class:`cstar.admm.ADMMConfig` of the ``--admm`` section (defaults without one)."""
+    try:
+        return ADMMConfig.from_dict(args.admm or {})
+    except CstarError as exc:
+        raise _section_error("admm", exc) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 
@@ -32,12 +33,14 @@ def device(name: str) -> torch.device:
     """The device of ``--device name`` (auto, cpu, cuda, cuda:N); under torchrun, this process's GPU."""
     if name == "auto":
         name = device_type(name)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(name)):
+        raise CstarError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CstarError(f"--device {name} but no CUDA GPU is visible: use --device cpu, or install a CUDA build of torch")
-    try:
-        chosen = torch.device(name)
-    except RuntimeError:
-        raise CstarError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from None
+    chosen = torch.device(name)
+    if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise CstarError(f"--device {name}, but the GPUs visible are cuda:0 to cuda:{torch.cuda.device_count() - 1}: "
+                         "choose one of them")
     return distributed.local_device(chosen)  # under torchrun: cuda:LOCAL_RANK
 
 

@@ -52,6 +52,7 @@ from ._tucker import hosvd_energy, singular_energies
 
 _BISECTION_STEPS = 60
 _ENERGY_FLOOR = 1e-12  # log(0) guard for a layer whose leading components carry no energy
+_FAR = 1.25  # a plan of coarse rank steps this much smaller than its target is refused (_check_near_target)
 
 
 @dataclass
@@ -342,11 +343,31 @@ def _plan(model: nn.Module, spec: RankSpec) -> RankPlan:
         )
     params = dense["params"] - sum(p.dense_params - p.params for p in plans.values())
     macs = None if rows is None else dense["macs"] - sum(p.dense_macs - p.macs for p in plans.values())
+    _check_near_target({"params": dense["params"] / params, "macs": None if macs is None else dense["macs"] / macs},
+                       measures, targets, layers, spec)
     return RankPlan(
         layers=plans, target=ratio, budget=budget, method=method, input_shape=shape,
         excluded=excluded, skipped=skipped, dense_params=dense["params"], params=params,
         dense_macs=dense["macs"], macs=macs, flops_target=flops_ratio,
     )
+
+
+def _check_near_target(achieved: dict, measures: tuple[str, ...], targets: tuple[float, ...], layers: list[_Layer],
+                       spec: RankSpec) -> None:
+    """Refuse a plan of coarse rank steps (``multiple_of`` or ``min_rank`` > 1) that is more than :data:`_FAR`
+    times smaller than its target on every budget measure: the steps cannot get near the target."""
+    if spec.multiple_of == 1 and spec.min_rank == 1:
+        return  # steps of one rank: the plan ends within one step of its target
+    misses = [(m, t) for m, t in zip(measures, targets) if achieved[m] > _FAR * t]
+    if len(misses) < len(measures):
+        return
+    what = " and ".join(f"{achieved[m]:.2f}x on {'parameters' if m == 'params' else 'MACs'} for a {t:g}x target"
+                        for m, t in misses)
+    step = max(spec.multiple_of, spec.min_rank)
+    narrow = [layer.name for layer in layers if min(layer.dims) < step]
+    cause = f" ({', '.join(narrow[:3])} cannot take a rank between {spec.min_rank} and full)" if narrow else ""
+    raise CstarError(f"the closest rank plan with multiple_of={spec.multiple_of}, min_rank={spec.min_rank} is "
+                     f"{what}{cause}: lower multiple_of or min_rank" + (", or exclude those layers" if narrow else ""))
 
 
 def _raise_unreachable(allocator: _Allocator, smallest: list, dense: dict, fixed: dict, targets: tuple[float, ...],

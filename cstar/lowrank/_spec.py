@@ -68,9 +68,10 @@ class RankSpec:
                                  "e.g. exclude=['conv1', 'fc']")
             set_(self, "exclude", tuple(self.exclude))
         if self.input_shape is not None:
-            if not isinstance(self.input_shape, (tuple, list)):
-                raise CstarError(f"input_shape must be a tuple (C, H, W), got {self.input_shape!r}")
-            set_(self, "input_shape", tuple(self.input_shape))
+            shape = self.input_shape
+            if not isinstance(shape, (tuple, list)) or len(shape) != 3:
+                raise CstarError(f"input_shape must be a tuple (C, H, W), got {shape!r}; e.g. (3, 32, 32)")
+            set_(self, "input_shape", tuple(check_positive_int(f"input_shape[{i}]", d) for i, d in enumerate(shape)))
         if self.layer_weights is not None:
             set_(self, "layer_weights", _checked_weights(self.layer_weights, self.method))
 
