@@ -20,9 +20,9 @@ from pathlib import Path
 import yaml
 
 from cstar import data
-from cstar._io import write_json
-from cstar._evaluate import evaluate
-from cstar.serialize import load
+from cstar.records import write_json
+from cstar import evaluate
+from cstar import load
 
 TOLERANCE = 0.002  # a few examples may flip near the decision boundary (thread counts change float sums)
 

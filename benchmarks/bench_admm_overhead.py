@@ -28,10 +28,9 @@ from pathlib import Path
 import torch
 
 from cstar import data, models, select_ranks
-from cstar._env import describe_device
-from cstar._io import atomic_write_text, write_json
-from cstar.admm import ADMM, ADMMConfig
-from cstar.train import TrainConfig, fit
+from cstar.records import describe_device, write_json, write_text
+from cstar import ADMM, ADMMConfig
+from cstar import TrainConfig, fit
 
 SETTINGS = {
     "mnist": dict(dataset="mnist", model="small_cnn", kw={}, train=dict(
@@ -125,7 +124,7 @@ def main() -> None:
                      f"{r['step_seconds_plain']:.4f} | {r['step_seconds_admm']:.4f} | {r['z_step_seconds']:.3f} | "
                      f"{r['epoch_seconds_plain']:.0f} | {100 * r['overhead_interval_epoch']:+.1f}% | "
                      f"{100 * r['overhead_interval_100']:+.1f}% |")
-    atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

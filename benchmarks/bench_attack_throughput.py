@@ -35,9 +35,8 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from cstar import attacks, data, fold_batchnorm, models
-from cstar._env import describe_device
-from cstar._io import atomic_write_text, write_json
+from cstar import attacks, data, fold_batchnorm, load, models
+from cstar.records import describe_device, write_json, write_text
 
 
 def plain_pgd(model, x, y, eps, step, steps, start):
@@ -87,8 +86,6 @@ def load_model(checkpoint: str | None, spec, classes: int) -> torch.nn.Module:
         channels, size = spec.image_shape[0], spec.image_shape[1]
         return models.create("resnet18", classes, width=16, in_channels=channels, input_size=size,
                              mean=spec.mean, std=spec.std)
-    from cstar.cli._inputs import load_model as load
-
     return load(checkpoint)
 
 
@@ -143,7 +140,7 @@ def main() -> None:
              "| setting | images/s | vs plain loop | robust accuracy |", "|---|---|---|---|"]
     lines += [f"| {r['setting']} | {r['images_per_second']} | {r['vs_plain_loop']}x | {100 * r['robust_accuracy']:.2f} |"
               for r in rows]
-    atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cstar._env import describe_device
-from cstar._io import atomic_write_text, write_json
+from cstar.records import describe_device, write_json, write_text
 
 CHILD = """
 import json, sys, time, torch
@@ -74,7 +73,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['n']:,} | {r['peak_before_mb']:.0f} | {r['peak_after_mb']:.0f} | {r['growth_mb']:.0f} | "
                      f"{r['all_adversarial_examples_mb']:.0f} | {r['seconds']} |")
-    atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -32,17 +32,18 @@ from pathlib import Path
 
 import torch
 
-from cstar import decompose, evaluate, paired_difference, select_ranks
-from cstar._compare import CompareConfig, cell_name
-from cstar._env import environment
-from cstar._errors import CstarError
-from cstar._io import atomic_write_text, load_checkpoint, write_json
-from cstar._phases import split_held_out, train_phase
+from cstar import CompareConfig, CstarError, data, decompose, evaluate, load, paired_difference, select_ranks
 from cstar.cli import parse_args
-from cstar.cli import _inputs as inputs
 from cstar.lowrank import RankPlan
+from cstar.pipeline.phases import split_held_out, train_phase
+from cstar.records import cell_name, machine, write_json, write_text
 
 METHODS = ("cstar", "lowrank_global")
+
+
+def _checkpoint(path: Path) -> dict:
+    """A checkpoint cstar wrote: tensors and plain values only (weights_only), on the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def starting_models(compare_dir: Path, dense: torch.nn.Module, ratio: float) -> dict[str, torch.nn.Module]:
@@ -50,9 +51,9 @@ def starting_models(compare_dir: Path, dense: torch.nn.Module, ratio: float) -> 
     cstar_cell = compare_dir / "cells" / cell_name("cstar", ratio) / "cstar"
     posthoc_cell = compare_dir / "cells" / cell_name("lowrank_global", ratio)
     admm = decompose(copy.deepcopy(dense), RankPlan.load(cstar_cell / "plan.json"))
-    admm.load_state_dict(load_checkpoint(cstar_cell / "decomposed.pt", map_location="cpu")["model"])
+    admm.load_state_dict(_checkpoint(cstar_cell / "decomposed.pt")["model"])
     posthoc = decompose(copy.deepcopy(dense), select_ranks(dense, ratio, method="global"))
-    state = load_checkpoint(posthoc_cell / "search" / "checkpoint.pt", map_location="cpu")
+    state = _checkpoint(posthoc_cell / "search" / "checkpoint.pt")
     if state["partial"] is not None or state["epoch"] != state["config"]["epochs"]:
         raise CstarError(f"{posthoc_cell}/search has not finished its phase: finish the comparison first")
     posthoc.load_state_dict(state["model"])
@@ -104,8 +105,11 @@ def main() -> None:
             raise SystemExit(f"error: {args.compare} has no finished {cell_name(method, args.ratio)} cell: run the "
                              f"comparison with --methods ...,{method} --ratios {args.ratio:g} first")
     device = torch.device("cpu")
-    train_set, test_set, eps = inputs.train_and_test(run)
-    dense = inputs.starting_model(run, train_set, device)
+    train_set = data.load(run.data, run.root, split="train")  # as the comparison read them (cstar compare)
+    train_set = train_set.take(run.train_n) if run.train_n else train_set
+    test_set = data.load(run.data, run.root, split="test")
+    eps = train_set.spec.eps if run.eps is None else run.eps
+    dense = load(run.checkpoint).to(device)
     train_part, val = split_held_out(train_set, run.val_size, device, test_set)
     starts = starting_models(args.compare, dense, args.ratio)
     runs_dir = args.out.parent / f"{args.out.name}_runs"
@@ -141,7 +145,7 @@ def main() -> None:
         gap = "; ".join(f"{k} {100 * d['difference']:+.2f} ({100 * d['ci'][0]:+.2f} to {100 * d['ci'][1]:+.2f}, "
                         f"p={d['p_value']:.2g})" for k, d in diffs.items())
         table.append(f"| {budget} | {first + budget} | {percent(a['accuracy'])} | {percent(b['accuracy'])} | {gap} |")
-    env = environment(device, run.seed)
+    env = machine(device, run.seed)
     command = "python " + " ".join(sys.argv)
     subset = rows["cstar"][config.finetune.epochs]["subset"]
     write_json(args.out.with_suffix(".json"), {"ratio": args.ratio, "first_phase_epochs": first,
@@ -154,7 +158,7 @@ def main() -> None:
             f"{config.finetune.epochs}-epoch row.\n\n" + "\n".join(table) +
             f"\n\nMachine: {env['device_name']}, torch {env['torch']}. "
             f"Command: `{command}`\n")
-    atomic_write_text(args.out.with_suffix(".md"), text)
+    write_text(args.out.with_suffix(".md"), text)
     print(text)
 
 

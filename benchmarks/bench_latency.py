@@ -8,7 +8,8 @@ Usage:
 
 The model (default the CIFAR ``resnet18`` at width 64, 10 classes; any name
 ``cstar.models.create`` takes, e.g. ``resnet50_imagenet --input-size 224`` or
-``tests.archs:mobilenet_v3``) has random weights: latency does not depend on
+``tests.archs:mobilenet_v3`` when run from the repository root, where a factory's
+module imports as it would for ``python -m``) has random weights: latency does not depend on
 the values, but the global ranks are chosen from the spectra of random
 kernels, so a trained model gets other per-layer ranks at the same budget.
 Each plan ``budget:ratio`` (``flops:16`` = 16x fewer MACs) is decomposed once
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,15 +44,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # names like tests.archs:mobilenet_v3
-
-from cstar._env import describe_device, environment  # noqa: E402
-from cstar._io import atomic_write_text, write_json  # noqa: E402
-from cstar.counting import count_flops, count_params  # noqa: E402
-from cstar.inference import optimize_for_inference  # noqa: E402
-from cstar.lowrank import decompose, select_ranks  # noqa: E402
-from cstar.models import create  # noqa: E402
-from cstar import export  # noqa: E402
+from cstar.records import describe_device, machine, write_json, write_text
+from cstar import count_flops, count_params
+from cstar.inference import optimize_for_inference
+from cstar.lowrank import decompose, select_ranks
+from cstar.models import create
+from cstar import export
 
 PATHS = ("eager", "fold_bn", "fold_bn+channels_last", "fold_bn+compile", "onnxruntime")
 TOLERANCE = 1e-4  # max |difference| allowed, relative to max |logit| of the eager model
@@ -293,7 +290,7 @@ def main() -> None:
         "model": name, "input": list(shape), "batch": args.batch, "device": device, "threads": args.threads,
         "onnxruntime": ort_version, "paths": paths, "samples": args.rounds * args.per_round, "rounds": args.rounds,
         "per_round": args.per_round, "settle": args.settle,
-        "environment": environment("cpu"),
+        "environment": machine("cpu"),
         "steal_percent": 100.0 * (steal1 - steal0) / max(1, total1 - total0),
         "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
         "rows": [{k: v for k, v in r.items() if k != "model"} for r in rows],
@@ -301,7 +298,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out.with_suffix(".json"), result)
     text = markdown(result)
-    atomic_write_text(args.out.with_suffix(".md"), text)
+    write_text(args.out.with_suffix(".md"), text)
     print(text)
 
 

@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-from cstar._env import describe_device, environment
-from cstar._io import atomic_write_text, write_json
+from cstar.records import describe_device, machine, write_json, write_text
 from cstar.lowrank import select_ranks, svd_project, tucker2_project
 from cstar.models import create
 
@@ -143,9 +142,9 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / "project.json", {"environment": environment("cpu"), "plan_ratio": plan.ratio,
+    write_json(RESULTS / "project.json", {"environment": machine("cpu"), "plan_ratio": plan.ratio,
                                           "tensorly": None if tensorly is None else tensorly[1], "rows": rows})
-    atomic_write_text(RESULTS / "project.md", text)
+    write_text(RESULTS / "project.md", text)
 
 
 if __name__ == "__main__":

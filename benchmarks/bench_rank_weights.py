@@ -24,10 +24,8 @@ from pathlib import Path
 
 import torch
 
-from cstar import data, decompose, evaluate, layer_sensitivity, paired_difference, select_ranks
-from cstar._env import environment
-from cstar._io import atomic_write_text, write_json
-from cstar.cli._inputs import load_model
+from cstar import data, decompose, evaluate, layer_sensitivity, load, paired_difference, select_ranks
+from cstar.records import machine, write_json, write_text
 
 
 def main() -> None:
@@ -49,7 +47,7 @@ def main() -> None:
     train_set = data.load(args.data, root=args.root, split="train")
     test_set = data.load(args.data, root=args.root, split="test")
     eps = test_set.spec.eps
-    dense = load_model(args.checkpoint)
+    dense = load(args.checkpoint)
     torch.manual_seed(0)
     sensitivity = layer_sensitivity(dense, data.make_loader(train_set, 128, train=False), eps,
                                     max_batches=args.batches)
@@ -74,7 +72,7 @@ def main() -> None:
                                     for k in row["per_example"]}
             rows.append(row)
             print(ratio, power, row["ranks"], row["accuracy_percent"], flush=True)
-    env = environment("cpu")
+    env = machine("cpu")
     command = "python " + " ".join(sys.argv)
     write_json(args.out.with_suffix(".json"), {"sensitivity": sensitivity, "rows": rows, "machine": env,
                                                "command": command})
@@ -90,7 +88,7 @@ def main() -> None:
                      + " | ".join(f"{r['accuracy_percent'][k]:.2f}" for k in attacks) + f" | {margins} |")
     lines += ["", "Sensitivity (mean 1): " + ", ".join(f"{k} {v:.3f}" for k, v in sensitivity.items()), "",
               f"Machine: {env['device_name']}, torch {env['torch']}. Command: `{command}`"]
-    atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

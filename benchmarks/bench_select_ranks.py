@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cstar._env import environment
-from cstar._io import atomic_write_text, write_json
+from cstar.records import machine, write_json, write_text
 from cstar.lowrank import mode_spectra, select_ranks
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,12 +83,12 @@ def main() -> None:
                      "seconds": round(seconds, 2)})
         print(rows[-1], flush=True)
     record = {"model": "VGG-16 (torchvision layout), 138.4 M parameters", "threads": args.threads,
-              "repeats": args.repeats, "rows": rows, "environment": environment("cpu", 0)}
+              "repeats": args.repeats, "rows": rows, "environment": machine("cpu", 0)}
     write_json(RESULTS / "select_ranks.json", record)
     lines = [f"# select_ranks on VGG-16 ({args.threads} thread(s), median of {args.repeats})", "",
              "| what | seconds | params ratio | MACs ratio |", "|---|---|---|---|"]
     lines += [f"| {r['what']} | {r['seconds']} | {r.get('ratio', '')} | {r.get('flops_ratio', '')} |" for r in rows]
-    atomic_write_text(RESULTS / "select_ranks.md", "\n".join(lines) + "\n")
+    write_text(RESULTS / "select_ranks.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

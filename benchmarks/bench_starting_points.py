@@ -24,9 +24,7 @@ from pathlib import Path
 import torch
 
 from cstar import data, evaluate, load, prune
-from cstar._env import environment
-from cstar._io import atomic_write_text, write_json
-from cstar.cli._inputs import load_model
+from cstar.records import machine, write_json, write_text
 from cstar.lowrank import decompose, select_ranks
 
 
@@ -56,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
 
     test_set = data.load(args.data, root=args.root, split="test")
-    dense = load_model(args.checkpoint)
+    dense = load(args.checkpoint)
     rows = []
     for name, model in starting_points(dense, args.cstar, args.ratio).items():
         result = evaluate(model, test_set, args.attacks.split(","), eps=test_set.spec.eps, n=args.n)
@@ -64,7 +62,7 @@ def main() -> None:
                      "accuracy_percent": {k: round(100 * v, 2) for k, v in result["accuracy"].items()},
                      "subset": result["subset"], "eps": result["eps"]})
         print(name, rows[-1]["accuracy_percent"], flush=True)
-    env = environment("cpu")
+    env = machine("cpu")
     command = "python " + " ".join(sys.argv)
     write_json(args.out.with_suffix(".json"), {"rows": rows, "machine": env, "command": command})
     labels = list(rows[0]["accuracy_percent"])
@@ -74,7 +72,7 @@ def main() -> None:
     lines += [f"| {r['model']} | {r['params']:,} | " + " | ".join(f"{r['accuracy_percent'][k]:.2f}" for k in labels)
               + " |" for r in rows]
     lines += ["", f"Machine: {env['device_name']}, torch {env['torch']}. Command: `{command}`"]
-    atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

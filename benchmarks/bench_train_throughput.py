@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from cstar import attacks, data, models
-from cstar._env import describe_device
-from cstar._io import atomic_write_text, write_json
+from cstar.records import describe_device, write_json, write_text
 
 
 def main() -> None:
@@ -78,7 +77,7 @@ def main() -> None:
              "| setting | memory format | images/s |", "|---|---|---|"]
     lines += [f"| {r['setting']} | {'channels-last' if r['channels_last'] else 'default'} | {r['images_per_second']} |"
               for r in rows]
-    atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

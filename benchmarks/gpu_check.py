@@ -56,11 +56,10 @@ import torch.nn.functional as F
 
 import cstar
 from cstar import attacks, data, distributed, models
-from cstar._env import environment
-from cstar._io import atomic_write_text, write_json
-from cstar._signals import Interrupted
+from cstar.records import machine, write_json, write_text
+from cstar import Interrupted
 from cstar.data import DATASETS, TensorData
-from cstar.train import POLL_EVERY, TrainConfig, fit, resolve_amp_dtype
+from cstar.training.fit import POLL_EVERY, TrainConfig, fit, resolve_amp_dtype
 
 ITEMS = ("resume_after_stop", "attack_precision", "projections", "process_group", "host_syncs",
          "channels_last_amp", "train_throughput", "pgd_throughput", "latency_batch1", "cli_end_to_end")
@@ -238,8 +237,8 @@ def projections(s: Settings, out: Path) -> dict:
     rows = {}
     for name, (shape, kind, ranks) in shapes.items():
         w = torch.randn(*shape, generator=gen)
-        on_cpu = cstar.admm.project(w, kind, ranks)
-        on_device = cstar.admm.project(w.to(device), kind, ranks)
+        on_cpu = cstar.pipeline.admm.project(w, kind, ranks)
+        on_device = cstar.pipeline.admm.project(w.to(device), kind, ranks)
         rows[name] = {"relative_diff_vs_cpu": ((on_device.cpu() - on_cpu).norm() / on_cpu.norm()).item(),
                       "contiguous": on_device.is_contiguous()}
     model = _resnet18(s.width_small, device).eval()
@@ -248,7 +247,7 @@ def projections(s: Settings, out: Path) -> dict:
         for layer_name, layer in plan.layers.items():
             if layer.kind != "dense":
                 weight = model.get_submodule(layer_name).weight
-                weight.copy_(cstar.admm.project(weight, layer.kind, layer.ranks))
+                weight.copy_(cstar.pipeline.admm.project(weight, layer.kind, layer.ranks))
     factorised = cstar.decompose(model, plan).to(device).eval()
     x = torch.rand(64, 3, 32, 32, generator=gen).to(device)
     gaps = {}
@@ -508,7 +507,7 @@ def cli_end_to_end(s: Settings, out: Path) -> dict:
 
 def _machine(s: Settings) -> dict:
     device = torch.device(s.device)
-    record = environment(device)
+    record = machine(device)
     record.pop("command", None)
     if device.type == "cuda":
         record.update(gpus=torch.cuda.device_count(), capability=".".join(map(str, torch.cuda.get_device_capability(device))),
@@ -549,7 +548,7 @@ def run(s: Settings, out: Path, only: list[str]) -> int:
         report["items"][name] = item
         print(f"gpu_check: {name} {item['status']} in {item['seconds']} s", flush=True)
         write_json(out / "gpu_check.json", report)
-        atomic_write_text(out / "gpu_check.md", _table(report))
+        write_text(out / "gpu_check.md", _table(report))
     print(_table(report))
     return 1 if any(item["status"] == "failed" for item in report["items"].values()) else 0
 

@@ -21,8 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from cstar._compare import _with_new_fields, cell_name, format_comparison, plot_pareto
-from cstar._io import atomic_write_text, write_json
+from cstar.records import cell_name, current_settings, format_comparison, plot_pareto, write_json, write_text
 
 
 def read_results(path: Path) -> dict:
@@ -39,7 +38,7 @@ def budget(results: dict) -> dict:
     """The training budget of a comparison's results, flat (``search.lr``...): its phases' settings in today's
     terms, as its cells record them (display-only ``progress`` left out), and the threat model."""
     config = results["config"]
-    record = _with_new_fields({key: config[key] for key in ("search", "finetune", "admm") if key in config})
+    record = current_settings({key: config[key] for key in ("search", "finetune", "admm") if key in config})
     flat = {f"{phase}.{key}": value for phase, settings in record.items() for key, value in settings.items()
             if key != "progress"}
     return {**flat, "eps": results["eps"]}
@@ -86,7 +85,7 @@ def main() -> None:
             + ("\nThe dense model of each input (each input's cells start from its own):\n\n" + "\n".join(dense) + "\n"
                if dense else "")
             + f"\nCells and their sources:\n\n{sources}\n\nCommand: `{command}`\n")
-    atomic_write_text(args.out.with_suffix(".md"), text)
+    write_text(args.out.with_suffix(".md"), text)
     print(text)
 
 

@@ -22,9 +22,8 @@ import argparse
 import json
 from pathlib import Path
 
-from cstar._io import atomic_write_bytes, atomic_write_text, write_json
-from cstar._compare import cell_name, format_comparison
-from cstar._evaluate import paired_difference
+from cstar.records import cell_name, format_comparison, write_bytes, write_json, write_text
+from cstar import paired_difference
 
 RIVALS = {"pruning": ("hydra", "magnitude"), "post-hoc low rank": ("lowrank_global", "lowrank_uniform")}
 
@@ -105,10 +104,10 @@ def main() -> None:
     text = (f"# cstar compare: {args.run.name}\n\n{format_comparison(results)}\n"
             f"{name} minus the best rival of each family, in points:\n\n{margin_table(rows, name, tuple(rivals))}\n"
             f"Machine: {env['device_name']}, torch {env['torch']}. Command: `{env['command']}`\n")
-    atomic_write_text(args.out.with_suffix(".md"), text)
+    write_text(args.out.with_suffix(".md"), text)
     plot = args.run / "accuracy_vs_ratio.png"
     if plot.exists():
-        atomic_write_bytes(args.out.with_suffix(".png"), plot.read_bytes())
+        write_bytes(args.out.with_suffix(".png"), plot.read_bytes())
     print(text)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from cstar._io import atomic_write_text, write_json
+from cstar.records import write_json, write_text
 
 
 def summarize(run: Path) -> dict:
@@ -70,7 +70,7 @@ def main() -> None:
     rows = [summarize(run) for run in args.runs]
     write_json(args.out.with_suffix(".json"), rows)
     text = "# CSTAR compression runs\n\n" + table(rows)
-    atomic_write_text(args.out.with_suffix(".md"), text)
+    write_text(args.out.with_suffix(".md"), text)
     print(text)
 
 

@@ -14,23 +14,21 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
 
-from cstar._io import atomic_write_text, write_json
-from cstar._renamed import renamed
+from cstar.records import run_config, write_json, write_text
 
 
 def method_label(config: dict) -> str:
     """The training attack, with its steps where it has some (e.g. ``pgd-3``); a run recorded before the
     rename of ``method`` to ``attack`` is read in today's names."""
-    attack = renamed(config, "a run's record", note=False)["attack"]
+    attack = config["attack"]
     if attack in ("pgd", "trades"):
         return f"{attack}-{config['attack_steps']}"
     return attack
 
 
 def summarize(run: Path) -> dict:
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    config = run_config(run)  # in today's names (a run recorded before a rename reads the same)
     env = json.loads((run / "env.json").read_text())
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     cards = [json.loads((run / "results.json").read_text())]
@@ -70,7 +68,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out.with_suffix(".json"), rows)
     text = table(rows)
-    atomic_write_text(args.out.with_suffix(".md"), text + "\n")
+    write_text(args.out.with_suffix(".md"), text + "\n")
     print(text)
 
 

@@ -6,7 +6,7 @@
   traceable model (the built-in ResNets call ``self.bn1(self.conv1(x))``); a
   factorised layer in the conv's place is traced through, so BN folds into its
   ``last`` conv. The module tree keeps its names, so the result can still be
-  saved with :func:`cstar.serialize.save`.
+  saved with :func:`cstar.files.serialize.save`.
 - :func:`optimize_for_inference`: BN folding, channels-last memory format and
   ``torch.compile``, each optional.
 - :func:`folded_or_same`: BN folded where it can be, else the model itself

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cstar._errors import CstarError
+from cstar._core.errors import CstarError
 from cstar.cli import main
 
 MARKER = "PWNED"  # the file a crafted input's code would write beside itself

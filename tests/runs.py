@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from cstar._run_dirs import LOCK, prepare_run_dir, release_run_dirs
+from cstar.files.run_dirs import LOCK, prepare_run_dir, release_run_dirs
 
 # A few options each command records in config.yaml (options only that command takes, as a real record has).
 RECORDS = {"train": {"model": "small_cnn", "data": "digits", "epochs": 1, "lr": 0.01},

@@ -5,10 +5,10 @@ import torch
 import torch.nn as nn
 
 from cstar import data
-from cstar._errors import CstarError
-from cstar.admm import ADMM, ADMMConfig, project
+from cstar._core.errors import CstarError
+from cstar.pipeline.admm import ADMM, ADMMConfig, project
 from cstar.lowrank import RankSpec, decompose, select_ranks
-from cstar.train import TrainConfig, fit
+from cstar.training.fit import TrainConfig, fit
 
 
 class TinyNet(nn.Module):

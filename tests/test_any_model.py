@@ -13,10 +13,10 @@ from torch import nn
 
 import cstar
 from cstar import CstarError, data
-from cstar._compress import CompressConfig
+from cstar.pipeline.compress import CompressConfig
 from cstar.lowrank import Tucker2Conv2d, decompose, select_ranks
 from cstar.prune import magnitude_prune
-from cstar.serialize import load, save
+from cstar.files.serialize import load, save
 
 
 class BasicBlock(nn.Module):

@@ -9,13 +9,13 @@ import torch
 
 import cstar
 from cstar import data, models
-from cstar._compare import CompareConfig, _evaluate_attacks, format_comparison
-from cstar._errors import CstarError
-from cstar._evaluate import attack_specs, evaluate
+from cstar.pipeline.compare import CompareConfig, _evaluate_attacks, format_comparison
+from cstar._core.errors import CstarError
+from cstar.evaluation.evaluate import attack_specs, evaluate
 from cstar.attacks import parse_attack
 from cstar.cli import main, parse_args
 from cstar.cli._options import names
-from cstar.report import write_report
+from cstar.pipeline.report import write_report
 from cstar.lowrank import RankSpec, select_ranks
 
 EPS = 0.2  # the digits threat model
@@ -121,7 +121,7 @@ def test_the_compression_report_states_each_attacks_settings(test_set, tmp_path)
 
 
 def test_compress_records_the_attacks_it_evaluated_with():
-    from cstar._compress import CompressConfig, _results
+    from cstar.pipeline.compress import CompressConfig, _results
 
     evaluation = {"accuracy": {"clean": 0.5, "pgd5": 0.1}, "subset": "all 10 examples",
                   "attacks": {"pgd5": {"eps": 0.3, "norm": "linf", "step": 0.15, "steps": 5, "restarts": 1}}}
@@ -158,7 +158,7 @@ def killed_after_one_batch(monkeypatch, model, test_set, path, **options) -> Non
     """An evaluation into ``path`` that dies after saving its first batch's counts."""
     import importlib
 
-    module = importlib.import_module("cstar._evaluate")
+    module = importlib.import_module("cstar.evaluation.evaluate")
     real = module.write_json
 
     def write_then_die(target, obj):

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cstar._errors import CstarError
-from cstar._memory_format import channels_last_unsafe_convs, is_channels_last, to_channels_last
+from cstar._core.errors import CstarError
+from cstar._core.memory_format import channels_last_unsafe_convs, is_channels_last, to_channels_last
 from cstar.attacks import AttackSpec, autoattack, fgsm, nfgsm, parse_attack, pgd
 
 EPS = 0.1  # L-inf radius at which the tiny model is clearly but not totally broken

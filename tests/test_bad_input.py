@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from cstar import data
-from cstar._errors import CstarError
+from cstar._core.errors import CstarError
 from cstar.cli import main
-from cstar.train import TrainConfig, fit
+from cstar.training.fit import TrainConfig, fit
 from helpers import BatchHook
 
 # (id, argv after the command, words the error line must contain)

@@ -233,8 +233,8 @@ def small_comparison(tmp_path_factory):
 
 def test_finetune_budget_rebuilds_each_cell_so_its_own_budget_reproduces_the_cell(small_comparison):
     from cstar import evaluate
-    from cstar._compare import CompareConfig
-    from cstar._phases import split_held_out
+    from cstar.pipeline.compare import CompareConfig
+    from cstar.pipeline.phases import split_held_out
     from cstar.cli import _inputs as inputs, parse_args
 
     bench = script("bench_finetune_budget")

@@ -210,7 +210,7 @@ def test_decompose_info_export_and_eval_of_a_factorised_model(trained, tmp_path,
     code, _, err = run(capsys, "export", out, "--format", "torchscript", "--out", tmp_path / "m.pt")
     assert code == 0, err
     scripted = torch.jit.load(str(tmp_path / "m.pt"))
-    from cstar.serialize import load
+    from cstar.files.serialize import load
 
     x = torch.rand(2, 1, 8, 8)
     torch.testing.assert_close(scripted(x), load(out)(x))

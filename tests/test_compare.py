@@ -7,10 +7,10 @@ import torch
 
 from cstar import data, models
 from cstar.cli import main
-from cstar._compare import METHODS, CompareConfig, batch1_latencies_ms, compare
-from cstar.serialize import load
-from cstar.train import TrainConfig
-from cstar._errors import CstarError
+from cstar.pipeline.compare import METHODS, CompareConfig, batch1_latencies_ms, compare
+from cstar.files.serialize import load
+from cstar.training.fit import TrainConfig
+from cstar._core.errors import CstarError
 
 TRAIN = dict(attack="pgd", eps=0.2, attack_steps=2, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0,
              check_size=0, progress=False)
@@ -220,7 +220,7 @@ def test_a_resume_asking_for_autoattack_adds_it_to_finished_cells_only(digits, f
         calls.append(config.autoattack_n)
         return {"accuracy": 0.5, "subset": f"first {config.autoattack_n} examples"}
 
-    monkeypatch.setattr(sys.modules["cstar._compare"], "_autoattack", fake_autoattack)
+    monkeypatch.setattr(sys.modules["cstar.pipeline.compare"], "_autoattack", fake_autoattack)
     per_example = {p: p.stat().st_mtime_ns for p in (finished_copy / "cells").glob("*/per_example.json")}
     after = compare(dense_model(train_set), train_set, test_set, config(autoattack_n=20), finished_copy,
                     val_size=200)["cells"]
@@ -246,7 +246,7 @@ def test_the_pareto_view_plots_accuracy_against_params_macs_and_measured_latency
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    from cstar._compare import plot_pareto
+    from cstar.pipeline.compare import plot_pareto
 
     def cell(method, ratio, macs, acc, ms):
         return {"method": method, "params_ratio": ratio, "macs_ratio": macs,

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from cstar.cli import main
-from cstar.serialize import load
+from cstar.files.serialize import load
 
 DATA = os.environ.get("CSTAR_TEST_DATA")
 pytestmark = pytest.mark.skipif(not DATA, reason="CSTAR_TEST_DATA (a root holding MNIST/raw) is not set")

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from cstar import compressors, data
-from cstar._errors import CstarError
-from cstar._compare import CompareConfig, compare
-from cstar.counting import count_params
-from cstar.train import TrainConfig
+from cstar.pipeline import compressors
+from cstar import data
+from cstar._core.errors import CstarError
+from cstar.pipeline.compare import CompareConfig, compare
+from cstar.evaluation.counting import count_params
+from cstar.training.fit import TrainConfig
 
 from test_compare import config, dense_model
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cstar.admm import ADMMConfig
+from cstar.pipeline.admm import ADMMConfig
 from cstar.cli import parse_args
-from cstar.train import TrainConfig
+from cstar.training.fit import TrainConfig
 
 PRESETS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

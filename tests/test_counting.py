@@ -1,8 +1,8 @@
 import pytest
 from torch import nn
 
-from cstar._errors import CstarError
-from cstar.counting import LayerStats, count_flops, count_params, format_table, layer_table
+from cstar._core.errors import CstarError
+from cstar.evaluation.counting import LayerStats, count_flops, count_params, format_table, layer_table
 from cstar.models import create
 
 

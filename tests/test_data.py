@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cstar._errors import CstarError
-from cstar._phases import split_held_out
+from cstar._core.errors import CstarError
+from cstar.pipeline.phases import split_held_out
 from cstar.data import (DATASETS, BatchLoader, FolderData, FolderLoader, TensorData, download, load,
                         make_loader)
 from cstar.data._augment import random_crop, random_flip

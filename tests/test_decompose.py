@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cstar._errors import CstarError
-from cstar.counting import count_flops, count_params
+from cstar._core.errors import CstarError
+from cstar.evaluation.counting import count_flops, count_params
 from cstar.lowrank import (
     LowRankConv1x1, LowRankLinear, Tucker2Conv2d, decompose, select_ranks, svd_factors, tucker2,
 )
@@ -83,7 +83,7 @@ def test_full_rank_decomposition_reproduces_the_model(make, shape):
     nn.Conv2d(6, 8, 1, stride=2, padding=1, padding_mode="reflect"),
 ], ids=["reflect", "circular-dilated", "replicate-strided", "same", "valid", "1x1-reflect"])
 def test_convs_of_any_padding_mode_factorise_exactly_at_full_rank_and_reload(conv, tmp_path):
-    from cstar.serialize import load, save
+    from cstar.files.serialize import load, save
 
     x = torch.randn(2, 6, 9, 9)
     model = _seeded(nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))).eval()

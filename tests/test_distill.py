@@ -11,10 +11,10 @@ from torch import nn
 
 import cstar
 from cstar import CstarError, data
-from cstar._compare import CompareConfig
-from cstar._compress import CompressConfig
-from cstar._train_losses import training_loss as _training_loss
-from cstar.train import TrainConfig, fit
+from cstar.pipeline.compare import CompareConfig
+from cstar.pipeline.compress import CompressConfig
+from cstar.training.losses import training_loss as _training_loss
+from cstar.training.fit import TrainConfig, fit
 
 
 def tiny(seed: int) -> nn.Module:
@@ -95,7 +95,7 @@ def test_a_distilled_dense_phase_is_refused_it_has_no_teacher():
 
 def test_compress_distils_its_admm_and_finetuning_phases_from_the_dense_model(tmp_path, monkeypatch):
     seen = []
-    module = sys.modules["cstar._phases"]  # where every pipeline's training phase calls fit
+    module = sys.modules["cstar.pipeline.phases"]  # where every pipeline's training phase calls fit
     real_fit = module.fit
 
     def recording_fit(model, loader, config, **kwargs):

@@ -19,7 +19,7 @@ from torch import nn
 
 import cstar
 from cstar import distributed
-from cstar._errors import CstarError
+from cstar._core.errors import CstarError
 from cstar.data import DATASETS, TensorData, make_loader
 
 DATA = os.environ.get("CSTAR_TEST_DATA")

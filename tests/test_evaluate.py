@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from cstar import attacks
-from cstar._errors import CstarError
-from cstar._evaluate import evaluate, format_results, paired_difference
+from cstar._core.errors import CstarError
+from cstar.evaluation.evaluate import evaluate, format_results, paired_difference
 
 
 @pytest.fixture(scope="module")

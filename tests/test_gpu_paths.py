@@ -14,12 +14,13 @@ import torch
 import torch.nn as nn
 
 import cstar
-from cstar import _train_epoch, _train_state, data, distributed, train
-from cstar._errors import CstarError
-from cstar._precision import full_float32
+from cstar.training import epoch as _train_epoch, state as _train_state, fit as train
+from cstar import data, distributed
+from cstar._core.errors import CstarError
+from cstar._core.precision import full_float32
 from cstar.attacks import pgd
 from cstar.lowrank import svd_project, tucker2_project
-from cstar.train import POLL_EVERY, TrainConfig, TrainHook, fit
+from cstar.training.fit import POLL_EVERY, TrainConfig, TrainHook, fit
 
 from helpers import BatchHook
 

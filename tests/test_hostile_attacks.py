@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import cstar
 from cstar import attacks, data, models
-from cstar._evaluate import evaluate
+from cstar.evaluation.evaluate import evaluate
 from hostile import refused_api, refused_cli
 
 EPS = 0.2  # the digits threat model

@@ -172,7 +172,7 @@ def test_a_crafted_save_is_refused(capsys, home, crafted, reader):
 
 
 def test_a_model_json_larger_than_any_model_needs_is_refused_unread(home, monkeypatch):
-    from cstar import serialize
+    from cstar.files import serialize
 
     save = cstar.save(_digits_model(), home / "save")
     monkeypatch.setattr(serialize, "MAX_RECORD_BYTES", 100)

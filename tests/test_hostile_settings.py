@@ -2,7 +2,7 @@
 
 Flags, ``--config`` files, section options (``--admm '{rho: 1}'``) and the Python
 configs (TrainConfig, ADMMConfig, CompressConfig, CompareConfig, RankSpec) share
-the rules of :mod:`cstar._checks`: each bad value is one line, and no output
+the rules of :mod:`cstar._core.checks`: each bad value is one line, and no output
 directory is written. A CLI case is an argv (``{tmp}`` is the case's folder; its
 ``files`` are written there first); an API case is a function of that folder.
 """
@@ -16,7 +16,7 @@ import torch
 
 from cstar import ADMMConfig, CompareConfig, CompressConfig, compare, compress, data, models
 from cstar.lowrank import RankSpec, select_ranks
-from cstar.train import TrainConfig
+from cstar.training.fit import TrainConfig
 from hostile import refused_api, refused_cli
 
 TRAIN = ["train", "--model", "small_cnn", "--data", "digits"]

@@ -7,7 +7,7 @@ from torch import nn
 from cstar.inference import fold_batchnorm, optimize_for_inference
 from cstar.lowrank._layers import Tucker2Conv2d
 from cstar.models import create
-from cstar.serialize import load, save
+from cstar.files.serialize import load, save
 
 from helpers import factorised_resnet20, randomise_bn
 

@@ -7,9 +7,9 @@ import tempfile
 import pytest
 import torch
 
-from cstar._errors import CstarError
-from cstar._io import atomic_write_bytes, load_checkpoint, load_latest_checkpoint, previous_checkpoint, save_checkpoint
-from cstar._run_dirs import LOCK, RUN_RECORD, prepare_run_dir
+from cstar._core.errors import CstarError
+from cstar._core.io import (atomic_write_bytes, load_checkpoint, load_latest_checkpoint, previous_checkpoint, save_checkpoint)
+from cstar.files.run_dirs import LOCK, RUN_RECORD, prepare_run_dir
 
 
 def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):

@@ -21,7 +21,7 @@ from cstar.lowrank import LowRankLinear, Tucker2Conv2d, decompose, select_ranks
 from cstar.models import create
 from cstar.prune import magnitude_prune
 from cstar import export
-from cstar.serialize import load, save
+from cstar.files.serialize import load, save
 
 from archs import FACTORIES
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from cstar._errors import CstarError
+from cstar._core.errors import CstarError
 from cstar.models import Normalize, create, list_models, register
 from cstar.models import _registry
 

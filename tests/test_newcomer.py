@@ -19,7 +19,7 @@ import torch.nn as nn
 import yaml
 
 from cstar import TrainConfig, TrainHook, data, fit
-from cstar._errors import CstarError
+from cstar._core.errors import CstarError
 from cstar.cli import main, parse_args
 
 DATA = os.environ.get("CSTAR_TEST_DATA")
@@ -393,7 +393,7 @@ def test_the_report_states_dataset_eps_subset_and_budget_with_rounded_figures(co
 
 
 def test_the_rank_plot_shows_an_svd_layers_full_rank_as_its_smaller_side():
-    from cstar.report import _full_rank
+    from cstar.pipeline.report import _full_rank
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 20), nn.ReLU(), nn.Linear(20, 10))
     plan = __import__("cstar").select_ranks(model, 2, exclude=[])
@@ -445,8 +445,8 @@ def test_clean_training_without_the_check_needs_no_eps():
 
 
 def test_the_compression_phases_take_the_eps_of_the_training_data():
-    from cstar._phases import with_data_eps
-    from cstar._compress import CompressConfig
+    from cstar.pipeline.phases import with_data_eps
+    from cstar.pipeline.compress import CompressConfig
 
     config = with_data_eps(CompressConfig(), data.DATASETS["fashion_mnist"], ("dense", "admm_train", "finetune"))
     assert config.dense.eps == config.admm_train.eps == config.finetune.eps == pytest.approx(0.1)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from cstar._errors import CstarError
+from cstar._core.errors import CstarError
 from cstar.lowrank import LayerPlan, RankPlan, RankSpec, select_ranks
 from cstar.models import create
 

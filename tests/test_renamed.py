@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from cstar import TrainConfig
-from cstar._errors import CstarError
+from cstar._core.errors import CstarError
 from cstar.cli import parse_args
 
 RENAMED = r"'method' in .* is now 'attack'"
@@ -83,7 +83,7 @@ def test_a_run_recorded_with_method_refuses_another_attack_on_resume(tmp_path):
 
 
 def test_a_cell_trained_before_the_rename_counts_as_trained_alike():
-    from cstar._compare import CompareConfig, _check_same_training, _training_settings
+    from cstar.pipeline.compare import CompareConfig, _check_same_training, _training_settings
 
     now = _training_settings("magnitude", CompareConfig(), seed=0)
     before = {key: ({("method" if k == "attack" else k): v for k, v in value.items()} if isinstance(value, dict)

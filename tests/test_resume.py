@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 from cstar import data
-from cstar._signals import Interrupted
+from cstar._core.signals import Interrupted
 from cstar.cli import main
-from cstar.train import TrainConfig, fit
+from cstar.training.fit import TrainConfig, fit
 from helpers import BatchHook
 
 TRAIN = ["train", "--model", "small_cnn", "--data", "digits", "--attack", "pgd", "--attack-steps", "2",
@@ -138,9 +138,9 @@ class _KilledAfter(Exception):
 def test_a_killed_evaluation_resumes_after_its_last_batch_with_the_same_result(tmp_path, monkeypatch, per_example):
     import importlib
 
-    from cstar._evaluate import evaluate
+    from cstar.evaluation.evaluate import evaluate
 
-    evaluate_module = importlib.import_module("cstar._evaluate")
+    evaluate_module = importlib.import_module("cstar.evaluation.evaluate")
 
     test_set = data.load("digits", split="test")
     model = _tiny()
@@ -171,7 +171,7 @@ def test_a_killed_evaluation_resumes_after_its_last_batch_with_the_same_result(t
 
 def _resume_from_counts_only_progress(tmp_path, saved_eps: float, **options) -> None:
     """Resume a clean evaluation (eps 0.1, batch 64) from saved progress of one batch, counts only, at ``saved_eps``."""
-    from cstar._evaluate import evaluate
+    from cstar.evaluation.evaluate import evaluate
 
     out = tmp_path / "eval.json"
     out.with_name("eval.json.partial").write_text(json.dumps(
@@ -182,14 +182,14 @@ def _resume_from_counts_only_progress(tmp_path, saved_eps: float, **options) -> 
 
 
 def test_resuming_an_evaluation_with_other_settings_is_refused(tmp_path):
-    from cstar._errors import CstarError
+    from cstar._core.errors import CstarError
 
     with pytest.raises(CstarError, match="other settings"):
         _resume_from_counts_only_progress(tmp_path, saved_eps=0.3)
 
 
 def test_resuming_counts_only_progress_per_example_is_refused(tmp_path):
-    from cstar._errors import CstarError
+    from cstar._core.errors import CstarError
 
     with pytest.raises(CstarError, match="counts only"):
         _resume_from_counts_only_progress(tmp_path, saved_eps=0.1, per_example=True)

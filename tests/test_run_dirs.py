@@ -12,8 +12,8 @@ import pytest
 
 import cstar
 from cstar import models
-from cstar._errors import CstarError
-from cstar._run_dirs import LOCK, RUN_RECORD, prepare_run_dir, recorded_command, release_run_dirs
+from cstar._core.errors import CstarError
+from cstar.files.run_dirs import LOCK, RUN_RECORD, prepare_run_dir, recorded_command, release_run_dirs
 from cstar.cli import _commands, _runs, main
 from runs import make_run, snapshot
 
@@ -27,8 +27,8 @@ TRAIN_FAST = ["train", "--model", "small_cnn", "--data", "digits", "--epochs", "
 RACER = """
 import sys, time
 from pathlib import Path
-from cstar._errors import CstarError
-from cstar._run_dirs import prepare_run_dir
+from cstar._core.errors import CstarError
+from cstar.files.run_dirs import prepare_run_dir
 print("ready", flush=True)
 while not Path(sys.argv[2]).exists():
     time.sleep(0.001)

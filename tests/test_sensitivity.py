@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cstar import attacks
-from cstar._errors import CstarError
+from cstar._core.errors import CstarError
 from cstar.lowrank import RankSpec, layer_sensitivity, select_ranks
 from cstar.models import create
 

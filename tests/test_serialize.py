@@ -13,7 +13,7 @@ from cstar import CstarError
 from cstar.lowrank import LowRankConv1x1, LowRankLinear, Tucker2Conv2d, decompose, select_ranks
 from cstar.models import create
 from cstar import export
-from cstar.serialize import load, save
+from cstar.files.serialize import load, save
 
 from helpers import factorised_resnet20, randomise_bn
 
@@ -171,9 +171,31 @@ class _Trap:
 def test_load_refuses_a_pickle_without_unpickling_it(tmp_path):
     marker = tmp_path / "unpickled"
     (tmp_path / "model.pt").write_bytes(pickle.dumps(_Trap(str(marker))))
-    with pytest.raises(CstarError, match="not a cstar model directory"):
+    with pytest.raises(CstarError, match="pickled code"):  # load reads checkpoints too, with weights_only
         load(tmp_path / "model.pt")
     assert not marker.exists()
+
+
+def test_load_reads_the_model_pt_that_cstar_train_writes(tmp_path):
+    from cstar.models import create
+
+    torch.manual_seed(0)
+    model = create("small_cnn", 10, in_channels=1, input_size=8).eval()
+    torch.save({"model": model.state_dict(), "model_config": model.cstar_config, "dataset": "digits"},
+               tmp_path / "model.pt")
+    again = load(tmp_path / "model.pt")
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(again(x), model(x)) and again.cstar_config == model.cstar_config
+
+
+def test_load_builds_a_factorys_checkpoint_only_into_the_instance_given(tmp_path):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    config = {"name": "mymod:net", "num_classes": 10, "in_channels": 1, "input_size": 8, "mean": [0.5], "std": [0.5]}
+    torch.save({"model": net.state_dict(), "model_config": config}, tmp_path / "model.pt")
+    with pytest.raises(CstarError, match="model="):
+        load(tmp_path / "model.pt")
+    fresh = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    assert torch.equal(load(tmp_path / "model.pt", model=fresh)[1].weight, net[1].weight)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cstar import data, train
-from cstar._errors import CstarError
-from cstar.train import TrainConfig, fit, lr_factor
+from cstar import data
+from cstar.training import fit as train
+from cstar._core.errors import CstarError
+from cstar.training.fit import TrainConfig, fit, lr_factor
 
 
 def tiny_model(seed=0):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from cstar._errors import CstarError
+from cstar._core.errors import CstarError
 from cstar.lowrank import mode_spectra, svd_factors, svd_project, tucker2, tucker2_project
 from cstar.lowrank._tucker import hosvd_energy
 

@@ -1,4 +1,4 @@
-"""cstar._checks: one rule per value, shared by flags, config files, sections and the Python configs."""
+"""cstar._core.checks: one rule per value, shared by flags, config files, sections and the Python configs."""
 
 import math
 
@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from cstar import CompareConfig, CompressConfig, models
-from cstar._checks import RATIO, flag, integer, number
-from cstar._errors import CstarError
+from cstar._core.checks import RATIO, flag, integer, number
+from cstar._core.errors import CstarError
 from cstar.cli import parse_args
 from cstar.lowrank import RankSpec, select_ranks
 from cstar.prune import magnitude_prune
-from cstar.train import TrainConfig
+from cstar.training.fit import TrainConfig
 
 
 def test_bools_ints_and_numbers_are_kept_apart():

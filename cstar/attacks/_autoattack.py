@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from cstar._errors import CstarError
+from cstar._core.errors import CstarError
 from cstar.attacks._common import check_count, check_inputs, check_norm, check_number, training_mode
 
 VERSIONS = ("standard", "plus", "rand", "custom")

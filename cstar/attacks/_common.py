@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from cstar._errors import CstarError
+from cstar._core.errors import CstarError
 
 NORMS = ("linf", "l2")
 MODEL_MODES = ("eval", "train", "keep")

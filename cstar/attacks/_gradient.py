@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cstar._errors import CstarError
-from cstar._memory_format import attack_in_channels_last, to_channels_last
+from cstar._core.errors import CstarError
+from cstar._core.memory_format import attack_in_channels_last, to_channels_last
 from cstar.attacks._common import (
     check_amp_dtype,
     check_count,
@@ -156,7 +156,7 @@ def _run(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Shared driver: works in float32 (or wider) and in channels-last where that is faster
-    (:func:`cstar._memory_format.attack_in_channels_last`), handles model mode and restarts."""
+    (:func:`cstar._core.memory_format.attack_in_channels_last`), handles model mode and restarts."""
     x_work = x.detach().to(torch.promote_types(x.dtype, torch.float32))
     settings = dict(
         eps=eps, step=step, steps=steps, norm=norm, start=start, project=project,
@@ -271,7 +271,7 @@ def pgd(
         Adversarial inputs, detached, same shape, dtype, device and memory
         format as ``x``. On the CPU the attack itself runs with images in
         channels-last (1.2-1.3x faster, the same arithmetic up to the order of
-        float32 sums; see :mod:`cstar._memory_format`).
+        float32 sums; see :mod:`cstar._core.memory_format`).
     """
     eps, clip = _check_common(x, y, eps, clip, model_mode, amp_dtype)
     norm = check_norm(norm)

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from cstar._checks import check_radius
-from cstar._errors import CstarError
+from cstar._core.checks import check_radius
+from cstar._core.errors import CstarError
 from cstar.attacks._autoattack import autoattack
 from cstar.attacks._common import check_count, check_norm, check_number
 from cstar.attacks._gradient import fgsm, nfgsm, pgd

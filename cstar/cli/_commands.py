@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from .. import data, distributed
-from .._errors import CstarError
-from .._io import save_checkpoint, write_json
-from ..counting import count_flops, count_params, format_table, layer_table
-from .._evaluate import attack_specs, evaluate, format_results
-from ..train import fit
+from .._core.errors import CstarError
+from .._core.io import save_checkpoint, write_json
+from ..evaluation.counting import count_flops, count_params, format_table, layer_table
+from ..evaluation.evaluate import attack_specs, evaluate, format_results
+from ..training.fit import fit
 from . import _inputs as inputs
 from . import _runs as runs
 from ._options import admm_config, names, numbers, phase_config, rank_spec, require, train_config
@@ -143,7 +143,7 @@ def cmd_ranks(args: argparse.Namespace) -> int:
 
 def cmd_decompose(args: argparse.Namespace) -> int:
     from ..lowrank import RankPlan, decompose, select_ranks
-    from ..serialize import check_save_target, save
+    from ..files.serialize import check_save_target, save
 
     if not args.force:
         runs.refuse_overwrite(args.out, "--out")
@@ -158,7 +158,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .._export import export
+    from ..files.export import export
 
     if not args.force:
         runs.refuse_overwrite(args.out, "--out")
@@ -178,7 +178,7 @@ def _common_phase_settings(args: argparse.Namespace, eps: float) -> dict:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .._compress import CompressConfig, check_plan, compress
+    from ..pipeline.compress import CompressConfig, check_plan, compress
 
     device = runs.device(args.device)
     train_set, test_set, eps = inputs.train_and_test(args)
@@ -210,7 +210,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .._compare import CompareConfig, check_reachable, compare
+    from ..pipeline.compare import CompareConfig, check_reachable, compare
 
     device = runs.device(args.device)
     train_set, test_set, eps = inputs.train_and_test(args)
@@ -240,8 +240,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Dense PGD training on scikit-learn's digits, then CSTAR beside pruning and post-hoc low rank."""
-    from .._demo import demo_config, run_demo
-    from .._env import environment
+    from ._demo import demo_config, run_demo
+    from .._core.env import environment
 
     config = demo_config(args.epochs, args.phase_epochs, tuple(numbers(args.ratios, "--ratios")), args.seed)
     out = runs.run_dir(args.out or runs.default_out("demo"), "demo", force=args.force, resume=False)

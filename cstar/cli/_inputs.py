@@ -10,11 +10,11 @@ import torch
 import yaml
 
 from .. import data, models
-from .._errors import CstarError
-from .._io import load_checkpoint, state_mismatch
-from .._weights import load_weights, read_weights_file
-from .._phases import split_held_out
-from .._checks import check_finite
+from .._core.errors import CstarError
+from .._core.io import load_checkpoint, state_mismatch
+from ..files.weights import load_weights, read_weights_file
+from ..pipeline.phases import split_held_out
+from .._core.checks import check_finite
 from ..models._external import is_external
 from ..models._recorded import recorded_config, short, skeleton
 from ._options import model_kwargs, require
@@ -44,7 +44,7 @@ def train_and_test(args: argparse.Namespace):
 
 def validation(train_set, test_set, val_size: int, check_size: int, where: torch.device):
     """Split the training set into (training part, validation tensors) for ``cstar train``'s per-epoch check
-    (:func:`cstar._phases.split_held_out`: a folder dataset's check takes ``check_size`` images of its
+    (:func:`cstar.pipeline.phases.split_held_out`: a folder dataset's check takes ``check_size`` images of its
     validation folder)."""
     if val_size <= 0 or check_size <= 0:
         return train_set, None
@@ -127,7 +127,7 @@ def model_and_state(args: argparse.Namespace, path: str, where: torch.device, sp
 def own_class_save(path: str) -> bool:
     """True for a cstar.save directory of a class cstar cannot build that records no factory (the user saved
     their own network): it is replayed on a fresh ``--model``'s network."""
-    from ..serialize import factory_config, saved_kind
+    from ..files.serialize import factory_config, saved_kind
 
     return saved_kind(path) == "replay" and factory_config(path) is None
 
@@ -141,7 +141,7 @@ def own_model(args: argparse.Namespace, path: str, where: torch.device, spec: da
                          f"that --model {args.model} is built for them")
     model = build_model(args, spec, num_classes or spec.num_classes, trained_elsewhere=True)
     if Path(path).is_dir():
-        from ..serialize import load
+        from ..files.serialize import load
 
         load(path, model=model.net)
     else:
@@ -159,36 +159,18 @@ def model_from_checkpoint(path: str, where: torch.device, named: str | None = No
 
 
 def model_from_state(state: dict, path: str, where: torch.device, named: str | None = None) -> torch.nn.Module:
-    """The model of checkpoint dict ``state`` (read from ``path``). The recorded description is checked first
-    (:func:`cstar.models._recorded.recorded_config`: a factory is rebuilt only when the user ``named`` it,
-    --model), then the weights' names, shapes and values, before the model is built."""
-    if state.get("model_config") is None:
-        raise CstarError(f"{path} has no model description (model_config): it was not written by 'cstar train'")
-    config = recorded_config(state["model_config"], path, named=named)
-    weights = state["model"]
-    if not isinstance(weights, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
-        raise CstarError(f"{path}: its 'model' entry is not a mapping of tensor names to tensors: the file is corrupt "
-                         "or edited; pass the checkpoint that 'cstar train' wrote")
-    built = skeleton(config, path) if config["name"] in models.list_models() else None
-    problem = state_mismatch(built, {k: v.shape for k, v in weights.items()}) if built is not None else None
-    if problem:  # checked on a weightless copy, before the model (and any weight) is allocated
-        raise CstarError(f"{path} does not match its architecture '{config['name']}' ({problem}): "
-                         "the file is corrupt or edited; pass the checkpoint that 'cstar train' wrote")
-    check_finite(weights, path)
-    model = models.create(**config)
-    problem = state_mismatch(model, {k: v.shape for k, v in weights.items()})
-    if problem:  # a factory's model, checked once built
-        raise CstarError(f"{path} does not match the model of '{config['name']}' ({problem}): pass the checkpoint "
-                         "written for it, or --model-arg as it was trained")
-    model.load_state_dict(weights)
-    return model.to(where)
+    """The model of checkpoint dict ``state`` (read from ``path``), a factory's only when the user ``named`` it
+    (--model): :func:`cstar.files.serialize.model_of_checkpoint`, the one reader of ``cstar train``'s files."""
+    from ..files.serialize import model_of_checkpoint
+
+    return model_of_checkpoint(state, path, named=named).to(where)
 
 
 def load_model(path: str, where: torch.device = torch.device("cpu"), named: str | None = None) -> torch.nn.Module:
     """A cstar.save directory or a checkpoint written by ``cstar train``; the model of a factory (recorded in
     its ``cstar_config``) is rebuilt fresh, then loaded, when the user ``named`` that factory (--model)."""
     if Path(path).is_dir():
-        from ..serialize import factory_config, load
+        from ..files.serialize import factory_config, load
 
         config = factory_config(path)
         if config is None:

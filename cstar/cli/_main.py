@@ -7,9 +7,9 @@ import sys
 import warnings
 
 from .. import distributed
-from .._errors import CstarError
-from .._run_dirs import release_run_dirs
-from .._signals import Interrupted
+from .._core.errors import CstarError
+from ..files.run_dirs import release_run_dirs
+from .._core.signals import Interrupted
 from ._commands import COMMANDS
 from ._options import parse_args
 from ._runs import device

@@ -1,7 +1,7 @@
 """Where every option of every command gets its value: :func:`parse_args`.
 
 Layers, lowest first: the parser's built-in defaults; for ``compress`` and
-``compare`` the dataset's preset for the device (:func:`cstar._presets.dataset_defaults`);
+``compare`` the dataset's preset for the device (:func:`cstar.cli._presets.dataset_defaults`);
 ``--config`` (a file or a preset's name) or, with ``--resume --out DIR``, the
 record ``DIR/config.yaml`` under it; the flags given. A section option
 (``--dense``, ``--admm-train``, ``--admm``, ``--finetune``, ``--search``) changes
@@ -16,18 +16,18 @@ from pathlib import Path
 
 import yaml
 
-from .. import _presets as presets
-from .._checks import COUNT, POSITIVE, RATIO, SEED, check_mapping, flag, integer, number, one_of
-from .._errors import CstarError
-from .._phases import EVALUATION_RULES, attack_names
-from .._train_config import RULES as TRAIN_RULES
-from .._renamed import renamed
-from .._run_dirs import recorded_command
-from ..admm import ADMMConfig
+from . import _presets as presets
+from .._core.checks import COUNT, POSITIVE, RATIO, SEED, check_mapping, flag, integer, number, one_of
+from .._core.errors import CstarError
+from ..pipeline.phases import EVALUATION_RULES, attack_names
+from ..training.config import RULES as TRAIN_RULES
+from .._core.renamed import renamed
+from ..files.run_dirs import recorded_command
+from ..pipeline.admm import ADMMConfig
 from ..lowrank import RankSpec
 from ..models._external import is_external
 from ..models._recorded import short
-from ..train import TrainConfig
+from ..training.fit import TrainConfig
 from ._parser import build_parser, parse_eps, parse_step
 from ._runs import NOT_SAVED, check_out, device_type
 
@@ -374,7 +374,7 @@ def phase_config(args: argparse.Namespace, key: str, common: dict, **defaults) -
 
 
 def admm_config(args: argparse.Namespace) -> ADMMConfig:
-    """The :class:`cstar.admm.ADMMConfig` of the ``--admm`` section (defaults without one)."""
+    """The :class:`cstar.pipeline.admm.ADMMConfig` of the ``--admm`` section (defaults without one)."""
     try:
         return ADMMConfig.from_dict(args.admm or {})
     except CstarError as exc:

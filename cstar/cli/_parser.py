@@ -14,9 +14,9 @@ import yaml
 
 from .. import data, models
 from .._version import __version__
-from .._checks import check_radius
-from .._errors import CstarError
-from ..train import AMP_DTYPES, ATTACKS, OPTIMIZERS, SCHEDULES, TrainConfig
+from .._core.checks import check_radius
+from .._core.errors import CstarError
+from ..training.fit import AMP_DTYPES, ATTACKS, OPTIMIZERS, SCHEDULES, TrainConfig
 
 FACTORY_FORMS = "package.module:factory, torchvision:NAME, timm:NAME (with --model-arg KEY=VALUE)"
 STEP_HELP = ("PGD step size for evaluation: one for every PGD attack, or per attack as pgd40=0.01,pgd5=0.1 "

@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from .. import distributed
-from .._env import environment
-from .._errors import CstarError
-from .._io import atomic_write_text, write_json
-from .._run_dirs import check_run_dir, prepare_run_dir
+from .._core.env import environment
+from .._core.errors import CstarError
+from .._core.io import atomic_write_text, write_json
+from ..files.run_dirs import check_run_dir, prepare_run_dir
 
 # Options that control the command itself and are not recorded in config.yaml.
 NOT_SAVED = {"command", "config", "force", "resume", "defaults_preset"}
@@ -53,7 +53,7 @@ def default_out(kind: str, *parts: str) -> Path:
 
 def check_out(args: argparse.Namespace) -> None:
     """Refuse now, before any work, an ``--out`` (with ``--force``/``--resume``) that the run may not use
-    (see :func:`cstar._run_dirs.check_run_dir`); nothing is touched."""
+    (see :func:`cstar.files.run_dirs.check_run_dir`); nothing is touched."""
     if args.command not in RUN_COMMANDS:
         return
     resume = getattr(args, "resume", False)

@@ -17,7 +17,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 
 _log = logging.getLogger(__name__)
 _CHUNK = 1 << 20

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 from ._spec import DATASETS, Augment, check_augment
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 from ._pickle import safe_load
 
 _REFETCH = "delete it and load again with download=True (CLI: --download)"

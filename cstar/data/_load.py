@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import _smoke
-from .._errors import CstarError
+from .._core import smoke as _smoke
+from .._core.errors import CstarError
 from ._download import download as _download
 from ._download import extract_tar
 from ._folder import FolderData

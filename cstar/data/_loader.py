@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 from ._augment import random_crop, random_flip
 from ._folder import FolderData
 from ._spec import Augment, check_augment

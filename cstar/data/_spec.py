@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Literal
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 
 Augment = Literal["crop_flip", "crop", "none"]
 AUGMENTS = ("crop_flip", "crop", "none")

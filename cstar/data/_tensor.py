@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 from ._spec import DatasetSpec
 
 

@@ -7,8 +7,8 @@ import copy
 import torch
 from torch import nn
 
-from .._checks import check_finite
-from .._errors import CstarError
+from .._core.checks import check_finite
+from .._core.errors import CstarError
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ._plan import LayerPlan, RankPlan
 from ._ranks import _decline_reason

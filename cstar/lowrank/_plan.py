@@ -7,8 +7,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .._errors import CstarError
-from .._io import write_json
+from .._core.errors import CstarError
+from .._core.io import write_json
 
 
 @dataclass

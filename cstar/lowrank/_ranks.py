@@ -25,8 +25,8 @@ kept dense (kind ``"dense"``). ``method="uniform"`` keeps the same rank
 fraction in every mode of every layer, the largest that fits (bisection), as a
 baseline.
 
-Costs are exact: parameters as :func:`cstar.counting.count_params` counts the
-factorised model, MACs as :func:`cstar.counting.count_flops` does (a Tucker-2
+Costs are exact: parameters as :func:`cstar.evaluation.counting.count_params` counts the
+factorised model, MACs as :func:`cstar.evaluation.counting.count_flops` does (a Tucker-2
 layer's first 1x1 conv runs at the input resolution, its core and last conv at
 the output resolution; MAC multipliers come from one traced forward pass).
 """
@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._checks import check_finite
-from .._errors import CstarError
-from ..counting import LayerStats, count_params, layer_table
+from .._core.checks import check_finite
+from .._core.errors import CstarError
+from ..evaluation.counting import LayerStats, count_params, layer_table
 from ..models import input_shape as input_shape_of
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ._plan import LayerPlan, RankPlan

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import attacks
-from .._errors import CstarError
-from ..counting import eval_mode
+from .._core.errors import CstarError
+from ..evaluation.counting import eval_mode
 
 
 def layer_sensitivity(model: nn.Module, batches: Iterable, eps: float, *, steps: int = 5,

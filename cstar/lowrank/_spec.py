@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .._checks import check_positive_int, check_ratio
-from .._errors import CstarError
+from .._core.checks import check_positive_int, check_ratio
+from .._core.errors import CstarError
 
 BUDGETS = ("params", "flops", "joint")
 ALLOCATIONS = ("global", "uniform")

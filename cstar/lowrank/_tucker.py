@@ -19,7 +19,7 @@ import numbers
 
 import torch
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 
 
 def _compute_dtype(weight: torch.Tensor, what: str) -> torch.dtype:

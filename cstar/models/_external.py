@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 from ._layers import Normalize
 
 _HUBS = ("torchvision", "timm")  # model hubs named by their package

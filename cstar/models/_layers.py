@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 
 
 class Normalize(nn.Module):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 from ._layers import Normalize, init_weights
 from ._registry import check_int, register
 

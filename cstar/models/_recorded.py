@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 from ._external import check_named, is_external
 from ._registry import create, list_models
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 from ._external import build, is_external
 
 Builder = Callable[..., nn.Module]

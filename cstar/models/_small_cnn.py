@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 from ._layers import Normalize, init_weights
 from ._registry import register
 

@@ -7,7 +7,7 @@ then one linear layer ``fc`` on the flattened 512 x (s/32) x (s/32) features.
 import torch
 from torch import nn
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 from ._layers import Normalize, init_weights
 from ._registry import register
 

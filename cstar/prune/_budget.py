@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._errors import CstarError
-from ..counting import count_params
-from .._checks import check_positive_int, check_ratio
+from .._core.errors import CstarError
+from ..evaluation.counting import count_params
+from .._core.checks import check_positive_int, check_ratio
 from ._group import ChannelGroup
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 from ._graph import fx_groups
 from ._group import ChannelGroup, default_input_shape
 from ._torch_pruning import find_groups_tp

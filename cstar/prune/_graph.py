@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from .._errors import CstarError
-from ..counting import _dummy_input, eval_mode
+from .._core.errors import CstarError
+from ..evaluation.counting import _dummy_input, eval_mode
 from ..lowrank._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ..models import Normalize
 from ._group import ChannelGroup

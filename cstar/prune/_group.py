@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 from ..models import input_shape as models_input_shape
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._errors import CstarError, check_options
-from ..counting import count_params
-from ..train import TrainConfig, fit
+from .._core.errors import CstarError, check_options
+from ..evaluation.counting import count_params
+from ..training.fit import TrainConfig, fit
 from ._budget import normalise_scores
 from ._group import ChannelGroup
 from ._magnitude import channel_scores, magnitude_plan, magnitude_prune

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 from ._budget import ChannelPlan, select_channels
 from ._find import find_groups
 from ._group import ChannelGroup

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .._errors import CstarError
+from .._core.errors import CstarError
 from ._find import find_groups
 from ._group import ChannelGroup
 

@@ -18,8 +18,8 @@ import importlib
 import torch
 from torch import nn
 
-from .._errors import CstarError
-from ..counting import _dummy_input, eval_mode
+from .._core.errors import CstarError
+from ..evaluation.counting import _dummy_input, eval_mode
 from ._group import ChannelGroup
 
 _LAYERS = (nn.Conv2d, nn.Linear)

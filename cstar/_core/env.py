@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from ._version import __version__
+from .._version import __version__
 
 
 def describe_device(device: torch.device | str) -> str:

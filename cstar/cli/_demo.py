@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from . import data, models
-from .admm import ADMMConfig
-from ._compare import CompareConfig, compare, format_comparison
-from .train import TrainConfig
+from .. import data, models
+from ..pipeline.admm import ADMMConfig
+from ..pipeline.compare import CompareConfig, compare, format_comparison
+from ..training.fit import TrainConfig
 
 METHODS = ("dense", "cstar", "magnitude", "lowrank_global")
 VAL_SIZE = 100  # training images held out for the per-epoch PGD check
@@ -35,7 +35,7 @@ def demo_config(dense_epochs: int = 20, phase_epochs: int = 4, ratios: tuple[flo
 
     return CompareConfig(ratios=list(ratios), methods=list(METHODS), dense=phase(dense_epochs, 2e-3),
                          search=phase(phase_epochs, 1e-3), finetune=phase(phase_epochs, 5e-4),
-                         # decoupled: Adam's normalisation would shrink a coupled penalty's pull (see cstar.admm)
+                         # decoupled: Adam's normalisation would shrink a coupled penalty's pull (see cstar.pipeline.admm)
                          admm=ADMMConfig(rho=0.05, rho_growth=1.5, rho_max=0.5, interval=10, decoupled=True),
                          eval_attacks=["clean", "pgd20"], latency_runs=50)
 

@@ -21,9 +21,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from ._checks import check_finite
-from ._errors import CstarError
-from ._io import load_checkpoint_file
+from .._core.checks import check_finite
+from .._core.errors import CstarError
+from .._core.io import load_checkpoint_file
 
 #: Keys under which training scripts nest a state dict, most specific first.
 NESTING_KEYS = ("state_dict_ema", "model_ema", "ema", "state_dict", "model_state_dict", "model", "net", "network")

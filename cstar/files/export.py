@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._errors import CstarError
-from ._io import atomic_write_bytes
-from .inference import folded_or_same
-from .models import input_shape as models_input_shape
+from .._core.errors import CstarError
+from .._core.io import atomic_write_bytes
+from ..inference import folded_or_same
+from ..models import input_shape as models_input_shape
 
 
 def _input_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:

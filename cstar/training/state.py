@@ -11,11 +11,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import _log as log
-from ._errors import CstarError
-from ._io import load_checkpoint, previous_checkpoint, save_checkpoint, state_mismatch
-from ._signals import Interrupted
-from ._train_config import TrainConfig, TrainHook
+from .._core import log
+from .._core.errors import CstarError
+from .._core.io import load_checkpoint, previous_checkpoint, save_checkpoint, state_mismatch
+from .._core.signals import Interrupted
+from .config import TrainConfig, TrainHook
 
 EMPTY_PARTIAL = {"batches": 0, "seen": 0, "correct": 0, "loss_sum": 0.0, "seconds": 0.0}  # of an interrupted epoch
 

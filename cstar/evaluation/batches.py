@@ -11,9 +11,9 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from . import attacks
-from ._errors import CstarError
-from .data import make_loader
+from .. import attacks
+from .._core.errors import CstarError
+from ..data import make_loader
 
 
 def batches(data, n: int | None, batch_size: int, device: torch.device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:

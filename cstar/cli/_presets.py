@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from ._errors import CstarError
+from .._core.errors import CstarError
 
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"  # cstar/presets/, shipped as package data
 SECTIONS = ("dense", "admm_train", "admm", "finetune", "search")
 _TAKEN = SECTIONS + ("attack", "eval_attacks", "eval_step")  # what a dataset default supplies
 

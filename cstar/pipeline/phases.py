@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import data as data_module
-from . import _log as log
-from . import attacks, distributed
-from .attacks._spec import steps_by_attack
-from ._checks import COUNT, SEED, check_fields, integer, number
-from ._errors import CstarError, check_options
-from ._io import write_json
+from .. import data as data_module
+from .._core import log
+from .. import attacks, distributed
+from ..attacks._spec import steps_by_attack
+from .._core.checks import COUNT, SEED, check_fields, integer, number
+from .._core.errors import CstarError, check_options
+from .._core.io import write_json
 from .admm import ADMMConfig
-from .train import TrainConfig, fit
+from ..training.fit import TrainConfig, fit
 
 
 def attack_names(what: str, value: object) -> list:
@@ -37,7 +37,7 @@ def attack_names(what: str, value: object) -> list:
     return list(value)
 
 
-# What the evaluation settings of CompressConfig and CompareConfig must be (cstar._checks).
+# What the evaluation settings of CompressConfig and CompareConfig must be (cstar._core.checks).
 def _eval_steps(what: str, value: object) -> object:
     """None (each attack's default step), one step for every PGD attack, or ``{attack: step}``, as
     :func:`cstar.attacks._spec.steps_by_attack` reads it (a preset's step reaches only the attacks it names)."""

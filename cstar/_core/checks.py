@@ -13,7 +13,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from ._errors import CstarError
+from .errors import CstarError
 
 SEED_MAX = 2**32 - 1  # seeds are added to epoch and batch counters below torch's 64-bit limit
 

@@ -14,12 +14,12 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import attacks, distributed
-from ._errors import CstarError
-from ._memory_format import to_channels_last
-from ._train_config import POLL_EVERY, TrainConfig, TrainHook
-from ._train_losses import training_loss
-from ._train_state import interrupt
+from .. import attacks, distributed
+from .._core.errors import CstarError
+from .._core.memory_format import to_channels_last
+from .config import POLL_EVERY, TrainConfig, TrainHook
+from .losses import training_loss
+from .state import interrupt
 
 
 class _Tally:
@@ -125,7 +125,7 @@ def train_one_epoch(run: EpochContext, epoch: int, partial: dict, stop_request,
     mid-epoch; return the global ``[seen, correct, loss_sum]``, the epoch's seconds and its last eps.
 
     A stop request (SIGINT/SIGTERM) ends the epoch at the next poll: ``save_partial(counts)`` writes the
-    mid-epoch checkpoint and :class:`cstar._signals.Interrupted` is raised.
+    mid-epoch checkpoint and :class:`cstar._core.signals.Interrupted` is raised.
     """
     config, steps_per_epoch = run.config, len(run.loader)
     device = next(run.model.parameters()).device

@@ -1,4 +1,4 @@
-"""Atomic files and checkpoints (run directories: :mod:`cstar._run_dirs`).
+"""Atomic files and checkpoints (run directories: :mod:`cstar.files.run_dirs`).
 
 Everything cstar writes goes through :func:`atomic_write_bytes` (a temporary
 file in the target's directory, flushed and fsynced, then ``os.replace``), so a
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import CstarError
+from .errors import CstarError
 
 
 _WRITE_FIXES = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (quota)",

@@ -1,5 +1,5 @@
 """The settings of an adversarial training run (:class:`TrainConfig`) and the extension point of
-:func:`cstar.fit` (:class:`TrainHook`); both re-exported by :mod:`cstar.train`."""
+:func:`cstar.fit` (:class:`TrainHook`); both re-exported by :mod:`cstar.training.fit`."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.nn as nn
 
-from . import _smoke
-from ._checks import SEED, check_fields, check_mapping, flag, integer, number, one_of
-from ._errors import CstarError, check_options
-from ._renamed import renamed
+from .._core import smoke as _smoke
+from .._core.checks import SEED, check_fields, check_mapping, flag, integer, number, one_of
+from .._core.errors import CstarError, check_options
+from .._core.renamed import renamed
 
 ATTACKS = ("pgd", "fgsm_rs", "nfgsm", "trades", "clean")
 SCHEDULES = ("cosine", "onecycle", "multistep", "constant")
 OPTIMIZERS = ("sgd", "adam")
 AMP_DTYPES = ("auto", "bfloat16", "float16")
 _EPOCHS = "a number of epochs >= 0 (0: off)"
-# What each field of TrainConfig must be (cstar._checks); the command line's flags and sections land here too.
+# What each field of TrainConfig must be (cstar._core.checks); the command line's flags and sections land here too.
 RULES = {
     "attack": one_of(ATTACKS), "schedule": one_of(SCHEDULES), "optimizer": one_of(OPTIMIZERS),
     "select": one_of(("last", "best")), "amp_dtype": one_of(AMP_DTYPES),
@@ -77,7 +77,7 @@ class TrainConfig:
     ``channels_last`` trains in NHWC memory format (1.3x faster for a width-16
     ResNet-18 on 2 CPU cores here; the same arithmetic); on the CPU it is turned
     off, with a warning, for models that oneDNN mis-trains in NHWC
-    (:func:`cstar._memory_format.channels_last_unsafe_convs`).
+    (:func:`cstar._core.memory_format.channels_last_unsafe_convs`).
     ``check_size`` images of the validation set get a PGD-``check_steps`` check
     after every epoch; ``select="best"`` keeps the epoch with the best check.
     Under torchrun (:mod:`cstar.distributed`) ``batch_size`` is per process (the
@@ -115,7 +115,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
-        if _smoke.active():  # documentation examples as tests: a token budget (see cstar._smoke)
+        if _smoke.active():  # documentation examples as tests: a token budget (see cstar._core.smoke)
             self.epochs = min(self.epochs, _smoke.EPOCHS)
             self.check_size = min(self.check_size, _smoke.CHECK_IMAGES)
 

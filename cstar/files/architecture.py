@@ -16,10 +16,10 @@ from typing import Any
 
 from torch import nn
 
-from ._errors import CstarError
-from .lowrank._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
-from .models import Normalize, create, list_models
-from .models._recorded import recorded_config, short
+from .._core.errors import CstarError
+from ..lowrank._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
+from ..models import Normalize, create, list_models
+from ..models._recorded import recorded_config, short
 
 
 def _attrs(*names: str) -> Callable[[nn.Module], dict]:

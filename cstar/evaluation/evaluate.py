@@ -23,15 +23,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import attacks, distributed
-from . import _log as log
-from ._errors import CstarError
-from ._io import write_json
-from ._eval_data import (batches, check_counts, check_data, check_labels, check_model, classes_of, data_fingerprint,
-                         weights_sha256)
-from .attacks._common import check_norm
-from .attacks._spec import check_size, steps_by_attack
-from .inference import folded_or_same
+from .. import attacks, distributed
+from .._core import log
+from .._core.errors import CstarError
+from .._core.io import write_json
+from .batches import (batches, check_counts, check_data, check_labels, check_model, classes_of, data_fingerprint, weights_sha256)
+from ..attacks._common import check_norm
+from ..attacks._spec import check_size, steps_by_attack
+from ..inference import folded_or_same
 
 DEFAULT_ATTACKS = ("clean", "pgd20")
 

@@ -5,7 +5,7 @@ adversarial training after it: a first phase of ``search.epochs`` epochs with
 the ``search`` settings, then ``finetune.epochs`` epochs with the ``finetune``
 settings (same attack, optimiser and schedules for all). What the first phase
 trains is the method's own: each method is a function of
-:mod:`cstar.compressors` (``cstar``, ``hydra``, ``magnitude``,
+:mod:`cstar.pipeline.compressors` (``cstar``, ``hydra``, ``magnitude``,
 ``lowrank_global``, ``lowrank_uniform``, and any registered there).
 
 ``dense`` is the starting model itself (ratio 1). Each (method, ratio) cell
@@ -36,20 +36,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import attacks, compressors, distributed
-from . import _log as log
-from ._errors import CstarError
-from ._io import atomic_write_bytes, atomic_write_text, write_json
-from ._checks import check_fields, check_ratio, integer
-from ._phases import (EVALUATION_RULES, check_dense_not_distilled, check_run, check_sections, settings_from_dict,
-                      split_held_out, train_phase, with_data_eps)
-from ._renamed import renamed
+from .. import attacks, distributed
+from . import compressors
+from .._core import log
+from .._core.errors import CstarError
+from .._core.io import atomic_write_bytes, atomic_write_text, write_json
+from .._core.checks import check_fields, check_ratio, integer
+from .phases import (EVALUATION_RULES, check_dense_not_distilled, check_run, check_sections, settings_from_dict, split_held_out, train_phase, with_data_eps)
+from .._core.renamed import renamed
 from .admm import ADMMConfig
-from .counting import count_flops, count_params
-from .lowrank import select_ranks
-from ._evaluate import attack_settings, attack_specs, describe_attacks, evaluate, subset_label
-from .serialize import load, save
-from .train import TrainConfig
+from ..evaluation.counting import count_flops, count_params
+from ..lowrank import select_ranks
+from ..evaluation.evaluate import attack_settings, attack_specs, describe_attacks, evaluate, subset_label
+from ..files.serialize import load, save
+from ..training.fit import TrainConfig
 
 # the default methods (the equal-MACs variants and methods registered later are opt-in: compressors.names())
 METHODS = ("dense", "cstar", "hydra", "magnitude", "lowrank_global", "lowrank_uniform")
@@ -111,7 +111,7 @@ class CompareConfig:
 
 def check_reachable(dense: nn.Module, config: CompareConfig) -> None:
     """Refuse now a ratio that a rank-planned method of ``config`` cannot reach on ``dense``'s layers (the check
-    :func:`cstar.compress` makes, :func:`cstar._compress.check_plan`: it depends on the layers' shapes alone)."""
+    :func:`cstar.compress` makes, :func:`cstar.pipeline.compress.check_plan`: it depends on the layers' shapes alone)."""
     if any(method in compressors.RANK_PLANNED for method in config.methods):
         for ratio in config.ratios:
             select_ranks(dense, ratio)
@@ -187,7 +187,7 @@ def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _with_new_fields(recorded: dict) -> dict:
+def current_settings(recorded: dict) -> dict:
     """A cell's training record in today's terms: the settings added to ``cstar`` since it was written at their
     defaults, the renamed ones under their new names."""
     defaults = {"search": _settings_record(TrainConfig()), "finetune": _settings_record(TrainConfig()),
@@ -200,7 +200,7 @@ def _check_same_training(name: str, row: dict, training: dict) -> None:
     """Refuse to mix a finished cell trained otherwise into this comparison (rows from before the record pass)."""
     if "training" not in row:
         return
-    before = _with_new_fields(row["training"])
+    before = current_settings(row["training"])
     if before != training:
         raise CstarError(f"cell {name} was trained with other settings ({', '.join(_differences(before, training))} "
                          "differ): resume with the settings it was trained with, or give a new --out "

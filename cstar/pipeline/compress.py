@@ -30,22 +30,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed
-from . import _log as log
-from ._errors import CstarError
-from ._io import load_checkpoint, save_checkpoint, write_json
-from ._checks import check_fields
-from ._phases import (EVALUATION_RULES, PhaseLedger, check_dense_not_distilled, check_run, check_sections,
-                      settings_from_dict, split_held_out, train_phase, training_loader, with_data_eps)
-from ._precision import full_float32
+from .. import distributed
+from .._core import log
+from .._core.errors import CstarError
+from .._core.io import load_checkpoint, save_checkpoint, write_json
+from .._core.checks import check_fields
+from .phases import (EVALUATION_RULES, PhaseLedger, check_dense_not_distilled, check_run, check_sections, settings_from_dict, split_held_out, train_phase, training_loader, with_data_eps)
+from .._core.precision import full_float32
 from .admm import ADMM, ADMMConfig
-from .counting import count_flops, count_params
-from ._evaluate import attack_specs, evaluate
-from .lowrank import RankPlan, RankSpec, decompose, select_ranks
-from .models import normalization_of
+from ..evaluation.counting import count_flops, count_params
+from ..evaluation.evaluate import attack_specs, evaluate
+from ..lowrank import RankPlan, RankSpec, decompose, select_ranks
+from ..models import normalization_of
 from .report import write_report
-from .serialize import save
-from .train import TrainConfig
+from ..files.serialize import save
+from ..training.fit import TrainConfig
 
 PHASES = ("dense", "ranks", "admm", "decompose", "finetune", "evaluate")
 EVAL_PHASES = ("dense", "admm_projected", "final")

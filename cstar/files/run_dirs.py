@@ -20,9 +20,9 @@ import os
 import shutil
 from pathlib import Path
 
-from ._errors import CstarError
-from ._io import write_json
-from ._version import __version__
+from .._core.errors import CstarError
+from .._core.io import write_json
+from .._version import __version__
 
 RUN_RECORD = "cstar-run.json"  # {"command": ..., "cstar": ...}: this directory is a cstar run
 LOCK = ".cstar.lock"  # flock'ed by the process running in the directory; never deleted

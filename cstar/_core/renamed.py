@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 
-from ._errors import CstarError
+from .errors import CstarError
 
 TRAINING = {"method": "attack"}  # old key -> new key, in training settings and the options that hold them
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import attacks, distributed
-from ._train_config import TrainConfig
+from .. import attacks, distributed
+from .config import TrainConfig
 
 
 def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, eps: float,

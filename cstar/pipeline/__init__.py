@@ -1,0 +1,3 @@
+"""The compression pipeline: phases, ADMM, ``compress`` and its report, the compared methods
+(:mod:`.compressors`) and ``compare``.
+"""
