@@ -1,0 +1,41 @@
+"""Records of runs and measurements, for scripts and benchmarks: everything cstar's own records are made of.
+
+- files written atomically (a killed script leaves the previous version, never half a file):
+  :func:`write_json`, :func:`write_text`, :func:`write_bytes`;
+- the machine a figure was measured on: :func:`machine` (CPU, GPU, threads, versions), :func:`describe_device`;
+- a run's recorded options in today's names (records written before a rename read silently): :func:`run_config`;
+- comparisons (``cstar compare``'s ``results.json``): :func:`cell_name`, :func:`current_settings` (a cell's
+  training record with the settings added since at their defaults), :func:`format_comparison`,
+  :func:`plot_pareto`.
+
+Models of every cstar format load with :func:`cstar.load` (a save directory, or the ``model.pt`` of
+``cstar train``); weights trained elsewhere with :func:`cstar.load_weights`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from ._core.env import describe_device, environment as machine
+from ._core.errors import CstarError
+from ._core.io import atomic_write_bytes as write_bytes, atomic_write_text as write_text, write_json
+from ._core.renamed import renamed
+from .pipeline.compare import cell_name, current_settings, format_comparison, plot_pareto
+
+__all__ = ["cell_name", "current_settings", "describe_device", "format_comparison", "machine", "plot_pareto",
+           "run_config", "write_bytes", "write_json", "write_text"]
+
+
+def run_config(run: str | os.PathLike) -> dict:
+    """The options a run recorded in ``run/config.yaml``, options renamed since under their new names."""
+    path = Path(run) / "config.yaml"
+    try:
+        record = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise CstarError(f"cannot read {path} ({exc}): pass a run directory cstar wrote") from None
+    if not isinstance(record, dict):
+        raise CstarError(f"{path} is not a mapping of options: pass a run directory cstar wrote")
+    return renamed(record, "a run's record", note=False)
