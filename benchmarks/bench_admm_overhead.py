@@ -1,7 +1,7 @@
 """Wall-time overhead of ADMM on an adversarial-training epoch, at the same settings.
 
 Usage:
-    python benchmarks/bench_admm_overhead.py --mnist-root ../shared/data --cifar-root data
+    python benchmarks/bench_admm_overhead.py --mnist-root data --cifar-root data
 
 For each setting (MNIST small CNN with PGD-5 at 8x; CIFAR-10 ResNet-18 width 16
 with N-FGSM at 8x) it times, in interleaved rounds on the same batches (the arm

@@ -9,7 +9,7 @@ depend on the values), plans ranks for 16x fewer parameters with
 - ``16x plan``: every conv the plan factorises, at the planned ranks (Tucker-2
   for k x k convs, SVD for 1x1 convs);
 - ``1/4 ranks``: the 17 3x3 convs at a quarter of each mode, the setting of the
-  speed anchors in ANCHORS.md.
+  published projection-speed reference (a quarter of each mode).
 
 Methods: (a) ``tucker2_project``/``svd_project`` (eigendecompositions of the
 small Gram matrices), (a') the same with one HOOI sweep, (b) truncated HOSVD

@@ -1,7 +1,7 @@
 """Robustness-aware ranks before any training: post-hoc low rank with energy ranks against sensitivity-weighted ones.
 
 Usage:
-    python benchmarks/bench_rank_weights.py --checkpoint runs/mnist/model --data mnist --root ../shared/data \\
+    python benchmarks/bench_rank_weights.py --checkpoint runs/mnist/model --data mnist --root data \\
         --ratios 16,64 --powers 0,0.5,1 --attacks clean,pgd40 --step 0.01 --n 1000 \\
         --out benchmarks/results/rank_weights_mnist
 

@@ -2,7 +2,7 @@
 # The default path of a new user, timed: the README's Quick tour, then `cstar compress` with no
 # option beyond checkpoint, data, ratio and output, on MNIST and on CIFAR-10 (ResNet-18 width 16).
 #
-#   CSTAR_DATA=../shared/data CIFAR_ROOT=.cache/data bash benchmarks/defaults_acceptance.sh OUT_DIR
+#   CSTAR_DATA=data CIFAR_ROOT=.cache/data bash benchmarks/defaults_acceptance.sh OUT_DIR
 #
 # Steps (each skipped when its output exists, so a killed run continues where it stopped):
 #   1. the Quick tour block of README.md, verbatim (writes runs/mnist/model)       ~10 min
@@ -11,7 +11,7 @@
 #   4. cstar compress --checkpoint <3> --data cifar10 --ratio 8                    ~25 min
 # Each step's wall time (and the host's steal share of the CPU meanwhile) goes to OUT_DIR/times.jsonl; run it alone (2 cores: any other job
 # running beside it makes the times meaningless). CIFAR_ROOT holds cifar-10-batches-py
-# (python ../shared/data/build_cifar10.py .cache/data builds it).
+# (the official CIFAR-10, or a copy rebuilt into its layout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -ne 1 ] || [ -z "${CSTAR_DATA:-}" ] || [ -z "${CIFAR_ROOT:-}" ]; then
