@@ -12,7 +12,7 @@ The public API, by concept (each lives in one module, see docs/DESIGN.md):
   :func:`svd_project`, :class:`RankSpec`, :func:`select_ranks`, :func:`decompose`
 - CSTAR: :func:`compress` with :class:`CompressConfig`; :class:`ADMM`
 - comparison with the baselines: :func:`compare` with :class:`CompareConfig`; the
-  compression methods it runs: :mod:`cstar.pipeline.compressors` (``register`` adds one)
+  compression methods it runs: :mod:`cstar.compressors` (``register`` adds one)
 - files: :func:`save`, :func:`load`, :func:`load_weights` (weights trained elsewhere), :func:`export`;
   :func:`optimize_for_inference`;
   :func:`full_float32` (TF32 off, for exactness checks on GPUs)

@@ -164,7 +164,7 @@ def check_names(methods: list[str], allow_dense: bool = False) -> None:
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise CstarError(f"unknown method(s) {', '.join(map(str, unknown))}: choose from {', '.join(known)} "
-                         "(or register one with cstar.pipeline.compressors.register)")
+                         "(or register one with cstar.compressors.register)")
 
 
 def _cstar(cell: Cell, **target) -> tuple[nn.Module, dict[str, float]]:
