@@ -21,7 +21,7 @@ import torch
 
 import cstar
 from cstar import models
-from hostile import MARKER, assert_no_marker, marker_code, marker_command, refused_api, refused_cli
+from hostile import assert_no_marker, marker_code, marker_command, refused_api, refused_cli
 
 PLANTED = "planted_factory"  # a module an attacker left in the working directory
 

@@ -11,12 +11,12 @@ import yaml
 
 from .. import data, models
 from .._core.errors import CstarError
-from .._core.io import load_checkpoint, state_mismatch
+from .._core.io import load_checkpoint
 from ..files.weights import load_weights, read_weights_file
 from ..pipeline.phases import split_held_out
-from .._core.checks import check_finite
+from .._core.checks import check_finite, check_radius
 from ..models._external import is_external
-from ..models._recorded import recorded_config, short, skeleton
+from ..models._recorded import recorded_config, short
 from ._options import model_kwargs, require
 
 # ----------------------------------------------------------------------------- data
@@ -213,11 +213,12 @@ def recorded_dataset(name, source: str) -> str | None:
 
 
 def recorded_eps(eps, source: str) -> float:
-    """The eps a checkpoint records, checked to be a radius in [0, 1] like --eps."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
-        raise CstarError(f"{source} records eps {short(eps)}, not a radius in [0, 1]: the file is corrupt or "
-                         "crafted; pass --eps")
-    return float(eps)
+    """The eps a checkpoint records, checked as --eps is (:func:`cstar._core.checks.check_radius`)."""
+    try:
+        return check_radius("eps", eps)
+    except CstarError as exc:
+        raise CstarError(f"{source} records a radius that is not one ({exc}); the file is corrupt or crafted: "
+                         "pass --eps") from None
 
 
 def input_shape(model: torch.nn.Module) -> tuple[int, int, int]:

@@ -19,7 +19,7 @@ from .. import data as data_module
 from .._core import log
 from .. import attacks, distributed
 from ..attacks._spec import steps_by_attack
-from .._core.checks import COUNT, SEED, check_fields, integer, number
+from .._core.checks import COUNT, SEED, integer
 from .._core.errors import CstarError, check_options
 from .._core.io import write_json
 from .admm import ADMMConfig
