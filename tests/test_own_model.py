@@ -224,3 +224,28 @@ def test_a_bad_normalize_is_refused(capsys, monkeypatch, trained, text):
     torch.save(state, home / "their.pt")
     refused_cli(capsys, ["eval", "their.pt", "--model", "mynet:Net", "--data", "digits", "--normalize", text],
                 ["--normalize"], tmp=home)
+
+
+@pytest.mark.parametrize("command", [
+    ["info", "saved", "--data", "digits"],
+    ["ranks", "saved", "--data", "digits", "--ratio", "2"],
+    ["decompose", "saved", "--data", "digits", "--ratio", "2", "--out", "small"],
+    ["export", "saved", "--data", "digits", "--out", "saved.onnx"],
+    ["compress", "--checkpoint", "saved", "--data", "digits", "--ratio", "2", "--admm-train", "{epochs: 1}",
+     "--finetune", "{epochs: 1}", "--eval-attacks", "clean", "--out", "run-saved"],
+    ["compare", "--checkpoint", "saved", "--data", "digits", "--ratios", "2", "--methods", "dense,lowrank_global",
+     "--search", "{epochs: 1}", "--finetune", "{epochs: 1}", "--eval-attacks", "clean", "--latency-runs", "1",
+     "--out", "cmp-saved"],
+])
+def test_a_save_of_the_users_own_class_works_on_every_command(monkeypatch, trained, command):
+    pytest.importorskip("onnx") if command[0] == "export" else None
+    home, state, _ = trained
+    monkeypatch.chdir(home)
+    monkeypatch.syspath_prepend(str(home))
+    import mynet
+
+    if not (home / "saved").exists():
+        net = mynet.Net()
+        net.load_state_dict(state)
+        cstar.save(net, home / "saved")
+    assert main([*command, "--model", "mynet:Net"]) == 0
