@@ -109,8 +109,11 @@ def test_a_resume_may_change_the_amp_setting(tmp_path, before, after):
 
 def test_the_amp_type_is_chosen_by_the_device_and_recorded(monkeypatch):
     auto = TrainConfig(amp=True)
-    with pytest.warns(UserWarning, match="no effect on the CPU"):
+    monkeypatch.setattr(train, "cpu_has_bfloat16", lambda: False)  # a CPU without AVX512-BF16 or AMX
+    with pytest.warns(UserWarning, match="no effect on this CPU"):
         assert train.resolve_amp_dtype(auto, torch.device("cpu")) is None
+    monkeypatch.setattr(train, "cpu_has_bfloat16", lambda: True)
+    assert train.resolve_amp_dtype(auto, torch.device("cpu")) == torch.bfloat16
     for supported, dtype in ((True, torch.bfloat16), (False, torch.float16)):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, s=supported: s)
         assert train.resolve_amp_dtype(auto, torch.device("cuda")) == dtype
@@ -308,3 +311,13 @@ def test_full_float32_turns_tf32_off_and_restores_it():
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx512f avx512_bf16 sse", True), ("fpu amx_bf16 amx_tile", True),
+                                           ("fpu avx512f avx512bw", False)])
+def test_native_bfloat16_is_read_from_the_cpus_flags(tmp_path, flags, native):
+    from cstar._core.precision import cpu_has_bfloat16
+
+    (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert cpu_has_bfloat16(str(tmp_path / "cpuinfo")) is native
+    assert cpu_has_bfloat16(str(tmp_path / "missing")) is False

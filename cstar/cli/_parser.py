@@ -205,11 +205,11 @@ def _train(sub) -> None:
     g.add_argument("--warmup-epochs", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value")
     g.add_argument("--amp", action="store_true",
-                   help="mixed precision on CUDA: bfloat16 autocast where the GPU supports it, else float16 with "
-                   "loss scaling (see --amp-dtype)")
+                   help="mixed precision: on CUDA bfloat16 autocast where the GPU supports it, else float16 with "
+                   "loss scaling; on a CPU with AVX512-BF16 or AMX bfloat16 (see --amp-dtype)")
     g.add_argument("--amp-dtype", choices=AMP_DTYPES, default="auto",
-                   help="the autocast type of --amp: auto (default: by the GPU; nothing on the CPU), or bfloat16 "
-                   "or float16 on any device")
+                   help="the autocast type of --amp: auto (default: by the GPU; on the CPU bfloat16 where it is "
+                   "native, else nothing), or bfloat16 or float16 on any device")
     g.add_argument("--channels-last", action="store_true",
                    help="train in channels-last memory format (faster convs; on the CPU it stays off, with a "
                    "warning, for a model with a strided 1x1 conv of < 16 input channels, which oneDNN mis-trains "

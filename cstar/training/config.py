@@ -68,7 +68,8 @@ class TrainConfig:
     ``lr`` is the peak learning rate; ``warmup_epochs`` ramps it linearly first.
     ``amp`` trains under ``torch.autocast`` in ``amp_dtype``: "auto" (default)
     is bfloat16 on GPUs that support it (no loss scaling needed) and float16
-    with a GradScaler on older GPUs, and nothing on the CPU (a warning says so);
+    with a GradScaler on older GPUs, bfloat16 on a CPU that computes it natively
+    (AVX512-BF16 or AMX), and nothing on other CPUs (a warning says so);
     "bfloat16" or "float16" forces that type on any device. Under float16 the
     attacks rescale each example's loss gradient so that it cannot underflow
     (see :mod:`cstar.attacks`), and a step whose gradients overflow is skipped

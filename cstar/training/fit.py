@@ -28,6 +28,7 @@ from .._core import log
 from .._core.errors import CstarError
 from .._core.io import append_jsonl, atomic_write_text, load_latest_checkpoint
 from .._core.memory_format import ONEDNN_IC_BLOCK, channels_last_unsafe_convs
+from .._core.precision import cpu_has_bfloat16
 from .._core.signals import stop_requests
 from .config import AMP_DTYPES, ATTACKS, OPTIMIZERS, POLL_EVERY, SCHEDULES, TrainConfig, TrainHook
 from .epoch import EpochContext, train_one_epoch
@@ -136,8 +137,10 @@ def resolve_amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype 
         return getattr(torch, config.amp_dtype)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    warnings.warn("amp=True has no effect on the CPU: training in float32 (amp_dtype='bfloat16' forces "
-                  "bfloat16 autocast on a CPU that supports it)", stacklevel=3)
+    if cpu_has_bfloat16():  # AVX512-BF16 or AMX: bfloat16 runs natively
+        return torch.bfloat16
+    warnings.warn("amp=True has no effect on this CPU (no AVX512-BF16 or AMX): training in float32 "
+                  "(amp_dtype='bfloat16' forces bfloat16 autocast, emulated and slower here)", stacklevel=3)
     return None
 
 
