@@ -14,7 +14,8 @@ import torch.nn as nn
 from cstar import data
 from cstar._core.signals import Interrupted
 from cstar.cli import main
-from cstar.training.fit import TrainConfig, fit
+from cstar import CstarError
+from cstar.training.fit import TrainConfig, TrainHook, fit
 from helpers import BatchHook
 
 TRAIN = ["train", "--model", "small_cnn", "--data", "digits", "--attack", "pgd", "--attack-steps", "2",
@@ -193,3 +194,48 @@ def test_resuming_counts_only_progress_per_example_is_refused(tmp_path):
 
     with pytest.raises(CstarError, match="counts only"):
         _resume_from_counts_only_progress(tmp_path, saved_eps=0.1, per_example=True)
+
+
+class _Steps(TrainHook):
+    """Counts optimiser steps (by ``by`` each), and saves the count as its state."""
+
+    by = 1
+
+    def __init__(self):
+        self.count = 0
+
+    def after_step(self, model, step):
+        self.count += self.by
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+class _Tens(_Steps):
+    by = 10
+
+
+def _hooked_fit(out, epochs, hooks, resume=False):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    config = TrainConfig(attack="clean", epochs=epochs, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0,
+                         check_size=0, progress=False)
+    loader = data.make_loader(data.load("digits", split="train"), 64, train=True)
+    fit(model, loader, config, out_dir=out, resume=resume, hooks=hooks)
+    return len(loader)
+
+
+def test_each_hook_gets_its_own_state_back_whatever_their_order(tmp_path):
+    steps = _hooked_fit(tmp_path, 1, [_Steps(), _Tens()])
+    ones, tens = _Steps(), _Tens()
+    _hooked_fit(tmp_path, 2, [tens, ones], resume=True)  # the same hooks, listed the other way round
+    assert (ones.count, tens.count) == (2 * steps, 20 * steps)
+
+
+def test_a_resume_with_other_hooks_is_refused_before_anything_is_loaded(tmp_path):
+    _hooked_fit(tmp_path, 1, [_Steps(), _Tens()])
+    with pytest.raises(CstarError, match=r"hooks \[_Steps, _Tens\], this run has \[_Steps\]"):
+        _hooked_fit(tmp_path, 2, [_Steps()], resume=True)

@@ -270,7 +270,7 @@ def _resume(saver: Checkpointer, model: nn.Module, config: TrainConfig, out: Pat
     """The run's state from its checkpoint (read on the CPU: RNG states must stay there, and the optimiser
     moves its own state to the parameters); the log is rewritten from it, as it may hold later epochs."""
     state = load_latest_checkpoint(saver.path, map_location="cpu")
-    check_resumable(state, model, config, saver.path)
+    check_resumable(state, model, config, saver.path, saver.hooks)
     progress = saver.restore(state)
     if saver.main:
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))

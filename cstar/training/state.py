@@ -82,7 +82,8 @@ class Checkpointer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": epoch, "partial": partial, "config": config.to_dict(), "history": progress.history,
             "best": progress.best, "rng": rng_state(), "model_config": getattr(self.model, "cstar_config", None),
-            "hooks": [hook.state_dict() for hook in self.hooks]}, keep_previous=True)
+            "hooks": dict(zip(hook_names(self.hooks), (hook.state_dict() for hook in self.hooks)))},
+            keep_previous=True)
 
     def restore(self, state: dict) -> Progress:
         """Load a checkpoint's ``state`` (read on the CPU) into the objects; the run's progress at that point."""
@@ -97,13 +98,29 @@ class Checkpointer:
         if not self.main:  # rank 0's checkpoint holds the interrupted epoch's counts of all ranks
             progress.partial = {**progress.partial, "seen": 0, "correct": 0, "loss_sum": 0.0}
         set_rng_state(state["rng"])
-        for hook, hook_state in zip(self.hooks, state.get("hooks", [])):
-            hook.load_state_dict(hook_state)
+        saved = state.get("hooks") or {}
+        if isinstance(saved, list):  # a checkpoint written before hooks were named: their order is all it has
+            saved = dict(zip(hook_names(self.hooks), saved))
+        for name, hook in zip(hook_names(self.hooks), self.hooks):
+            hook.load_state_dict(saved[name])
         return progress
 
 
-def check_resumable(state: dict, model: nn.Module, config: TrainConfig, path: Path) -> None:
-    """One line, before anything is loaded, when the checkpoint belongs to another model or optimiser."""
+def hook_names(hooks: list[TrainHook]) -> list[str]:
+    """A name for each hook's state in a checkpoint: its class, numbered from the second of a class on
+    (``ADMM``, ``ADMM#2``)."""
+    names, seen = [], {}
+    for hook in hooks:
+        kind = type(hook).__name__
+        seen[kind] = seen.get(kind, 0) + 1
+        names.append(kind if seen[kind] == 1 else f"{kind}#{seen[kind]}")
+    return names
+
+
+def check_resumable(state: dict, model: nn.Module, config: TrainConfig, path: Path,
+                    hooks: list[TrainHook]) -> None:
+    """One line, before anything is loaded, when the checkpoint belongs to another model, optimiser or list of
+    hooks (each hook's state is restored by its name, :func:`hook_names`)."""
     weights = state.get("model")
     problem = (state_mismatch(model, {k: v.shape for k, v in weights.items()}) if isinstance(weights, dict)
                else "no weights")
@@ -115,6 +132,13 @@ def check_resumable(state: dict, model: nn.Module, config: TrainConfig, path: Pa
     if saved_optimizer not in (None, config.optimizer):
         raise CstarError(f"{path} was trained with optimizer {saved_optimizer}, this run asks for "
                          f"{config.optimizer}: resume with optimizer {saved_optimizer}, or start a new run")
+    saved, now = state.get("hooks") or {}, hook_names(hooks)
+    same = sorted(saved) == sorted(now) if isinstance(saved, dict) else len(saved) == len(now)
+    if not same:
+        before = ", ".join(sorted(saved)) if isinstance(saved, dict) else f"{len(saved)} unnamed ones"
+        raise CstarError(f"{path} holds the states of the hooks [{before or 'none'}], this run has "
+                         f"[{', '.join(now) or 'none'}]: resume with the hooks the run started with (each state "
+                         "goes back to its own hook), or start a new run in another --out")
 
 
 class BestEpoch:
