@@ -147,30 +147,29 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     if main:
         write_json(out / "compress_config.json", config.to_dict())
 
-    # 1. dense
-    if "dense" in phases.done:
-        model.load_state_dict(load_checkpoint(out / "dense.pt", map_location=device)["model"])
-    elif pretrained:
+    # 1. dense: trained here, or given (recorded as it is)
+    def dense() -> tuple[None, dict]:
+        info = {"seconds": 0.0, "trained": False}
+        if not pretrained:
+            history, seconds = train_phase(model, train_part, val, config.dense, out / "dense", resume, seed=seed)
+            info = {"seconds": round(seconds, 1), "trained": True, "epochs": len(history)}
         if main:
             save_checkpoint(out / "dense.pt", {"model": model.state_dict()})
-        phases.finish("dense", seconds=0.0, trained=False)
-    else:
-        history, seconds = train_phase(model, train_part, val, config.dense, out / "dense", resume, seed=seed)
-        if main:
-            save_checkpoint(out / "dense.pt", {"model": model.state_dict()})
-        phases.finish("dense", seconds=round(seconds, 1), trained=True, epochs=len(history))
+        return None, info
+
+    phases.run("dense", dense, lambda: model.load_state_dict(_weights(out / "dense.pt", device)))
     dense_model = copy.deepcopy(model)
 
     # 2. ranks
-    if "ranks" in phases.done:
-        plan = RankPlan.load(out / "plan.json")
-    else:
+    def ranks() -> tuple[RankPlan, dict]:
         t0 = time.perf_counter()
         plan = distributed.broadcast_object(select_ranks(model, config.rank_spec()) if main else None)
         if main:
             plan.save(out / "plan.json")
-        phases.finish("ranks", seconds=round(time.perf_counter() - t0, 2), ratio=plan.ratio,
-                      flops_ratio=plan.flops_ratio)
+        return plan, {"seconds": round(time.perf_counter() - t0, 2), "ratio": plan.ratio,
+                      "flops_ratio": plan.flops_ratio}
+
+    plan = phases.run("ranks", ranks, lambda: RankPlan.load(out / "plan.json"))
     if main:
         log.info(plan.table())
 
@@ -178,52 +177,62 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     steps_per_epoch = len(training_loader(train_part, config.admm_train, "cpu", seed))  # counted, not moved
     admm = ADMM(model, plan, config.admm, steps_per_epoch,
                 rank_spec=config.rank_spec() if config.admm.reselect else None)
-    if "admm" in phases.done:
-        state = load_checkpoint(out / "admm.pt", map_location=device)
-        model.load_state_dict(state["model"])
-        admm.load_state_dict(state["admm"])
-    else:
+
+    def admm_train() -> tuple[None, dict]:
         history, seconds = train_phase(model, train_part, val, config.admm_train, out / "admm", resume, hooks=[admm],
                                        seed=seed, teacher=dense_model)
         if main:
             save_checkpoint(out / "admm.pt", {"model": model.state_dict(), "admm": admm.state_dict()})
-        phases.finish("admm", seconds=round(seconds, 1), epochs=len(history), z_steps=admm.z_steps,
-                      final_residual=admm.residuals(model))
+        return None, {"seconds": round(seconds, 1), "epochs": len(history), "z_steps": admm.z_steps,
+                      "final_residual": admm.residuals(model)}
+
+    def admm_load() -> None:
+        state = load_checkpoint(out / "admm.pt", map_location=device)
+        model.load_state_dict(state["model"])
+        admm.load_state_dict(state["admm"])
+
+    phases.run("admm", admm_train, admm_load)
     plan = admm.plan  # ranks may have been re-selected
 
     # 4. projection and exact decomposition
-    if "decompose" in phases.done:
-        factorised = decompose(model, plan).to(device)
-        factorised.load_state_dict(load_checkpoint(out / "decomposed.pt", map_location=device)["model"])
-    else:
+    def project() -> tuple[nn.Module, dict]:
         t0 = time.perf_counter()
         admm.project_weights(model)
         factorised = decompose(model, plan).to(device)
         gap = _output_gap(model, factorised, test_set if test_set is not None else train_set, device)
         if main:
             save_checkpoint(out / "decomposed.pt", {"model": factorised.state_dict()})
-        phases.finish("decompose", seconds=round(time.perf_counter() - t0, 2), output_gap=gap,
-                      params=count_params(factorised))
+        return factorised, {"seconds": round(time.perf_counter() - t0, 2), "output_gap": gap,
+                            "params": count_params(factorised)}
+
+    def decomposed() -> nn.Module:
+        factorised = decompose(model, plan).to(device)
+        factorised.load_state_dict(_weights(out / "decomposed.pt", device))
+        return factorised
+
+    factorised = phases.run("decompose", project, decomposed)
     distributed.broadcast_tensors(list(factorised.state_dict().values()))  # rank 0's projection on every rank
     projected = copy.deepcopy(factorised)
 
     # 5. fine-tuning
-    if "finetune" in phases.done:
-        factorised.load_state_dict(load_checkpoint(out / "finetuned.pt", map_location=device)["model"])
-    else:
+    def finetune() -> tuple[None, dict]:
         history, seconds = train_phase(factorised, train_part, val, config.finetune, out / "finetune", resume,
                                        seed=seed, teacher=dense_model)
         if main:  # the final weights (maybe a best epoch)
             save_checkpoint(out / "finetuned.pt", {"model": factorised.state_dict()})
-        phases.finish("finetune", seconds=round(seconds, 1), epochs=len(history))
+        return None, {"seconds": round(seconds, 1), "epochs": len(history)}
+
+    phases.run("finetune", finetune, lambda: factorised.load_state_dict(_weights(out / "finetuned.pt", device)))
     if main:
         save(factorised, out / "model")
 
     # 6. evaluation
-    if "evaluate" not in phases.done:
+    def evaluation() -> tuple[None, dict]:
         t0 = time.perf_counter()
         evaluations = _evaluate_phases(dense_model, projected, factorised, test_set, config)
-        phases.finish("evaluate", seconds=round(time.perf_counter() - t0, 1), results=evaluations)
+        return None, {"seconds": round(time.perf_counter() - t0, 1), "results": evaluations}
+
+    phases.run("evaluate", evaluation, lambda: None)
     results = _results(phases.done, plan, dense_model, factorised, config,
                        getattr(getattr(train_set, "spec", None), "name", None))
     if main:
@@ -231,6 +240,11 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         write_report(out, results, plan, admm.history)
     distributed.barrier()  # the outputs are complete when any rank returns
     return results
+
+
+def _weights(path: Path, device: torch.device) -> dict:
+    """The model weights of a phase's checkpoint, on ``device``."""
+    return load_checkpoint(path, map_location=device)["model"]
 
 
 @torch.no_grad()

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -117,6 +119,9 @@ def settings_from_dict(cls, values: dict, train_keys: tuple[str, ...], what: str
     return cls(**values)
 
 
+T = TypeVar("T")
+
+
 class PhaseLedger:
     """``phases.json``: what is done, with each phase's seconds (training seconds for the training phases) and results."""
 
@@ -128,6 +133,15 @@ class PhaseLedger:
         self.done[phase] = info
         if distributed.is_main():
             write_json(self.path, self.done)
+
+    def run(self, phase: str, run: Callable[[], tuple[T, dict]], load: Callable[[], T]) -> T:
+        """The result of ``phase``: ``load()`` when an earlier run finished it (``--resume``); else ``run()``,
+        which returns the result and the phase's record (seconds first, then what it did), then recorded."""
+        if phase in self.done:
+            return load()
+        result, info = run()
+        self.finish(phase, **info)
+        return result
 
 
 def split_held_out(train_set, val_size: int, device, test_set=None):
