@@ -2,11 +2,14 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from digits_runs import DATA, FAST, PIPELINE, SECTION, refused
 
 import cstar
 from cstar.cli import main
@@ -233,3 +236,101 @@ def test_every_command_of_the_parser_has_one_short_function():
     assert set(COMMANDS) == set(build_parser().subcommands)
     lengths = {name: len(inspect.getsourcelines(func)[0]) for name, func in COMMANDS.items()}
     assert max(lengths.values()) <= 40, lengths
+
+
+@pytest.mark.parametrize("ratio", ["0.5", "100000"])
+def test_an_impossible_ratio_is_refused_before_training_and_leaves_no_output(capsys, tmp_path, ratio):
+    out = tmp_path / "run"
+    line = refused(capsys, "compress", "--model", "small_cnn", *PIPELINE, "--dense", SECTION, "--ratio", ratio,
+                   "--out", out)
+    assert "ratio" in line or "unreachable" in line
+    assert not out.exists()
+
+
+def test_an_impossible_ratio_from_a_checkpoint_leaves_no_dense_copy(capsys, trained, tmp_path):
+    out = tmp_path / "run"
+    refused(capsys, "compress", "--checkpoint", trained / "model.pt", *PIPELINE, "--ratio", "0.5", "--out", out)
+    assert not out.exists()  # was: a dense.pt left behind, and the rerun refused with "already exists"
+
+
+def test_a_model_flag_that_contradicts_the_checkpoint_is_refused(capsys, trained, tmp_path):
+    line = refused(capsys, "compress", "--checkpoint", trained / "model.pt", "--model", "resnet18", *PIPELINE,
+                   "--ratio", "2", "--out", tmp_path / "run")
+    assert "--model resnet18" in line and "small_cnn" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not DATA, reason="CSTAR_TEST_DATA (a root holding MNIST/raw) is not set")
+def test_a_checkpoint_evaluated_on_images_of_another_shape_is_one_line(capsys, trained):
+    line = refused(capsys, "eval", trained / "model.pt", "--data", "mnist", "--root", DATA)
+    assert "1x8x8" in line and "1x28x28" in line  # was a traceback from inside torch
+
+
+def test_train_takes_the_first_n_training_images(capsys, tmp_path):
+    code, out, err = run(capsys, "train", "--model", "small_cnn", "--data", "digits", "--train-n", "300",
+                         "--attack", "clean", "--out", tmp_path / "run", *FAST)
+    assert code == 0, err  # was: unrecognized arguments: --train-n
+    assert "(200 train / 360 test images)" in out  # 300 images, the last 100 held out for the check
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train_n"] == 300
+
+
+def test_another_dataset_of_the_same_shape_is_evaluated_at_its_own_eps(capsys, mnist_run):
+    code, out, _ = run(capsys, "eval", mnist_run / "model.pt", "--data", "fashion_mnist", "--root", DATA,
+                       "--attacks", "clean", "--n", "32")
+    assert code == 0
+    assert "trained on mnist" in out and "eps=0.1" in out  # was eps 0.3, MNIST's, silently
+
+
+def test_a_text_file_as_checkpoint_is_named_as_such(capsys, tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_text("hello\n")
+    line = refused(capsys, "eval", path, "--data", "digits")
+    assert "not a PyTorch file" in line and "(101)" not in line
+
+
+def test_compress_logs_name_their_phase_and_the_admm_residual(capsys, trained, tmp_path):
+    with_progress = [a for a in PIPELINE if a != "--no-progress"]
+    code, out, _ = run(capsys, "compress", "--checkpoint", trained / "model.pt", *with_progress, "--ratio", "2",
+                       "--admm", "{interval: 5}", "--out", tmp_path / "run")
+    out_lines = out.splitlines()
+    assert code == 0
+    assert any(line.startswith("admm: epoch") and "ADMM residual" in line for line in out_lines), out
+    assert any(line.startswith("finetune: epoch") for line in out_lines), out
+
+
+def test_export_refuses_to_overwrite_without_force(capsys, trained, tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_text("an earlier export")
+    line = refused(capsys, "export", trained / "model.pt", "--out", target)
+    assert "--force" in line and target.read_text() == "an earlier export"
+    code, _, err = run(capsys, "export", trained / "model.pt", "--out", target, "--force")
+    assert code == 0, err
+    assert target.read_bytes()[:4] != b"an e"
+
+
+def test_piped_training_logs_one_line_per_epoch(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cstar", "train", "--model", "small_cnn", "--data", "digits",
+                           "--out", str(tmp_path / "run"), "--epochs", "2", "--val-size", "100", "--check-size",
+                           "50", "--eval-attacks", "clean", "--attack-steps", "5", "--batch-size", "16",
+                           "--optimizer", "adam", "--lr", "0.002"],  # epochs of ~2 s: the bar would refresh
+                          capture_output=True, timeout=120)  # bytes: text mode would turn \r into \n
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert b"\r" not in proc.stderr + proc.stdout  # was tqdm's carriage-return updates, 54 KB an epoch
+    assert sum(line.startswith("epoch ") for line in proc.stdout.decode().splitlines()) == 2
+
+
+def test_the_demo_compresses_with_cstar_beside_pruning_and_post_hoc_low_rank(capsys, tmp_path):
+    threads = torch.get_num_threads()
+    code, out, err = run(capsys, "demo", "--out", tmp_path / "demo", "--epochs", "1", "--phase-epochs", "1",
+                         "--ratios", "4")
+    assert code == 0, err  # was: two dense models, nothing compressed
+    assert torch.get_num_threads() == threads  # the demo's one-thread setting does not leak
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(results["cells"]) == {"dense", "cstar-4x", "magnitude-4x", "lowrank_global-4x"}
+    for name, cell in results["cells"].items():
+        assert set(cell["accuracy"]) == {"clean", "pgd20"} and cell["latency_ms"] > 0
+        if name != "dense":
+            assert cell["params_ratio"] == pytest.approx(4.0, rel=0.02)
+    for column in ("params", "MACs ratio", "clean", "pgd20", "batch-1 latency"):
+        assert column in out
+    assert "| cstar | 4x |" in out and "| magnitude | 4x |" in out and "| lowrank_global | 4x |" in out

@@ -9,8 +9,10 @@ import time
 
 import pytest
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file
 
+from cstar import TrainConfig, data
 from cstar.cli import main
 from cstar.files.serialize import load
 
@@ -89,3 +91,32 @@ def test_resume_of_a_finished_run_reruns_nothing(finished, capsys):
     before = (finished / "phases.json").read_text()
     assert main([*ARGS, "--out", str(finished), "--resume"]) == 0
     assert (finished / "phases.json").read_text() == before
+
+
+def test_the_report_states_dataset_eps_subset_and_budget_with_rounded_figures(compressed):
+    import re
+
+    report = (compressed / "report.md").read_text()
+    assert "digits, L-inf eps 0.2; evaluated on first 100 examples; training budget: ADMM 1 epoch(s) of pgd-2" in report
+    assert not re.search(r"\d\.\d{7,}", report)  # was: ratio=8.01329744279946
+    results = json.loads((compressed / "results.json").read_text())
+    assert results["config"]["dense"] is None  # the dense model was given: no dense training was recorded
+
+
+def test_the_rank_plot_shows_an_svd_layers_full_rank_as_its_smaller_side():
+    from cstar.pipeline.report import _full_rank
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 20), nn.ReLU(), nn.Linear(20, 10))
+    plan = __import__("cstar").select_ranks(model, 2, exclude=[])
+    layer = plan.layers["3"]
+    assert layer.kind == "svd" and _full_rank(layer) == 20  # was 300, a rank an SVD of 20x300 cannot have
+
+
+def test_the_compression_phases_take_the_eps_of_the_training_data():
+    from cstar.pipeline.compress import CompressConfig
+    from cstar.pipeline.phases import with_data_eps
+
+    config = with_data_eps(CompressConfig(), data.DATASETS["fashion_mnist"], ("dense", "admm_train", "finetune"))
+    assert config.dense.eps == config.admm_train.eps == config.finetune.eps == pytest.approx(0.1)
+    given = with_data_eps(CompressConfig(finetune=TrainConfig(eps=0.2)), data.DATASETS["mnist"], ("finetune",))
+    assert given.finetune.eps == 0.2  # a given eps is kept

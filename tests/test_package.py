@@ -115,3 +115,10 @@ def test_benchmarks_use_only_the_public_api():
     # the one exception: gpu_check's "float16_unscaled" ablation switches off the private gradient rescaling
     # to show on a GPU what that rescaling prevents (it measures the library's inside, by design)
     assert private == ["gpu_check.py cstar.attacks._gradient"]
+
+
+def test_pytest_keeps_only_the_temp_folders_of_failed_tests():
+    import tomllib
+
+    options = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert options["tmp_path_retention_policy"] == "failed"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,13 +11,14 @@ import time
 import pytest
 import torch
 import torch.nn as nn
+import yaml
+from digits_runs import refused, run
+from helpers import BatchHook
 
-from cstar import data
+from cstar import CstarError, data
 from cstar._core.signals import Interrupted
 from cstar.cli import main
-from cstar import CstarError
 from cstar.training.fit import TrainConfig, TrainHook, fit
-from helpers import BatchHook
 
 TRAIN = ["train", "--model", "small_cnn", "--data", "digits", "--attack", "pgd", "--attack-steps", "2",
          "--epochs", "3", "--batch-size", "16", "--optimizer", "adam", "--lr", "2e-3", "--check-size", "64",
@@ -239,3 +241,82 @@ def test_a_resume_with_other_hooks_is_refused_before_anything_is_loaded(tmp_path
     _hooked_fit(tmp_path, 1, [_Steps(), _Tens()])
     with pytest.raises(CstarError, match=r"hooks \[_Steps, _Tens\], this run has \[_Steps\]"):
         _hooked_fit(tmp_path, 2, [_Steps()], resume=True)
+
+
+def test_train_resumes_from_its_directory_alone(capsys, trained):
+    code, out, err = run(capsys, "train", "--resume", "--out", trained, "--no-progress")
+    assert code == 0, err  # was: --model is required; given it: KeyError 'momentum' (Adam state into SGD)
+    assert yaml.safe_load((trained / "config.yaml").read_text())["optimizer"] == "adam"
+
+
+def test_a_resume_with_other_settings_is_refused_and_rewrites_nothing(capsys, trained):
+    before = {name: (trained / name).read_bytes() for name in ("config.yaml", "env.json")}
+    line = refused(capsys, "train", "--resume", "--out", trained, "--model", "resnet20", "--epochs", "3")
+    assert "--model resnet20 (the run has small_cnn)" in line and "--epochs 3 (the run has 1)" in line
+    assert {name: (trained / name).read_bytes() for name in before} == before
+
+
+def test_fit_refuses_a_checkpoint_of_another_architecture_in_one_line(tmp_path):
+    train_set = data.load("digits", split="train")
+    config = TrainConfig(attack="clean", epochs=1, batch_size=64, check_size=0, progress=False)
+    fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), data.make_loader(train_set, 64, train=True), config,
+        out_dir=tmp_path)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    with pytest.raises(CstarError, match="does not fit this model"):
+        fit(other, data.make_loader(train_set, 64, train=True), TrainConfig(**{**config.to_dict(), "epochs": 2}),
+            out_dir=tmp_path, resume=True)
+
+
+def test_fit_refuses_to_resume_with_another_optimizer(tmp_path):
+    train_set = data.load("digits", split="train")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    config = TrainConfig(attack="clean", epochs=1, batch_size=64, check_size=0, progress=False, optimizer="adam")
+    fit(model, data.make_loader(train_set, 64, train=True), config, out_dir=tmp_path)
+    with pytest.raises(CstarError, match="optimizer adam"):
+        fit(model, data.make_loader(train_set, 64, train=True),
+            TrainConfig(**{**config.to_dict(), "epochs": 2, "optimizer": "sgd"}), out_dir=tmp_path, resume=True)
+
+
+def test_compress_resumes_from_its_directory_alone(capsys, compressed):
+    code, out, err = run(capsys, "compress", "--resume", "--out", compressed)
+    assert code == 0, err  # was: error: --data is required
+    assert "model in" in out
+
+
+def test_a_comparison_resumed_with_another_training_budget_is_refused(capsys, compared):
+    before = (compared / "config.yaml").read_bytes()
+    line = refused(capsys, "compare", "--resume", "--out", compared, "--train-n", "1000")
+    assert "--train-n 1000 (the run has 800)" in line  # was accepted: two budgets in one table
+    assert (compared / "config.yaml").read_bytes() == before
+
+
+def test_a_comparison_resumes_from_its_directory_with_new_evaluation_settings(capsys, compared):
+    code, out, err = run(capsys, "compare", "--resume", "--out", compared, "--eval-attacks", "clean,fgsm")
+    assert code == 0, err
+    results = json.loads((compared / "results.json").read_text())
+    assert set(results["cells"]["magnitude-2x"]["accuracy"]) == {"clean", "fgsm"}
+
+
+def test_a_comparison_resumed_with_another_method_trains_only_the_new_cell(capsys, compared, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(compared, out)
+    finished = (out / "cells" / "magnitude-2x" / "result.json").read_bytes()
+    code, _, err = run(capsys, "compare", "--resume", "--out", out, "--methods", "dense,magnitude,lowrank_global")
+    assert code == 0, err  # was refused: "--methods ... (the run has dense,magnitude)"
+    assert (out / "cells" / "magnitude-2x" / "result.json").read_bytes() == finished  # not retrained
+    assert set(json.loads((out / "results.json").read_text())["cells"]) == {"dense", "magnitude-2x",
+                                                                           "lowrank_global-2x"}
+    assert yaml.safe_load((out / "config.yaml").read_text())["methods"] == "dense,magnitude,lowrank_global"
+
+
+def test_a_resumed_run_says_where_it_resumes(capsys, tmp_path):
+    train_set = data.load("digits", split="train")
+    config = TrainConfig(attack="clean", epochs=1, batch_size=64, check_size=0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    fit(model, data.make_loader(train_set, 64, train=True), config, out_dir=tmp_path, name="dense")
+    capsys.readouterr()
+    fit(model, data.make_loader(train_set, 64, train=True), TrainConfig(**{**config.to_dict(), "epochs": 2}),
+        out_dir=tmp_path, resume=True, name="dense")
+    out = capsys.readouterr().out
+    assert f"dense: resuming {tmp_path / 'checkpoint.pt'} at epoch 2 of 2" in out
+    assert "dense: epoch   2/2" in out

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cstar import data
-from cstar.training import fit as train
+from cstar import TrainHook, data
 from cstar._core.errors import CstarError
+from cstar.training import fit as train
 from cstar.training.fit import TrainConfig, fit, lr_factor
 
 
@@ -304,3 +304,90 @@ def test_channels_last_is_turned_off_for_convs_that_onednn_mis_trains():
     assert any("channels_last is off" in m and "oneDNN" in m for m in results[1][1])
     for a, b in zip(results[0][0].state_dict().values(), results[1][0].state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+class _FlipAtEpoch(TrainHook):
+    """Turns the classifier's sign over at the first step of epoch ``epoch`` (1-based): robustness collapses."""
+
+    def __init__(self, epoch, steps_per_epoch):
+        self.first_step = (epoch - 1) * steps_per_epoch + 1
+
+    def after_step(self, model, step):
+        if step == self.first_step:
+            with torch.no_grad():
+                model[-1].weight.neg_()
+                model[-1].bias.neg_()
+
+
+def _digits_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def test_fit_without_validation_data_holds_out_images_and_checks_every_epoch():
+    loader = data.make_loader(data.load("digits", split="train"), 64, train=True)
+    config = TrainConfig(attack="pgd", epochs=1, batch_size=64, eps=0.2, attack_steps=2, optimizer="adam", lr=2e-3,
+                         weight_decay=0.0, check_size=100, progress=False)
+    with pytest.warns(UserWarning, match="last 100 training images are held out"):
+        history = fit(_digits_net(), loader, config)
+    assert "val_pgd" in history[0]  # was: no check at all, so nothing could catch a collapse
+
+
+def test_a_collapse_stops_the_run_restores_the_best_epoch_and_names_the_flag(tmp_path):
+    loader = data.make_loader(data.load("digits", split="train"), 64, train=True)
+    config = TrainConfig(attack="fgsm_rs", epochs=4, batch_size=64, eps=0.2, optimizer="adam", lr=2e-3,
+                         weight_decay=0.0, check_size=100, progress=False)
+    model = _digits_net()
+    snapshots = {}
+
+    class Snapshot(TrainHook):
+        def after_epoch(self, model, record):
+            snapshots[record["epoch"]] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    steps_per_epoch = len(loader.hold_out(100)[0])  # fit holds out the last 100 images too
+    with pytest.warns(UserWarning, match=r"catastrophic overfitting.*lower lr .*--lr.*method pgd"):
+        history = fit(model, loader, config, hooks=[_FlipAtEpoch(2, steps_per_epoch), Snapshot()],
+                      out_dir=tmp_path)
+    assert [r["epoch"] for r in history] == [1, 2] and history[1]["catastrophic_overfitting"]
+    assert all(torch.equal(model.state_dict()[k], snapshots[1][k]) for k in snapshots[1])
+
+
+def _tiny_mnist_like(n=64):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    return data.TensorData(images, torch.arange(n) % 10, data.DATASETS["mnist"])
+
+
+def _recorded_pgd_radii(monkeypatch):
+    from cstar import attacks
+
+    radii, real_pgd = [], attacks.pgd
+
+    def recording_pgd(model, x, y, eps, *args, **kwargs):
+        radii.append(eps)
+        return real_pgd(model, x, y, eps, *args, **kwargs)
+
+    monkeypatch.setattr(attacks, "pgd", recording_pgd)
+    return radii
+
+
+def test_fit_trains_at_the_threat_model_of_its_data_when_eps_is_not_given(monkeypatch):
+    radii = _recorded_pgd_radii(monkeypatch)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    fit(model, data.make_loader(_tiny_mnist_like(), 32, train=True),
+        TrainConfig(epochs=1, attack_steps=1, check_size=0, progress=False))
+    assert radii and all(r == pytest.approx(0.3) for r in radii)  # was 8/255 whatever the data
+
+
+def test_fit_refuses_a_loader_that_does_not_say_its_threat_model_without_eps():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    batches = [(torch.rand(8, 1, 28, 28), torch.arange(8))]
+    with pytest.raises(CstarError, match="eps"):
+        fit(model, batches, TrainConfig(epochs=1, check_size=0, progress=False))
+
+
+def test_clean_training_without_the_check_needs_no_eps():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    batches = [(torch.rand(8, 1, 28, 28), torch.arange(8))]
+    history = fit(model, batches, TrainConfig(attack="clean", epochs=1, check_size=0, progress=False))
+    assert len(history) == 1
