@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+import cstar
 from cstar import TrainConfig, data
 from cstar.cli import main
 from cstar.files.serialize import load
@@ -54,6 +55,15 @@ def test_a_run_writes_model_results_report_and_plots(finished):
     assert "Accuracy by phase" in report and "ADMM primal residual" in report
     pytest.importorskip("matplotlib")
     assert {"accuracy_by_phase.png", "ranks_by_layer.png", "admm_residual.png"} <= names
+
+
+def test_the_saved_model_says_what_it_was_compressed_to_and_reached(finished):
+    results = json.loads((finished / "results.json").read_text())
+    compression = cstar.load(finished / "model").cstar_compression
+    assert compression["target_ratio"] == 8.0 and compression["budget"] == "params"
+    assert compression["achieved_ratio"] == pytest.approx(results["params"]["ratio"])
+    ranks = json.loads((finished / "phases.json").read_text())["ranks"]
+    assert ranks["achieved_ratio"] == pytest.approx(compression["plan_ratio"])  # not under the target's key
 
 
 def test_the_saved_model_reloads_with_its_factorised_layers(finished):

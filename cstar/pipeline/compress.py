@@ -46,7 +46,6 @@ from .report import write_report
 from ..files.serialize import save
 from ..training.fit import TrainConfig
 
-PHASES = ("dense", "ranks", "admm", "decompose", "finetune", "evaluate")
 EVAL_PHASES = ("dense", "admm_projected", "final")
 
 
@@ -166,8 +165,8 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         plan = distributed.broadcast_object(select_ranks(model, config.rank_spec()) if main else None)
         if main:
             plan.save(out / "plan.json")
-        return plan, {"seconds": round(time.perf_counter() - t0, 2), "ratio": plan.ratio,
-                      "flops_ratio": plan.flops_ratio}
+        return plan, {"seconds": round(time.perf_counter() - t0, 2), "achieved_ratio": plan.ratio,
+                      "achieved_macs_ratio": plan.flops_ratio}
 
     plan = phases.run("ranks", ranks, lambda: RankPlan.load(out / "plan.json"))
     if main:
@@ -223,7 +222,10 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         return None, {"seconds": round(seconds, 1), "epochs": len(history)}
 
     phases.run("finetune", finetune, lambda: factorised.load_state_dict(_weights(out / "finetuned.pt", device)))
-    if main:
+    if main:  # the saved model says what it was compressed to, and what it reached
+        factorised.cstar_compression = {"target_ratio": config.ratio, "budget": config.budget,
+                                        "achieved_ratio": count_params(dense_model) / count_params(factorised),
+                                        "plan_ratio": plan.ratio, "plan_macs_ratio": plan.flops_ratio}
         save(factorised, out / "model")
 
     # 6. evaluation
