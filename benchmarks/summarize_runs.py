@@ -15,13 +15,13 @@ import json
 from pathlib import Path
 
 
-from cstar.records import run_config, write_json, write_text
+from cstar.records import current_names, run_config, write_json, write_text
 
 
 def method_label(config: dict) -> str:
     """The training attack, with its steps where it has some (e.g. ``pgd-3``); a run recorded before the
     rename of ``method`` to ``attack`` is read in today's names."""
-    attack = config["attack"]
+    attack = current_names(config)["attack"]
     if attack in ("pgd", "trades"):
         return f"{attack}-{config['attack_steps']}"
     return attack

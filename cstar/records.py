@@ -3,7 +3,8 @@
 - files written atomically (a killed script leaves the previous version, never half a file):
   :func:`write_json`, :func:`write_text`, :func:`write_bytes`;
 - the machine a figure was measured on: :func:`machine` (CPU, GPU, threads, versions), :func:`describe_device`;
-- a run's recorded options in today's names (records written before a rename read silently): :func:`run_config`;
+- a run's recorded options in today's names (records written before a rename read silently): :func:`run_config`,
+  :func:`current_names`;
 - comparisons (``cstar compare``'s ``results.json``): :func:`cell_name`, :func:`current_settings` (a cell's
   training record with the settings added since at their defaults), :func:`format_comparison`,
   :func:`plot_pareto`.
@@ -25,8 +26,14 @@ from ._core.io import atomic_write_bytes as write_bytes, atomic_write_text as wr
 from ._core.renamed import renamed
 from .pipeline.compare import cell_name, current_settings, format_comparison, plot_pareto
 
-__all__ = ["cell_name", "current_settings", "describe_device", "format_comparison", "machine", "plot_pareto",
+__all__ = ["cell_name", "current_names", "current_settings", "describe_device", "format_comparison", "machine", "plot_pareto",
            "run_config", "write_bytes", "write_json", "write_text"]
+
+
+def current_names(record: dict) -> dict:
+    """A run's recorded options with the options renamed since it was written under their new names (silently:
+    a record cstar wrote is read as it is meant, e.g. ``method`` as ``attack``)."""
+    return renamed(record, "a run's record", note=False)
 
 
 def run_config(run: str | os.PathLike) -> dict:
@@ -38,4 +45,4 @@ def run_config(run: str | os.PathLike) -> dict:
         raise CstarError(f"cannot read {path} ({exc}): pass a run directory cstar wrote") from None
     if not isinstance(record, dict):
         raise CstarError(f"{path} is not a mapping of options: pass a run directory cstar wrote")
-    return renamed(record, "a run's record", note=False)
+    return current_names(record)
