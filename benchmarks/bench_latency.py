@@ -300,7 +300,7 @@ def main() -> None:
     # every model and batch size shares its forward's code object: without this, dynamo runs the 9th on eagerly
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                4 * len(plans) * len(multiples) * len(batches))
-    kwargs = {"width": args.width} if args.model in ("resnet18", "resnet18_imagenet", "preact_resnet18") else {}
+    kwargs = {"width": args.width} if args.model in ("resnet18", "preact_resnet18") else {}
     dense = create(args.model, 10, **kwargs).eval()
     shape = (next(m for m in dense.modules() if isinstance(m, nn.Conv2d)).in_channels, args.input_size,
              args.input_size)
