@@ -5,8 +5,8 @@ Float: ``onnxruntime`` (CPU provider, all graph optimisations) and ``openvino``
 bfloat16 units OpenVINO's default is bfloat16, which is not the float model).
 INT8 (post-training static quantisation, calibrated on ``CALIBRATION_IMAGES``
 random images of the input shape, uniform in [0, 1] like the timed batch: the
-benchmark's models have random weights, so real images would calibrate nothing
-a real model has):
+benchmark takes no dataset and its models have random weights, so random
+images stand in for real ones; a trained model deserves real calibration images):
 ``onnxruntime_int8`` (``quant_pre_process``, then ``quantize_static``, QDQ,
 per-channel weights, MinMax ranges; run like ``onnxruntime``) and
 ``openvino_int8`` (``nncf.quantize`` on the model OpenVINO reads from the same
