@@ -1,9 +1,10 @@
 """CPU latency of a dense vs low-rank model on every deployment path, speed-ups side by side in one run.
 
 Usage:
-    python benchmarks/bench_latency.py [--model resnet18] [--width 64] [--input-size 32] [--batch 1]
+    python benchmarks/bench_latency.py [--model resnet18] [--width 64] [--input-size 32] [--batch 1,32]
         [--plans params:16,flops:4,flops:8,flops:16,flops:64] [--multiple-of 1,16]
-        [--paths eager,fold_bn,fold_bn+channels_last,fold_bn+compile,onnxruntime]
+        [--paths eager,fold_bn,fold_bn+channels_last,fold_bn+compile,onnxruntime,openvino,
+                 onnxruntime_int8,openvino_int8]
         [--threads N] [--rounds 10] [--per-round 20] [--settle 20] [--out benchmarks/results/latency]
 
 The model (default the CIFAR ``resnet18`` at width 64, 10 classes; any name
@@ -14,20 +15,27 @@ the values, but the global ranks are chosen from the spectra of random
 kernels, so a trained model gets other per-layer ranks at the same budget.
 Each plan ``budget:ratio`` (``flops:16`` = 16x fewer MACs) is decomposed once
 per ``--multiple-of`` value (ranks rounded to multiples of it: CPU kernels
-work in blocks of 8 or 16 channels).
+work in blocks of 8 or 16 channels), and timed at every ``--batch`` size.
 
-Paths: ``eager`` (PyTorch, as trained), ``fold_bn`` (BatchNorm folded),
-``fold_bn+channels_last``, ``fold_bn+compile`` (``torch.compile``), and
-``onnxruntime`` (``cstar.export`` to ONNX, run by onnxruntime's CPU provider
-with all graph optimisations). Every path's output is checked against the eager
-model before timing. Every round times each path in turn and, within it, each model in turn
+Float paths: ``eager`` (PyTorch, as trained), ``fold_bn`` (BatchNorm folded),
+``fold_bn+channels_last``, ``fold_bn+compile`` (``torch.compile``), and, from
+the ONNX file ``cstar.export`` writes, ``onnxruntime`` and ``openvino``
+(extra ``cstar[openvino]``). INT8 paths: ``onnxruntime_int8`` and
+``openvino_int8`` (extra ``cstar[openvino-int8]``, NNCF), post-training
+quantised on random calibration images (``latency_runtimes.py`` has each
+runtime's settings, all at ``--threads``). A path whose package is missing is
+reported as not installed; the others run.
+Every path's output is checked against the eager model before timing: float
+paths within ``TOLERANCE`` (1e-4 of the largest logit), INT8 paths within
+``INT8_TOLERANCE`` on 64 fresh random images, whose top-1 agreement with eager
+mode is reported beside. Every round times each path in turn and, within it, each model in turn
 (``--settle`` untimed runs, then ``--per-round`` timed ones), so that slow
 drifts of the machine's load hit all cells alike and no runtime's idle
 threads share the cores with another cell's timed runs; reported: median and interquartile range (IQR) in milliseconds, the
-like-for-like speed-up (dense and decomposed on the same path) and the best
-path's speed-up (the decomposed model's fastest path against the dense model's
-fastest path). The share of CPU time the hypervisor stole during the run is
-recorded: above a few percent, figures are noisy.
+like-for-like speed-up (dense and decomposed on the same path) and best-vs-best:
+the decomposed model's fastest path against the dense model's fastest path,
+across every runtime (INT8 included) and across the float paths only. The share of CPU time the hypervisor stole
+during the run and the load average are recorded: above a few percent of steal, figures are noisy.
 Writes ``<out>.json`` and ``<out>.md`` and prints the table.
 """
 
@@ -44,15 +52,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cstar.records import describe_device, machine, write_json, write_text
 from cstar import count_flops, count_params
 from cstar.inference import optimize_for_inference
 from cstar.lowrank import decompose, select_ranks
 from cstar.models import create
-from cstar import export
+from cstar.records import describe_device, machine, write_json, write_text
+from latency_runtimes import FLOAT, INT8, int8_agreement, runtime_forward, versions
 
-PATHS = ("eager", "fold_bn", "fold_bn+channels_last", "fold_bn+compile", "onnxruntime")
+PATHS = ("eager", "fold_bn", "fold_bn+channels_last", "fold_bn+compile") + FLOAT + INT8
 TOLERANCE = 1e-4  # max |difference| allowed, relative to max |logit| of the eager model
+# INT8: 8-bit activations have steps of 1/255 of each tensor's range, and ~20 quantised layers add theirs up to
+# 1-6% of the largest logit on these random-weight models; a broken path (wrong layout, scale or file) is off by
+# the order of the logits themselves. 0.25 tells the two apart with room for the smallest ranks' wider ranges.
+INT8_TOLERANCE = 0.25
 
 
 def cpu_times() -> tuple[int, int]:
@@ -115,25 +127,13 @@ def plan_models(dense: nn.Module, plans: list[tuple[str, float]], multiples: lis
     return rows
 
 
-def onnxruntime_run(model: nn.Module, x: torch.Tensor, threads: int, workdir: Path, name: str) -> Callable:
-    """``model`` exported by :func:`cstar.export` and loaded in an onnxruntime CPU session."""
-    import onnxruntime as ort
-
-    path = export(model, workdir / f"{name.replace(' ', '_')}.onnx", input_shape=tuple(x.shape[1:]))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {"input": x.numpy()}
-    return lambda: torch.from_numpy(session.run(None, feed)[0])
-
-
 def prepare(model: nn.Module, path: str, x: torch.Tensor, threads: int, workdir: Path, name: str) -> dict:
     """A zero-argument call of ``model`` on ``x`` along ``path``, checked against eager mode (or the error)."""
     start = time.perf_counter()
     try:
-        if path == "onnxruntime":
-            run = onnxruntime_run(model, x, threads, workdir, name)
+        if path in FLOAT + INT8:
+            forward = runtime_forward(path, model, tuple(x.shape), threads, workdir, name.replace(" ", "_"))
+            run = lambda: forward(x)  # noqa: E731
         else:
             options = {"fold_bn": "fold_bn" in path, "channels_last": "channels_last" in path,
                        "compile": "compile" in path}
@@ -142,75 +142,107 @@ def prepare(model: nn.Module, path: str, x: torch.Tensor, threads: int, workdir:
             run = lambda: fast(xin)  # noqa: E731
         with torch.inference_mode():
             reference, got = model(x), run()
-    except Exception as exc:  # a missing compiler, backend or package: reported in the table, not fatal
+        check = int8_agreement(model, forward, tuple(x.shape)) if path in INT8 else {}
+    except ImportError as exc:  # a runtime not installed: reported in the table, not fatal
+        return {"error": str(exc), "not_installed": True}
+    except Exception as exc:  # a missing compiler or backend: reported in the table, not fatal
         return {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"}
-    error = (got - reference).abs().max().item() / max(1.0, reference.abs().max().item())
-    if error > TOLERANCE:
-        raise SystemExit(f"{name} / {path}: outputs differ from eager mode by {error:.2e} (relative), "
-                         f"above {TOLERANCE}")
-    return {"run": run, "relative_error": error, "setup_s": time.perf_counter() - start}
+    if path in INT8:
+        error, limit = check["relative_error"], INT8_TOLERANCE
+    else:
+        error, limit = (got - reference).abs().max().item() / max(1.0, reference.abs().max().item()), TOLERANCE
+    if error > limit:
+        raise SystemExit(f"error: {name} / {path}: outputs differ from eager mode by {error:.2e} (relative), "
+                         f"above {limit}")
+    return {"run": run, "relative_error": error, **check, "setup_s": time.perf_counter() - start}
 
 
 def speedups(rows: list[dict], paths: list[str]) -> None:
-    """Fill each row's like-for-like speed-ups and its best path's speed-up over the dense model's best path."""
+    """Fill each row's like-for-like speed-ups and best-vs-best: its fastest path against the dense model's.
+
+    ``rows[0]`` is the dense model. ``best`` takes every path (INT8 included),
+    ``best_float`` the float paths only; either is absent where no path of its kind was timed.
+    """
     dense = rows[0]["paths"]
 
-    def best(cells: dict) -> tuple[str, float] | None:
-        timed = [(p, c["median_ms"]) for p, c in cells.items() if "median_ms" in c]
+    def best(cells: dict, allowed) -> tuple[str, float] | None:
+        timed = [(p, c["median_ms"]) for p, c in cells.items() if "median_ms" in c and p in allowed]
         return min(timed, key=lambda t: t[1]) if timed else None
 
-    dense_best = best(dense)
+    for key, allowed in (("best", paths), ("best_float", [p for p in paths if p not in INT8])):
+        dense_best = best(dense, allowed)
+        for row in rows:
+            mine = best(row["paths"], allowed)
+            if mine and dense_best:
+                row[key] = {"path": mine[0], "median_ms": mine[1], "dense_path": dense_best[0],
+                            "dense_ms": dense_best[1], "speedup": dense_best[1] / mine[1]}
     for row in rows:
         for path in paths:
             cell = row["paths"][path]
             if "median_ms" in cell and "median_ms" in dense[path]:
                 cell["speedup"] = dense[path]["median_ms"] / cell["median_ms"]
-        mine = best(row["paths"])
-        if mine and dense_best:
-            row["best"] = {"path": mine[0], "median_ms": mine[1], "dense_path": dense_best[0],
-                           "speedup": dense_best[1] / mine[1]}
+
+
+def cell_text(cell: dict) -> str:
+    if "error" in cell:
+        return "not installed" if cell.get("not_installed") else "failed"
+    return f"{cell['median_ms']:.2f} ({cell.get('speedup', 1.0):.2f}x)"
+
+
+def best_text(best: dict | None) -> str:
+    return f"{best['path']} {best['median_ms']:.2f} vs {best['dense_path']} {best['dense_ms']:.2f}: " \
+           f"**{best['speedup']:.2f}x**" if best else "-"
 
 
 def markdown(result: dict) -> str:
-    paths = result["paths"]
-    steal = result["steal_percent"]
+    paths, rows = result["paths"], result["rows"]
+    int8 = [p for p in paths if p in INT8]
+    steal, load = result["steal_percent"], result["load_average_1min"]
+    runtimes = ", ".join(f"{k} {v or 'not installed'}" for k, v in result["runtimes"].items())
     lines = [
-        f"# CPU latency, {result['model']}, input {result['batch']}x{'x'.join(map(str, result['input']))}",
+        f"# CPU latency, {result['model']}, input {'x'.join(map(str, result['input']))}, "
+        f"batch {', '.join(map(str, result['batch']))}",
         "",
-        f"Machine: {result['device']}; torch {result['environment']['torch']}; onnxruntime "
-        f"{result['onnxruntime'] or 'not installed'}; {result['threads']} threads; random weights; median of "
+        f"Machine: {result['device']}; torch {result['environment']['torch']}; {runtimes}; "
+        f"{result['threads']} threads; random weights; median of "
         f"{result['samples']} runs per cell ({result['rounds']} rounds of {result['settle']} untimed + "
-        f"{result['per_round']} timed runs); CPU stolen by the host during "
-        f"the run: {steal:.1f}%; 1-min load average {result['load_average_1min']['start']:.1f} at start "
+        f"{result['per_round']} timed runs); CPU stolen by the host during the run: {steal:.1f}%; "
+        f"1-min load average {load['start']:.2f} at start, {load['end']:.2f} at the end "
         f"(this benchmark adds about {result['threads']}).",
         f"Command: `{result['environment']['command']}`",
         "",
-        "Each path cell: median ms (like-for-like speed-up: dense on the same path / this model). "
-        "Best: this model's fastest path against the dense model's fastest path.",
+        "## Best vs best",
         "",
-        "| model | params ratio | FLOPs ratio | " + " | ".join(paths) + " | best |",
-        "|---|---|---|" + "---|" * len(paths) + "---|",
+        "Each decomposed model's fastest path against the dense model's fastest path (median ms), "
+        "across every runtime and across the float paths only.",
+        "",
+        "| batch | model | params ratio | FLOPs ratio | best, any path | best, float paths |",
+        "|---|---|---|---|---|---|",
     ]
-    for r in result["rows"]:
-        cells = []
-        for path in paths:
-            c = r["paths"][path]
-            if "error" in c:
-                cells.append("failed")
-            else:
-                cells.append(f"{c['median_ms']:.2f} ({c.get('speedup', 1.0):.2f}x)")
-        b = r.get("best")
-        best = f"{b['path']} {b['median_ms']:.2f} ({b['speedup']:.2f}x)" if b else "-"
-        lines.append(f"| {r['name']} | {r['params_ratio']:.2f}x | {r['flops_ratio']:.2f}x | "
-                     + " | ".join(cells) + f" | {best} |")
-    errors = [(r["name"], p, r["paths"][p]["error"]) for r in result["rows"] for p in paths
+    lines += [f"| {r['batch']} | {r['name']} | {r['params_ratio']:.2f}x | {r['flops_ratio']:.2f}x | "
+              f"{best_text(r.get('best'))} | {best_text(r.get('best_float'))} |" for r in rows if r["name"] != "dense"]
+    lines += ["", "## Every path", "",
+              "Each cell: median ms (like-for-like speed-up: dense on the same path / this model).", "",
+              "| batch | model | " + " | ".join(paths) + " |", "|---|---|" + "---|" * len(paths)]
+    lines += [f"| {r['batch']} | {r['name']} | " + " | ".join(cell_text(r["paths"][p]) for p in paths) + " |"
+              for r in rows]
+    if int8:
+        lines += ["", f"INT8 paths against eager mode on fresh random images: max |logit difference| relative to "
+                  f"the largest logit (limit {INT8_TOLERANCE}), top-1 agreement (classes eager mode predicts).", "",
+                  "| batch | model | " + " | ".join(int8) + " |", "|---|---|" + "---|" * len(int8)]
+        for r in rows:
+            cells = [r["paths"][p] for p in int8]
+            lines.append(f"| {r['batch']} | {r['name']} | " + " | ".join(
+                f"{c['relative_error']:.3f}, {100 * c['top1_agreement']:.1f}% of {c['check_images']} "
+                f"({c['eager_classes']})" if "top1_agreement" in c else cell_text(c) for c in cells) + " |")
+    errors = [(r["batch"], r["name"], p, r["paths"][p]["error"]) for r in rows for p in paths
               if "error" in r["paths"][p]]
     if errors:
-        lines += ["", "Failed paths:"] + [f"- {name} / {path}: {error}" for name, path, error in errors]
+        lines += ["", "Paths not timed:"] + [f"- batch {b} {name} / {path}: {error}" for b, name, path, error in errors]
     lines += ["", "IQR (ms) per cell, in the same layout:", "",
-              "| model | " + " | ".join(paths) + " |", "|---|" + "---|" * len(paths)]
-    for r in result["rows"]:
-        lines.append(f"| {r['name']} | " + " | ".join(
+              "| batch | model | " + " | ".join(paths) + " |", "|---|---|" + "---|" * len(paths)]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['name']} | " + " | ".join(
             f"{r['paths'][p]['iqr_ms']:.2f}" if "iqr_ms" in r["paths"][p] else "-" for p in paths) + " |")
     return "\n".join(lines) + "\n"
 
@@ -219,10 +251,24 @@ def parse_plans(text: str) -> list[tuple[str, float]]:
     plans = []
     for item in text.split(","):
         budget, _, ratio = item.partition(":")
-        if budget not in ("params", "flops") or not ratio:
-            raise SystemExit(f"--plans item {item!r}: write budget:ratio with budget params or flops, e.g. flops:16")
+        try:
+            if budget not in ("params", "flops") or float(ratio) <= 1:
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"error: --plans item {item!r}: write budget:ratio with budget params or flops and "
+                             "a ratio above 1, e.g. flops:16") from None
         plans.append((budget, float(ratio)))
     return plans
+
+
+def positive_ints(option: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise SystemExit(f"error: {option} {text!r}: write positive integers separated by commas, e.g. 1,32")
+    return values
 
 
 def main() -> None:
@@ -230,7 +276,7 @@ def main() -> None:
     parser.add_argument("--model", default="resnet18", help="a cstar.models name or package.module:factory")
     parser.add_argument("--width", type=int, default=64, help="width of the built-in ResNets (default 64)")
     parser.add_argument("--input-size", type=int, default=32, help="input height and width (default 32)")
-    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    parser.add_argument("--batch", default="1", help="batch sizes, e.g. 1,32 (default 1)")
     parser.add_argument("--plans", default="params:16,flops:4,flops:8,flops:16,flops:64",
                         help="budget:ratio items (default params:16,flops:4,flops:8,flops:16,flops:64)")
     parser.add_argument("--multiple-of", default="1,16", help="rank multiples, one model each (default 1,16)")
@@ -245,51 +291,50 @@ def main() -> None:
     paths = args.paths.split(",")
     unknown = sorted(set(paths) - set(PATHS))
     if unknown:
-        raise SystemExit(f"--paths: unknown {', '.join(unknown)}; choose from {', '.join(PATHS)}")
+        raise SystemExit(f"error: --paths: unknown {', '.join(unknown)}; choose from {', '.join(PATHS)}")
     plans = parse_plans(args.plans)
-    multiples = [int(v) for v in args.multiple_of.split(",")]
+    multiples, batches = positive_ints("--multiple-of", args.multiple_of), positive_ints("--batch", args.batch)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    # every model shares its forward's code object: without this, dynamo runs the 9th model on in eager mode
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(plans) * len(multiples))
-    kwargs = {"width": args.width} if args.model in ("resnet18", "resnet18_imagenet", "preact_resnet18") else {}
+    # every model and batch size shares its forward's code object: without this, dynamo runs the 9th on eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               4 * len(plans) * len(multiples) * len(batches))
+    kwargs = {"width": args.width} if args.model in ("resnet18", "preact_resnet18") else {}
     dense = create(args.model, 10, **kwargs).eval()
     shape = (next(m for m in dense.modules() if isinstance(m, nn.Conv2d)).in_channels, args.input_size,
              args.input_size)
-    x = torch.rand(args.batch, *shape)
     device = describe_device("cpu")
     print(f"machine: {device}; threads {torch.get_num_threads()}", flush=True)
-    rows = plan_models(dense, plans, multiples, shape)
+    models = plan_models(dense, plans, multiples, shape)
 
-    runs = {}
+    rows, runs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for row in rows:
-            row["paths"] = {}
-            for path in paths:
-                cell = prepare(row["model"], path, x, args.threads, Path(tmp), row["name"])
-                if "run" in cell:
-                    runs[(row["name"], path)] = cell.pop("run")
-                row["paths"][path] = cell
-            print(f"prepared {row['name']}", flush=True)
+        for batch in batches:
+            x = torch.rand(batch, *shape)
+            for model_row in models:
+                row = {**model_row, "batch": batch, "paths": {}}
+                for path in paths:
+                    cell = prepare(row["model"], path, x, args.threads, Path(tmp), row["name"])
+                    if "run" in cell:
+                        runs[(f"{row['name']} b{batch}", path)] = cell.pop("run")
+                    row["paths"][path] = cell
+                rows.append(row)
+                print(f"prepared {row['name']} at batch {batch}", flush=True)
         load_before, (steal0, total0) = os.getloadavg()[0], cpu_times()
         times = time_runs(runs, args.rounds, args.per_round, args.settle)
         steal1, total1 = cpu_times()
     for row in rows:
         for path in paths:
-            row["paths"][path].update(times.get((row["name"], path), {}))
-    speedups(rows, paths)
+            row["paths"][path].update(times.get((f"{row['name']} b{row['batch']}", path), {}))
+    for batch in batches:
+        speedups([r for r in rows if r["batch"] == batch], paths)
 
-    try:
-        import onnxruntime
-        ort_version = onnxruntime.__version__
-    except ImportError:
-        ort_version = None
     name = f"{args.model} width {args.width}" if kwargs else args.model
     result = {
-        "model": name, "input": list(shape), "batch": args.batch, "device": device, "threads": args.threads,
-        "onnxruntime": ort_version, "paths": paths, "samples": args.rounds * args.per_round, "rounds": args.rounds,
-        "per_round": args.per_round, "settle": args.settle,
+        "model": name, "input": list(shape), "batch": batches, "device": device, "threads": args.threads,
+        "runtimes": versions(), "paths": paths, "samples": args.rounds * args.per_round, "rounds": args.rounds,
+        "per_round": args.per_round, "settle": args.settle, "tolerance": TOLERANCE, "int8_tolerance": INT8_TOLERANCE,
         "environment": machine("cpu"),
         "steal_percent": 100.0 * (steal1 - steal0) / max(1, total1 - total0),
         "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def script(name: str):
+    if str(BENCHMARKS) not in sys.path:  # as when run as a script: its helper modules beside it import
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -167,30 +170,101 @@ def test_latency_speedups_are_like_for_like_and_best_against_best(bench_latency)
             {"paths": {"eager": {"median_ms": 5.0}, "onnxruntime": {"error": "ImportError: no onnxruntime"}}}]
     bench_latency.speedups(rows, ["eager", "onnxruntime"])
     assert rows[1]["paths"]["eager"]["speedup"] == 2.5 and rows[1]["paths"]["onnxruntime"]["speedup"] == 8.0
-    assert rows[1]["best"] == {"path": "onnxruntime", "median_ms": 1.0, "dense_path": "onnxruntime", "speedup": 8.0}
+    assert rows[1]["best"] == {"path": "onnxruntime", "median_ms": 1.0, "dense_path": "onnxruntime", "dense_ms": 8.0,
+                               "speedup": 8.0}
+    assert rows[1]["best_float"] == rows[1]["best"]  # no INT8 path: the same choice
     assert "speedup" not in rows[2]["paths"]["onnxruntime"]
     assert rows[2]["best"]["path"] == "eager" and rows[2]["best"]["speedup"] == 8.0 / 5.0
 
 
-def test_latency_benchmark_times_every_path_of_every_plan(tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'cstar[export]')")
+def test_latency_best_vs_best_crosses_runtimes_and_keeps_int8_apart(bench_latency):
+    paths = ["eager", "onnxruntime", "openvino", "onnxruntime_int8", "openvino_int8"]
+    rows = [{"paths": {"eager": {"median_ms": 20.0}, "onnxruntime": {"median_ms": 9.0}, "openvino": {"median_ms": 10.0},
+                       "onnxruntime_int8": {"median_ms": 6.0}, "openvino_int8": {"median_ms": 5.0}}},
+            {"paths": {"eager": {"median_ms": 8.0}, "onnxruntime": {"median_ms": 4.0}, "openvino": {"median_ms": 3.0},
+                       "onnxruntime_int8": {"median_ms": 2.0}, "openvino_int8": {"error": "not installed: nncf",
+                                                                                "not_installed": True}}}]
+    bench_latency.speedups(rows, paths)
+    decomposed = rows[1]
+    # any path: its fastest (onnxruntime_int8, 2 ms) against dense's fastest (openvino_int8, 5 ms)
+    assert (decomposed["best"]["path"], decomposed["best"]["dense_path"]) == ("onnxruntime_int8", "openvino_int8")
+    assert decomposed["best"]["speedup"] == pytest.approx(2.5)
+    # float paths: openvino (3 ms) against dense's onnxruntime (9 ms), not the like-for-like 10 / 3
+    assert (decomposed["best_float"]["path"], decomposed["best_float"]["dense_path"]) == ("openvino", "onnxruntime")
+    assert decomposed["best_float"]["speedup"] == pytest.approx(3.0)
+    assert decomposed["paths"]["openvino"]["speedup"] == pytest.approx(10 / 3)
+    assert "speedup" not in decomposed["paths"]["openvino_int8"]
+    assert "| 1 | flops-4x | 1.00x | 4.00x | onnxruntime_int8 2.00 vs openvino_int8 5.00: **2.50x** |" in \
+        bench_latency.markdown(latency_result(rows, paths))
+
+
+def latency_result(rows, paths):
+    """A result dict around hand-made rows, as ``main`` writes it."""
+    for row, name in zip(rows, ["dense", "flops-4x"]):
+        row.update(name=name, batch=1, params_ratio=1.0, flops_ratio=1.0 if name == "dense" else 4.0)
+    return {"model": "m", "input": [3, 8, 8], "batch": [1], "device": "cpu", "threads": 1, "paths": paths,
+            "runtimes": {"onnxruntime": "1"}, "samples": 1, "rounds": 1, "per_round": 1, "settle": 0,
+            "environment": {"torch": "2", "command": "c"}, "steal_percent": 0.0,
+            "load_average_1min": {"start": 0.0, "end": 0.0}, "rows": rows}
+
+
+def run_latency(tmp_path, paths, *extra):
     out = tmp_path / "latency"
-    monkeypatch.setattr("sys.argv", ["bench_latency.py", "--model", "resnet20", "--plans", "flops:4",
-                                     "--multiple-of", "1,8", "--paths", "eager,fold_bn,onnxruntime", "--threads",
-                                     "1", "--rounds", "1", "--per-round", "2", "--settle", "0", "--out", str(out)])
+    argv = ["bench_latency.py", "--model", "resnet20", "--plans", "flops:4", "--paths", ",".join(paths), "--threads",
+            "1", "--rounds", "1", "--per-round", "2", "--settle", "0", "--out", str(out), *extra]
     threads = torch.get_num_threads()
-    with torch.random.fork_rng():  # the script seeds torch and sets the thread count: keep the session's
+    with pytest.MonkeyPatch.context() as patch, torch.random.fork_rng():  # the script seeds torch, sets threads
+        patch.setattr("sys.argv", argv)
         try:
             script("bench_latency").main()
         finally:
             torch.set_num_threads(threads)
-    result = json.loads(out.with_suffix(".json").read_text())
-    assert [r["name"] for r in result["rows"]] == ["dense", "flops-4x m1", "flops-4x m8"]
+    return json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".md").read_text()
+
+
+def test_latency_benchmark_times_every_path_of_every_plan_and_batch(tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'cstar[export]')")
+    paths = ("eager", "fold_bn", "onnxruntime", "onnxruntime_int8")
+    result, text = run_latency(tmp_path, paths, "--multiple-of", "1,8", "--batch", "1,2")
+    assert [(r["batch"], r["name"]) for r in result["rows"]] == [
+        (b, n) for b in (1, 2) for n in ("dense", "flops-4x m1", "flops-4x m8")]
     for row in result["rows"]:
         assert all(row["paths"][p]["median_ms"] > 0 and row["paths"][p]["relative_error"] < 1e-4
                    for p in ("eager", "fold_bn", "onnxruntime"))
+        int8 = row["paths"]["onnxruntime_int8"]
+        assert 0 < int8["relative_error"] <= result["int8_tolerance"] and 0 <= int8["top1_agreement"] <= 1
+        assert int8["check_images"] == 64 and int8["median_ms"] > 0
+        if row["name"] != "dense":
+            assert row["best"]["speedup"] > 0 and row["best_float"]["path"] != "onnxruntime_int8"
     assert result["rows"][1]["flops_ratio"] == pytest.approx(4.0, rel=0.05)
-    assert "| flops-4x m8 |" in out.with_suffix(".md").read_text()
+    assert "| 2 | flops-4x m8 |" in text and "## Best vs best" in text and "CPU stolen" in text
+
+
+def test_latency_benchmark_runs_openvino_float_and_int8(tmp_path):
+    pytest.importorskip("onnx", reason="onnx is not installed (pip install 'cstar[export]')")
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'cstar[openvino]')")
+    pytest.importorskip("nncf", reason="nncf is not installed (pip install 'cstar[openvino-int8]')")
+    result, text = run_latency(tmp_path, ("eager", "openvino", "openvino_int8"), "--multiple-of", "8")
+    for row in result["rows"]:
+        assert row["paths"]["openvino"]["relative_error"] < 1e-4 and row["paths"]["openvino"]["median_ms"] > 0
+        assert 0 < row["paths"]["openvino_int8"]["relative_error"] <= result["int8_tolerance"]
+    assert result["runtimes"]["openvino"] and "openvino_int8" in text
+
+
+def test_latency_benchmark_reports_a_missing_runtime_and_times_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    result, text = run_latency(tmp_path, ("eager", "openvino"), "--multiple-of", "8")
+    cell = result["rows"][0]["paths"]["openvino"]
+    assert cell["not_installed"] and "cstar[openvino]" in cell["error"] and "median_ms" not in cell
+    assert result["rows"][1]["best"]["path"] == "eager" and "not installed" in text
+
+
+@pytest.mark.parametrize("argv, message", [(["--batch", "0"], "--batch"), (["--plans", "flops:x"], "--plans"),
+                                           (["--paths", "tensorrt"], "unknown tensorrt")])
+def test_latency_benchmark_refuses_bad_options_in_one_line(argv, message, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["bench_latency.py", *argv])
+    with pytest.raises(SystemExit, match=f"^error: .*{message}"):
+        script("bench_latency").main()
 
 
 @pytest.mark.skipif(not os.environ.get("CSTAR_TEST_DATA"), reason="CSTAR_TEST_DATA (a root holding MNIST/raw) is not set")
