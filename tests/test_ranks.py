@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -253,3 +254,24 @@ def test_plans_of_linear_layers_are_pinned():
     torch.manual_seed(0)
     plan = select_ranks(create("small_cnn", 10, in_channels=1, input_size=28), 8)
     assert plan.layers["fc1"].ranks == (83,) and plan.layers["conv2"].kind == "dense"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_weights_with_nan_or_inf_are_refused(bad):
+    model = TinyNet()
+    with torch.no_grad():
+        model.hidden.weight[3, 5] = bad
+    with pytest.raises(CstarError, match=r"NaN or Inf values \(tensor 'hidden.weight'\)"):
+        select_ranks(model, 2, exclude=[])
+
+
+def test_a_linear_wider_than_1024_has_the_energies_of_numpy_svd():
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(1100, 1030), nn.ReLU(), nn.Linear(1030, 10))
+    with torch.no_grad():  # a decaying spectrum: rows scaled down the further they are from the first
+        model[0].weight.copy_(torch.randn(1030, 1100, generator=g) * 0.995 ** torch.arange(1030.0)[:, None])
+    plan = select_ranks(model, 8)
+    layer = plan.layers["0"]
+    squared = np.linalg.svd(model[0].weight.detach().double().numpy(), compute_uv=False) ** 2
+    assert layer.kind == "svd" and 1 < layer.ranks[0] < 1030
+    assert layer.energy == pytest.approx(squared[:layer.ranks[0]].sum() / squared.sum(), rel=1e-5)

@@ -192,3 +192,26 @@ def test_singular_energies_are_the_squared_singular_values_from_the_smaller_gram
     assert torch.allclose(energies.double(), reference, rtol=1e-4, atol=1e-3)
     # the very numbers rank selection used before (both Gram matrices, the shorter spectrum kept)
     assert torch.equal(energies, min(mode_spectra(matrix[:, :, None, None]), key=len))
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("shape", [(30, 70), (70, 30), (40, 40)])
+def test_singular_energies_from_the_lower_triangle_equal_numpy(monkeypatch, shape, dtype, rtol):
+    import cstar.lowrank._tucker as tucker
+
+    monkeypatch.setattr(tucker, "_GRAM_TRIANGLE_FROM", 8)  # the path of wide layers, in uneven blocks of 7 rows
+    monkeypatch.setattr(tucker, "_GRAM_BLOCK", 7)
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = np.linalg.svd(matrix.numpy(), compute_uv=False) ** 2  # independent: numpy's SVD in float64
+    energies = tucker.singular_energies(matrix.to(dtype))
+    assert energies.dtype == dtype
+    np.testing.assert_allclose(energies.double().numpy(), expected, rtol=rtol, atol=rtol * expected[0])
+
+
+def test_lower_gram_holds_the_lower_triangle_of_the_gram_matrix():
+    from cstar.lowrank._tucker import _lower_gram
+
+    matrix = np.random.default_rng(2).standard_normal((23, 40))
+    gram = _lower_gram(torch.from_numpy(matrix), 5).numpy()
+    np.testing.assert_allclose(np.tril(gram), np.tril(matrix @ matrix.T), rtol=1e-12, atol=1e-12)
+    assert not np.triu(gram, 5).any()  # above the diagonal blocks nothing is computed
