@@ -249,3 +249,13 @@ def test_a_save_of_the_users_own_class_works_on_every_command(monkeypatch, train
         net.load_state_dict(state)
         cstar.save(net, home / "saved")
     assert main([*command, "--model", "mynet:Net"]) == 0
+
+
+@pytest.mark.parametrize("command", [["eval", "model.pt", "--data", "digits"],
+                                     ["compress", "--checkpoint", "model.pt", "--data", "digits", "--ratio", "2",
+                                      "--out", "out"]])
+def test_normalize_is_refused_for_a_model_cstar_saved_with_its_own(capsys, monkeypatch, tmp_path, command):
+    monkeypatch.chdir(tmp_path)
+    model = cstar.models.create("small_cnn", 10, in_channels=1, input_size=8)
+    torch.save({"model": model.state_dict(), "model_config": model.cstar_config}, tmp_path / "model.pt")
+    refused_cli(capsys, [*command, "--normalize", "none"], ["drop --normalize"], tmp=tmp_path, left=[tmp_path / "out"])

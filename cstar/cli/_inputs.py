@@ -114,14 +114,24 @@ def model_and_state(args: argparse.Namespace, path: str, where: torch.device, sp
     if Path(path).is_dir():
         if is_external(args.model) and own_class_save(path):
             return own_model(args, path, where, spec, num_classes), {}
+        _no_normalize(args, path)
         return load_model(path, where, args.model), {}
     state = read_weights_file(path)
     if isinstance(state, dict) and "model_config" in state and "model" in state:
+        _no_normalize(args, path)
         return model_from_state(state, path, where, args.model), state
     if not args.model:
         raise CstarError(f"{path} holds weights without cstar's model description: name the model they belong to "
                          "with --model package.module:factory (and --data for its images)")
     return own_model(args, path, where, spec, num_classes), {}
+
+
+def _no_normalize(args: argparse.Namespace, path: str) -> None:
+    """Refuse --normalize for a model cstar saved: its normalising front is part of it, trained with it."""
+    if getattr(args, "normalize", None) is not None:
+        raise CstarError(f"--normalize {args.normalize} would change {path}, a model cstar saved with its own "
+                         "normalisation (trained with it): drop --normalize (it applies to a model built here with "
+                         "--model, or to weights trained elsewhere)")
 
 
 def own_class_save(path: str) -> bool:

@@ -12,6 +12,7 @@ resolved text options into values (lists, numbers, training settings).
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import yaml
@@ -182,6 +183,23 @@ def _eval_attack_names(what: str, value: object) -> str:
     return value
 
 
+def _normalization(what: str, value: object) -> str:
+    """``data``, ``none`` or comma-separated numbers, means then positive stds (their count is checked against
+    the images' channels where the model is built: :func:`cstar.cli._inputs.normalization`)."""
+    text = _text(what, value)
+    if text in ("data", "none"):
+        return text
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    half = len(values) // 2
+    if len(values) < 2 or len(values) % 2 or not all(math.isfinite(v) for v in values) or min(values[half:]) <= 0:
+        raise CstarError(f"{what} {text!r}: write data, none, MEAN,STD (e.g. 0.5,0.25) or the channels' means "
+                         "then their positive stds, comma-separated")
+    return text
+
+
 def _ratios(what: str, value: object) -> str:
     for ratio in numbers(_text(what, value), what):
         RATIO(what, ratio)
@@ -204,7 +222,7 @@ FLAG_RULES = {
     "step": EVALUATION_RULES["eval_step"], "latency_runs": integer(0, fix="timed forward passes (0: off)"),
     "eps_warmup": TRAIN_RULES["eps_warmup_epochs"], "phase_epochs": TRAIN_RULES["epochs"],
     "width": integer(1, fix="the model's base width, e.g. 16"), "num_classes": integer(1, fix="e.g. 10"),
-    "model_arg": _key_values, "ratios": _ratios, **dict.fromkeys(SECTIONS, _section),
+    "model_arg": _key_values, "ratios": _ratios, "normalize": _normalization, **dict.fromkeys(SECTIONS, _section),
 }
 
 
