@@ -144,6 +144,7 @@ def test_a_user_model_is_compared_against_pruning(monkeypatch, trained):
                  "--finetune", "{epochs: 1}", "--eval-attacks", "clean", "--latency-runs", "1", "--out", "cmp"]) == 0
     results = json.loads((home / "cmp" / "results.json").read_text())
     assert set(results["cells"]) == {"dense", "magnitude-2x", "lowrank_global-2x"}
+    assert "normalize: none" in (home / "cmp" / "config.yaml").read_text()  # the default chosen, recorded
 
 
 def test_normalize_data_puts_the_datasets_front_and_says_so(capsys, monkeypatch, trained):

@@ -150,6 +150,8 @@ def own_model(args: argparse.Namespace, path: str, where: torch.device, spec: da
         raise CstarError(f"{path} holds a model of your own: pass --data, the dataset whose images it takes, so "
                          f"that --model {args.model} is built for them")
     model = build_model(args, spec, num_classes or spec.num_classes, trained_elsewhere=True)
+    if getattr(args, "normalize", None) is None:
+        args.normalize = "none"  # what was chosen, so that the run's config.yaml records it
     if Path(path).is_dir():
         from ..files.serialize import load
 
