@@ -79,6 +79,7 @@ FORMATS = {
     "model.pth": lambda s, p, mp: torch.save({"model": s}, p),
     "model_state_dict.pth": lambda s, p, mp: torch.save({"model_state_dict": s, "optimizer_state_dict": {}}, p),
     "net.pth": lambda s, p, mp: torch.save({"net": s}, p),
+    "two-levels.pth": lambda s, p, mp: torch.save({"model": {"state_dict": s, "step": 3}}, p),
     "ema.pth": lambda s, p, mp: torch.save({"ema": s, "state_dict": _prefixed(s, "x.")}, p),
     "ddp.pt": lambda s, p, mp: torch.save(_prefixed(s, "module."), p),
     "compiled.pt": lambda s, p, mp: torch.save(_prefixed(s, "_orig_mod."), p),
@@ -260,3 +261,18 @@ def test_normalize_is_refused_for_a_model_cstar_saved_with_its_own(capsys, monke
     model = cstar.models.create("small_cnn", 10, in_channels=1, input_size=8)
     torch.save({"model": model.state_dict(), "model_config": model.cstar_config}, tmp_path / "model.pt")
     refused_cli(capsys, [*command, "--normalize", "none"], ["drop --normalize"], tmp=tmp_path, left=[tmp_path / "out"])
+
+
+@pytest.mark.parametrize("name, said", [
+    ("state_dict.pth", "the weights under 'state_dict'"), ("two-levels.pth", "under 'model'/'state_dict'"),
+    ("robustbench.pt", "under 'state_dict', key prefix 'module.model.' dropped"),
+    ("ddp.pt", "the weights, key prefix 'module.' dropped"),
+])
+def test_the_run_says_where_in_the_file_the_weights_were(capsys, monkeypatch, tmp_path, trained, name, said):
+    _, state, _ = trained
+    FORMATS[name](state, tmp_path / name, monkeypatch)
+    namespace: dict = {}
+    exec(compile(NET, "mynet.py", "exec"), namespace)
+    capsys.readouterr()
+    cstar.load_weights(namespace["Net"](), tmp_path / name)
+    assert said in capsys.readouterr().out

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .._core.checks import check_finite
+from .._core import log
 from .._core.errors import CstarError
 from .._core.io import load_checkpoint_file
 
@@ -51,15 +52,16 @@ def _is_state(value: Any) -> bool:
         isinstance(k, str) and torch.is_tensor(v) for k, v in value.items())
 
 
-def find_state_dict(obj: Any, source: Any) -> dict[str, torch.Tensor]:
-    """The state dict inside ``obj``: ``obj`` itself, or one nested under :data:`NESTING_KEYS` (two levels deep
-    at most, e.g. ``{"model": {"state_dict": ...}}``)."""
-    candidates = [obj]
-    for _ in range(2):
-        for candidate in candidates:
+def find_state_dict(obj: Any, source: Any) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """(the state dict inside ``obj``, the keys it sits under): ``obj`` itself, or one nested under
+    :data:`NESTING_KEYS` (two levels deep at most, e.g. ``{"model": {"state_dict": ...}}``)."""
+    candidates = [((), obj)]
+    for _ in range(3):
+        for keys, candidate in candidates:
             if _is_state(candidate):
-                return dict(candidate)
-        candidates = [c[key] for c in candidates if isinstance(c, Mapping) for key in NESTING_KEYS if key in c]
+                return dict(candidate), keys
+        candidates = [((*keys, key), c[key]) for keys, c in candidates if isinstance(c, Mapping)
+                      for key in NESTING_KEYS if key in c]
     keys = sorted(map(str, obj))[:8] if isinstance(obj, Mapping) else type(obj).__name__
     raise CstarError(f"{source} holds no state dict (a mapping of tensor names to tensors) at its top or under "
                      f"{', '.join(NESTING_KEYS)}; found {keys}: save model.state_dict() with torch.save")
@@ -125,7 +127,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise CstarError(f"load_weights needs the nn.Module to load into, got {type(model).__name__}")
-    state = find_state_dict(read_weights_file(path), path)
+    state, keys = find_state_dict(read_weights_file(path), path)
     target = _target(model, state)
     tried = [(_differences(target, _without(state, p)), p) for p in _stripped(list(state))]
     ((count, problem), prefixes) = min(tried, key=lambda t: t[0][0])
@@ -135,6 +137,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                          "built with the same arguments (--model-arg)")
     state = _without(state, prefixes)
     check_finite(state, path)
+    if keys or prefixes:  # say which tensors were taken, where the file held more than one candidate
+        under = f" under {'/'.join(repr(k) for k in keys)}" if keys else ""
+        dropped = f", key prefix {''.join(prefixes)!r} dropped" if prefixes else ""
+        log.info(f"{path}: the weights{under}{dropped}")
     for key, value in target.state_dict().items():  # older files lack BatchNorm's counters
         state.setdefault(key, value)
     with warnings.catch_warnings():
