@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -11,13 +10,14 @@ import yaml
 
 from .. import data, models
 from .._core.errors import CstarError
-from .._core.io import load_checkpoint
+from ..files.serialize import model_of_checkpoint
 from ..files.weights import load_weights, read_weights_file
 from ..pipeline.phases import split_held_out
-from .._core.checks import check_finite, check_radius
+from .._core.checks import check_radius
 from ..models._external import is_external
 from ..models._recorded import recorded_config, short
 from ._options import model_kwargs, require
+from ._parser import parse_normalize
 
 # ----------------------------------------------------------------------------- data
 
@@ -67,15 +67,12 @@ def normalization(args: argparse.Namespace, spec: data.DatasetSpec, *, trained_e
         return list(spec.mean), list(spec.std), f"data ({spec.name} mean {_floats(spec.mean)}, std {_floats(spec.std)})"
     if text == "none":
         return [0.0] * c, [1.0] * c, "none (inputs in [0, 1])"
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
+    values = parse_normalize(text)  # checked when the options were read: numbers, positive stds
     if len(values) == 2:
         values = [values[0]] * c + [values[1]] * c
-    if len(values) != 2 * c or min(values[c:]) <= 0 or not all(map(math.isfinite, values)):
-        raise CstarError(f"--normalize {text!r}: write data, none, MEAN,STD (e.g. 0.5,0.25) or {c} means then {c} "
-                         "positive stds, comma-separated")
+    if len(values) != 2 * c:
+        raise CstarError(f"--normalize {text!r} gives {len(values) // 2} channels, {spec.name} has {c}: write "
+                         f"MEAN,STD or {c} means then {c} stds")
     return values[:c], values[c:], f"mean {_floats(values[:c])}, std {_floats(values[c:])}"
 
 
@@ -115,11 +112,11 @@ def model_and_state(args: argparse.Namespace, path: str, where: torch.device, sp
         if is_external(args.model) and own_class_save(path):
             return own_model(args, path, where, spec, num_classes), {}
         _no_normalize(args, path)
-        return load_model(path, where, args.model), {}
+        return load_save(path, where, args.model), {}
     state = read_weights_file(path)
-    if isinstance(state, dict) and "model_config" in state and "model" in state:
+    if isinstance(state, dict) and "model_config" in state and "model" in state:  # what 'cstar train' writes
         _no_normalize(args, path)
-        return model_from_state(state, path, where, args.model), state
+        return model_of_checkpoint(state, path, named=args.model).to(where), state
     if not args.model:
         raise CstarError(f"{path} holds weights without cstar's model description: name the model they belong to "
                          "with --model package.module:factory (and --data for its images)")
@@ -157,39 +154,22 @@ def own_model(args: argparse.Namespace, path: str, where: torch.device, spec: da
 
         load(path, model=model.net)
     else:
-        load_weights(model, path)
-    check_finite(model, path)
+        load_weights(model, path)  # both readers refuse NaN/Inf weights before copying any
     print(f"note: {path} loaded into --model {args.model}; normalisation: {model.cstar_normalize} "
           "(--normalize data|none|MEAN,STD to choose)", flush=True)
     return model.to(where)
 
 
-def model_from_checkpoint(path: str, where: torch.device, named: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """(model, checkpoint dict) of a ``model.pt`` / ``checkpoint.pt`` written by ``cstar train``."""
-    state = load_checkpoint(path, map_location=where)
-    return model_from_state(state, path, where, named), state
+def load_save(path: str, where: torch.device, named: str | None = None) -> torch.nn.Module:
+    """The model of a cstar.save directory; one of a factory (recorded in its ``cstar_config``) is rebuilt
+    fresh, then loaded, only when the user ``named`` that factory (--model)."""
+    from ..files.serialize import factory_config, load
 
-
-def model_from_state(state: dict, path: str, where: torch.device, named: str | None = None) -> torch.nn.Module:
-    """The model of checkpoint dict ``state`` (read from ``path``), a factory's only when the user ``named`` it
-    (--model): :func:`cstar.files.serialize.model_of_checkpoint`, the one reader of ``cstar train``'s files."""
-    from ..files.serialize import model_of_checkpoint
-
-    return model_of_checkpoint(state, path, named=named).to(where)
-
-
-def load_model(path: str, where: torch.device = torch.device("cpu"), named: str | None = None) -> torch.nn.Module:
-    """A cstar.save directory or a checkpoint written by ``cstar train``; the model of a factory (recorded in
-    its ``cstar_config``) is rebuilt fresh, then loaded, when the user ``named`` that factory (--model)."""
-    if Path(path).is_dir():
-        from ..files.serialize import factory_config, load
-
-        config = factory_config(path)
-        if config is None:
-            return load(path, map_location=where)
-        config = recorded_config(config, Path(path) / "model.json", named=named)
-        return load(path, map_location=where, model=models.create(**config))
-    return model_from_checkpoint(path, where, named)[0]
+    config = factory_config(path)
+    if config is None:
+        return load(path, map_location=where)
+    config = recorded_config(config, Path(path) / "model.json", named=named)
+    return load(path, map_location=where, model=models.create(**config))
 
 
 def _model_and_dataset(args: argparse.Namespace, where: torch.device, spec: data.DatasetSpec, num_classes: int

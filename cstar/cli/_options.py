@@ -12,7 +12,6 @@ resolved text options into values (lists, numbers, training settings).
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import yaml
@@ -29,7 +28,7 @@ from ..lowrank import RankSpec
 from ..models._external import is_external
 from ..models._recorded import short
 from ..training.fit import TrainConfig
-from ._parser import build_parser, parse_eps, parse_step
+from ._parser import build_parser, parse_eps, parse_normalize, parse_step
 from ._runs import NOT_SAVED, check_out, device_type
 
 # Options that hold a YAML mapping (a training, ADMM... section).
@@ -184,20 +183,12 @@ def _eval_attack_names(what: str, value: object) -> str:
 
 
 def _normalization(what: str, value: object) -> str:
-    """``data``, ``none`` or comma-separated numbers, means then positive stds (their count is checked against
-    the images' channels where the model is built: :func:`cstar.cli._inputs.normalization`)."""
-    text = _text(what, value)
-    if text in ("data", "none"):
-        return text
+    """``--normalize`` as :func:`._parser.parse_normalize` reads it (from a flag, a config file or a record)."""
     try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    half = len(values) // 2
-    if len(values) < 2 or len(values) % 2 or not all(math.isfinite(v) for v in values) or min(values[half:]) <= 0:
-        raise CstarError(f"{what} {text!r}: write data, none, MEAN,STD (e.g. 0.5,0.25) or the channels' means "
-                         "then their positive stds, comma-separated")
-    return text
+        parse_normalize(_text(what, value))
+    except argparse.ArgumentTypeError as exc:
+        raise CstarError(str(exc).replace("--normalize", what, 1)) from None
+    return value
 
 
 def _ratios(what: str, value: object) -> str:

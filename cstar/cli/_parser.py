@@ -7,6 +7,7 @@ layers presets, ``--config`` and a resumed run's record over these.
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
 from fractions import Fraction
 
@@ -46,6 +47,22 @@ def parse_step(text: str) -> float | dict[str, float]:
             raise argparse.ArgumentTypeError(f"'{item}' is not ATTACK=STEP: write e.g. pgd40=0.01,pgd5=0.1")
         steps[name.strip()] = parse_eps(value, "step", positive=True)
     return steps
+
+
+def parse_normalize(text: str) -> str | list[float]:
+    """``--normalize``: ``"data"``, ``"none"``, or numbers: MEAN,STD or the channels' means then their positive
+    stds (their count is matched with the images' channels where the model is built)."""
+    if text in ("data", "none"):
+        return text
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    half = len(values) // 2
+    if len(values) < 2 or len(values) % 2 or not all(map(math.isfinite, values)) or min(values[half:]) <= 0:
+        raise argparse.ArgumentTypeError(f"--normalize {text!r}: write data, none, MEAN,STD (e.g. 0.5,0.25) or the "
+                                         "channels' means then their positive stds, comma-separated")
+    return values
 
 
 def yaml_mapping(text: str) -> dict:
