@@ -356,3 +356,9 @@ def test_compressing_a_checkpoint_on_another_dataset_says_so(capsys, home):
     _inputs.starting_model(args, train_set, torch.device("cpu"))
     out = capsys.readouterr().out
     assert "was trained on fashion_mnist" in out and "digits" in out, out
+
+
+def test_a_crafted_data_root_in_the_run_record_beside_a_checkpoint_is_refused(capsys, home):
+    path = _checkpoint(home / "model.pt")
+    (home / "config.yaml").write_text("data: digits\nroot: [1, 2]\n")
+    refused_cli(capsys, ["eval", path, "--n", "10"], ["data root", "--root"], tmp=home)

@@ -94,21 +94,20 @@ def _checked_attacks(text: str | None, option: str, eps: float | None = None, st
     return attack_names
 
 
-def _eval_data(args: argparse.Namespace, model: torch.nn.Module, state: dict):
+def _eval_data(args: argparse.Namespace, model: torch.nn.Module, state: dict | None):
     """(dataset name, test set, eps) of ``cstar eval``: --data, else what the checkpoint or its run says;
     --eps, else the eps the model was trained at, else (another dataset) that dataset's own."""
-    run = inputs.run_config_beside(args.checkpoint)
-    trained_on = inputs.recorded_dataset(state.get("dataset") or run.get("data"), args.checkpoint)
+    trained_on, recorded_root = inputs.trained_on(args.checkpoint, state)
     name = args.data or trained_on
     if name is None:
         raise CstarError(f"which dataset? {args.checkpoint} does not say: pass --data")
-    root = args.root if args.root is not None else run.get("root")
+    root = args.root if args.root is not None else recorded_root
     test_set = data.load(name, root, split="test", download=args.download)
     inputs.check_fits_data(model, args.checkpoint, name, test_set.spec, test_set.num_classes)
     if args.eps is not None:
         return name, test_set, args.eps
     if trained_on in (None, name):
-        return name, test_set, inputs.recorded_eps(state.get("eps", test_set.spec.eps), args.checkpoint)
+        return name, test_set, inputs.recorded_eps((state or {}).get("eps", test_set.spec.eps), args.checkpoint)
     print(f"note: {args.checkpoint} was trained on {trained_on}; evaluating on {name} at its eps "
           f"{test_set.spec.eps:g} (pass --eps to choose)", flush=True)
     return name, test_set, test_set.spec.eps

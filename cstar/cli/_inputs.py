@@ -104,13 +104,13 @@ def build_model(args: argparse.Namespace, spec: data.DatasetSpec, num_classes: i
 
 
 def model_and_state(args: argparse.Namespace, path: str, where: torch.device, spec: data.DatasetSpec | None = None,
-                    num_classes: int | None = None) -> tuple[torch.nn.Module, dict]:
-    """(model, checkpoint dict) of ``path``: a cstar.save directory, a checkpoint ``cstar train`` wrote, or, with
-    ``--model FACTORY``, weights trained elsewhere (any file :func:`cstar.load_weights` reads) or a save of the
-    user's own class, loaded into a fresh ``--model`` for ``spec``'s images (``--data``)."""
+                    num_classes: int | None = None) -> tuple[torch.nn.Module, dict | None]:
+    """(model, checkpoint dict) of ``path``: a cstar.save directory (``{}``), a checkpoint ``cstar train`` wrote,
+    or, with ``--model FACTORY``, weights trained elsewhere (any file :func:`cstar.load_weights` reads) or a save
+    of the user's own class (None), loaded into a fresh ``--model`` for ``spec``'s images (``--data``)."""
     if Path(path).is_dir():
         if is_external(args.model) and own_class_save(path):
-            return own_model(args, path, where, spec, num_classes), {}
+            return own_model(args, path, where, spec, num_classes), None
         _no_normalize(args, path)
         return load_save(path, where, args.model), {}
     state = read_weights_file(path)
@@ -120,7 +120,7 @@ def model_and_state(args: argparse.Namespace, path: str, where: torch.device, sp
     if not args.model:
         raise CstarError(f"{path} holds weights without cstar's model description: name the model they belong to "
                          "with --model package.module:factory (and --data for its images)")
-    return own_model(args, path, where, spec, num_classes), {}
+    return own_model(args, path, where, spec, num_classes), None
 
 
 def _no_normalize(args: argparse.Namespace, path: str) -> None:
@@ -176,8 +176,21 @@ def _model_and_dataset(args: argparse.Namespace, where: torch.device, spec: data
                        ) -> tuple[torch.nn.Module, str | None]:
     """(the model of --checkpoint, the dataset it records or its run's record names, if any)."""
     model, state = model_and_state(args, args.checkpoint, where, spec, num_classes)
-    run = run_config_beside(args.checkpoint) if state else {}
-    return model, recorded_dataset(state.get("dataset") or run.get("data"), args.checkpoint)
+    return model, trained_on(args.checkpoint, state)[0]
+
+
+def trained_on(path: str, state: dict | None) -> tuple[str | None, str | None]:
+    """(dataset, data root) that a checkpoint of 'cstar train' (its dict ``state``; ``{}`` for a save) or the
+    run beside it (its config.yaml) records, each checked to be a plain name or path; (None, None) for weights
+    trained elsewhere (``state`` None), whose folder's files are not cstar's to read."""
+    if state is None:
+        return None, None
+    run = run_config_beside(path)
+    root = run.get("root")
+    if root is not None and not isinstance(root, str):
+        raise CstarError(f"{Path(path).parent / 'config.yaml'} records the data root {short(root)}, not a path: "
+                         "the file is corrupt or crafted; pass --root")
+    return recorded_dataset(state.get("dataset") or run.get("data"), path), root
 
 
 def run_config_beside(path: str) -> dict:
