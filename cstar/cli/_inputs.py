@@ -10,7 +10,7 @@ import yaml
 
 from .. import data, models
 from .._core.errors import CstarError
-from ..files.serialize import model_of_checkpoint
+from ..files.serialize import is_unbuilt_class, model_of_checkpoint
 from ..files.weights import load_weights, read_weights_file
 from ..pipeline.phases import split_held_out
 from .._core.checks import check_radius
@@ -109,7 +109,7 @@ def model_and_state(args: argparse.Namespace, path: str, where: torch.device, sp
     or, with ``--model FACTORY``, weights trained elsewhere (any file :func:`cstar.load_weights` reads) or a save
     of the user's own class (None), loaded into a fresh ``--model`` for ``spec``'s images (``--data``)."""
     if Path(path).is_dir():
-        if is_external(args.model) and own_class_save(path):
+        if is_external(args.model) and is_unbuilt_class(path):  # the user's own network, saved as it is
             return own_model(args, path, where, spec, num_classes), None
         _no_normalize(args, path)
         return load_save(path, where, args.model), {}
@@ -129,14 +129,6 @@ def _no_normalize(args: argparse.Namespace, path: str) -> None:
         raise CstarError(f"--normalize {args.normalize} would change {path}, a model cstar saved with its own "
                          "normalisation (trained with it): drop --normalize (it applies to a model built here with "
                          "--model, or to weights trained elsewhere)")
-
-
-def own_class_save(path: str) -> bool:
-    """True for a cstar.save directory of a class cstar cannot build that records no factory (the user saved
-    their own network): it is replayed on a fresh ``--model``'s network."""
-    from ..files.serialize import factory_config, saved_kind
-
-    return saved_kind(path) == "replay" and factory_config(path) is None
 
 
 def own_model(args: argparse.Namespace, path: str, where: torch.device, spec: data.DatasetSpec | None,

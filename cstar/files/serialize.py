@@ -241,10 +241,12 @@ def factory_config(path: str | os.PathLike) -> dict | None:
     return _factory_config(_read_record(Path(path)))
 
 
-def saved_kind(path: str | os.PathLike) -> str | None:
-    """How save ``path`` records its architecture: ``builtin``, ``tree`` or ``replay`` (a class cstar cannot build,
-    replayed on a fresh instance). Reads ``model.json`` only: nothing is imported."""
-    return _read_record(Path(path))["architecture"].get("kind")
+def is_unbuilt_class(path: str | os.PathLike) -> bool:
+    """Whether save ``path`` holds a model of a class cstar cannot build and records no factory for (a user's
+    own network saved as it is): only a fresh instance of that class, ``load(path, model=...)``, reads it.
+    Reads ``model.json`` once; nothing is imported."""
+    record = _read_record(Path(path))
+    return record["architecture"].get("kind") == "replay" and _factory_config(record) is None
 
 
 def model_of_checkpoint(state: dict, source: str | os.PathLike, *, named: str | None = None,
