@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from cstar import data
-from cstar.records import write_json
+from cstar.records import cell_model, write_json
 from cstar import evaluate
 from cstar import load
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         if (cell / "per_example.json").exists() or (args.cells and cell.name not in args.cells.split(",")):
             continue
         recorded = json.loads(result_path.read_text())
-        result = evaluate(load(cell / "model"), test_set, config["eval_attacks"], eps=float(options["eps"]),
+        result = evaluate(load(cell_model(cell, recorded)), test_set, config["eval_attacks"], eps=float(options["eps"]),
                           step=config["eval_step"], n=config["eval_n"], per_example=True)
         drift = {k: round(result["accuracy"][k] - recorded["accuracy"][k], 4) for k in recorded["accuracy"]}
         print(f"{cell.name}: " + ", ".join(f"{k} {100 * v:.2f}% (recorded {100 * recorded['accuracy'][k]:.2f}%)"

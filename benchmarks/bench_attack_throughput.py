@@ -4,8 +4,8 @@ Usage:
     python benchmarks/bench_attack_throughput.py --data cifar10 --root R [--checkpoint C] [--steps 10]
         [--n 256] [--rounds 5] [--out benchmarks/results/attack_throughput]
 
-On the first ``--n`` test images and one model (a ``cstar train`` checkpoint or
-``cstar.save`` directory; without one an untrained ResNet-18 of width 16, for
+On the first ``--n`` test images and one model (a ``cstar.save`` directory such
+as ``cstar train``'s ``model``, or a checkpoint; without one an untrained ResNet-18 of width 16, for
 speed only), times PGD-``steps`` at the data's eps (step eps/4, random start)
 as:
 

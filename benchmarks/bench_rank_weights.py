@@ -30,7 +30,8 @@ from cstar.records import machine, write_json, write_text
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="the dense robust model (model.pt or a cstar.save dir)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="the dense robust model (any cstar.save dir, e.g. the model of 'cstar train', or model.pt)")
     parser.add_argument("--data", required=True)
     parser.add_argument("--root", required=True)
     parser.add_argument("--ratios", default="16,64")

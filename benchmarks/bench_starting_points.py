@@ -1,7 +1,7 @@
 """Accuracy of each compressed model before any fine-tuning: what ADMM hands over, against post-hoc compression.
 
 Usage:
-    python benchmarks/bench_starting_points.py --checkpoint runs/cifar10-r18w16-nfgsm10/model.pt \\
+    python benchmarks/bench_starting_points.py --checkpoint runs/cifar10-r18w16-nfgsm10/model \\
         --cstar runs/compare-c10/cells/cstar-16x/cstar --data cifar10 --root data --ratio 16 \\
         --n 500 --out benchmarks/results/starting_points_cifar10_16x
 
@@ -43,7 +43,8 @@ def starting_points(dense: torch.nn.Module, cstar_dir: Path, ratio: float) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="the dense robust model (model.pt of 'cstar train')")
+    parser.add_argument("--checkpoint", required=True,
+                        help="the dense robust model (the model dir of 'cstar train', or an older model.pt)")
     parser.add_argument("--cstar", type=Path, required=True, help="a 'cstar compress' output directory")
     parser.add_argument("--data", required=True)
     parser.add_argument("--root", required=True)

@@ -48,7 +48,7 @@ if [ ! -e "$out/mnist-8x/results.json" ]; then
   timed compress_mnist cstar compress --checkpoint runs/mnist/model --data mnist --ratio 8 \
     --out "$out/mnist-8x" "${resume[@]}" 2>&1 | tee -a "$out/compress_mnist.log"
 fi
-if [ ! -e "$out/c10-dense/model.pt" ]; then
+if [ ! -e "$out/c10-dense/model" ]; then
   resume=(); [ -e "$out/c10-dense/config.yaml" ] && resume=(--resume)
   timed train_cifar10 cstar train --model resnet18 --width 16 --data cifar10 --root "$CIFAR_ROOT" \
     --attack nfgsm --epochs 10 --optimizer sgd --lr 0.2 --weight-decay 5e-4 --schedule onecycle \
@@ -57,7 +57,7 @@ if [ ! -e "$out/c10-dense/model.pt" ]; then
 fi
 if [ ! -e "$out/c10-8x/results.json" ]; then
   resume=(); [ -e "$out/c10-8x/config.yaml" ] && resume=(--resume)
-  timed compress_cifar10 cstar compress --checkpoint "$out/c10-dense/model.pt" --data cifar10 \
+  timed compress_cifar10 cstar compress --checkpoint "$out/c10-dense/model" --data cifar10 \
     --root "$CIFAR_ROOT" --ratio 8 --out "$out/c10-8x" "${resume[@]}" 2>&1 | tee -a "$out/compress_cifar10.log"
 fi
 cat "$out/times.jsonl"

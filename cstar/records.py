@@ -5,12 +5,13 @@
 - the machine a figure was measured on: :func:`machine` (CPU, GPU, threads, versions), :func:`describe_device`;
 - a run's recorded options in today's names (records written before a rename read silently): :func:`run_config`,
   :func:`current_names`;
-- comparisons (``cstar compare``'s ``results.json``): :func:`cell_name`, :func:`current_settings` (a cell's
-  training record with the settings added since at their defaults), :func:`format_comparison`,
-  :func:`plot_pareto`.
+- comparisons (``cstar compare``'s ``results.json``): :func:`cell_name`, :func:`cell_model` (where a cell's
+  model is saved), :func:`current_settings` (a cell's training record with the settings added since at their
+  defaults), :func:`format_comparison`, :func:`plot_pareto`.
 
-Models of every cstar format load with :func:`cstar.load` (a save directory, or the ``model.pt`` of
-``cstar train``); weights trained elsewhere with :func:`cstar.load_weights`.
+Models of every cstar format load with :func:`cstar.load` (a save directory, such as the ``model`` of ``cstar
+train`` and ``compress``, or the ``model.pt`` of an older ``cstar train``); weights trained elsewhere with
+:func:`cstar.load_weights`.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from ._core.errors import CstarError
 from ._core.io import atomic_write_bytes as write_bytes, atomic_write_text as write_text, write_json
 from ._core.renamed import renamed
 from .pipeline.compare import cell_name, current_settings, format_comparison, plot_pareto
+from .pipeline.compressors import cell_model
 
-__all__ = ["cell_name", "current_names", "current_settings", "describe_device", "format_comparison", "machine", "plot_pareto",
-           "run_config", "write_bytes", "write_json", "write_text"]
+__all__ = ["cell_model", "cell_name", "current_names", "current_settings", "describe_device", "format_comparison",
+           "machine", "plot_pareto", "run_config", "write_bytes", "write_json", "write_text"]
 
 
 def current_names(record: dict) -> dict:

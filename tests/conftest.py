@@ -38,7 +38,7 @@ def mnist_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory, trained):
     out = tmp_path_factory.mktemp("compress") / "run"
-    assert main(["compress", "--checkpoint", str(trained / "model.pt"), *PIPELINE, "--ratio", "2",
+    assert main(["compress", "--checkpoint", str(trained / "model"), *PIPELINE, "--ratio", "2",
                  "--admm", "{interval: 5}", "--out", str(out)]) == 0
     return out
 
@@ -46,7 +46,7 @@ def compressed(tmp_path_factory, trained):
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, trained):
     out = tmp_path_factory.mktemp("compare") / "run"
-    assert main(["compare", "--checkpoint", str(trained / "model.pt"), "--data", "digits", "--train-n", "800",
+    assert main(["compare", "--checkpoint", str(trained / "model"), "--data", "digits", "--train-n", "800",
                  "--val-size", "100", "--eval-n", "100", "--eval-attacks", "clean", "--no-progress", "--ratios", "2",
                  "--methods", "dense,magnitude", "--search", SECTION, "--finetune", SECTION, "--latency-runs", "0",
                  "--out", str(out)]) == 0

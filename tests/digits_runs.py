@@ -4,6 +4,8 @@ themselves (``trained``, ``compressed``, ``compared``, ``mnist_run``) are fixtur
 import os
 from pathlib import Path
 
+import cstar
+from cstar._core.io import save_checkpoint
 from cstar.cli import main
 
 DATA = os.environ.get("CSTAR_TEST_DATA")
@@ -28,3 +30,11 @@ def refused(capsys, *argv) -> str:
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
+
+
+def old_model_pt(run: Path, path: Path, **entries) -> Path:
+    """The model of the ``cstar train`` run ``run`` written to ``path`` as the ``model.pt`` that 'cstar train'
+    wrote before it wrote a save directory (weights, model config, dataset and eps; ``entries`` replace them)."""
+    model = cstar.load(run / "model")
+    return save_checkpoint(path, {"model": model.state_dict(), "model_config": model.cstar_config,
+                                  **model.cstar_trained_on, **entries})

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from digits_runs import DATA, FAST, PIPELINE, SECTION, refused
+from digits_runs import DATA, FAST, PIPELINE, SECTION, old_model_pt, refused
 
 import cstar
 from cstar.cli import main
@@ -34,7 +34,7 @@ def trained(tmp_path_factory):
 
 def test_train_writes_a_complete_run_directory(trained):
     names = {p.name for p in trained.iterdir()}
-    assert {"config.yaml", "env.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "results.json"} <= names
+    assert {"config.yaml", "env.json", "metrics.jsonl", "checkpoint.pt", "model", "results.json"} <= names
     config = yaml.safe_load((trained / "config.yaml").read_text())
     assert config["model"] == "small_cnn" and config["epochs"] == 1 and config["eps"] == pytest.approx(0.2)
     env = json.loads((trained / "env.json").read_text())
@@ -44,7 +44,7 @@ def test_train_writes_a_complete_run_directory(trained):
 
 
 def test_eval_reads_dataset_and_eps_from_the_run(trained, capsys):
-    code, out, _ = run(capsys, "eval", trained / "model.pt", "--attacks", "clean,fgsm", "--n", "100",
+    code, out, _ = run(capsys, "eval", trained / "model", "--attacks", "clean,fgsm", "--n", "100",
                        "--json", trained / "eval.json")
     assert code == 0, out
     card = json.loads((trained / "eval.json").read_text())
@@ -52,14 +52,60 @@ def test_eval_reads_dataset_and_eps_from_the_run(trained, capsys):
     assert "| clean | fgsm |" in out
 
 
+def test_the_trained_model_is_a_save_of_the_trained_weights_recording_its_data(trained, capsys):
+    model = cstar.load(trained / "model")
+    assert model.cstar_trained_on == {"dataset": "digits", "eps": pytest.approx(0.2)}
+    code, out, _ = run(capsys, "eval", trained / "model", "--attacks", "clean", "--json", trained / "again.json")
+    assert code == 0, out
+    again = json.loads((trained / "again.json").read_text())  # every test image, as 'cstar train' evaluated
+    assert again["clean_acc"] == json.loads((trained / "results.json").read_text())["clean_acc"]
+    assert "| digits |" in out  # named by its run
+
+
+def test_a_save_evaluates_on_the_data_and_eps_it_records_without_its_run(trained, tmp_path, capsys):
+    from cstar.files.serialize import record_trained_on
+
+    model = cstar.load(trained / "model")
+    record_trained_on(model, "digits", 0.1)
+    cstar.save(model, tmp_path / "moved")  # no config.yaml beside it
+    code, out, _ = run(capsys, "eval", tmp_path / "moved", "--attacks", "clean", "--n", "20",
+                       "--json", tmp_path / "card.json")
+    assert code == 0, out
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["dataset"] == "digits" and card["eps"] == pytest.approx(0.1)
+
+
+def test_an_older_runs_model_pt_loads_and_evaluates_on_the_data_and_eps_it_records(trained, tmp_path, capsys):
+    path = old_model_pt(trained, tmp_path / "model.pt", eps=0.1)
+    x = torch.rand(4, 1, 8, 8)
+    torch.testing.assert_close(cstar.load(path)(x), cstar.load(trained / "model")(x))
+    code, out, _ = run(capsys, "eval", path, "--attacks", "clean", "--n", "20", "--json", tmp_path / "card.json")
+    assert code == 0, out
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["dataset"] == "digits" and card["eps"] == pytest.approx(0.1)
+
+
+def test_a_model_that_save_cannot_keep_is_refused_before_training(capsys, tmp_path, monkeypatch):
+    (tmp_path / "oddnet.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "def net(num_classes=10, in_channels=1):\n"
+        "    seq = nn.Sequential(nn.Flatten(), nn.Linear(64 * in_channels, num_classes))\n"
+        "    seq.register_parameter('temperature', nn.Parameter(torch.ones(1)))  # in no standard layer\n"
+        "    return seq\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    line = refused(capsys, "train", "--model", "oddnet:net", "--data", "digits", "--out", tmp_path / "run")
+    assert "cannot save" in line and "temperature" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_eval_per_example_without_json_is_an_error(trained, capsys):
-    line = error_line(capsys, "eval", trained / "model.pt", "--n", "10", "--per-example")
+    line = error_line(capsys, "eval", trained / "model", "--n", "10", "--per-example")
     assert "--per-example" in line and "pass --json" in line
 
 
 def test_eval_per_example_cards_pair_two_evaluations(trained, capsys):
     for attacks, name in (("clean", "a.json"), ("clean,fgsm", "b.json")):
-        code, out, _ = run(capsys, "eval", trained / "model.pt", "--attacks", attacks, "--n", "100",
+        code, out, _ = run(capsys, "eval", trained / "model", "--attacks", attacks, "--n", "100",
                            "--per-example", "--json", trained / name)
         assert code == 0, out
     a, b = (json.loads((trained / name).read_text()) for name in ("a.json", "b.json"))
@@ -150,7 +196,7 @@ def test_existing_output_directory_needs_force(capsys, trained):
 def test_wrong_number_of_classes(capsys, trained, tmp_path):
     root = tmp_path / "cifar"
     _write_tiny_cifar100(root)
-    line = error_line(capsys, "eval", trained / "model.pt", "--data", "cifar100", "--root", root)
+    line = error_line(capsys, "eval", trained / "model", "--data", "cifar100", "--root", root)
     assert "10 classes" in line and "100" in line
 
 
@@ -162,7 +208,7 @@ def test_unknown_config_key(capsys, tmp_path):
 
 
 def test_checkpoint_with_a_wrong_shape_is_refused_before_loading(capsys, trained, tmp_path):
-    state = torch.load(trained / "model.pt", weights_only=True)
+    state = torch.load(old_model_pt(trained, tmp_path / "model.pt"), weights_only=True)
     name = next(k for k in state["model"] if k.endswith("weight"))
     state["model"][name] = torch.zeros(3, 3)
     path = tmp_path / "edited.pt"
@@ -205,7 +251,7 @@ def test_ranks_prints_a_plan_meeting_the_ratio(capsys, tmp_path):
 
 def test_decompose_info_export_and_eval_of_a_factorised_model(trained, tmp_path, capsys):
     out = tmp_path / "dec"
-    code, text, err = run(capsys, "decompose", trained / "model.pt", "--ratio", "3", "--out", out)
+    code, text, err = run(capsys, "decompose", trained / "model", "--ratio", "3", "--out", out)
     assert code == 0, err
     assert (out / "model.json").exists() and (out / "model.safetensors").exists()
     code, text, _ = run(capsys, "info", out)
@@ -249,12 +295,12 @@ def test_an_impossible_ratio_is_refused_before_training_and_leaves_no_output(cap
 
 def test_an_impossible_ratio_from_a_checkpoint_leaves_no_dense_copy(capsys, trained, tmp_path):
     out = tmp_path / "run"
-    refused(capsys, "compress", "--checkpoint", trained / "model.pt", *PIPELINE, "--ratio", "0.5", "--out", out)
+    refused(capsys, "compress", "--checkpoint", trained / "model", *PIPELINE, "--ratio", "0.5", "--out", out)
     assert not out.exists()  # was: a dense.pt left behind, and the rerun refused with "already exists"
 
 
 def test_a_model_flag_that_contradicts_the_checkpoint_is_refused(capsys, trained, tmp_path):
-    line = refused(capsys, "compress", "--checkpoint", trained / "model.pt", "--model", "resnet18", *PIPELINE,
+    line = refused(capsys, "compress", "--checkpoint", trained / "model", "--model", "resnet18", *PIPELINE,
                    "--ratio", "2", "--out", tmp_path / "run")
     assert "--model resnet18" in line and "small_cnn" in line
     assert not (tmp_path / "run").exists()
@@ -262,7 +308,7 @@ def test_a_model_flag_that_contradicts_the_checkpoint_is_refused(capsys, trained
 
 @pytest.mark.skipif(not DATA, reason="CSTAR_TEST_DATA (a root holding MNIST/raw) is not set")
 def test_a_checkpoint_evaluated_on_images_of_another_shape_is_one_line(capsys, trained):
-    line = refused(capsys, "eval", trained / "model.pt", "--data", "mnist", "--root", DATA)
+    line = refused(capsys, "eval", trained / "model", "--data", "mnist", "--root", DATA)
     assert "1x8x8" in line and "1x28x28" in line  # was a traceback from inside torch
 
 
@@ -275,7 +321,7 @@ def test_train_takes_the_first_n_training_images(capsys, tmp_path):
 
 
 def test_another_dataset_of_the_same_shape_is_evaluated_at_its_own_eps(capsys, mnist_run):
-    code, out, _ = run(capsys, "eval", mnist_run / "model.pt", "--data", "fashion_mnist", "--root", DATA,
+    code, out, _ = run(capsys, "eval", mnist_run / "model", "--data", "fashion_mnist", "--root", DATA,
                        "--attacks", "clean", "--n", "32")
     assert code == 0
     assert "trained on mnist" in out and "eps=0.1" in out  # was eps 0.3, MNIST's, silently
@@ -290,7 +336,8 @@ def test_a_text_file_as_checkpoint_is_named_as_such(capsys, tmp_path):
 
 def test_compress_logs_name_their_phase_and_the_admm_residual(capsys, trained, tmp_path):
     with_progress = [a for a in PIPELINE if a != "--no-progress"]
-    code, out, _ = run(capsys, "compress", "--checkpoint", trained / "model.pt", *with_progress, "--ratio", "2",
+    old = old_model_pt(trained, tmp_path / "model.pt")  # the file an older 'cstar train' wrote: still compressed
+    code, out, _ = run(capsys, "compress", "--checkpoint", old, *with_progress, "--ratio", "2",
                        "--admm", "{interval: 5}", "--out", tmp_path / "run")
     out_lines = out.splitlines()
     assert code == 0
@@ -301,9 +348,9 @@ def test_compress_logs_name_their_phase_and_the_admm_residual(capsys, trained, t
 def test_export_refuses_to_overwrite_without_force(capsys, trained, tmp_path):
     target = tmp_path / "model.onnx"
     target.write_text("an earlier export")
-    line = refused(capsys, "export", trained / "model.pt", "--out", target)
+    line = refused(capsys, "export", trained / "model", "--out", target)
     assert "--force" in line and target.read_text() == "an earlier export"
-    code, _, err = run(capsys, "export", trained / "model.pt", "--out", target, "--force")
+    code, _, err = run(capsys, "export", trained / "model", "--out", target, "--force")
     assert code == 0, err
     assert target.read_bytes()[:4] != b"an e"
 

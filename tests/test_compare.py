@@ -9,6 +9,7 @@ from cstar import data, models
 from cstar.cli import main
 from cstar.pipeline.compare import METHODS, CompareConfig, batch1_latencies_ms, compare
 from cstar.files.serialize import load
+from cstar.records import cell_model
 from cstar.training.fit import TrainConfig
 from cstar._core.errors import CstarError
 
@@ -48,7 +49,27 @@ def test_every_method_has_a_cell_with_its_figures(finished):
     assert set(results["cells"]) == {"dense"} | {f"{m}-4x" for m in METHODS if m != "dense"}
     for name, cell in results["cells"].items():
         assert {"clean", "pgd3"} <= set(cell["accuracy"]) and cell["latency_ms"] > 0
-        assert (out / "cells" / name / "model" / "model.json").exists()
+        assert (cell_model(out / "cells" / name, cell) / "model.json").exists()
+
+
+def test_every_cell_saves_its_model_once_where_its_row_says(finished):
+    out, results = finished
+    for name, cell in results["cells"].items():
+        saves = list((out / "cells" / name).rglob("model.json"))
+        assert saves == [cell_model(out / "cells" / name, cell) / "model.json"], name
+    assert results["cells"]["cstar-4x"]["model_dir"] == "cstar/model"  # where compress saved it
+    assert results["cells"]["magnitude-4x"]["model_dir"] == "model"
+
+
+def test_a_cell_row_from_before_the_model_dir_record_points_at_the_cells_model(tmp_path):
+    assert cell_model(tmp_path / "cells" / "magnitude-4x", {"method": "magnitude"}) == \
+        tmp_path / "cells" / "magnitude-4x" / "model"
+
+
+@pytest.mark.parametrize("place", ["../../elsewhere", "/etc", ["model"], ""])
+def test_a_crafted_model_dir_in_a_cells_row_is_refused(tmp_path, place):
+    with pytest.raises(CstarError, match="not a path inside the cell"):
+        cell_model(tmp_path / "cells" / "cstar-4x", {"model_dir": place})
 
 
 def test_every_cell_keeps_its_per_example_results(finished):
@@ -83,7 +104,7 @@ def test_compressed_cells_meet_the_parameter_ratio(finished):
 def test_saved_cell_models_reload_with_the_reported_size(finished):
     out, results = finished
     for name, cell in results["cells"].items():
-        model = load(out / "cells" / name / "model")
+        model = load(cell_model(out / "cells" / name, cell))
         assert sum(p.numel() for p in model.parameters()) == cell["params"]
 
 
@@ -203,7 +224,7 @@ def test_a_resume_with_other_attacks_reevaluates_the_saved_models_without_traini
     assert printed.count("evaluating its attacks under the new evaluation settings") == len(before)
     for name, cell in after.items():
         assert cell["train_seconds"] == before[name]["train_seconds"] and cell["subset"] == "first 60 examples"
-        model = load(finished_copy / "cells" / name / "model")
+        model = load(cell_model(finished_copy / "cells" / name, cell))
         independent = evaluate(model, test_set, ["fgsm"], eps=TRAIN["eps"], n=60)["accuracy"]["fgsm"]
         assert cell["accuracy"]["fgsm"] == pytest.approx(independent), name
         kept = json.loads((finished_copy / "cells" / name / "per_example.json").read_text())

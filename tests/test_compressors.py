@@ -85,6 +85,43 @@ def test_a_cell_trains_a_phase_resumably_in_its_own_directory(tmp_path):
         cell.train(model, "warmup")
 
 
+def _saving_method(where):
+    """A method that prunes without training and saves its model itself, at ``where(cell)``."""
+    import cstar
+
+    def method(cell):
+        from cstar import prune
+
+        model = prune.magnitude_prune(cell.fresh_copy(), cell.ratio)
+        cell.model_dir = cstar.save(model, where(cell))
+        return model, {"search": 0.0, "finetune": 0.0}
+    return method
+
+
+def test_a_model_its_method_saved_is_not_saved_again_and_the_cell_says_where(registry, tmp_path, monkeypatch):
+    from cstar.files import serialize
+    from cstar.pipeline import compare as compare_module
+
+    registry.register("self_saving")(_saving_method(lambda cell: cell.out_dir / "own" / "model"))
+    saved = []
+    monkeypatch.setattr(compare_module, "save", lambda model, path: saved.append(path) or serialize.save(model, path))
+    train_set, test_set = data.load("digits", split="train"), data.load("digits", split="test")
+    results = compare(dense_model(train_set), train_set, test_set, config(methods=["self_saving"], latency_runs=2),
+                      tmp_path / "run", val_size=200)
+    assert saved == []  # compare saved nothing: the method had
+    assert results["cells"]["self_saving-4x"]["model_dir"] == "own/model"
+    assert not (tmp_path / "run" / "cells" / "self_saving-4x" / "model").exists()
+    assert results["cells"]["self_saving-4x"]["latency_ms"] > 0  # measured on the model where it was saved
+
+
+def test_a_method_saving_its_model_outside_its_cell_is_refused(registry, tmp_path):
+    registry.register("stray")(_saving_method(lambda cell: tmp_path / "elsewhere"))
+    train_set, test_set = data.load("digits", split="train"), data.load("digits", split="test")
+    with pytest.raises(CstarError, match="outside the cell's directory"):
+        compare(dense_model(train_set), train_set, test_set, config(methods=["stray"], latency_runs=0),
+                tmp_path / "run", val_size=200)
+
+
 def test_the_equal_macs_methods_meet_both_the_ratio_and_the_macs_of_pruning(tmp_path):
     train_set, test_set = data.load("digits", split="train"), data.load("digits", split="test")
     results = compare(dense_model(train_set), train_set, test_set,

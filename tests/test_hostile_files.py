@@ -139,6 +139,8 @@ SAVES = {
     "lowrank-attribute-malformed": (lambda s, t: _edit(s, lambda r, _: r["attributes"].update(
         cstar_lowrank={"conv": {"kind": "tucker2", "ranks": "abc"}})), ["cstar_lowrank"]),
     "format-version-2": (lambda s, t: _edit(s, lambda r, _: r.update(version=2)), ["format version"]),
+    "trained-on-attribute-a-string": (lambda s, t: _edit(s, lambda r, _: r["attributes"].update(
+        cstar_trained_on="digits")), ["cstar_trained_on"]),
 }
 
 # Every reader of a model path; "{save}" is the crafted save, "{tmp}" the test's directory.
@@ -266,6 +268,16 @@ def test_a_crafted_checkpoint_is_refused(capsys, home, crafted, reader):
 def test_a_checkpoints_crafted_threat_model_is_refused_by_eval(capsys, home, eps, dataset, words):
     path = _checkpoint(home / "model.pt", eps=eps, dataset=dataset)
     refused_cli(capsys, ["eval", path, "--n", "10"], words, tmp=home)
+
+
+@pytest.mark.parametrize("eps, dataset, words", [
+    ("abc", "digits", ["eps"]), (5.0, "digits", ["eps"]), (float("nan"), "digits", ["eps"]),
+    (0.2, ["digits"], ["dataset"]), (0.2, "../../etc", ["dataset"]),
+])
+def test_a_saves_crafted_threat_model_is_refused_by_eval(capsys, home, eps, dataset, words):
+    save = cstar.save(_digits_model(), home / "save")
+    _edit(save, lambda r, _: r["attributes"].update(cstar_trained_on={"dataset": dataset, "eps": eps}))
+    refused_cli(capsys, ["eval", save, "--n", "10"], words, tmp=home)
 
 
 @pytest.mark.parametrize("record, words", [

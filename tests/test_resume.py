@@ -15,6 +15,7 @@ import yaml
 from digits_runs import refused, run
 from helpers import BatchHook
 
+import cstar
 from cstar import CstarError, data
 from cstar._core.signals import Interrupted
 from cstar.cli import main
@@ -63,12 +64,11 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(uninterrupted
     _wait_for(out / "checkpoint.pt", proc)  # epoch 1 done: the kill lands inside epoch 2
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "model.pt").exists(), "the run ended before it could be killed"
+    assert not (out / "model").exists(), "the run ended before it could be killed"
     assert main([*TRAIN, "--out", str(out), "--resume"]) == 0
     assert without_timings(read_jsonl(out / "metrics.jsonl")) == without_timings(
         read_jsonl(uninterrupted / "metrics.jsonl"))
-    a = torch.load(uninterrupted / "model.pt", weights_only=True)["model"]
-    b = torch.load(out / "model.pt", weights_only=True)["model"]
+    a, b = (cstar.load(p / "model").state_dict() for p in (uninterrupted, out))
     assert same_weights(a, b)
     ra, rb = (json.loads((p / "results.json").read_text()) for p in (uninterrupted, out))
     assert (ra["clean_acc"], ra["pgd5_acc"]) == (rb["clean_acc"], rb["pgd5_acc"])

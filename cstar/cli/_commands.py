@@ -14,9 +14,10 @@ import torch
 
 from .. import data, distributed
 from .._core.errors import CstarError
-from .._core.io import save_checkpoint, write_json
+from .._core.io import write_json
 from ..evaluation.counting import count_flops, count_params, format_table, layer_table
 from ..evaluation.evaluate import attack_specs, evaluate, format_results
+from ..files.serialize import check_savable, check_save_target, record_trained_on, save
 from ..training.fit import fit
 from . import _inputs as inputs
 from . import _runs as runs
@@ -31,6 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     eval_attacks = _checked_attacks(args.eval_attacks, "--eval-attacks", eps, args.eval_step)
     torch.manual_seed(args.seed)  # the initial weights
     model = inputs.build_model(args, train_set.spec, train_set.num_classes).to(device)
+    check_savable(model)  # a model that save() could not keep is refused before training, not after
     train_part, val = inputs.validation(train_set, test_set, args.val_size, config.check_size, device)
     if len(train_part) < config.batch_size * distributed.world_size():
         held_out = len(train_set) - len(train_part)
@@ -49,14 +51,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     history = fit(model, loader, config, val=val, out_dir=out, resume=args.resume)
     train_seconds = time.perf_counter() - t0
     if distributed.is_main():
-        save_checkpoint(out / "model.pt", {"model": model.state_dict(), "model_config": model.cstar_config,
-                                           "dataset": args.data, "eps": eps})
+        record_trained_on(model, args.data, eps)
+        save(model, out / "model")
     result = evaluate(model, test_set, eval_attacks, eps=eps, step=args.eval_step, n=args.eval_n,
                       seed=args.seed, out_path=out / "results.json",
                       meta={"model": args.model, "dataset": args.data, "attack": args.attack,
                             "epochs_run": len(history), "train_seconds": round(train_seconds, 1)})
     print(format_results({f"{args.model} ({args.attack})": result}))
-    print(f"trained in {train_seconds / 60:.1f} min; results in {out / 'results.json'}, model in {out / 'model.pt'}")
+    print(f"trained in {train_seconds / 60:.1f} min; results in {out / 'results.json'}, model in {out / 'model'}")
     return 0
 
 
@@ -77,8 +79,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, seed=args.seed, out_path=args.json, progress=True,
                       resume=args.resume, per_example=args.per_example,
                       meta={"model": model.cstar_config["name"], "dataset": name, "checkpoint": str(args.checkpoint)})
-    path = Path(args.checkpoint)
-    print(format_results({(path.name if path.is_dir() else path.parent.name) or "model": result}))
+    path = Path(args.checkpoint)  # a run's model (model, model.pt) is named by its run
+    label = path.parent.name if path.is_file() or path.name == "model" else path.name
+    print(format_results({label or "model": result}))
     print(f"{result['subset']} of the {name} test set, eps={eps:.4g}; seconds per attack: {result['seconds']}")
     return 0
 
@@ -142,7 +145,6 @@ def cmd_ranks(args: argparse.Namespace) -> int:
 
 def cmd_decompose(args: argparse.Namespace) -> int:
     from ..lowrank import RankPlan, decompose, select_ranks
-    from ..files.serialize import check_save_target, save
 
     if not args.force:
         runs.refuse_overwrite(args.out, "--out")

@@ -105,18 +105,23 @@ def build_model(args: argparse.Namespace, spec: data.DatasetSpec, num_classes: i
 
 def model_and_state(args: argparse.Namespace, path: str, where: torch.device, spec: data.DatasetSpec | None = None,
                     num_classes: int | None = None) -> tuple[torch.nn.Module, dict | None]:
-    """(model, checkpoint dict) of ``path``: a cstar.save directory (``{}``), a checkpoint ``cstar train`` wrote,
+    """(model, what it records of its training) of ``path``: a cstar.save directory (the ``model`` of ``cstar
+    train`` or ``compress``), the ``model.pt`` an older ``cstar train`` wrote (or a training ``checkpoint.pt``),
     or, with ``--model FACTORY``, weights trained elsewhere (any file :func:`cstar.load_weights` reads) or a save
-    of the user's own class (None), loaded into a fresh ``--model`` for ``spec``'s images (``--data``)."""
+    of the user's own class, loaded into a fresh ``--model`` for ``spec``'s images (``--data``). The record is
+    ``{"dataset", "eps"}`` as far as recorded (a save's ``cstar_trained_on`` attribute, a model.pt's entries;
+    ``{}`` when none), None for weights trained elsewhere."""
     if Path(path).is_dir():
         if is_external(args.model) and is_unbuilt_class(path):  # the user's own network, saved as it is
             return own_model(args, path, where, spec, num_classes), None
         _no_normalize(args, path)
-        return load_save(path, where, args.model), {}
+        model = load_save(path, where, args.model)
+        return model, dict(getattr(model, "cstar_trained_on", {}))  # a mapping: checked by load
     state = read_weights_file(path)
-    if isinstance(state, dict) and "model_config" in state and "model" in state:  # what 'cstar train' writes
+    if isinstance(state, dict) and "model_config" in state and "model" in state:  # an older model.pt, a checkpoint.pt
         _no_normalize(args, path)
-        return model_of_checkpoint(state, path, named=args.model).to(where), state
+        model = model_of_checkpoint(state, path, named=args.model).to(where)
+        return model, {key: state[key] for key in ("dataset", "eps") if key in state}
     if not args.model:
         raise CstarError(f"{path} holds weights without cstar's model description: name the model they belong to "
                          "with --model package.module:factory (and --data for its images)")
@@ -172,8 +177,8 @@ def _model_and_dataset(args: argparse.Namespace, where: torch.device, spec: data
 
 
 def trained_on(path: str, state: dict | None) -> tuple[str | None, str | None]:
-    """(dataset, data root) that a checkpoint of 'cstar train' (its dict ``state``; ``{}`` for a save) or the
-    run beside it (its config.yaml) records, each checked to be a plain name or path; (None, None) for weights
+    """(dataset, data root) that a model of cstar (its training record ``state``, see :func:`model_and_state`) or
+    the run beside it (its config.yaml) records, each checked to be a plain name or path; (None, None) for weights
     trained elsewhere (``state`` None), whose folder's files are not cstar's to read."""
     if state is None:
         return None, None

@@ -167,8 +167,8 @@ def _pipeline_options(p: argparse.ArgumentParser, title: str):
     """The options compress and compare share (starting model, data, training attack, held-out and
     evaluation settings); returns the argument group ``title`` for the command's own options."""
     p.add_argument("--checkpoint", default=None,
-                   help="dense robust model to start from (model.pt of 'cstar train', or a cstar.save directory); "
-                        "without it, one is trained")
+                   help="dense robust model to start from (the model directory of 'cstar train', any cstar.save "
+                        "directory, or an older run's model.pt); without it, one is trained")
     _model_options(p)
     _data_options(p)
     g = p.add_argument_group(title)
@@ -251,7 +251,8 @@ def _train(sub) -> None:
 def _eval(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint under attack",
                         description="Clean, FGSM, PGD-k and AutoAttack accuracy of a saved model.")
-    ev.add_argument("checkpoint", help="model.pt / checkpoint.pt of 'cstar train', or a cstar.save directory")
+    ev.add_argument("checkpoint", help="the model directory of 'cstar train' or 'compress' (any cstar.save directory), "
+                                       "an older run's model.pt, or a checkpoint.pt")
     _factory_option(ev)
     _data_options(ev)
     ev.add_argument("--attacks", default="clean,pgd20", help="comma-separated: clean, fgsm, pgdK, aa (default: clean,pgd20)")
@@ -343,7 +344,8 @@ def _decompose(sub) -> None:
     dc = sub.add_parser("decompose", help="factorise a dense model by a rank plan (no training)",
                         description="Select ranks for a ratio (or read a plan) and write the factorised model "
                                     "(cstar.save format). This is post-hoc low-rank compression, without ADMM.")
-    dc.add_argument("checkpoint", help="the dense model: model.pt of 'cstar train' or a cstar.save directory")
+    dc.add_argument("checkpoint", help="the dense model: the model directory of 'cstar train' (any cstar.save "
+                                       "directory) or an older run's model.pt")
     _factory_option(dc, data=True)
     g = dc.add_argument_group("rank plan")
     _plan_options(g, ratio_default=None)

@@ -106,6 +106,28 @@ def check_save_target(path: str | os.PathLike) -> None:
         raise CstarError(f"save target {path} is a non-empty directory that is not a cstar model: choose a new path")
 
 
+def _described(model: nn.Module, source: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """(architecture, unique tensors, tied aliases) of ``model``, checked to rebuild it: a model whose modules are
+    not described by their constructor arguments alone is refused."""
+    architecture = describe_architecture(model)
+    unique, tied = _split_tied(model.state_dict())
+    check = rebuild(architecture, source, copy.deepcopy(model) if architecture["kind"] == "replay" else None)
+    _retie(check, tied, source)
+    problem = state_mismatch(check, {k: v.shape for k, v in unique.items()}, tied)
+    if problem:
+        raise CstarError(
+            f"cannot save this {type(model).__name__}: its modules are not described by their constructor "
+            f"arguments alone ({problem}); use export(model, path, format='torchscript')"
+        )
+    return architecture, unique, tied
+
+
+def check_savable(model: nn.Module) -> None:
+    """Refuse now a ``model`` that :func:`save` could not write (e.g. before training it, so that a run does not
+    end unable to keep its result); nothing is written."""
+    _described(model, Path(MODEL_JSON))
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save ``model`` to directory ``path`` (``model.json`` + ``model.safetensors``); returns the path.
 
@@ -118,16 +140,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     check_save_target(path)
-    architecture = describe_architecture(model)
-    unique, tied = _split_tied(model.state_dict())
-    check = rebuild(architecture, path / MODEL_JSON, copy.deepcopy(model) if architecture["kind"] == "replay" else None)
-    _retie(check, tied, path / MODEL_JSON)
-    problem = state_mismatch(check, {k: v.shape for k, v in unique.items()}, tied)
-    if problem:
-        raise CstarError(
-            f"cannot save this {type(model).__name__}: its modules are not described by their constructor "
-            f"arguments alone ({problem}); use export(model, path, format='torchscript')"
-        )
+    architecture, unique, tied = _described(model, path / MODEL_JSON)
     weights = safetensors.torch.save(unique, metadata={"format": FORMAT})
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -146,6 +159,12 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "weights": {"file": WEIGHTS, "sha256": hashlib.sha256(weights).hexdigest()},
     })
     return path
+
+
+def record_trained_on(model: nn.Module, dataset: str | None, eps: float) -> None:
+    """Record on ``model`` the dataset name and L-inf ``eps`` it was (last) adversarially trained on, as its
+    ``cstar_trained_on`` attribute: :func:`save` keeps it, and ``cstar eval`` evaluates there by default."""
+    model.cstar_trained_on = {"dataset": dataset, "eps": eps}
 
 
 def _read_record(path: Path) -> dict:
@@ -184,11 +203,16 @@ def _read_record(path: Path) -> dict:
 
 
 def _check_attributes(attributes: dict, source: Path) -> None:
-    """The ``cstar_*`` attributes that cstar reads back (config, factorised layers) have the shapes it wrote."""
+    """The ``cstar_*`` attributes that cstar reads back (config, what it was trained on, factorised layers) have the
+    shapes it wrote."""
     config = attributes.get("cstar_config")
     if config is not None and not (isinstance(config, dict) and isinstance(config.get("name"), str)):
         raise CstarError(f"{source}: the cstar_config attribute is {short(config)}, not a model description: the file "
                          "is corrupt or crafted; save the model again")
+    trained_on = attributes.get("cstar_trained_on", {})
+    if not isinstance(trained_on, dict):
+        raise CstarError(f"{source}: the cstar_trained_on attribute is {short(trained_on)}, not a mapping of dataset "
+                         "and eps: the file is corrupt or crafted; save the model again")
     lowrank = attributes.get("cstar_lowrank", {})
     if not isinstance(lowrank, dict) or not all(
             isinstance(layer, dict) and isinstance(layer.get("kind"), str) and isinstance(layer.get("ranks"), list)
@@ -251,7 +275,8 @@ def is_unbuilt_class(path: str | os.PathLike) -> bool:
 
 def model_of_checkpoint(state: dict, source: str | os.PathLike, *, named: str | None = None,
                         model: nn.Module | None = None) -> nn.Module:
-    """The model of a checkpoint ``cstar train`` wrote (``{"model": state dict, "model_config": ...}``).
+    """The model of a checkpoint ``cstar train`` wrote (``model.pt``, ``{"model": state dict, "model_config": ...}``;
+    it now writes a save directory, ``model``).
 
     Its description is checked first (:func:`cstar.models._recorded.recorded_config`): a registered model is
     built from it, a factory's only when the user ``named`` that factory or passes ``model``, a fresh instance;
@@ -292,15 +317,15 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
     ``model``: a freshly built instance of the saved class, built as the saved
     one was (e.g. ``torchvision.models.resnet50(num_classes=10)``); the
     recorded layers replace its own (factorised layers, pruned channels), then
-    the weights are loaded into it and it is returned. ``path`` may also be a
-    checkpoint ``cstar train`` wrote (``model.pt``): its recorded model is
-    built (a factory's only into ``model``). Only JSON, safetensors and
+    the weights are loaded into it and it is returned. ``path`` may also be the
+    checkpoint ``model.pt`` that ``cstar train`` wrote before it wrote a save
+    (``model``): its recorded model is built (a factory's only into ``model``). Only JSON, safetensors and
     ``weights_only`` checkpoints are read. Raises :class:`CstarError` for a path that is not a
     cstar save, an unknown format version or class, a missing or different
     ``model``, or weights that are corrupt, truncated or do not match the architecture.
     """
     path = Path(path)
-    if path.is_file():  # a checkpoint 'cstar train' wrote (model.pt): tensors and plain values only
+    if path.is_file():  # the model.pt of an older 'cstar train': tensors and plain values only
         state = load_checkpoint(path, map_location="cpu")
         return model_of_checkpoint(state, path, model=model).to(map_location).eval()
     record = _read_record(path)

@@ -48,7 +48,7 @@ from .admm import ADMMConfig
 from ..evaluation.counting import count_flops, count_params
 from ..lowrank import select_ranks
 from ..evaluation.evaluate import attack_settings, attack_specs, describe_attacks, evaluate, subset_label
-from ..files.serialize import load, save
+from ..files.serialize import load, record_trained_on, save
 from ..training.fit import TrainConfig
 
 # the default methods (the equal-MACs variants and methods registered later are opt-in: compressors.names())
@@ -121,10 +121,10 @@ def cell_name(method: str, ratio: float) -> str:
     return "dense" if method == "dense" else f"{method}-{ratio:g}x"
 
 
-def _load_cell(cell: Path, dense: nn.Module) -> nn.Module:
-    """The model a cell saved in ``cell/model``; a copy of ``dense`` is the fresh instance that a model of a
-    class cstar cannot build is replayed on (see :func:`cstar.load`)."""
-    return load(cell / "model", model=copy.deepcopy(dense))
+def _load_cell(cell: Path, row: dict, dense: nn.Module) -> nn.Module:
+    """The model that cell ``cell`` (its result ``row``) saved; a copy of ``dense`` is the fresh instance that a
+    model of a class cstar cannot build is replayed on (see :func:`cstar.load`)."""
+    return load(compressors.cell_model(cell, row), model=copy.deepcopy(dense))
 
 
 @torch.inference_mode()
@@ -256,7 +256,7 @@ def _reevaluate(row: dict, cell: Path, dense: nn.Module, test_set, config: Compa
                 device: torch.device, attacks_stale: bool, aa_stale: bool) -> dict:
     """A finished cell's row with its saved model evaluated again where the settings changed (nothing trained);
     ``eval_seconds`` adds up every evaluation of the cell."""
-    model = _load_cell(cell, dense).to(device)
+    model = _load_cell(cell, row, dense).to(device)
     t0 = time.perf_counter()
     row = dict(row)
     if attacks_stale:
@@ -296,6 +296,7 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
     if not pretrained:
         train_phase(dense, train_part, val, config.dense, out / "dense_train", resume=True, seed=seed,
                     name=f"{out.name} dense_train")
+        record_trained_on(dense, train_set.spec.name, config.dense.eps)
     dense_size = (count_params(dense), count_flops(dense, input_shape))
 
     cells = {}
@@ -326,17 +327,22 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
             distributed.barrier()
             log.info(f"{name}: running")
             if method == "dense":
-                model, seconds = copy.deepcopy(dense), {}
+                model, seconds, saved = copy.deepcopy(dense), {}, None
             else:
-                model, seconds = compressors.get(method)(compressors.Cell(
-                    dense, ratio, train_set, train_part, val, config.search, config.finetune, config.admm, cell, seed))
+                job = compressors.Cell(dense, ratio, train_set, train_part, val, config.search, config.finetune,
+                                       config.admm, cell, seed)
+                model, seconds = compressors.get(method)(job)
+                saved = job.model_dir  # where the method saved its model, if it did (cstar's compress does)
+                record_trained_on(model, train_set.spec.name, eps)
+            model_dir = compressors.recorded_model_dir(cell, saved)
             figures, per_example = _measure(model, dense_size, test_set, config, eps, input_shape)
-            row = {"method": method, "target_ratio": ratio, "train_seconds": seconds,
+            row = {"method": method, "target_ratio": ratio, "train_seconds": seconds, "model_dir": model_dir,
                    **({} if training is None else {"training": training}), **figures}
             if hasattr(model, "cstar_pruning"):  # e.g. how many channels HYDRA's scores moved
                 row["pruning"] = model.cstar_pruning
             if distributed.is_main():
-                save(model, cell / "model")
+                if saved is None:  # saved once: a model its method saved is not saved again
+                    save(model, cell / "model")
                 write_json(cell / "per_example.json", per_example)
                 write_json(result_path, row)  # last: its existence marks the cell done
             distributed.barrier()
@@ -345,8 +351,8 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
                      + f", {row['params_ratio']:.2f}x params")
 
     if config.latency_runs and distributed.is_main():  # all cells at once, interleaved: comparable under drifting load
-        latencies = batch1_latencies_ms({name: _load_cell(cells_dir / name, dense) for name in cells}, input_shape,
-                                        config.latency_runs)
+        saved = {name: _load_cell(cells_dir / name, row, dense) for name, row in cells.items()}
+        latencies = batch1_latencies_ms(saved, input_shape, config.latency_runs)
         for name, ms in latencies.items():
             cells[name]["latency_ms"] = round(ms, 3)
     results = {"config": config.to_dict(), "budget": config.budget_text(), "eps": eps, "cells": cells}

@@ -43,7 +43,7 @@ from ..evaluation.evaluate import attack_specs, evaluate
 from ..lowrank import RankPlan, RankSpec, decompose, select_ranks
 from ..models import normalization_of
 from .report import write_report
-from ..files.serialize import save
+from ..files.serialize import record_trained_on, save
 from ..training.fit import TrainConfig
 
 EVAL_PHASES = ("dense", "admm_projected", "final")
@@ -226,6 +226,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         factorised.cstar_compression = {"target_ratio": config.ratio, "budget": config.budget,
                                         "achieved_ratio": count_params(dense_model) / count_params(factorised),
                                         "plan_ratio": plan.ratio, "plan_macs_ratio": plan.flops_ratio}
+        record_trained_on(factorised, train_set.spec.name, config.finetune.eps)
         save(factorised, out / "model")
 
     # 6. evaluation

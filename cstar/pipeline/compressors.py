@@ -3,7 +3,8 @@
 A compressor turns the dense robust model into a compressed and adversarially
 trained one at a parameter ratio. It takes one :class:`Cell` (the dense model,
 the ratio, the data, the training settings, its own directory) and returns the
-trained model and the training seconds of its phases. Every compressor gets the
+trained model and the training seconds of its phases (a compressor that saved
+the model itself says where in ``cell.model_dir``). Every compressor gets the
 same budget: a first phase with ``cell.search`` settings (what it trains there
 is its own), then ``cell.finetune``. Adding a method is one function and one
 line, as timm registers models::
@@ -42,6 +43,7 @@ from torch import nn
 
 from .. import data, distributed, prune
 from .._core.errors import CstarError
+from ..models._recorded import short
 from .phases import train_phase, training_loader, training_seconds
 from .admm import ADMMConfig
 from .compress import CompressConfig, compress
@@ -61,6 +63,9 @@ class Cell:
     held-out rest (for the per-epoch check); ``search``, ``finetune`` and
     ``admm`` the comparison's settings; ``out_dir`` the cell's directory (a
     phase in ``out_dir/<phase>`` resumes from its checkpoint); ``seed`` the run's.
+    ``model_dir``: where the compressor saved the model it returns, when it did
+    (:func:`cstar.save`, inside ``out_dir``; cstar's saves ``out_dir/cstar/model``);
+    None (the default): compare saves it in ``out_dir/model``.
     """
 
     dense: nn.Module
@@ -73,6 +78,7 @@ class Cell:
     admm: ADMMConfig
     out_dir: Path
     seed: int
+    model_dir: Path | None = None
 
     @property
     def device(self):
@@ -99,6 +105,29 @@ class Cell:
         seconds = {"search": self.train(model, "search")}
         seconds["finetune"] = self.train(model, "finetune")
         return model, seconds
+
+
+def cell_model(cell: str | Path, row: dict) -> Path:
+    """The save directory of the model of finished cell ``cell``, whose ``result.json`` is ``row``: where its
+    ``model_dir`` says, inside the cell (``model``; ``cstar/model`` for CSTAR, where compress saved it),
+    ``cell/model`` for a row from before that record."""
+    place = row.get("model_dir", "model")
+    if not isinstance(place, str) or not place or Path(place).is_absolute() or ".." in Path(place).parts:
+        raise CstarError(f"{Path(cell) / 'result.json'} records the model_dir {short(place)}, not a path inside the "
+                         "cell: the file is corrupt or crafted; delete the cell's directory to train it again")
+    return Path(cell) / place
+
+
+def recorded_model_dir(cell: Path, saved: Path | None) -> str:
+    """What a cell's row records as its ``model_dir``: ``saved`` (where its compressor saved the model) relative
+    to the cell, else ``model``, where compare saves it."""
+    if saved is None:
+        return "model"
+    try:
+        return Path(saved).resolve().relative_to(cell.resolve()).as_posix()
+    except ValueError:
+        raise CstarError(f"the compressor of cell {cell.name} saved its model in {saved}, outside the cell's "
+                         f"directory {cell}: save it inside cell.out_dir") from None
 
 
 Compressor = Callable[[Cell], "tuple[nn.Module, dict[str, float]]"]
@@ -169,12 +198,14 @@ def check_names(methods: list[str], allow_dense: bool = False) -> None:
 
 def _cstar(cell: Cell, **target) -> tuple[nn.Module, dict[str, float]]:
     """:func:`cstar.compress` of the dense model in ``out_dir/cstar`` at ``cell.ratio`` and ``target`` (budget
-    settings of :class:`cstar.CompressConfig`); the trained model and its phases' seconds."""
+    settings of :class:`cstar.CompressConfig`); the trained model (saved by compress: ``cell.model_dir``) and its
+    phases' seconds."""
     settings = CompressConfig(ratio=cell.ratio, admm_train=cell.search, finetune=cell.finetune, admm=cell.admm,
                               eval_phases=[], **target)
     phases = compress(cell.fresh_copy(), cell.train_set, None, settings, cell.out_dir / "cstar", pretrained=True,
                       resume=True, val_size=len(cell.train_set) - len(cell.train_part), seed=cell.seed)["phases"]
-    model = load(cell.out_dir / "cstar" / "model", model=cell.fresh_copy()).to(cell.device)
+    cell.model_dir = cell.out_dir / "cstar" / "model"
+    model = load(cell.model_dir, model=cell.fresh_copy()).to(cell.device)
     return model, {"search": phases["admm"]["seconds"], "finetune": phases["finetune"]["seconds"]}
 
 
