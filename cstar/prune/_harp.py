@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from .._core.checks import flag, number
-from .._core.errors import CstarError
 from ..training.fit import TrainConfig, TrainHook, fit
 from ._budget import CostModel, check_budget, fit_counts
 from ._group import ChannelGroup, default_input_shape
