@@ -17,7 +17,7 @@ The public API, by concept (each lives in one module, see docs/DESIGN.md):
   :func:`optimize_for_inference`;
   :func:`full_float32` (TF32 off, for exactness checks on GPUs)
 - pruning baselines: :mod:`cstar.prune` (``find_groups``, ``prune_channels``,
-  ``magnitude_prune``, ``hydra_prune``, ``robust_prune``)
+  ``magnitude_prune``, ``hydra_prune``, ``harp_prune``, ``robust_prune``)
 - multi-process runs (torchrun, DDP): :mod:`cstar.distributed`
 - records of runs and measurements for scripts (atomic files, the machine, comparisons): :mod:`cstar.records`
 """
@@ -37,8 +37,8 @@ from .inference import fold_batchnorm, optimize_for_inference
 from .lowrank import (LayerPlan, LowRankConv1x1, LowRankLinear, RankPlan, RankSpec, Tucker2Conv2d, decompose,
                       layer_sensitivity, mode_spectra, select_ranks, svd_factors, svd_project, tucker2,
                       tucker2_project)
-from .prune import (ChannelGroup, ChannelMask, ChannelPlan, ScoredModel, channel_scores, find_groups, hydra_prune,
-                    learn_channel_scores, magnitude_prune, prune_channels, robust_prune, select_channels)
+from .prune import (ChannelGroup, ChannelMask, ChannelPlan, ScoredModel, channel_scores, find_groups, harp_prune,
+                    hydra_prune, learn_channel_scores, magnitude_prune, prune_channels, robust_prune, select_channels)
 from .files.export import export
 from .files.serialize import load, save
 from .files.weights import load_weights
@@ -50,7 +50,8 @@ __all__ = [
     "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "channel_scores", "compare", "compress", "compressors",
     "count_flops",
     "count_params", "data", "decompose", "distributed", "evaluate", "export", "find_groups", "fit",
-    "fold_batchnorm", "full_float32", "hydra_prune", "layer_sensitivity", "layer_table", "learn_channel_scores", "load", "load_weights",
+    "fold_batchnorm", "full_float32", "harp_prune",
+    "hydra_prune", "layer_sensitivity", "layer_table", "learn_channel_scores", "load", "load_weights",
     "magnitude_prune",
     "mode_spectra", "models", "optimize_for_inference", "paired_difference", "prune", "prune_channels", "records",
     "robust_prune", "save", "select_channels", "select_ranks", "svd_factors", "svd_project", "tucker2",

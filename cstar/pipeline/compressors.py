@@ -19,7 +19,8 @@ line, as timm registers models::
 after which ``compare(..., CompareConfig(methods=["dense", "l1_channels"]))``
 runs it beside the built-in ones (listed by :func:`names`): ``cstar`` (ADMM
 under the rank constraints, then the exact decomposition), ``hydra`` (channel
-scores learned on the adversarial loss, weights frozen), ``magnitude`` (channels
+scores learned on the adversarial loss, weights frozen), ``harp`` (HYDRA with each
+layer's keep rate learned as well), ``magnitude`` (channels
 pruned by filter norm), ``lowrank_global`` / ``lowrank_uniform`` (post-hoc
 decomposition with global / uniform ranks), ``cstar_equal_macs`` /
 ``lowrank_equal_macs``: the low-rank methods held to the parameter ratio and,
@@ -223,17 +224,24 @@ def cstar_admm(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     return _cstar(cell)
 
 
-@register("hydra")
-def hydra(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
-    """Channel scores learned on the adversarial loss with the weights frozen (``search``), the lowest-scored
-    channels removed, then the weights fine-tuned."""
+def learned_pruning(cell: Cell, prune_function: Callable) -> tuple[nn.Module, dict[str, float]]:
+    """``prune_function(model, loader, ratio, config, ...)`` (a pruning learned with the weights frozen, as
+    :func:`cstar.prune.hydra_prune`) run resumably with the ``search`` settings in ``out_dir/search``, then the
+    weights fine-tuned."""
     loader = training_loader(cell.train_part, cell.search, cell.device, cell.seed)
-    model = prune.hydra_prune(cell.fresh_copy(), loader, cell.ratio, cell.search, val=cell.val,
-                              out_dir=cell.out_dir / "search", resume=True, teacher=cell.dense)
+    model = prune_function(cell.fresh_copy(), loader, cell.ratio, cell.search, val=cell.val,
+                           out_dir=cell.out_dir / "search", resume=True, teacher=cell.dense)
     log = cell.out_dir / "search" / "metrics.jsonl"  # rank 0's; other nodes may not see it (their figure is unused)
     history = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     seconds = {"search": round(training_seconds(history), 1), "finetune": cell.train(model, "finetune")}
     return model, seconds
+
+
+@register("hydra")
+def hydra(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
+    """Channel scores learned on the adversarial loss with the weights frozen (``search``), the lowest-scored
+    channels removed, then the weights fine-tuned."""
+    return learned_pruning(cell, prune.hydra_prune)
 
 
 @register("magnitude")
@@ -297,3 +305,10 @@ def lowrank_sensitivity(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     model = cell.fresh_copy()
     return cell.train_weights(decompose(model, select_ranks(model, cell.ratio,
                                                             layer_weights=dense_sensitivity(cell))))
+
+
+@register("harp")
+def harp(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
+    """HARP: each layer's keep rate learned with the channel scores on the adversarial loss under a size penalty,
+    weights frozen (``search``); the channels at the learned rates kept, then the weights fine-tuned."""
+    return learned_pruning(cell, prune.harp_prune)

@@ -10,17 +10,20 @@
 - :class:`ScoredModel`, :func:`learn_channel_scores`, :func:`hydra_prune`,
   :func:`robust_prune`: scores learned on the adversarial loss, structured
   HYDRA (``_hydra.py``).
+- :func:`harp_prune`: HARP, the keep rate of every group learned with the
+  scores under a size penalty (``_harp.py``).
 """
 
 from ._budget import ChannelPlan, select_channels
 from ._find import find_groups
 from ._group import ChannelGroup
+from ._harp import harp_prune
 from ._hydra import ScoredModel, hydra_prune, learn_channel_scores, robust_prune
 from ._magnitude import channel_scores, magnitude_plan, magnitude_prune
 from ._surgery import ChannelMask, keep_masks, prune_channels
 
 __all__ = [
-    "ChannelGroup", "ChannelMask", "ChannelPlan", "ScoredModel", "channel_scores", "find_groups", "hydra_prune",
-    "keep_masks", "learn_channel_scores", "magnitude_plan", "magnitude_prune", "prune_channels", "robust_prune",
+    "ChannelGroup", "ChannelMask", "ChannelPlan", "ScoredModel", "channel_scores", "find_groups", "harp_prune",
+    "hydra_prune", "keep_masks", "learn_channel_scores", "magnitude_plan", "magnitude_prune", "prune_channels", "robust_prune",
     "select_channels",
 ]

@@ -25,7 +25,7 @@ from torch import nn
 from .._core.errors import CstarError, check_options
 from ..evaluation.counting import count_params
 from ..training.fit import TrainConfig, fit
-from ._budget import normalise_scores
+from ._budget import ChannelPlan, normalise_scores
 from ._group import ChannelGroup
 from ._magnitude import channel_scores, magnitude_plan, magnitude_prune
 from ._surgery import ChannelMask, prune_channels
@@ -58,15 +58,19 @@ class ScoredModel(nn.Module):
         device = next(model.parameters()).device
         self.scores = nn.ParameterDict({str(g): nn.Parameter(torch.as_tensor(init[g]).detach().float().to(device))
                                         for g in self.counts})
-        self.initial_keep = self.keep()  # the channels the initial scores would keep
+        self.initial_keep = self.keep(self.counts)  # the channels the initial scores keep
         self._mask = ChannelMask(model, self.groups)
         self.cstar_config = getattr(model, "cstar_config", None)
 
+    def kept_counts(self) -> dict[int, int]:
+        """Group id -> how many channels the masks keep now (``counts``)."""
+        return self.counts
+
     def masks(self) -> dict[int, torch.Tensor]:
         """Group id -> hard 0/1 top-k mask in the forward pass, identity gradient to the scores in the backward."""
-        out = {}
+        out, counts = {}, self.kept_counts()
         for key, score in self.scores.items():
-            hard = torch.zeros_like(score).index_fill_(0, _top(score, self.counts[int(key)]), 1.0)
+            hard = torch.zeros_like(score).index_fill_(0, _top(score, counts[int(key)]), 1.0)
             out[int(key)] = hard + (score - score.detach())
         return out
 
@@ -74,19 +78,22 @@ class ScoredModel(nn.Module):
         self._mask.masks = self.masks()
         return self.model(x)
 
-    def keep(self) -> dict[int, torch.Tensor]:
-        """Group id -> sorted indices of the current top-k channels."""
-        return {int(key): _top(score, self.counts[int(key)]).sort().values.cpu() for key, score in self.scores.items()}
+    def keep(self, counts: Mapping[int, int] | None = None) -> dict[int, torch.Tensor]:
+        """Group id -> sorted indices of the top-``counts[g]`` channels by the current scores (default: the
+        current top-k, :meth:`kept_counts`)."""
+        counts = self.kept_counts() if counts is None else counts
+        return {int(key): _top(score, counts[int(key)]).sort().values.cpu() for key, score in self.scores.items()}
 
     def moved(self) -> int:
         """How many kept channels the training of the scores swapped in (0: the initial selection stands)."""
         return sum(len(set(k.tolist()) - set(self.initial_keep[g].tolist())) for g, k in self.keep().items())
 
-    def pruned(self) -> nn.Module:
-        """A physically pruned copy of ``model`` keeping :meth:`keep`, its weights trainable as before."""
+    def pruned(self, keep: Mapping[int, torch.Tensor] | None = None) -> nn.Module:
+        """A physically pruned copy of ``model`` keeping ``keep`` (default :meth:`keep`), its weights trainable as
+        before."""
         self._mask.remove()
         try:
-            result = prune_channels(self.model, self.keep(), self.groups)
+            result = prune_channels(self.model, self.keep() if keep is None else keep, self.groups)
         finally:
             self._mask = ChannelMask(self.model, self.groups)
         for name, p in result.named_parameters():
@@ -110,6 +117,20 @@ def learn_channel_scores(model: nn.Module, train_loader, ratio: float, config: T
     metrics and checkpoints; ``resume=True`` continues from its checkpoint;
     ``teacher`` for ``config.distill``). ``model`` is not modified.
     """
+    config, groups, plan, init = start_scores(model, ratio, config, input_shape=input_shape, norm=norm,
+                                              fold_bn=fold_bn, min_channels=min_channels, init_scale=init_scale,
+                                              graph=graph)
+    scored = ScoredModel(copy.deepcopy(model), groups, plan.counts, init)
+    fit(scored, train_loader, config, val=val, out_dir=out_dir, resume=resume, teacher=teacher)
+    return scored
+
+
+def start_scores(model: nn.Module, ratio: float, config: TrainConfig | None, *, input_shape: tuple[int, ...] | None,
+                 norm: int, fold_bn: bool, min_channels: int, init_scale: float, graph: str, budget: str = "params"
+                 ) -> tuple[TrainConfig, list[ChannelGroup], ChannelPlan, dict[int, torch.Tensor]]:
+    """(config, groups, magnitude plan at ``ratio`` of the ``budget`` measure, initial scores) of learned channel
+    scores, after checking ``config`` (None: ``TrainConfig()``) and ``init_scale`` (see
+    :func:`learn_channel_scores`)."""
     if config is None:
         config = TrainConfig()
     if not isinstance(config, TrainConfig):
@@ -117,12 +138,10 @@ def learn_channel_scores(model: nn.Module, train_loader, ratio: float, config: T
     if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not init_scale > 0:
         raise CstarError(f"init_scale must be a positive number, got {init_scale!r}")
     groups, plan = magnitude_plan(model, ratio, input_shape, norm, fold_bn=fold_bn, min_channels=min_channels,
-                                  graph=graph)
+                                  graph=graph, budget=budget)
     magnitude = channel_scores(model, groups, norm=norm, fold_bn=fold_bn)
     init = {g: normalise_scores(s).float() * float(init_scale) for g, s in magnitude.items()}
-    scored = ScoredModel(copy.deepcopy(model), groups, plan.counts, init)
-    fit(scored, train_loader, config, val=val, out_dir=out_dir, resume=resume, teacher=teacher)
-    return scored
+    return config, groups, plan, init
 
 
 def hydra_prune(model: nn.Module, train_loader, ratio: float, config: TrainConfig | None = None,
@@ -130,12 +149,13 @@ def hydra_prune(model: nn.Module, train_loader, ratio: float, config: TrainConfi
     """A copy of ``model`` pruned to the channels of learned scores (:func:`learn_channel_scores`, same options)."""
     scored = learn_channel_scores(model, train_loader, ratio, config, **options)
     pruned = scored.pruned()
-    _record(pruned, "hydra", ratio, model, channels_moved_by_scores=scored.moved(),
-            channels_kept=sum(scored.counts.values()))
+    record_pruning(pruned, "hydra", ratio, model, channels_moved_by_scores=scored.moved(),
+                   channels_kept=sum(scored.counts.values()))
     return pruned
 
 
-def _record(pruned: nn.Module, method: str, ratio: float, dense: nn.Module, **extra) -> None:
+def record_pruning(pruned: nn.Module, method: str, ratio: float, dense: nn.Module, **extra) -> None:
+    """Set ``pruned.cstar_pruning``: the method, target and achieved parameter ratio, parameters, and ``extra``."""
     params, dense_params = count_params(pruned), count_params(dense)
     pruned.cstar_pruning = {"method": method, "target_ratio": float(ratio), "ratio": dense_params / params,
                             "params": params, "dense_params": dense_params, **extra}

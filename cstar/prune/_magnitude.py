@@ -53,11 +53,13 @@ def channel_scores(model: nn.Module, groups: Sequence[ChannelGroup], norm: int =
 
 def magnitude_plan(model: nn.Module, ratio: float, input_shape: tuple[int, ...] | None = None, norm: int = 2, *,
                    fold_bn: bool = False, min_channels: int = 1, groups: Sequence[ChannelGroup] | None = None,
-                   graph: str = "fx") -> tuple[list[ChannelGroup], ChannelPlan]:
-    """(groups, :class:`ChannelPlan`) of magnitude pruning, without pruning (see :func:`magnitude_prune`)."""
+                   graph: str = "fx", budget: str = "params") -> tuple[list[ChannelGroup], ChannelPlan]:
+    """(groups, :class:`ChannelPlan`) of magnitude pruning, without pruning (see :func:`magnitude_prune`);
+    ``budget="macs"`` holds the MACs to the ratio instead of the parameters (:func:`select_channels`)."""
     groups = find_groups(model, input_shape, graph=graph) if groups is None else list(groups)
     scores = channel_scores(model, groups, norm=norm, fold_bn=fold_bn)
-    return groups, select_channels(model, groups, scores, ratio, min_channels=min_channels)
+    return groups, select_channels(model, groups, scores, ratio, min_channels=min_channels, budget=budget,
+                                   input_shape=input_shape)
 
 
 def magnitude_prune(model: nn.Module, ratio: float, input_shape: tuple[int, ...] | None = None, norm: int = 2, *,
