@@ -1,16 +1,22 @@
-"""Ranks learned on the adversarial loss (cstar.lowrank.learn_ranks)."""
+"""Ranks learned on the adversarial loss (cstar.lowrank.learn_ranks) and the compared methods built on them."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
 from archs import bottleneck_resnet
+from cstar import data
 from cstar._core.errors import CstarError
 from cstar.evaluation.counting import count_flops, count_params
 from cstar.lowrank import RankScoredModel, RankSpec, decompose, learn_ranks, select_ranks
+from cstar.pipeline import compressors
+from cstar.pipeline.compare import compare
 from cstar.training.fit import TrainConfig
+
+from test_compare import config, dense_model
 
 SHAPE = (3, 8, 8)
 SPECS = {"params": RankSpec(4, input_shape=SHAPE), "flops": RankSpec(3, budget="flops", input_shape=SHAPE),
@@ -127,3 +133,30 @@ def test_training_keeps_the_component_the_loss_needs():
 def test_bad_input_is_refused_in_one_line_before_any_training(ratio, settings, message):
     with pytest.raises(CstarError, match=message):
         learn_ranks(resnet(), random_batches(SHAPE, 10), ratio, settings)
+
+
+def test_both_learned_methods_run_through_compare_at_the_ratio(tmp_path):
+    train_set, test_set = data.load("digits", split="train").take(600), data.load("digits", split="test")
+    two_epochs = dataclasses.replace(config().search, epochs=2)
+    results = compare(dense_model(train_set), train_set, test_set,
+                      config(methods=["lowrank_learned", "cstar_learned"], search=two_epochs, latency_runs=0),
+                      tmp_path / "run", val_size=200)
+    cells = tmp_path / "run" / "cells"
+    for name in ("lowrank_learned-4x", "cstar_learned-4x"):
+        assert 4.0 <= results["cells"][name]["params_ratio"] <= 4.0 * 1.02
+        assert set(results["cells"][name]["train_seconds"]) == {"search", "finetune"}
+    assert len((cells / "lowrank_learned-4x" / "search" / "metrics.jsonl").read_text().splitlines()) == 2
+    # cstar_learned: one of the two search epochs learns the scores, the other is ADMM's, at the learned ranks
+    assert len((cells / "cstar_learned-4x" / "scores" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len((cells / "cstar_learned-4x" / "cstar" / "admm" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert '"method": "learned"' in (cells / "cstar_learned-4x" / "cstar" / "plan.json").read_text()
+
+
+def test_cstar_learned_refuses_a_search_phase_it_cannot_split(tmp_path):
+    train_set = data.load("digits", split="train")
+    cfg = config()  # one search epoch
+    cell = compressors.Cell(dense_model(train_set), 4.0, train_set, train_set, None, cfg.search, cfg.finetune,
+                            cfg.admm, tmp_path / "c", 0)
+    with pytest.raises(CstarError, match="use search epochs >= 2"):
+        compressors.get("cstar_learned")(cell)
+    assert not (tmp_path / "c").exists()
