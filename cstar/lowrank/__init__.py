@@ -5,6 +5,8 @@
 - :class:`RankSpec`: the target a plan must meet, validated once (``_spec.py``).
 - :func:`select_ranks` -> :class:`RankPlan` of :class:`LayerPlan`: the ranks of every
   layer for a target compression ratio (``_ranks.py``, ``_plan.py``).
+- :func:`learn_ranks` -> :class:`RankPlan`: ranks chosen by a score per rank component learned on the
+  adversarial loss with the weights frozen (:class:`RankScoredModel`; ``_learned.py``).
 - :func:`layer_sensitivity`: how much the adversarial loss depends on each layer, weights for a
   robustness-aware allocation (``RankSpec.layer_weights``; ``_sensitivity.py``).
 - :func:`decompose`: a copy of a model with every planned layer replaced by its
@@ -14,6 +16,7 @@
 
 from ._decompose import decompose
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
+from ._learned import RankScoredModel, learn_ranks
 from ._plan import LayerPlan, RankPlan
 from ._ranks import select_ranks
 from ._sensitivity import layer_sensitivity
@@ -21,6 +24,7 @@ from ._spec import RankSpec
 from ._tucker import mode_spectra, svd_factors, svd_project, tucker2, tucker2_project
 
 __all__ = [
-    "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankSpec", "Tucker2Conv2d", "decompose",
-    "layer_sensitivity", "mode_spectra", "select_ranks", "svd_factors", "svd_project", "tucker2", "tucker2_project",
+    "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankScoredModel", "RankSpec", "Tucker2Conv2d",
+    "decompose", "layer_sensitivity", "learn_ranks", "mode_spectra", "select_ranks", "svd_factors", "svd_project",
+    "tucker2", "tucker2_project",
 ]

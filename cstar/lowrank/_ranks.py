@@ -29,6 +29,10 @@ Costs are exact: parameters as :func:`cstar.evaluation.counting.count_params` co
 factorised model, MACs as :func:`cstar.evaluation.counting.count_flops` does (a Tucker-2
 layer's first 1x1 conv runs at the input resolution, its core and last conv at
 the output resolution; MAC multipliers come from one traced forward pass).
+
+:func:`allocation` sets up the problem (layers, costs, budget) once; learned
+ranks (``_learned.py``) run the same greedy on shares of learned scores in place
+of the energy shares (``_Layer.objective``).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from ..models import input_shape as input_shape_of
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ._plan import LayerPlan, RankPlan
 from ._spec import RankSpec
-from ._tucker import hosvd_energy, singular_energies
+from ._tucker import core_energies, energy_table, singular_energies
 
 _BISECTION_STEPS = 60
 _ENERGY_FLOOR = 1e-12  # log(0) guard for a layer whose leading components carry no energy
@@ -63,11 +67,13 @@ class _Layer:
     kind: str  # "tucker2" or "svd"
     shape: tuple[int, ...]
     dims: tuple[int, ...]  # the mode sizes: (C_out, C_in), or (min(out, in),)
+    blocks: torch.Tensor  # energies of the rank components, float64 on the CPU: (n,) singular, (C_out, C_in) core
     retained: np.ndarray  # retained energy share, indexed by ranks: shape (dims[0] + 1, ...)
     bias: int
     in_pos: int | None  # spatial positions the first factor runs at, summed over calls (None: no input shape)
     out_pos: int | None  # positions (rows, for a linear) of the output, summed over calls
     weight: float = 1.0  # how many times the layer's log-energy counts in the global objective
+    objective: np.ndarray | None = None  # the share the greedy maximises, like retained (None: retained itself)
     dense_params: int = field(init=False)
     dense_macs: int | None = field(init=False)
 
@@ -97,9 +103,9 @@ class _Layer:
         return 1.0 if ranks is None else float(self.retained[ranks])
 
 
-def _retained_svd(matrix: torch.Tensor) -> np.ndarray:
-    """[0, s_1, s_1 + s_2, ..., 1]: the share of ``||matrix||^2`` kept at each rank (all 1 for zero)."""
-    spectrum = singular_energies(matrix).double().cpu()
+def retained_svd(spectrum: torch.Tensor) -> np.ndarray:
+    """[0, s_1, s_1 + s_2, ..., 1]: the share of ``spectrum.sum()`` (squared singular values, descending, float64)
+    kept at each rank (all 1 for zero)."""
     total = float(spectrum.sum())
     if total <= 0:
         return np.ones(len(spectrum) + 1)
@@ -166,14 +172,18 @@ def _describe(name: str, module: nn.Module, positions: tuple[int, int] | None) -
     bias = 0 if module.bias is None else module.bias.numel()
     in_pos, out_pos = (None, None) if positions is None else positions
     if isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1):
-        return _Layer(name, "tucker2", tuple(weight.shape), tuple(weight.shape[:2]),
-                      hosvd_energy(weight).cpu().numpy(), bias, in_pos, out_pos)
-    retained = _retained_svd(weight.reshape(weight.shape[0], weight.shape[1]))
-    return _Layer(name, "svd", tuple(weight.shape), (len(retained) - 1,), retained, bias, in_pos, out_pos)
+        blocks = core_energies(weight).cpu()
+        return _Layer(name, "tucker2", tuple(weight.shape), tuple(weight.shape[:2]), blocks,
+                      energy_table(blocks).numpy(), bias, in_pos, out_pos)
+    spectrum = singular_energies(weight.reshape(weight.shape[0], weight.shape[1])).double().cpu()
+    return _Layer(name, "svd", tuple(weight.shape), (len(spectrum),), spectrum, retained_svd(spectrum), bias,
+                  in_pos, out_pos)
 
 
 def _log_energy(layer: _Layer, ranks: tuple[int, ...] | None) -> float:
-    return math.log(max(layer.energy(ranks), _ENERGY_FLOOR))
+    """The log of the share the greedy maximises (the retained energy, or ``layer.objective``) at ``ranks``."""
+    share = 1.0 if ranks is None else float((layer.retained if layer.objective is None else layer.objective)[ranks])
+    return math.log(max(share, _ENERGY_FLOOR))
 
 
 class _Allocator:
@@ -296,8 +306,47 @@ def select_ranks(model: nn.Module, ratio: float | RankSpec, *, budget: str = "pa
     return _plan(model, spec)
 
 
-def _plan(model: nn.Module, spec: RankSpec) -> RankPlan:
-    ratio, budget, flops_ratio, method = spec.ratio, spec.budget, spec.flops_ratio, spec.method
+@dataclass
+class Allocation:
+    """A model's rank-allocation problem for one :class:`RankSpec`: its compressible layers, the budget
+    bookkeeping (``allocator``) and what the plan records besides the ranks."""
+
+    spec: RankSpec
+    shape: tuple[int, ...] | None
+    layers: list[_Layer]
+    allocator: _Allocator
+    excluded: list[str]
+    skipped: dict[str, str]
+    dense: dict[str, int | None]  # whole-model "params" and "macs" (None without an input shape)
+    targets: tuple[float, ...]  # the ratio of each budget measure
+
+    def plan(self, states: list, method: str) -> RankPlan:
+        """The :class:`RankPlan` of the layers' ``states`` (ranks, or None for dense), recorded as ``method``."""
+        plans = {}
+        for layer, state in zip(self.layers, states):
+            plans[layer.name] = LayerPlan(
+                kind="dense" if state is None else layer.kind,
+                ranks=layer.dims if state is None else state,
+                dense_params=layer.dense_params, params=layer.params(state),
+                dense_macs=layer.dense_macs, macs=layer.macs(state),
+                energy=layer.energy(state), shape=layer.shape,
+            )
+        dense = self.dense
+        params = dense["params"] - sum(p.dense_params - p.params for p in plans.values())
+        macs = None if dense["macs"] is None else dense["macs"] - sum(p.dense_macs - p.macs for p in plans.values())
+        _check_near_target({"params": dense["params"] / params, "macs": None if macs is None else dense["macs"] / macs},
+                           self.allocator.measures, self.targets, self.layers, self.spec)
+        return RankPlan(
+            layers=plans, target=self.spec.ratio, budget=self.spec.budget, method=method, input_shape=self.shape,
+            excluded=self.excluded, skipped=self.skipped, dense_params=dense["params"], params=params,
+            dense_macs=dense["macs"], macs=macs, flops_target=self.spec.flops_ratio,
+        )
+
+
+def allocation(model: nn.Module, spec: RankSpec) -> Allocation:
+    """The allocation problem of ``model`` under ``spec``; raises :class:`CstarError` when the target is
+    unreachable (every layer at ``min_rank`` is still over budget) or names unknown layers."""
+    ratio, budget, flops_ratio = spec.ratio, spec.budget, spec.flops_ratio
     exclude = spec.exclude
     shape = spec.input_shape or input_shape_of(model)
     if shape is None and budget != "params":
@@ -330,26 +379,13 @@ def _plan(model: nn.Module, spec: RankSpec) -> RankPlan:
     smallest = allocator.at_fraction(0.0)
     if not allocator.fits(smallest):
         _raise_unreachable(allocator, smallest, dense, fixed, targets, excluded, exclude is None, spec.min_rank)
-    states = allocator.greedy() if method == "global" else allocator.uniform()
+    return Allocation(spec, shape, layers, allocator, excluded, skipped, dense, targets)
 
-    plans = {}
-    for layer, state in zip(layers, states):
-        plans[layer.name] = LayerPlan(
-            kind="dense" if state is None else layer.kind,
-            ranks=layer.dims if state is None else state,
-            dense_params=layer.dense_params, params=layer.params(state),
-            dense_macs=layer.dense_macs, macs=layer.macs(state),
-            energy=layer.energy(state), shape=layer.shape,
-        )
-    params = dense["params"] - sum(p.dense_params - p.params for p in plans.values())
-    macs = None if rows is None else dense["macs"] - sum(p.dense_macs - p.macs for p in plans.values())
-    _check_near_target({"params": dense["params"] / params, "macs": None if macs is None else dense["macs"] / macs},
-                       measures, targets, layers, spec)
-    return RankPlan(
-        layers=plans, target=ratio, budget=budget, method=method, input_shape=shape,
-        excluded=excluded, skipped=skipped, dense_params=dense["params"], params=params,
-        dense_macs=dense["macs"], macs=macs, flops_target=flops_ratio,
-    )
+
+def _plan(model: nn.Module, spec: RankSpec) -> RankPlan:
+    problem = allocation(model, spec)
+    allocator = problem.allocator
+    return problem.plan(allocator.greedy() if spec.method == "global" else allocator.uniform(), spec.method)
 
 
 def _check_near_target(achieved: dict, measures: tuple[str, ...], targets: tuple[float, ...], layers: list[_Layer],

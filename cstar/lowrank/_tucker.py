@@ -157,6 +157,32 @@ def singular_energies(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
 
 
+def core_energies(weight: torch.Tensor) -> torch.Tensor:
+    """The energy of every block of the core in the full HOSVD bases of a conv kernel.
+
+    ``weight`` (C_out, C_in, kh, kw) -> (C_out, C_in), float64, entry ``(j, k)``
+    ``||core[j, k]||^2`` for ``core = weight x0 u_out.T x1 u_in.T`` with the full
+    (descending) eigenbases of both unfoldings: the energy of output-mode
+    component j with input-mode component k. They sum to ``||weight||^2``.
+    """
+    work = _check_kernel(weight)
+    c_out, c_in = work.shape[:2]
+    u_out, u_in = _factors(work, c_out, c_in, 0)
+    return _core(work, u_out, u_in).double().square().sum((2, 3))
+
+
+def energy_table(blocks: torch.Tensor) -> torch.Tensor:
+    """Share of the total of ``blocks`` (C_out, C_in) in each leading (r_out, r_in) corner, at every rank pair.
+
+    -> (C_out + 1, C_in + 1), float64: ``E[r_out, r_in] = blocks[:r_out, :r_in].sum() / blocks.sum()``;
+    rows and columns 0 are 0 (all ones when the blocks sum to 0).
+    """
+    table = torch.zeros(blocks.shape[0] + 1, blocks.shape[1] + 1, dtype=torch.float64, device=blocks.device)
+    table[1:, 1:] = blocks.double().cumsum(0).cumsum(1)
+    total = table[-1, -1].clone()
+    return table / total if total > 0 else torch.ones_like(table)
+
+
 def hosvd_energy(weight: torch.Tensor) -> torch.Tensor:
     """Share of ``||weight||^2`` that the truncated HOSVD keeps, at every pair of ranks.
 
@@ -164,15 +190,10 @@ def hosvd_energy(weight: torch.Tensor) -> torch.Tensor:
     ``E[r_out, r_in] = ||core[:r_out, :r_in]||^2 / ||weight||^2`` for the core in
     the full (descending) eigenbases of both unfoldings: exactly the energy kept
     by ``tucker2_project(weight, (r_out, r_in))``. Rows and columns 0 are 0 and
-    ``E[C_out, C_in] = 1`` (all ones for a zero kernel).
+    ``E[C_out, C_in] = 1`` (all ones for a zero kernel). It is
+    ``energy_table(core_energies(weight))``.
     """
-    work = _check_kernel(weight)
-    c_out, c_in = work.shape[:2]
-    u_out, u_in = _factors(work, c_out, c_in, 0)
-    table = torch.zeros(c_out + 1, c_in + 1, dtype=torch.float64, device=work.device)
-    table[1:, 1:] = _core(work, u_out, u_in).double().square().sum((2, 3)).cumsum(0).cumsum(1)
-    total = table[-1, -1].clone()
-    return table / total if total > 0 else torch.ones_like(table)
+    return energy_table(core_energies(weight))
 
 
 def tucker2(weight: torch.Tensor, ranks: tuple[int, int], n_iter: int = 0

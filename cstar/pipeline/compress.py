@@ -121,15 +121,20 @@ def check_plan(model: nn.Module, config: CompressConfig) -> None:
 
 
 def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_dir: str | Path, *,
-             pretrained: bool = False, resume: bool = False, val_size: int = 1000, seed: int = 0) -> dict:
+             pretrained: bool = False, resume: bool = False, val_size: int = 1000, seed: int = 0,
+             plan: RankPlan | None = None) -> dict:
     """Run the CSTAR pipeline on ``model`` (trained in place) and return the results dict.
 
     ``train_set``/``test_set`` are :mod:`cstar.data` datasets. ``pretrained=True``
     skips dense training. The last ``val_size`` training images are held out for
     the per-epoch robustness check (of an image-folder dataset, the first
     ``val_size`` of its validation folder, ``test_set``). Files go to ``out_dir``
-    (see the module docstring).
+    (see the module docstring). ``plan``: ranks chosen beforehand (e.g. by
+    :func:`cstar.lowrank.learn_ranks`), recorded by the ranks phase instead of a selection.
     """
+    if plan is not None and not isinstance(plan, RankPlan):
+        raise CstarError(f"plan must be a cstar.RankPlan (from select_ranks or learn_ranks), got {type(plan).__name__}")
+    given = plan
     out = check_run(config, CompressConfig, train_set, test_set, out_dir, val_size, seed)
     config = with_data_eps(config, train_set.spec, ("dense", "admm_train", "finetune"))
     if config.eval_phases:  # bad attacks are refused, and a too-short step warned about, before any training
@@ -162,7 +167,8 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     # 2. ranks
     def ranks() -> tuple[RankPlan, dict]:
         t0 = time.perf_counter()
-        plan = distributed.broadcast_object(select_ranks(model, config.rank_spec()) if main else None)
+        chosen = given if given is not None else (select_ranks(model, config.rank_spec()) if main else None)
+        plan = distributed.broadcast_object(chosen)
         if main:
             plan.save(out / "plan.json")
         return plan, {"seconds": round(time.perf_counter() - t0, 2), "achieved_ratio": plan.ratio,

@@ -28,15 +28,19 @@ at once, to the MACs ratio that magnitude pruning reaches there (equal size
 and equal compute: pruning removes MACs faster than low rank does), and
 ``cstar_sensitivity`` / ``lowrank_sensitivity``: their global ranks weighed by
 each layer's sensitivity of the adversarial loss
-(:func:`cstar.lowrank.layer_sensitivity`), robustness-aware ranks.
+(:func:`cstar.lowrank.layer_sensitivity`), robustness-aware ranks; and
+``lowrank_learned`` / ``cstar_learned``: ranks learned on the adversarial loss
+(:func:`cstar.lowrank.learn_ranks`: a score per rank component, weights frozen),
+then post-hoc decomposition / ADMM at those ranks.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -49,7 +53,7 @@ from .phases import train_phase, training_loader, training_seconds
 from .admm import ADMMConfig
 from .compress import CompressConfig, compress
 from ..evaluation.counting import count_flops
-from ..lowrank import decompose, layer_sensitivity, select_ranks
+from ..lowrank import RankPlan, decompose, layer_sensitivity, learn_ranks, select_ranks
 from ..files.serialize import load
 from ..training.fit import TrainConfig
 
@@ -136,7 +140,7 @@ Compressor = Callable[[Cell], "tuple[nn.Module, dict[str, float]]"]
 # The built-in methods whose parameter ratio is a rank plan: compare checks that each ratio is reachable on the
 # dense model's layers before any work, as compress does (:func:`cstar.pipeline.compress.check_plan`).
 RANK_PLANNED = ("cstar", "lowrank_global", "lowrank_uniform", "cstar_equal_macs", "lowrank_equal_macs",
-                "cstar_sensitivity", "lowrank_sensitivity")
+                "cstar_sensitivity", "lowrank_sensitivity", "lowrank_learned", "cstar_learned")
 
 
 @dataclass(frozen=True)
@@ -197,14 +201,16 @@ def check_names(methods: list[str], allow_dense: bool = False) -> None:
                          "(or register one with cstar.compressors.register)")
 
 
-def _cstar(cell: Cell, **target) -> tuple[nn.Module, dict[str, float]]:
+def _cstar(cell: Cell, plan: RankPlan | None = None, search: TrainConfig | None = None,
+           **target) -> tuple[nn.Module, dict[str, float]]:
     """:func:`cstar.compress` of the dense model in ``out_dir/cstar`` at ``cell.ratio`` and ``target`` (budget
-    settings of :class:`cstar.CompressConfig`); the trained model (saved by compress: ``cell.model_dir``) and its
-    phases' seconds."""
-    settings = CompressConfig(ratio=cell.ratio, admm_train=cell.search, finetune=cell.finetune, admm=cell.admm,
-                              eval_phases=[], **target)
+    settings of :class:`cstar.CompressConfig`), with ``plan``'s ranks when given and ADMM trained with ``search``
+    (default ``cell.search``); the trained model (saved by compress: ``cell.model_dir``) and its phases' seconds."""
+    settings = CompressConfig(ratio=cell.ratio, admm_train=search or cell.search, finetune=cell.finetune,
+                              admm=cell.admm, eval_phases=[], **target)
     phases = compress(cell.fresh_copy(), cell.train_set, None, settings, cell.out_dir / "cstar", pretrained=True,
-                      resume=True, val_size=len(cell.train_set) - len(cell.train_part), seed=cell.seed)["phases"]
+                      resume=True, val_size=len(cell.train_set) - len(cell.train_part), seed=cell.seed,
+                      plan=plan)["phases"]
     cell.model_dir = cell.out_dir / "cstar" / "model"
     model = load(cell.model_dir, model=cell.fresh_copy()).to(cell.device)
     return model, {"search": phases["admm"]["seconds"], "finetune": phases["finetune"]["seconds"]}
@@ -231,10 +237,15 @@ def learned_pruning(cell: Cell, prune_function: Callable) -> tuple[nn.Module, di
     loader = training_loader(cell.train_part, cell.search, cell.device, cell.seed)
     model = prune_function(cell.fresh_copy(), loader, cell.ratio, cell.search, val=cell.val,
                            out_dir=cell.out_dir / "search", resume=True, teacher=cell.dense)
-    log = cell.out_dir / "search" / "metrics.jsonl"  # rank 0's; other nodes may not see it (their figure is unused)
+    return model, {"search": logged_seconds(cell.out_dir / "search"), "finetune": cell.train(model, "finetune")}
+
+
+def logged_seconds(out: Path) -> float:
+    """The training seconds a :func:`cstar.fit` run logged in ``out/metrics.jsonl`` (rank 0's; other nodes may
+    not see it, and their figure is unused)."""
+    log = out / "metrics.jsonl"
     history = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    seconds = {"search": round(training_seconds(history), 1), "finetune": cell.train(model, "finetune")}
-    return model, seconds
+    return round(training_seconds(history), 1)
 
 
 @register("hydra")
@@ -312,3 +323,40 @@ def harp(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     """HARP: each layer's keep rate learned with the channel scores on the adversarial loss under a size penalty,
     weights frozen (``search``); the channels at the learned rates kept, then the weights fine-tuned."""
     return learned_pruning(cell, prune.harp_prune)
+
+
+def learned_ranks(cell: Cell, settings: TrainConfig, out: Path) -> tuple[RankPlan, float]:
+    """Ranks of the dense model at ``cell.ratio`` learned on the adversarial loss (:func:`cstar.lowrank.learn_ranks`)
+    with ``settings``, resumably in ``out``, and the seconds they trained."""
+    loader = training_loader(cell.train_part, settings, cell.device, cell.seed)
+    plan = learn_ranks(cell.dense, loader, cell.ratio, settings, val=cell.val, out_dir=out, resume=True,
+                       teacher=cell.dense)
+    return plan, logged_seconds(out)
+
+
+@register("lowrank_learned")
+def lowrank_learned(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
+    """Ranks learned on the adversarial loss with the weights frozen (``search``), post-hoc decomposition at those
+    ranks, then fine-tuning of the factors."""
+    plan, seconds = learned_ranks(cell, cell.search, cell.out_dir / "search")
+    model = decompose(cell.fresh_copy(), plan).to(cell.device)
+    return model, {"search": seconds, "finetune": cell.train(model, "finetune")}
+
+
+SCORE_SHARE = 1 / 8  # the share of the search epochs (rounded up) in which cstar_learned learns its ranks
+
+
+@register("cstar_learned", settings=("search", "finetune", "admm"))
+def cstar_learned(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
+    """CSTAR at learned ranks: the scores learn in ``ceil(search.epochs / 8)`` of the ``search`` epochs, ADMM trains
+    under the learned ranks in the others (the same budget as every method), then the decomposition and
+    fine-tuning."""
+    epochs = cell.search.epochs
+    if epochs < 2 or cell.admm.reselect:
+        raise CstarError(f"cstar_learned splits the search epochs between its scores and ADMM and keeps its "
+                         f"learned ranks: use search epochs >= 2 (got {epochs}) and admm reselect 0 "
+                         f"(got {cell.admm.reselect})")
+    score_epochs = math.ceil(epochs * SCORE_SHARE)
+    plan, seconds = learned_ranks(cell, replace(cell.search, epochs=score_epochs), cell.out_dir / "scores")
+    model, phases = _cstar(cell, plan=plan, search=replace(cell.search, epochs=epochs - score_epochs))
+    return model, {**phases, "search": round(seconds + phases["search"], 1)}
