@@ -10,8 +10,11 @@
 - :func:`decompose`: a copy of a model with every planned layer replaced by its
   factorised form, :class:`Tucker2Conv2d`, :class:`LowRankConv1x1` or
   :class:`LowRankLinear` (``_decompose.py``, ``_layers.py``).
+- :func:`condition_numbers`, :func:`conditioning_penalty`: how well conditioned the factorised
+  layers are, and the penalty that keeps them so (``_condition.py``).
 """
 
+from ._condition import condition_numbers, conditioning_penalty
 from ._decompose import decompose
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ._plan import LayerPlan, RankPlan
@@ -21,6 +24,7 @@ from ._spec import RankSpec
 from ._tucker import mode_spectra, svd_factors, svd_project, tucker2, tucker2_project
 
 __all__ = [
-    "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankSpec", "Tucker2Conv2d", "decompose",
+    "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankSpec", "Tucker2Conv2d", "condition_numbers",
+    "conditioning_penalty", "decompose",
     "layer_sensitivity", "mode_spectra", "select_ranks", "svd_factors", "svd_project", "tucker2", "tucker2_project",
 ]
