@@ -26,7 +26,9 @@ at once, to the MACs ratio that magnitude pruning reaches there (equal size
 and equal compute: pruning removes MACs faster than low rank does), and
 ``cstar_sensitivity`` / ``lowrank_sensitivity``: their global ranks weighed by
 each layer's sensitivity of the adversarial loss
-(:func:`cstar.lowrank.layer_sensitivity`), robustness-aware ranks.
+(:func:`cstar.lowrank.layer_sensitivity`), robustness-aware ranks;
+``lowrank_conditioned``: ``lowrank_global`` trained with the factorised
+layers kept well conditioned (CondLR's idea; :func:`cstar.lowrank.conditioning_penalty`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -46,7 +48,7 @@ from .phases import train_phase, training_loader, training_seconds
 from .admm import ADMMConfig
 from .compress import CompressConfig, compress
 from ..evaluation.counting import count_flops
-from ..lowrank import decompose, layer_sensitivity, select_ranks
+from ..lowrank import condition_numbers, decompose, layer_sensitivity, select_ranks
 from ..files.serialize import load
 from ..training.fit import TrainConfig
 
@@ -106,7 +108,7 @@ Compressor = Callable[[Cell], "tuple[nn.Module, dict[str, float]]"]
 # The built-in methods whose parameter ratio is a rank plan: compare checks that each ratio is reachable on the
 # dense model's layers before any work, as compress does (:func:`cstar.pipeline.compress.check_plan`).
 RANK_PLANNED = ("cstar", "lowrank_global", "lowrank_uniform", "cstar_equal_macs", "lowrank_equal_macs",
-                "cstar_sensitivity", "lowrank_sensitivity")
+                "cstar_sensitivity", "lowrank_sensitivity", "lowrank_conditioned")
 
 
 @dataclass(frozen=True)
@@ -266,3 +268,22 @@ def lowrank_sensitivity(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     model = cell.fresh_copy()
     return cell.train_weights(decompose(model, select_ranks(model, cell.ratio,
                                                             layer_weights=dense_sensitivity(cell))))
+
+
+CONDITION_WEIGHT = 0.1  # lowrank_conditioned's penalty weight where the comparison's settings leave it at 0
+
+
+@register("lowrank_conditioned")
+def lowrank_conditioned(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
+    """``lowrank_global`` with both phases' ``condition_weight`` on (the settings', or :data:`CONDITION_WEIGHT`
+    where they leave it 0): factors near orthonormal, condition numbers bounded by ``max_condition``. The model's
+    ``cstar_conditioning`` holds each factorised layer's condition number before and after training."""
+    model = cell.fresh_copy()
+    model = decompose(model, select_ranks(model, cell.ratio, method="global")).to(cell.device)
+    before = condition_numbers(model)
+    conditioned = {phase: replace(settings, condition_weight=settings.condition_weight or CONDITION_WEIGHT)
+                   for phase, settings in (("search", cell.search), ("finetune", cell.finetune))}
+    model, seconds = replace(cell, **conditioned).train_weights(model)
+    model.cstar_conditioning = {"max_condition": cell.finetune.max_condition, "before": before,
+                                "after": condition_numbers(model)}
+    return model, seconds
