@@ -78,7 +78,7 @@ class TrainConfig:
     the condition number of each constrained weight's leading singular values
     (those its projection keeps). Each step it costs a QR of every factor and
     an SVD of every reduced core (of every constrained weight under ADMM),
-    which on a GPU wait for the host, as ``torch.linalg.svd`` does.
+    which on a GPU synchronise with the host, as ``torch.linalg.svd`` does.
     ``lr`` is the peak learning rate; ``warmup_epochs`` ramps it linearly first.
     ``amp`` trains under ``torch.autocast`` in ``amp_dtype``: "auto" (default)
     is bfloat16 on GPUs that support it (no loss scaling needed) and float16
