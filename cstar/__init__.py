@@ -10,7 +10,8 @@ The public API, by concept (each lives in one module, see docs/DESIGN.md):
 - counting: :func:`count_params`, :func:`count_flops`, :func:`layer_table`
 - low rank: :func:`tucker2`, :func:`tucker2_project`, :func:`svd_factors`,
   :func:`svd_project`, :class:`RankSpec`, :func:`select_ranks`, :func:`learn_ranks`
-  (:class:`RankScoredModel`), :func:`decompose`
+  (:class:`RankScoredModel`), :func:`decompose`; :func:`condition_numbers`,
+  :func:`conditioning_penalty` (well-conditioned factorised layers)
 - CSTAR: :func:`compress` with :class:`CompressConfig`; :class:`ADMM`
 - comparison with the baselines: :func:`compare` with :class:`CompareConfig`; the
   compression methods it runs: :mod:`cstar.compressors` (``register`` adds one)
@@ -36,8 +37,8 @@ from .evaluation.evaluate import evaluate, paired_difference
 from ._core.precision import full_float32
 from .inference import fold_batchnorm, optimize_for_inference
 from .lowrank import (LayerPlan, LowRankConv1x1, LowRankLinear, RankPlan, RankScoredModel, RankSpec, Tucker2Conv2d,
-                      decompose, layer_sensitivity, learn_ranks, mode_spectra, select_ranks, svd_factors, svd_project,
-                      tucker2, tucker2_project)
+                      condition_numbers, conditioning_penalty, decompose, layer_sensitivity, learn_ranks, mode_spectra,
+                      select_ranks, svd_factors, svd_project, tucker2, tucker2_project)
 from .prune import (ChannelGroup, ChannelMask, ChannelPlan, ScoredModel, channel_scores, find_groups, harp_prune,
                     hydra_prune, learn_channel_scores, magnitude_prune, prune_channels, robust_prune, select_channels)
 from .files.export import export
@@ -49,6 +50,7 @@ __all__ = [
     "ADMM", "ADMMConfig", "ChannelGroup", "ChannelMask", "ChannelPlan", "CompareConfig", "CompressConfig",
     "CstarError", "Interrupted", "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankScoredModel", "RankSpec", "ScoredModel", "TrainConfig",
     "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "channel_scores", "compare", "compress", "compressors",
+    "condition_numbers", "conditioning_penalty",
     "count_flops",
     "count_params", "data", "decompose", "distributed", "evaluate", "export", "find_groups", "fit",
     "fold_batchnorm", "full_float32", "harp_prune",

@@ -34,7 +34,8 @@ def design_example() -> str:
 def test_the_built_in_methods_are_registered_in_order():
     assert compressors.names() == ("cstar", "hydra", "magnitude", "lowrank_global", "lowrank_uniform",
                                    "cstar_equal_macs", "lowrank_equal_macs", "cstar_sensitivity",
-                                   "lowrank_sensitivity", "harp", "lowrank_learned", "cstar_learned")
+                                   "lowrank_sensitivity", "harp", "lowrank_learned", "cstar_learned",
+                                   "lowrank_conditioned")
     assert compressors.settings_of("cstar") == ("search", "finetune", "admm")
     assert compressors.settings_of("magnitude") == ("search", "finetune")
 

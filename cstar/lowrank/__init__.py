@@ -12,8 +12,11 @@
 - :func:`decompose`: a copy of a model with every planned layer replaced by its
   factorised form, :class:`Tucker2Conv2d`, :class:`LowRankConv1x1` or
   :class:`LowRankLinear` (``_decompose.py``, ``_layers.py``).
+- :func:`condition_numbers`, :func:`conditioning_penalty`: how well conditioned the factorised
+  layers are, and the penalty that keeps them so (``_condition.py``).
 """
 
+from ._condition import condition_numbers, conditioning_penalty
 from ._decompose import decompose
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ._learned import RankScoredModel, learn_ranks
@@ -25,6 +28,6 @@ from ._tucker import mode_spectra, svd_factors, svd_project, tucker2, tucker2_pr
 
 __all__ = [
     "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankScoredModel", "RankSpec", "Tucker2Conv2d",
-    "decompose", "layer_sensitivity", "learn_ranks", "mode_spectra", "select_ranks", "svd_factors", "svd_project",
-    "tucker2", "tucker2_project",
+    "condition_numbers", "conditioning_penalty", "decompose", "layer_sensitivity", "learn_ranks", "mode_spectra",
+    "select_ranks", "svd_factors", "svd_project", "tucker2", "tucker2_project",
 ]

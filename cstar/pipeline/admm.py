@@ -19,6 +19,15 @@ of the way to ``Z_l - U_l`` moved per step (at most 1). Under Adam the coupled
 penalty's gradient also enters the second-moment estimate, which shrinks the
 steps the adversarial loss gets as ``rho`` grows; the decoupled pull does not.
 
+With ``condition_weight`` > 0 the penalty also bounds how well conditioned the
+constrained layers are (as :class:`cstar.TrainConfig`'s ``condition_weight``
+bounds the factorised ones): ``condition_weight * sum_l relu(log(sigma_1 /
+sigma_r) - log(max_condition))^2`` over the ``r`` leading singular values of
+``W_l``'s (C_out, C_in*kh*kw) matricisation, ``r`` the planned rank (for
+Tucker-2, ``min(r_out, r_in*kh*kw)``): the part that the projection keeps
+(:func:`cstar.lowrank._condition.constrained_condition_penalty`; an SVD of
+each constrained weight every step). It stays in the loss when ``decoupled``.
+
 ``rho`` may grow by ``rho_growth`` at every Z-step up to ``rho_max``; ranks may be
 re-selected globally at the first ``reselect`` Z-steps. The primal residual
 ``||W_l - Z_l|| / ||W_l||`` of every layer is recorded at every Z-step. With
@@ -45,6 +54,8 @@ from .. import distributed
 from .._core.checks import check_fields, check_mapping, flag, integer, number
 from .._core.errors import CstarError, check_options
 from ..lowrank import RankPlan, RankSpec, select_ranks, svd_project, tucker2_project
+from ..lowrank._condition import constrained_condition_penalty
+from ..training.config import RULES as TRAIN_RULES
 from ..training.fit import TrainHook
 
 
@@ -107,13 +118,19 @@ class ADMM(TrainHook):
 
     ``steps_per_epoch`` sets the default interval. ``rank_spec`` (the
     :class:`cstar.lowrank.RankSpec` ``plan`` was made for) is needed only when
-    ``config.reselect > 0``.
+    ``config.reselect > 0``. ``condition_weight`` (default 0, off) and
+    ``max_condition`` bound the constrained layers' condition numbers (see the
+    module docstring; :func:`cstar.compress` passes its ADMM phase's training
+    settings of those names).
     """
 
     def __init__(self, model: nn.Module, plan: RankPlan, config: ADMMConfig, steps_per_epoch: int,
-                 rank_spec: RankSpec | None = None) -> None:
+                 rank_spec: RankSpec | None = None, *, condition_weight: float = 0.0,
+                 max_condition: float = 10.0) -> None:
         if config.reselect and rank_spec is None:
             raise CstarError("ADMM rank re-selection needs the RankSpec the plan was made for: pass rank_spec")
+        self.condition_weight = TRAIN_RULES["condition_weight"]("condition_weight", condition_weight)
+        self.max_condition = TRAIN_RULES["max_condition"]("max_condition", max_condition)
         self.config, self.rank_spec = config, rank_spec
         self.device = next(model.parameters()).device
         self.interval = config.interval or steps_per_epoch
@@ -151,11 +168,25 @@ class ADMM(TrainHook):
         return project(weight, layer.kind, layer.ranks, self.config.n_iter)
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
-        """``rho/2 * sum_l ||W_l - Z_l + U_l||^2`` (a differentiable scalar; None when decoupled)."""
-        if self.config.decoupled:
-            return None
-        total = sum((w - self.Z[n] + self.U[n]).pow(2).sum() for n, w in self._weights(model).items())
-        return 0.5 * self.rho * total
+        """``rho/2 * sum_l ||W_l - Z_l + U_l||^2`` (not when decoupled) plus the conditioning term (when
+        ``condition_weight``): a differentiable scalar, or None when both are off."""
+        terms = []
+        if not self.config.decoupled:
+            total = sum((w - self.Z[n] + self.U[n]).pow(2).sum() for n, w in self._weights(model).items())
+            terms.append(0.5 * self.rho * total)
+        if self.condition_weight:
+            terms.append(self.condition_weight * self.condition_penalty(model))
+        return sum(terms) if terms else None
+
+    def condition_penalty(self, model: nn.Module) -> torch.Tensor:
+        """``sum_l relu(log(sigma_1 / sigma_r) - log(max_condition))^2`` over the constrained layers, ``r`` each
+        one's planned rank of its (C_out, C_in*kh*kw) matricisation (unweighted)."""
+        terms = []
+        for name, w in self._weights(model).items():
+            layer = self.plan.layers[name]
+            rank = min(layer.ranks[0], layer.ranks[1] * w[0, 0].numel()) if layer.kind == "tucker2" else layer.ranks[0]
+            terms.append(constrained_condition_penalty(w, rank, self.max_condition))
+        return torch.stack(terms).sum()
 
     def after_step(self, model: nn.Module, step: int) -> None:
         if self.config.decoupled:

@@ -338,8 +338,9 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
             figures, per_example = _measure(model, dense_size, test_set, config, eps, input_shape)
             row = {"method": method, "target_ratio": ratio, "train_seconds": seconds, "model_dir": model_dir,
                    **({} if training is None else {"training": training}), **figures}
-            if hasattr(model, "cstar_pruning"):  # e.g. how many channels HYDRA's scores moved
-                row["pruning"] = model.cstar_pruning
+            for key in ("pruning", "conditioning"):  # what a method says of its model, e.g. HYDRA's moved channels
+                if hasattr(model, f"cstar_{key}"):
+                    row[key] = getattr(model, f"cstar_{key}")
             if distributed.is_main():
                 if saved is None:  # saved once: a model its method saved is not saved again
                     save(model, cell / "model")

@@ -181,7 +181,8 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     # 3. ADMM
     steps_per_epoch = len(training_loader(train_part, config.admm_train, "cpu", seed))  # counted, not moved
     admm = ADMM(model, plan, config.admm, steps_per_epoch,
-                rank_spec=config.rank_spec() if config.admm.reselect else None)
+                rank_spec=config.rank_spec() if config.admm.reselect else None,
+                condition_weight=config.admm_train.condition_weight, max_condition=config.admm_train.max_condition)
 
     def admm_train() -> tuple[None, dict]:
         history, seconds = train_phase(model, train_part, val, config.admm_train, out / "admm", resume, hooks=[admm],

@@ -31,7 +31,9 @@ each layer's sensitivity of the adversarial loss
 (:func:`cstar.lowrank.layer_sensitivity`), robustness-aware ranks; and
 ``lowrank_learned`` / ``cstar_learned``: ranks learned on the adversarial loss
 (:func:`cstar.lowrank.learn_ranks`: a score per rank component, weights frozen),
-then post-hoc decomposition / ADMM at those ranks.
+then post-hoc decomposition / ADMM at those ranks;
+``lowrank_conditioned``: ``lowrank_global`` trained with the factorised
+layers kept well conditioned (CondLR's idea; :func:`cstar.lowrank.conditioning_penalty`).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from .phases import train_phase, training_loader, training_seconds
 from .admm import ADMMConfig
 from .compress import CompressConfig, compress
 from ..evaluation.counting import count_flops
-from ..lowrank import RankPlan, decompose, layer_sensitivity, learn_ranks, select_ranks
+from ..lowrank import RankPlan, condition_numbers, decompose, layer_sensitivity, learn_ranks, select_ranks
 from ..files.serialize import load
 from ..training.fit import TrainConfig
 
@@ -140,7 +142,7 @@ Compressor = Callable[[Cell], "tuple[nn.Module, dict[str, float]]"]
 # The built-in methods whose parameter ratio is a rank plan: compare checks that each ratio is reachable on the
 # dense model's layers before any work, as compress does (:func:`cstar.pipeline.compress.check_plan`).
 RANK_PLANNED = ("cstar", "lowrank_global", "lowrank_uniform", "cstar_equal_macs", "lowrank_equal_macs",
-                "cstar_sensitivity", "lowrank_sensitivity", "lowrank_learned", "cstar_learned")
+                "cstar_sensitivity", "lowrank_sensitivity", "lowrank_learned", "cstar_learned", "lowrank_conditioned")
 
 
 @dataclass(frozen=True)
@@ -360,3 +362,22 @@ def cstar_learned(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     plan, seconds = learned_ranks(cell, replace(cell.search, epochs=score_epochs), cell.out_dir / "scores")
     model, phases = _cstar(cell, plan=plan, search=replace(cell.search, epochs=epochs - score_epochs))
     return model, {**phases, "search": round(seconds + phases["search"], 1)}
+
+
+CONDITION_WEIGHT = 0.1  # lowrank_conditioned's penalty weight where the comparison's settings leave it at 0
+
+
+@register("lowrank_conditioned")
+def lowrank_conditioned(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
+    """``lowrank_global`` with both phases' ``condition_weight`` on (the settings', or :data:`CONDITION_WEIGHT`
+    where they leave it 0): factors near orthonormal, condition numbers bounded by ``max_condition``. The model's
+    ``cstar_conditioning`` holds each factorised layer's condition number before and after training."""
+    model = cell.fresh_copy()
+    model = decompose(model, select_ranks(model, cell.ratio, method="global")).to(cell.device)
+    before = condition_numbers(model)
+    conditioned = {phase: replace(settings, condition_weight=settings.condition_weight or CONDITION_WEIGHT)
+                   for phase, settings in (("search", cell.search), ("finetune", cell.finetune))}
+    model, seconds = replace(cell, **conditioned).train_weights(model)
+    model.cstar_conditioning = {"max_condition": cell.finetune.max_condition, "before": before,
+                                "after": condition_numbers(model)}
+    return model, seconds

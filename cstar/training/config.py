@@ -14,6 +14,7 @@ from .._core import smoke as _smoke
 from .._core.checks import SEED, check_fields, check_mapping, flag, integer, number, one_of
 from .._core.errors import CstarError, check_options
 from .._core.renamed import renamed
+from ..lowrank._condition import MAX_CONDITION
 
 ATTACKS = ("pgd", "fgsm_rs", "nfgsm", "trades", "clean")
 SCHEDULES = ("cosine", "onecycle", "multistep", "constant")
@@ -35,6 +36,8 @@ RULES = {
     "distill": number(at_least=0, at_most=1, message="{what}={value!r} must be in [0, 1]: the weight of the "
                       "distillation term (0 turns it off)"),
     "distill_temperature": number(above=0, message="{what}={value!r} must be positive (1 keeps the logits)"),
+    "condition_weight": number(at_least=0, fix="the weight of the factorised layers' conditioning penalty (0: off)"),
+    "max_condition": MAX_CONDITION,
     "lr": number(above=0, fix="the peak learning rate, e.g. 0.1"),
     "momentum": number(at_least=0, at_most=1, fix="e.g. 0.9"), "weight_decay": number(at_least=0, fix="e.g. 5e-4"),
     "grad_clip": number(above=0, optional=True, fix="or omit it to turn clipping off"),
@@ -65,6 +68,17 @@ class TrainConfig:
     the teacher's soft labels taken on the clean batch and the student's on the
     attack's adversarial one; :func:`fit` needs ``teacher=`` (``compress`` and
     ``compare`` pass the dense model to every phase after it).
+    ``condition_weight`` (default 0, off) adds ``condition_weight *``
+    :func:`cstar.lowrank.conditioning_penalty` ``(model, max_condition)`` to the
+    loss: the factorised layers' factors kept near orthonormal and their
+    operators' condition numbers at ``max_condition`` (> 1, default 10) or
+    below, as CondLR keeps low-rank layers robust; a model without factorised
+    layers is untouched. In the ADMM phase of :func:`cstar.compress` the weights
+    are dense: there :class:`cstar.ADMM` bounds, with the phase's two settings,
+    the condition number of each constrained weight's leading singular values
+    (those its projection keeps). Each step it costs a QR of every factor and
+    an SVD of every reduced core (of every constrained weight under ADMM),
+    which on a GPU synchronise with the host, as ``torch.linalg.svd`` does.
     ``lr`` is the peak learning rate; ``warmup_epochs`` ramps it linearly first.
     ``amp`` trains under ``torch.autocast`` in ``amp_dtype``: "auto" (default)
     is bfloat16 on GPUs that support it (no loss scaling needed) and float16
@@ -96,6 +110,8 @@ class TrainConfig:
     trades_beta: float = 6.0
     distill: float = 0.0
     distill_temperature: float = 1.0
+    condition_weight: float = 0.0
+    max_condition: float = 10.0
     optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
@@ -148,7 +164,10 @@ class TrainConfig:
         attack = f"{self.attack}-{self.attack_steps}" if self.attack in ("pgd", "trades") else self.attack
         eps = "" if self.eps is None else f"eps {self.eps:.4g}, "
         distill = f", distilled {self.distill:g} at T {self.distill_temperature:g}" if self.distill else ""
-        return f"{self.epochs} epoch(s) of {attack} ({eps}{self.optimizer} lr {self.lr:g}, {self.schedule}{distill})"
+        condition = (f", conditioned {self.condition_weight:g} to {self.max_condition:g}" if self.condition_weight
+                     else "")
+        return (f"{self.epochs} epoch(s) of {attack} ({eps}{self.optimizer} lr {self.lr:g}, {self.schedule}{distill}"
+                f"{condition})")
 
     def step_size(self) -> float:
         if self.eps is None:

@@ -1,5 +1,5 @@
 """The loss of one training step: the attack's (PGD-AT, FGSM-RS, N-FGSM, TRADES, clean) and, when asked,
-adversarial distillation from a robust teacher."""
+adversarial distillation from a robust teacher and the factorised layers' conditioning penalty."""
 
 from __future__ import annotations
 
@@ -8,27 +8,36 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import attacks, distributed
+from ..lowrank._condition import conditioning_penalty
 from .config import TrainConfig
 
 
 def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, eps: float,
                    amp_dtype: torch.dtype | None, teacher: nn.Module | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training attack's loss on one batch (distilled from ``teacher`` when ``config.distill``), and the
-    logits it was computed from.
+    """The training attack's loss on one batch (distilled from ``teacher`` when ``config.distill``; plus
+    ``config.condition_weight *`` :func:`cstar.lowrank.conditioning_penalty`), and the logits it was computed from.
 
     ``model`` may be a DistributedDataParallel wrapper: attacks then run on the
     plain module inside, so that only the loss forward goes through the wrapper
     (DDP sees one forward and one backward per step).
     """
     loss, logits = attack_loss(model, x, y, config, eps, amp_dtype)
-    if not config.distill:
-        return loss, logits
+    if config.distill:
+        loss = distilled(loss, logits, x, config, amp_dtype, teacher)
+    if config.condition_weight:
+        loss = loss + config.condition_weight * conditioning_penalty(distributed.unwrap(model), config.max_condition)
+    return loss, logits
+
+
+def distilled(loss: torch.Tensor, logits: torch.Tensor, x: torch.Tensor, config: TrainConfig,
+              amp_dtype: torch.dtype | None, teacher: nn.Module) -> torch.Tensor:
+    """``(1 - distill) * loss + distill * T^2 * KL(teacher(x) / T || logits / T)``."""
     with torch.no_grad(), torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         soft = F.softmax(teacher(x).float() / config.distill_temperature, dim=1)
     t = config.distill_temperature
     kl = F.kl_div(F.log_softmax(logits.float() / t, dim=1), soft, reduction="batchmean") * t * t
-    return (1 - config.distill) * loss + config.distill * kl, logits
+    return (1 - config.distill) * loss + config.distill * kl
 
 
 def attack_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, eps: float,
