@@ -7,7 +7,7 @@ The public API, by concept (each lives in one module, see docs/DESIGN.md):
 - attacks: :mod:`cstar.attacks` (``fgsm``, ``pgd``, ``nfgsm``, ``autoattack``)
 - training and evaluation: :func:`fit` with :class:`TrainConfig`, :func:`evaluate`,
   :func:`paired_difference`
-- counting: :func:`count_params`, :func:`count_flops`, :func:`layer_table`
+- counting: :func:`count_params`, :func:`count_macs`, :func:`layer_table`
 - low rank: :func:`tucker2`, :func:`tucker2_project`, :func:`svd_factors`,
   :func:`svd_project`, :class:`RankSpec`, :func:`select_ranks`, :func:`decompose`
 - CSTAR: :func:`compress` with :class:`CompressConfig`; :class:`ADMM`
@@ -30,7 +30,7 @@ from ._core.signals import Interrupted
 from .pipeline.admm import ADMM, ADMMConfig
 from .pipeline.compare import CompareConfig, compare
 from .pipeline.compress import CompressConfig, compress
-from .evaluation.counting import count_flops, count_params, layer_table
+from .evaluation.counting import count_flops, count_macs, count_params, layer_table  # count_flops: old name
 from .evaluation.evaluate import evaluate, paired_difference
 from ._core.precision import full_float32
 from .inference import fold_batchnorm, optimize_for_inference
@@ -48,8 +48,7 @@ __all__ = [
     "ADMM", "ADMMConfig", "ChannelGroup", "ChannelMask", "ChannelPlan", "CompareConfig", "CompressConfig",
     "CstarError", "Interrupted", "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankSpec", "ScoredModel", "TrainConfig",
     "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "channel_scores", "compare", "compress", "compressors",
-    "count_flops",
-    "count_params", "data", "decompose", "distributed", "evaluate", "export", "find_groups", "fit",
+    "count_macs", "count_params", "data", "decompose", "distributed", "evaluate", "export", "find_groups", "fit",
     "fold_batchnorm", "full_float32", "hydra_prune", "layer_sensitivity", "layer_table", "learn_channel_scores", "load", "load_weights",
     "magnitude_prune",
     "mode_spectra", "models", "optimize_for_inference", "paired_difference", "prune", "prune_channels", "records",
