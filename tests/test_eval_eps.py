@@ -46,6 +46,13 @@ def test_the_eval_eps_flag_reads_a_fraction(command):
     assert args.eval_eps == pytest.approx(8 / 255)
 
 
+def test_eval_eps_in_a_config_file_reads_a_fraction(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("eval_eps: 4/255\n")
+    args = parse_args(["compress", "--model", "small_cnn", "--data", "digits", "--config", str(cfg)])
+    assert args.eval_eps == pytest.approx(4 / 255)
+
+
 def test_an_eval_eps_outside_the_unit_interval_is_refused_before_any_work(capsys, tmp_path):
     line = refused(capsys, "compress", "--model", "small_cnn", "--data", "digits", "--eval-eps", "2",
                    "--out", tmp_path / "run")

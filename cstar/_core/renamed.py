@@ -14,8 +14,8 @@
   (compress called its settings ``admm_train`` and its phase ``admm``).
 
 Records that runs wrote before a rename (``config.yaml``, ``plan.json``,
-``phases.json``, ``compress_config.json``, a comparison cell's training record)
-are read with the new names, silently.
+``phases.json`` and a phase's folder, a comparison cell's training record) are
+read with the new names, silently.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .errors import CstarError
 
 TRAINING = {"method": "attack"}  # old key -> new key, in training settings and the options that hold them
 MACS = {"flops_ratio": "macs_ratio"}  # in a rank target (RankSpec, select_ranks)
-COMPRESS = {**MACS, "admm_train": "search"}  # in compress's settings (CompressConfig, compress_config.json)
+COMPRESS = {**MACS, "admm_train": "search"}  # in compress's settings (CompressConfig and its from_dict)
 SETTINGS = {**TRAINING, **COMPRESS}  # in the command line's options (config files, a run's config.yaml)
 PLAN = {"target": "target_ratio", "flops_target": "target_macs_ratio"}  # in a rank plan (plan.json)
 PHASES = {"admm": "search"}  # the phases a run records in phases.json

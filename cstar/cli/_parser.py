@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import warnings
 from fractions import Fraction
 
 import yaml
@@ -17,7 +16,7 @@ from .. import data, models
 from .._version import __version__
 from .._core.checks import check_radius
 from .._core.errors import CstarError
-from .._core.renamed import renamed_value
+from .._core.renamed import old_name, renamed_value
 from ..training.fit import AMP_DTYPES, ATTACKS, OPTIMIZERS, SCHEDULES, TrainConfig
 
 FACTORY_FORMS = "package.module:factory, torchvision:NAME, timm:NAME (with --model-arg KEY=VALUE)"
@@ -107,8 +106,7 @@ class _OldName(argparse.Action):
     """A flag's old name: sets the new flag's option, with a :class:`FutureWarning` naming the new flag."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        new = "--" + self.dest.replace("_", "-")
-        warnings.warn(f"{option_string} is now {new}; {option_string} still works for now", FutureWarning)
+        old_name(option_string, "--" + self.dest.replace("_", "-"))
         setattr(namespace, self.dest, values)
 
 

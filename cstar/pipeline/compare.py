@@ -63,12 +63,11 @@ class CompareConfig:
     ``dense`` trains the starting model when none is given (``pretrained=False``).
 
     ``ratios`` are whole-model parameter ratios (dense / compressed), each > 1.
-    Evaluation: ``eval_attacks`` at radius ``eval_eps`` (None: the training eps, ``finetune.eps``; PGD step
-    ``eval_step``, default eps/4) on the
-    first ``eval_n`` test images (all when None), AutoAttack on the first
-    ``autoattack_n`` (0: off), batch-1 CPU latency as the median of
-    ``latency_runs`` eager forward passes of every cell's model, measured
-    together when the comparison ends (:func:`batch1_latencies_ms`; 0: off).
+    Evaluation: ``eval_attacks`` at radius ``eval_eps`` (None: the training eps, ``finetune.eps``), PGD
+    step ``eval_step`` (default eps/4), on the first ``eval_n`` test images (all when None), AutoAttack on
+    the first ``autoattack_n`` (0: off), batch-1 CPU latency as the median of ``latency_runs`` eager
+    forward passes of every cell's model, measured together when the comparison ends
+    (:func:`batch1_latencies_ms`; 0: off).
     """
 
     ratios: list[float] = field(default_factory=lambda: [4.0, 16.0])
