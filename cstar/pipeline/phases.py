@@ -96,12 +96,10 @@ def check_run(config, kind: type, train_set, test_set, out_dir, val_size: object
 
 def with_data_eps(config, spec, train_keys: tuple[str, ...]):
     """``config`` (a settings dataclass) with every ``train_keys`` section's ``eps=None`` set to ``spec.eps``,
-    the threat model of the training data (a :class:`cstar.data.DatasetSpec`), and, where it has one, its
-    ``eval_eps=None`` to :func:`evaluation_eps`'s."""
+    the threat model of the training data (a :class:`cstar.data.DatasetSpec`), and its ``eval_eps=None`` to
+    :func:`evaluation_eps`'s."""
     config = replace(config, **{key: getattr(config, key).with_eps_of(spec) for key in train_keys})
-    if hasattr(config, "eval_eps"):
-        config = replace(config, eval_eps=evaluation_eps(config.eval_eps, config.finetune.eps))
-    return config
+    return replace(config, eval_eps=evaluation_eps(config.eval_eps, config.finetune.eps))
 
 
 def eps_text(eps: float, train_eps: float | None = None) -> str:
