@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/bench_latency.py [--model resnet18] [--width 64] [--input-size 32] [--batch 1,32]
-        [--plans params:16,flops:4,flops:8,flops:16,flops:64] [--multiple-of 1,16]
+        [--plans params:16,macs:4,macs:8,macs:16,macs:64] [--multiple-of 1,16]
         [--paths eager,fold_bn,fold_bn+channels_last,fold_bn+compile,onnxruntime,openvino,
                  onnxruntime_int8,openvino_int8]
         [--threads N] [--rounds 10] [--per-round 20] [--settle 20] [--out benchmarks/results/latency]
@@ -13,7 +13,7 @@ The model (default the CIFAR ``resnet18`` at width 64, 10 classes; any name
 module imports as it would for ``python -m``) has random weights: latency does not depend on
 the values, but the global ranks are chosen from the spectra of random
 kernels, so a trained model gets other per-layer ranks at the same budget.
-Each plan ``budget:ratio`` (``flops:16`` = 16x fewer MACs) is decomposed once
+Each plan ``budget:ratio`` (``macs:16`` = 16x fewer MACs) is decomposed once
 per ``--multiple-of`` value (ranks rounded to multiples of it: CPU kernels
 work in blocks of 8 or 16 channels), and timed at every ``--batch`` size.
 
@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cstar import count_flops, count_params
+from cstar import count_macs, count_params
 from cstar.inference import optimize_for_inference
 from cstar.lowrank import decompose, select_ranks
 from cstar.models import create
@@ -120,10 +120,10 @@ def plan_models(dense: nn.Module, plans: list[tuple[str, float]], multiples: lis
                          "budget": budget, "ratio": ratio, "multiple_of": multiple,
                          "model": decompose(dense, plan).eval()})
             print(f"decomposed {rows[-1]['name']}", flush=True)
-    params, macs = count_params(dense), count_flops(dense, shape)
+    params, macs = count_params(dense), count_macs(dense, shape)
     for row in rows:
-        row["params"], row["macs"] = count_params(row["model"]), count_flops(row["model"], shape)
-        row["params_ratio"], row["flops_ratio"] = params / row["params"], macs / row["macs"]
+        row["params"], row["macs"] = count_params(row["model"]), count_macs(row["model"], shape)
+        row["params_ratio"], row["macs_ratio"] = params / row["params"], macs / row["macs"]
     return rows
 
 
@@ -216,10 +216,10 @@ def markdown(result: dict) -> str:
         "Each decomposed model's fastest path against the dense model's fastest path (median ms), "
         "across every runtime and across the float paths only.",
         "",
-        "| batch | model | params ratio | FLOPs ratio | best, any path | best, float paths |",
+        "| batch | model | params ratio | MACs ratio | best, any path | best, float paths |",
         "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['batch']} | {r['name']} | {r['params_ratio']:.2f}x | {r['flops_ratio']:.2f}x | "
+    lines += [f"| {r['batch']} | {r['name']} | {r['params_ratio']:.2f}x | {r['macs_ratio']:.2f}x | "
               f"{best_text(r.get('best'))} | {best_text(r.get('best_float'))} |" for r in rows if r["name"] != "dense"]
     lines += ["", "## Every path", "",
               "Each cell: median ms (like-for-like speed-up: dense on the same path / this model).", "",
@@ -252,11 +252,11 @@ def parse_plans(text: str) -> list[tuple[str, float]]:
     for item in text.split(","):
         budget, _, ratio = item.partition(":")
         try:
-            if budget not in ("params", "flops") or float(ratio) <= 1:
+            if budget not in ("params", "macs") or float(ratio) <= 1:
                 raise ValueError
         except ValueError:
-            raise SystemExit(f"error: --plans item {item!r}: write budget:ratio with budget params or flops and "
-                             "a ratio above 1, e.g. flops:16") from None
+            raise SystemExit(f"error: --plans item {item!r}: write budget:ratio with budget params or macs and "
+                             "a ratio above 1, e.g. macs:16") from None
         plans.append((budget, float(ratio)))
     return plans
 
@@ -277,8 +277,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64, help="width of the built-in ResNets (default 64)")
     parser.add_argument("--input-size", type=int, default=32, help="input height and width (default 32)")
     parser.add_argument("--batch", default="1", help="batch sizes, e.g. 1,32 (default 1)")
-    parser.add_argument("--plans", default="params:16,flops:4,flops:8,flops:16,flops:64",
-                        help="budget:ratio items (default params:16,flops:4,flops:8,flops:16,flops:64)")
+    parser.add_argument("--plans", default="params:16,macs:4,macs:8,macs:16,macs:64",
+                        help="budget:ratio items (default params:16,macs:4,macs:8,macs:16,macs:64)")
     parser.add_argument("--multiple-of", default="1,16", help="rank multiples, one model each (default 1,16)")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"paths to time (default {','.join(PATHS)})")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads (default: all cores)")

@@ -62,7 +62,7 @@ def main() -> None:
             plan = select_ranks(dense, ratio, layer_weights=weights)
             result = evaluate(decompose(copy.deepcopy(dense), plan), test_set, attacks, eps=eps, step=args.step,
                               n=args.n, per_example=True)
-            row = {"ratio": ratio, "power": power, "params_ratio": round(plan.ratio, 2),
+            row = {"ratio": ratio, "power": power, "params_ratio": round(plan.achieved_ratio, 2),
                    "ranks": {n: list(p.ranks) for n, p in plan.layers.items()},
                    "accuracy_percent": {k: round(100 * v, 2) for k, v in result["accuracy"].items()},
                    "per_example": result["per_example"], "subset": result["subset"]}

@@ -366,7 +366,7 @@ def _amp_dtype(device: torch.device) -> torch.dtype:
 
 def channels_last_amp(s: Settings, out: Path) -> dict:
     device = torch.device(s.device)
-    factorised, plan = _decomposed(_resnet18(s.width, device), s.macs_ratio, "flops")
+    factorised, plan = _decomposed(_resnet18(s.width, device), s.macs_ratio, "macs")
     amp_dtype = _amp_dtype(device)
     x = torch.rand(s.batch, 3, 32, 32, device=device)
     rows = {}
@@ -387,7 +387,7 @@ def channels_last_amp(s: Settings, out: Path) -> dict:
         outputs[name] = logits.float().detach()
         rows[name] = {"forward_backward_ms": _median_ms(times)}
     rows["max_output_diff"] = (outputs["nchw"] - outputs["channels_last"]).abs().max().item()
-    return {"amp": str(amp_dtype).removeprefix("torch."), "batch": s.batch, "flops_ratio": plan.flops_ratio,
+    return {"amp": str(amp_dtype).removeprefix("torch."), "batch": s.batch, "macs_ratio": plan.achieved_macs_ratio,
             "results": rows}
 
 
@@ -395,7 +395,7 @@ def train_throughput(s: Settings, out: Path) -> dict:
     device = torch.device(s.device)
     train_set = _synthetic(s.batch * (s.train_batches + 2))
     dense = _resnet18(s.width, device)
-    factorised, plan = _decomposed(dense, s.macs_ratio, "flops")
+    factorised, plan = _decomposed(dense, s.macs_ratio, "macs")
     rows = {}
     for model_name, model in (("dense", dense), (f"factorised {s.macs_ratio:g}x MACs", factorised)):
         for setting, kw in (("fp32_nchw", {}), ("amp_channels_last", {"amp": True, "channels_last": True})):
@@ -408,7 +408,7 @@ def train_throughput(s: Settings, out: Path) -> dict:
             record = fit(net, data.make_loader(train_set, s.batch, train=True, device=device), config)[-1]
             rows[f"{model_name} {setting}"] = {"images_per_second": record["images_per_second"],
                                                "amp": record.get("amp", "off")}
-    return {"attack": "pgd-10", "batch": s.batch, "width": s.width, "flops_ratio": plan.flops_ratio, "results": rows}
+    return {"attack": "pgd-10", "batch": s.batch, "width": s.width, "macs_ratio": plan.achieved_macs_ratio, "results": rows}
 
 
 def pgd_throughput(s: Settings, out: Path) -> dict:
@@ -435,7 +435,7 @@ def pgd_throughput(s: Settings, out: Path) -> dict:
 def latency_batch1(s: Settings, out: Path) -> dict:
     device = torch.device(s.device)
     dense = _resnet18(s.width, device).eval()
-    factorised, plan = _decomposed(dense, s.macs_ratio, "flops")
+    factorised, plan = _decomposed(dense, s.macs_ratio, "macs")
     x = torch.rand(1, 3, 32, 32, device=device)
     variants = {"dense eager": cstar.fold_batchnorm(dense), "decomposed eager": cstar.fold_batchnorm(factorised)}
     variants["dense compiled"] = torch.compile(variants["dense eager"], backend=s.compile_backend)
@@ -459,7 +459,7 @@ def latency_batch1(s: Settings, out: Path) -> dict:
     rows = {name: {"median_ms": _median_ms(t)} for name, t in times.items()}
     for mode in ("eager", "compiled"):
         rows[f"speed-up {mode}"] = round(rows[f"dense {mode}"]["median_ms"] / rows[f"decomposed {mode}"]["median_ms"], 3)
-    return {"width": s.width, "flops_ratio": plan.flops_ratio, "compile_backend": s.compile_backend,
+    return {"width": s.width, "macs_ratio": plan.achieved_macs_ratio, "compile_backend": s.compile_backend,
             "batch": 1, "results": rows}
 
 
@@ -484,7 +484,7 @@ def cli_end_to_end(s: Settings, out: Path) -> dict:
     common = ["--model", "small_cnn", "--data", "mnist", "--root", str(root), "--train-n", "256", "--val-size", "64",
               "--eval-n", "64", "--eval-attacks", "clean,pgd2", "--device", s.device, "--no-progress"]
     runs = {
-        "compress": ["compress", *common, "--ratio", "4", "--dense", section, "--admm-train", section,
+        "compress": ["compress", *common, "--ratio", "4", "--dense", section, "--search", section,
                      "--admm", "{interval: 2, rho: 0.01}", "--finetune", section, "--out", str(out / "compress")],
         "compare": ["compare", *common, "--ratios", "4", "--methods", "dense,cstar,magnitude", "--dense", section,
                     "--search", section, "--finetune", section, "--latency-runs", "3", "--out", str(out / "compare")],

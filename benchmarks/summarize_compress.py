@@ -33,7 +33,8 @@ def summarize(run: Path) -> dict:
         "params": results["params"], "accuracy_percent": {
             phase: {k: round(100 * v, 2) for k, v in acc.items()} for phase, acc in results["accuracy"].items()},
         "eval_subset": results["eval_subset"],
-        "phase_minutes": {k: round(v.get("seconds", 0) / 60, 1) for k, v in results["phases"].items()},
+        "phase_minutes": {("search" if k == "admm" else k): round(v.get("seconds", 0) / 60, 1)  # "admm": its old name
+                          for k, v in results["phases"].items()},
         "device": env["device_name"], "command": env["command"],
     }
 
@@ -53,7 +54,7 @@ def table(rows: list[dict]) -> str:
             for k in labels:
                 value = r["accuracy_percent"].get(p, {}).get(k)
                 cells.append(f"{value:.2f}" if value is not None else "")
-        cells += [str(r["phase_minutes"].get(p, "")) for p in ("admm", "finetune", "evaluate")]
+        cells += [str(r["phase_minutes"].get(p, "")) for p in ("search", "finetune", "evaluate")]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for r in rows:

@@ -7,7 +7,7 @@ The public API, by concept (each lives in one module, see docs/DESIGN.md):
 - attacks: :mod:`cstar.attacks` (``fgsm``, ``pgd``, ``nfgsm``, ``autoattack``)
 - training and evaluation: :func:`fit` with :class:`TrainConfig`, :func:`evaluate`,
   :func:`paired_difference`
-- counting: :func:`count_params`, :func:`count_flops`, :func:`layer_table`
+- counting: :func:`count_params`, :func:`count_macs`, :func:`layer_table`
 - low rank: :func:`tucker2`, :func:`tucker2_project`, :func:`svd_factors`,
   :func:`svd_project`, :class:`RankSpec`, :func:`select_ranks`, :func:`learn_ranks`
   (:class:`RankScoredModel`), :func:`decompose`; :func:`condition_numbers`,
@@ -32,7 +32,7 @@ from ._core.signals import Interrupted
 from .pipeline.admm import ADMM, ADMMConfig
 from .pipeline.compare import CompareConfig, compare
 from .pipeline.compress import CompressConfig, compress
-from .evaluation.counting import count_flops, count_params, layer_table
+from .evaluation.counting import count_flops, count_macs, count_params, layer_table  # count_flops: old name
 from .evaluation.evaluate import evaluate, paired_difference
 from ._core.precision import full_float32
 from .inference import fold_batchnorm, optimize_for_inference
@@ -51,8 +51,7 @@ __all__ = [
     "CstarError", "Interrupted", "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankScoredModel", "RankSpec", "ScoredModel", "TrainConfig",
     "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "channel_scores", "compare", "compress", "compressors",
     "condition_numbers", "conditioning_penalty",
-    "count_flops",
-    "count_params", "data", "decompose", "distributed", "evaluate", "export", "find_groups", "fit",
+    "count_macs", "count_params", "data", "decompose", "distributed", "evaluate", "export", "find_groups", "fit",
     "fold_batchnorm", "full_float32", "harp_prune",
     "hydra_prune", "layer_sensitivity", "layer_table", "learn_channel_scores", "learn_ranks", "load", "load_weights",
     "magnitude_prune",

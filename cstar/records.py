@@ -24,7 +24,7 @@ import yaml
 from ._core.env import describe_device, environment as machine
 from ._core.errors import CstarError
 from ._core.io import atomic_write_bytes as write_bytes, atomic_write_text as write_text, write_json
-from ._core.renamed import renamed
+from ._core.renamed import current_options
 from .pipeline.compare import cell_name, current_settings, format_comparison, plot_pareto
 from .pipeline.compressors import cell_model
 
@@ -34,8 +34,8 @@ __all__ = ["cell_model", "cell_name", "current_names", "current_settings", "desc
 
 def current_names(record: dict) -> dict:
     """A run's recorded options with the options renamed since it was written under their new names (silently:
-    a record cstar wrote is read as it is meant, e.g. ``method`` as ``attack``)."""
-    return renamed(record, "a run's record", note=False)
+    a record cstar wrote is read as it is meant, e.g. ``method`` as ``attack``, ``admm_train`` as ``search``)."""
+    return current_options(record)
 
 
 def run_config(run: str | os.PathLike) -> dict:

@@ -14,7 +14,7 @@ FAST = ["--epochs", "1", "--attack-steps", "2", "--batch-size", "64", "--val-siz
         "--eval-attacks", "clean,pgd3", "--eval-n", "100", "--no-progress", "--optimizer", "adam", "--lr", "0.002"]
 SECTION = "{epochs: 1, optimizer: adam, lr: 0.002, attack_steps: 2, batch_size: 64, check_size: 50}"
 PIPELINE = ["--data", "digits", "--val-size", "100", "--eval-n", "100", "--eval-attacks", "clean,pgd3",
-            "--no-progress", "--finetune", SECTION, "--admm-train", SECTION]
+            "--no-progress", "--finetune", SECTION, "--search", SECTION]
 
 
 def run(capsys, *argv):

@@ -47,3 +47,22 @@ class BatchHook:
     def __iter__(self):
         for i, batch in enumerate(self.loader):
             yield self.on_batch(self.epoch, i, batch) or batch
+
+
+def tiny_compress(out, **settings) -> dict:
+    """:func:`cstar.compress` of a small untrained CNN on 300 digits (1 epoch of clean training a phase, enough
+    to tell the digits apart; 64 test images, the final model evaluated clean and with PGD-3) into ``out``, with
+    ``settings`` over those of CompressConfig; a few seconds. Returns the results."""
+    import cstar
+    from cstar import CompressConfig, TrainConfig, data
+
+    train_set = data.load("digits", split="train").take(300)
+    test_set = data.load("digits", split="test").take(64)
+    phase = TrainConfig(attack="clean", epochs=1, batch_size=50, optimizer="adam", lr=1e-2, weight_decay=0,
+                        check_size=0, progress=False)
+    config = CompressConfig(**{"ratio": 2, "search": phase, "finetune": phase, "eval_attacks": ["clean", "pgd3"],
+                               "eval_phases": ["final"], **settings})
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(512, 32), nn.ReLU(), nn.Linear(32, 10))
+    return cstar.compress(dense, train_set, test_set, config, out, pretrained=True, resume=True, val_size=50)

@@ -134,7 +134,7 @@ def test_compress_runs_on_a_user_class_and_its_model_reloads(tmp_path):
     test_set = data.load("digits", split="test").take(64)
     phase = cstar.TrainConfig(epochs=1, batch_size=64, attack_steps=1, optimizer="adam", lr=1e-3, weight_decay=0,
                               check_size=32, progress=False)
-    config = CompressConfig(ratio=2, admm_train=phase, finetune=phase, eval_attacks=["clean"], eval_phases=["final"])
+    config = CompressConfig(ratio=2, search=phase, finetune=phase, eval_attacks=["clean"], eval_phases=["final"])
     torch.manual_seed(0)
     results = cstar.compress(SmallResNet(), train_set, test_set, config, tmp_path / "run", pretrained=True,
                              val_size=100)

@@ -195,14 +195,14 @@ def test_latency_best_vs_best_crosses_runtimes_and_keeps_int8_apart(bench_latenc
     assert decomposed["best_float"]["speedup"] == pytest.approx(3.0)
     assert decomposed["paths"]["openvino"]["speedup"] == pytest.approx(10 / 3)
     assert "speedup" not in decomposed["paths"]["openvino_int8"]
-    assert "| 1 | flops-4x | 1.00x | 4.00x | onnxruntime_int8 2.00 vs openvino_int8 5.00: **2.50x** |" in \
+    assert "| 1 | macs-4x | 1.00x | 4.00x | onnxruntime_int8 2.00 vs openvino_int8 5.00: **2.50x** |" in \
         bench_latency.markdown(latency_result(rows, paths))
 
 
 def latency_result(rows, paths):
     """A result dict around hand-made rows, as ``main`` writes it."""
-    for row, name in zip(rows, ["dense", "flops-4x"]):
-        row.update(name=name, batch=1, params_ratio=1.0, flops_ratio=1.0 if name == "dense" else 4.0)
+    for row, name in zip(rows, ["dense", "macs-4x"]):
+        row.update(name=name, batch=1, params_ratio=1.0, macs_ratio=1.0 if name == "dense" else 4.0)
     return {"model": "m", "input": [3, 8, 8], "batch": [1], "device": "cpu", "threads": 1, "paths": paths,
             "runtimes": {"onnxruntime": "1"}, "samples": 1, "rounds": 1, "per_round": 1, "settle": 0,
             "environment": {"torch": "2", "command": "c"}, "steal_percent": 0.0,
@@ -211,7 +211,7 @@ def latency_result(rows, paths):
 
 def run_latency(tmp_path, paths, *extra):
     out = tmp_path / "latency"
-    argv = ["bench_latency.py", "--model", "resnet20", "--plans", "flops:4", "--paths", ",".join(paths), "--threads",
+    argv = ["bench_latency.py", "--model", "resnet20", "--plans", "macs:4", "--paths", ",".join(paths), "--threads",
             "1", "--rounds", "1", "--per-round", "2", "--settle", "0", "--out", str(out), *extra]
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch, torch.random.fork_rng():  # the script seeds torch, sets threads
@@ -228,7 +228,7 @@ def test_latency_benchmark_times_every_path_of_every_plan_and_batch(tmp_path):
     paths = ("eager", "fold_bn", "onnxruntime", "onnxruntime_int8")
     result, text = run_latency(tmp_path, paths, "--multiple-of", "1,8", "--batch", "1,2")
     assert [(r["batch"], r["name"]) for r in result["rows"]] == [
-        (b, n) for b in (1, 2) for n in ("dense", "flops-4x m1", "flops-4x m8")]
+        (b, n) for b in (1, 2) for n in ("dense", "macs-4x m1", "macs-4x m8")]
     for row in result["rows"]:
         assert all(row["paths"][p]["median_ms"] > 0 and row["paths"][p]["relative_error"] < 1e-4
                    for p in ("eager", "fold_bn", "onnxruntime"))
@@ -237,8 +237,8 @@ def test_latency_benchmark_times_every_path_of_every_plan_and_batch(tmp_path):
         assert int8["check_images"] == 64 and int8["median_ms"] > 0
         if row["name"] != "dense":
             assert row["best"]["speedup"] > 0 and row["best_float"]["path"] != "onnxruntime_int8"
-    assert result["rows"][1]["flops_ratio"] == pytest.approx(4.0, rel=0.05)
-    assert "| 2 | flops-4x m8 |" in text and "## Best vs best" in text and "CPU stolen" in text
+    assert result["rows"][1]["macs_ratio"] == pytest.approx(4.0, rel=0.05)
+    assert "| 2 | macs-4x m8 |" in text and "## Best vs best" in text and "CPU stolen" in text
 
 
 def test_latency_benchmark_runs_openvino_float_and_int8(tmp_path):
@@ -248,7 +248,7 @@ def test_latency_benchmark_runs_openvino_float_and_int8(tmp_path):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{package} is not installed (pip install 'cstar[openvino-int8]')")
     out = tmp_path / "latency"
-    command = [sys.executable, str(BENCHMARKS / "bench_latency.py"), "--model", "resnet20", "--plans", "flops:4",
+    command = [sys.executable, str(BENCHMARKS / "bench_latency.py"), "--model", "resnet20", "--plans", "macs:4",
                "--paths", "eager,openvino,openvino_int8", "--threads", "1", "--rounds", "1", "--per-round", "2",
                "--settle", "0", "--multiple-of", "8", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}  # this checkout's cstar
@@ -269,7 +269,7 @@ def test_latency_benchmark_reports_a_missing_runtime_and_times_the_rest(tmp_path
     assert result["rows"][1]["best"]["path"] == "eager" and "not installed" in text
 
 
-@pytest.mark.parametrize("argv, message", [(["--batch", "0"], "--batch"), (["--plans", "flops:x"], "--plans"),
+@pytest.mark.parametrize("argv, message", [(["--batch", "0"], "--batch"), (["--plans", "macs:x"], "--plans"),
                                            (["--paths", "tensorrt"], "unknown tensorrt")])
 def test_latency_benchmark_refuses_bad_options_in_one_line(argv, message, monkeypatch):
     monkeypatch.setattr("sys.argv", ["bench_latency.py", *argv])

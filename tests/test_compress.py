@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not DATA, reason="CSTAR_TEST_DATA (a root holdin
 ARGS = ["compress", "--model", "small_cnn", "--data", "mnist", "--root", DATA, "--ratio", "8",
         "--train-n", "200", "--val-size", "100", "--eval-n", "100", "--eval-attacks", "clean,pgd5",
         "--dense", "{epochs: 2, optimizer: adam, lr: 0.002, attack_steps: 2, batch_size: 50, check_size: 0}",
-        "--admm-train", "{epochs: 3, optimizer: adam, lr: 0.001, attack_steps: 2, batch_size: 50, check_size: 0}",
+        "--search", "{epochs: 3, optimizer: adam, lr: 0.001, attack_steps: 2, batch_size: 50, check_size: 0}",
         "--admm", "{interval: 3, rho: 0.01}",
         "--finetune", "{epochs: 2, optimizer: adam, lr: 0.0005, attack_steps: 2, batch_size: 50, check_size: 0}",
         "--no-progress"]
@@ -81,14 +81,14 @@ def test_resume_after_sigkill_gives_the_same_results(finished, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "cstar", *ARGS, "--out", str(out), "--seed", "0"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = out / "admm" / "checkpoint.pt"
+    checkpoint = out / "search" / "checkpoint.pt"
     deadline = time.time() + 120
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     phases = json.loads((out / "phases.json").read_text())
-    assert "admm" not in phases, "the run ended before it could be killed mid-ADMM"
+    assert "search" not in phases, "the run ended before it could be killed mid-ADMM"
     assert main([*ARGS, "--out", str(out), "--resume"]) == 0
     a = json.loads((finished / "results.json").read_text())
     b = json.loads((out / "results.json").read_text())
@@ -126,7 +126,7 @@ def test_the_compression_phases_take_the_eps_of_the_training_data():
     from cstar.pipeline.compress import CompressConfig
     from cstar.pipeline.phases import with_data_eps
 
-    config = with_data_eps(CompressConfig(), data.DATASETS["fashion_mnist"], ("dense", "admm_train", "finetune"))
-    assert config.dense.eps == config.admm_train.eps == config.finetune.eps == pytest.approx(0.1)
+    config = with_data_eps(CompressConfig(), data.DATASETS["fashion_mnist"], ("dense", "search", "finetune"))
+    assert config.dense.eps == config.search.eps == config.finetune.eps == pytest.approx(0.1)
     given = with_data_eps(CompressConfig(finetune=TrainConfig(eps=0.2)), data.DATASETS["mnist"], ("finetune",))
     assert given.finetune.eps == 0.2  # a given eps is kept

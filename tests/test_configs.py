@@ -19,7 +19,7 @@ def test_preset_parses_and_its_sections_are_valid(path):
     command = "compare" if path.stem.startswith("compare") else "compress"
     args = parse_args([command, "--config", str(path)])
     assert args.data and args.model
-    for section in ("dense", "admm_train", "search", "finetune"):
+    for section in ("dense", "search", "finetune"):
         values = getattr(args, section, None)
         if values:
             TrainConfig.from_dict(dict(values))
@@ -39,16 +39,16 @@ def test_there_are_cpu_presets_for_mnist_fashion_mnist_and_cifar10():
 
 def test_a_section_flag_beside_a_preset_changes_only_the_keys_it_names():
     preset_path = ROOT / "configs" / "mnist_small_cnn_cpu.yaml"
-    args = parse_args(["compress", "--config", str(preset_path), "--admm-train", "{epochs: 1}"])
-    preset = yaml.safe_load(preset_path.read_text())["admm_train"]
-    assert args.admm_train == {**preset, "epochs": 1}  # was {epochs: 1}: PGD-10 with SGD at lr 0.1 silently
+    args = parse_args(["compress", "--config", str(preset_path), "--search", "{epochs: 1}"])
+    preset = yaml.safe_load(preset_path.read_text())["search"]
+    assert args.search == {**preset, "epochs": 1}  # was {epochs: 1}: PGD-10 with SGD at lr 0.1 silently
 
 
 def test_compress_on_mnist_without_settings_starts_from_the_measured_mnist_preset():
     args = parse_args(["compress", "--data", "mnist"])
     preset = yaml.safe_load((ROOT / "cstar" / "presets" / "mnist_small_cnn_cpu.yaml").read_text())
     assert args.defaults_preset == "mnist_small_cnn_cpu"
-    for key in ("dense", "admm_train", "admm", "finetune"):
+    for key in ("dense", "search", "admm", "finetune"):
         assert getattr(args, key) == preset[key], key  # was: PGD-10 with SGD at lr 0.1, which diverged here
     assert args.eval_attacks == "clean,pgd40" and args.eval_step == {"pgd40": 0.01}  # MNIST's threat model (METHOD.md)
 
@@ -62,13 +62,13 @@ def test_options_given_layer_over_the_dataset_preset_key_by_key():
 
 def test_on_a_gpu_the_cifar10_default_is_the_papers_setting():
     args = parse_args(["compress", "--data", "cifar10", "--device", "cuda"])
-    assert args.defaults_preset == "cifar10_resnet18_paper" and args.admm_train["epochs"] == 50
+    assert args.defaults_preset == "cifar10_resnet18_paper" and args.search["epochs"] == 50
     assert parse_args(["compare", "--data", "cifar10", "--device", "cpu"]).defaults_preset == "compare_cifar10_cpu"
 
 
 def test_no_preset_applies_to_a_dataset_none_was_measured_on():
     args = parse_args(["compress", "--data", "digits"])
-    assert args.defaults_preset is None and args.admm_train is None
+    assert args.defaults_preset is None and args.search is None
 
 
 def test_a_preset_is_found_by_name(capsys):
@@ -83,10 +83,10 @@ def test_the_dataset_preset_used_is_printed_and_recorded(capsys, tmp_path):
     out = tmp_path / "run"
     code, printed, err = run(capsys, "compress", "--model", "small_cnn", "--data", "mnist", "--root", DATA,
                              "--train-n", "300", "--val-size", "100", "--eval-n", "50", "--eval-attacks", "clean",
-                             "--dense", "{epochs: 1}", "--admm-train", "{epochs: 1}", "--finetune", "{epochs: 1}",
+                             "--dense", "{epochs: 1}", "--search", "{epochs: 1}", "--finetune", "{epochs: 1}",
                              "--no-progress", "--out", out)
     assert code == 0, err
     assert "the mnist preset for CPU 'mnist_small_cnn_cpu'" in printed
     assert json.loads((out / "env.json").read_text())["defaults_preset"] == "mnist_small_cnn_cpu"
     recorded = yaml.safe_load((out / "config.yaml").read_text())
-    assert recorded["admm_train"]["optimizer"] == "adam" and recorded["admm_train"]["epochs"] == 1
+    assert recorded["search"]["optimizer"] == "adam" and recorded["search"]["epochs"] == 1

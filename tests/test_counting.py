@@ -2,7 +2,7 @@ import pytest
 from torch import nn
 
 from cstar._core.errors import CstarError
-from cstar.evaluation.counting import LayerStats, count_flops, count_params, format_table, layer_table
+from cstar.evaluation.counting import LayerStats, count_macs, count_params, format_table, layer_table
 from cstar.models import create
 
 
@@ -17,19 +17,19 @@ def test_single_conv_macs_and_shapes():
     conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
     (row,) = layer_table(conv, (3, 16, 16))
     assert row == LayerStats("", "Conv2d", 8 * 3 * 9 + 8, 8 * 8 * 8 * 3 * 3 * 3, (1, 3, 16, 16), (1, 8, 8, 8))
-    assert count_flops(conv, (1, 3, 16, 16)) == 13_824
+    assert count_macs(conv, (1, 3, 16, 16)) == 13_824
 
 
 def test_grouped_and_depthwise_conv_macs():
-    assert count_flops(nn.Conv2d(8, 16, 3, padding=1, groups=4), (8, 10, 10)) == 16 * 10 * 10 * (8 // 4) * 9
-    assert count_flops(nn.Conv2d(8, 8, 3, padding=1, groups=8), (8, 10, 10)) == 8 * 10 * 10 * 1 * 9
+    assert count_macs(nn.Conv2d(8, 16, 3, padding=1, groups=4), (8, 10, 10)) == 16 * 10 * 10 * (8 // 4) * 9
+    assert count_macs(nn.Conv2d(8, 8, 3, padding=1, groups=8), (8, 10, 10)) == 8 * 10 * 10 * 1 * 9
 
 
 def test_linear_macs_including_leading_dims():
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 7))
-    assert count_flops(model, (3, 4, 4)) == 48 * 7
+    assert count_macs(model, (3, 4, 4)) == 48 * 7
     # a linear over the last axis of (1, 3, 2, 4): 3 * 2 rows of 4 -> 5
-    assert count_flops(nn.Linear(4, 5), (3, 2, 4)) == 3 * 2 * 4 * 5
+    assert count_macs(nn.Linear(4, 5), (3, 2, 4)) == 3 * 2 * 4 * 5
 
 
 def test_reused_module_macs_are_summed():
@@ -47,7 +47,7 @@ def test_reused_module_macs_are_summed():
 
 def test_resnet18_cifar_macs_match_reference():
     model = create("resnet18")
-    macs = count_flops(model, (3, 32, 32))
+    macs = count_macs(model, (3, 32, 32))
     # stem 1.77M + stage 1 151.0M + stages 2-4 134.2M each + fc 5,120 MACs
     assert macs == 555_422_720
     assert abs(macs / 0.556e9 - 1) < 0.01  # the commonly quoted 0.56 GMACs
@@ -61,7 +61,7 @@ def test_layer_table_order_totals_and_kinds():
     assert names == sorted(names, key=module_order.index)
     assert names[:4] == ["normalize", "conv1", "bn1", "relu"] and names[-1] == "fc"
     assert sum(r.params for r in rows) == count_params(model)
-    assert sum(r.macs for r in rows) == count_flops(model, (3, 32, 32))
+    assert sum(r.macs for r in rows) == count_macs(model, (3, 32, 32))
     kinds = {"Normalize", "Conv2d", "BatchNorm2d", "ReLU", "AdaptiveAvgPool2d", "Linear"}
     assert {r.kind for r in rows} == kinds
     assert rows[-1].in_shape == (1, 64) and rows[-1].out_shape == (1, 10)
@@ -91,7 +91,7 @@ def test_modes_restored_and_no_gradients():
     assert model.training and not model.bn1.training and model.stages[0][0].bn1.training
     assert all(p.grad is None for p in model.parameters())
     model.eval()
-    count_flops(model, (3, 32, 32))
+    count_macs(model, (3, 32, 32))
     assert not any(m.training for m in model.modules())
 
 

@@ -107,7 +107,7 @@ def test_compress_distils_its_admm_and_finetuning_phases_from_the_dense_model(tm
     test_set = data.load("digits", split="test").take(32)
     phase = TrainConfig(epochs=1, batch_size=64, attack_steps=1, optimizer="adam", lr=1e-3, weight_decay=0,
                         check_size=0, progress=False, distill=0.5)
-    config = CompressConfig(ratio=2, admm_train=phase, finetune=phase, eval_attacks=["clean"], eval_phases=["final"])
+    config = CompressConfig(ratio=2, search=phase, finetune=phase, eval_attacks=["clean"], eval_phases=["final"])
     spec = train_set.spec
     torch.manual_seed(0)
     dense = cstar.models.create("small_cnn", 10, in_channels=1, input_size=8, mean=spec.mean, std=spec.std)

@@ -226,7 +226,7 @@ def test_compress_runs_under_torchrun_and_its_model_reloads(tmp_path):
     section = "{epochs: 1, optimizer: adam, lr: 0.002, attack_steps: 2, batch_size: 32, check_size: 32}"
     proc = torchrun(["-m", "cstar", "compress", "--model", "small_cnn", "--data", "mnist", "--root", DATA,
                      "--ratio", "4", "--train-n", "256", "--val-size", "64", "--eval-n", "64",
-                     "--eval-attacks", "clean,pgd2", "--dense", section, "--admm-train", section,
+                     "--eval-attacks", "clean,pgd2", "--dense", section, "--search", section,
                      "--admm", "{interval: 2, rho: 0.01}", "--finetune", section, "--device", "cpu",
                      "--no-progress", "--out", str(out)], cwd=tmp_path, timeout=300)
     assert proc.stdout.count("cstar compress:") == 1  # only rank 0 prints
@@ -239,7 +239,7 @@ def test_compress_runs_under_torchrun_and_its_model_reloads(tmp_path):
     model = cstar.load(out / "model")
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     assert sum(p.numel() for p in model.parameters()) == results["params"]["compressed"]
-    metrics = [json.loads(line) for line in (out / "admm" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (out / "search" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and "admm_residual_mean" in metrics[0]
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cstar import CstarError, TrainConfig, count_flops, count_params, data
+from cstar import CstarError, TrainConfig, count_macs, count_params, data
 from cstar.pipeline.compare import compare
 from cstar.prune import find_groups, harp_prune, hydra_prune
 from cstar.prune._budget import CostModel, fit_counts
@@ -142,7 +142,7 @@ def test_frozen_rates_select_exactly_the_channels_hydra_selects():
 def test_harp_prune_meets_its_budget_within_2_percent_and_never_above(budget, ratio):
     model, shape = _model("resnet20")
     pruned = harp_prune(model, _loader(shape, batches=1, size=4), ratio, TrainConfig(**_FAST), budget=budget)
-    measure = count_params if budget == "params" else (lambda m: count_flops(m, shape))
+    measure = count_params if budget == "params" else (lambda m: count_macs(m, shape))
     achieved = measure(model) / measure(pruned)
     assert ratio <= achieved <= 1.02 * ratio
     assert all(p.requires_grad for p in pruned.parameters())
@@ -153,7 +153,7 @@ def test_harp_prune_records_the_rates_it_learned_and_kept():
     pruned = harp_prune(model, _loader(shape), 8, TrainConfig(**{**_FAST, "lr": 5.0}), budget="macs")
     record = pruned.cstar_pruning
     assert record["method"] == "harp" and record["budget"] == "macs" and record["target_ratio"] == 8
-    assert record["macs_ratio"] == pytest.approx(count_flops(model, shape) / count_flops(pruned, shape))
+    assert record["macs_ratio"] == pytest.approx(count_macs(model, shape) / count_macs(pruned, shape))
     assert record["ratio"] == pytest.approx(count_params(model) / count_params(pruned))
     assert record["kept_rates"]["stages.1.0.conv1"] == round(pruned.stages[1][0].conv1.out_channels / 32, 4)
     assert record["kept_rates"]["conv1"] == round(pruned.conv1.out_channels / 16, 4)

@@ -10,7 +10,7 @@ from torch import nn
 from archs import bottleneck_resnet
 from cstar import data
 from cstar._core.errors import CstarError
-from cstar.evaluation.counting import count_flops, count_params
+from cstar.evaluation.counting import count_macs, count_params
 from cstar.lowrank import RankScoredModel, RankSpec, decompose, learn_ranks, select_ranks
 from cstar.pipeline import compressors
 from cstar.pipeline.compare import compare
@@ -19,8 +19,8 @@ from cstar.training.fit import TrainConfig
 from test_compare import config, dense_model
 
 SHAPE = (3, 8, 8)
-SPECS = {"params": RankSpec(4, input_shape=SHAPE), "flops": RankSpec(3, budget="flops", input_shape=SHAPE),
-         "joint": RankSpec(3, budget="joint", flops_ratio=2.5, input_shape=SHAPE)}
+SPECS = {"params": RankSpec(4, input_shape=SHAPE), "macs": RankSpec(3, budget="macs", input_shape=SHAPE),
+         "joint": RankSpec(3, budget="joint", macs_ratio=2.5, input_shape=SHAPE)}
 
 
 def random_batches(shape, classes, n=4, batch=16, seed=0):
@@ -56,7 +56,7 @@ def test_untrained_scores_give_the_energy_allocation_of_select_ranks(budget):
     assert (learned.params, learned.macs) == (selected.params, selected.macs)
 
 
-@pytest.mark.parametrize("budget, counted", [("params", lambda m, shape: count_params(m)), ("flops", count_flops)])
+@pytest.mark.parametrize("budget, counted", [("params", lambda m, shape: count_params(m)), ("macs", count_macs)])
 def test_learned_ranks_meet_their_budget_within_two_percent(budget, counted):
     model = resnet()
     plan = learn_ranks(model, random_batches(SHAPE, 10), SPECS[budget], scores_config())
@@ -65,7 +65,7 @@ def test_learned_ranks_meet_their_budget_within_two_percent(budget, counted):
     achieved = counted(model, SHAPE) / counted(factorised, SHAPE)
     target = SPECS[budget].ratio
     assert target <= achieved <= 1.02 * target
-    assert count_params(factorised) == plan.params and count_flops(factorised, SHAPE) == plan.macs
+    assert count_params(factorised) == plan.params and count_macs(factorised, SHAPE) == plan.macs
 
 
 def test_the_masked_weight_is_the_dense_weight_when_every_component_is_kept():

@@ -62,7 +62,7 @@ def full_rank(plan):
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_the_plan_meets_its_ratio_within_two_percent(name):
     plan = select_ranks(built(name), 2, input_shape=SHAPE)
-    assert 2 <= plan.ratio <= 2.04
+    assert 2 <= plan.achieved_ratio <= 2.04
     assert any(layer.kind != "dense" for layer in plan.layers.values())
 
 
@@ -126,7 +126,7 @@ PHASE = "{epochs: 1, optimizer: adam, lr: 0.001, attack_steps: 1, batch_size: 64
 def test_cli_compress_runs_a_factory_model_end_to_end_and_eval_reloads_it(name, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["compress", "--model", f"tests.archs:{name}", "--data", "digits", "--ratio", "2", "--out", str(out),
-                 "--dense", PHASE, "--admm-train", PHASE, "--finetune", PHASE, "--admm", "{interval: 5}",
+                 "--dense", PHASE, "--search", PHASE, "--finetune", PHASE, "--admm", "{interval: 5}",
                  "--val-size", "100", "--eval-n", "64", "--eval-attacks", "clean", "--eval-phases", "final",
                  "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())

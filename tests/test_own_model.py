@@ -120,7 +120,7 @@ def test_a_user_model_compresses_and_its_report_states_the_normalisation(capsys,
     monkeypatch.chdir(home)
     torch.save({"state_dict": state}, home / "their.pth")
     assert main(["compress", "--model", "mynet:Net", "--checkpoint", "their.pth", "--normalize", "none",
-                 "--data", "digits", "--ratio", "2", "--admm-train", "{epochs: 1, lr: 0.01}",
+                 "--data", "digits", "--ratio", "2", "--search", "{epochs: 1, lr: 0.01}",
                  "--finetune", "{epochs: 1, lr: 0.001}",
                  "--eval-attacks", "clean,pgd5", "--out", "run"]) == 0
     report = (home / "run" / "report.md").read_text()
@@ -233,7 +233,7 @@ def test_a_bad_normalize_is_refused(capsys, monkeypatch, trained, text):
     ["ranks", "saved", "--data", "digits", "--ratio", "2"],
     ["decompose", "saved", "--data", "digits", "--ratio", "2", "--out", "small"],
     ["export", "saved", "--data", "digits", "--out", "saved.onnx"],
-    ["compress", "--checkpoint", "saved", "--data", "digits", "--ratio", "2", "--admm-train", "{epochs: 1}",
+    ["compress", "--checkpoint", "saved", "--data", "digits", "--ratio", "2", "--search", "{epochs: 1}",
      "--finetune", "{epochs: 1}", "--eval-attacks", "clean", "--out", "run-saved"],
     ["compare", "--checkpoint", "saved", "--data", "digits", "--ratios", "2", "--methods", "dense,lowrank_global",
      "--search", "{epochs: 1}", "--finetune", "{epochs: 1}", "--eval-attacks", "clean", "--latency-runs", "1",

@@ -107,7 +107,9 @@ class AttackSpec:
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **options) -> torch.Tensor:
         """Run the attack; ``options`` go to the attack function (e.g. ``amp_dtype``,
         ``model_mode``, ``generator`` for gradient attacks; ``batch_size``, ``log``
-        for AutoAttack)."""
+        for AutoAttack). At ``eps=0`` the ball holds ``x`` alone: ``x`` is returned, no step taken."""
+        if self.eps == 0:
+            return x.detach().clone()
         if self.name == "autoattack":
             return autoattack(model, x, y, self.eps, norm=self.norm, **options)
         if self.name == "nfgsm":

@@ -15,9 +15,10 @@ import torch
 from .. import data, distributed
 from .._core.errors import CstarError
 from .._core.io import write_json
-from ..evaluation.counting import count_flops, count_params, format_table, layer_table
+from ..evaluation.counting import count_macs, count_params, format_table, layer_table
 from ..evaluation.evaluate import attack_specs, evaluate, format_results
 from ..files.serialize import check_savable, check_save_target, record_trained_on, save
+from ..pipeline.phases import evaluation_eps
 from ..training.fit import fit
 from . import _inputs as inputs
 from . import _runs as runs
@@ -125,7 +126,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("\nfactorised layers (Tucker-2 ranks are r_out, r_in):")
         for name, layer in factorised.items():
             print(f"  {name:<28} {layer['kind']:<8} ranks {', '.join(map(str, layer['ranks']))}")
-    print(f"parameters: {count_params(model):,}   MACs per image: {count_flops(model, shape):,}   input: {tuple(shape)}")
+    print(f"parameters: {count_params(model):,}   MACs per image: {count_macs(model, shape):,}   input: {tuple(shape)}")
     return 0
 
 
@@ -185,12 +186,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
     train_set, test_set, eps = inputs.train_and_test(args)
     common = _common_phase_settings(args, eps)
     config = CompressConfig(
-        ratio=args.ratio, budget=args.budget, flops_ratio=args.flops_ratio, rank_method=args.rank_method,
+        ratio=args.ratio, budget=args.budget, macs_ratio=args.macs_ratio, rank_method=args.rank_method,
         exclude=names(args.exclude) or None, dense=phase_config(args, "dense", common),
-        admm_train=phase_config(args, "admm_train", common), admm=admm_config(args),
+        search=phase_config(args, "search", common), admm=admm_config(args),
         finetune=phase_config(args, "finetune", common, epochs=5, lr=0.01),
-        eval_attacks=_checked_attacks(args.eval_attacks, "--eval-attacks", eps, args.eval_step),
-        eval_step=args.eval_step, eval_phases=names(args.eval_phases),
+        eval_attacks=_checked_attacks(args.eval_attacks, "--eval-attacks", evaluation_eps(args.eval_eps, eps),
+                                      args.eval_step),
+        eval_eps=args.eval_eps, eval_step=args.eval_step, eval_phases=names(args.eval_phases),
         eval_n=args.eval_n, autoattack_n=args.autoattack_n)
     model = inputs.starting_model(args, train_set, device)
     check_plan(model, config)  # an unreachable ratio is refused before training and before any file is written
@@ -221,8 +223,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         dense=phase_config(args, "dense", common),
         search=phase_config(args, "search", common, epochs=5, lr=0.01),
         finetune=phase_config(args, "finetune", common, epochs=5, lr=0.01), admm=admm_config(args),
-        eval_attacks=_checked_attacks(args.eval_attacks, "--eval-attacks", eps, args.eval_step),
-        eval_step=args.eval_step, eval_n=args.eval_n,
+        eval_attacks=_checked_attacks(args.eval_attacks, "--eval-attacks", evaluation_eps(args.eval_eps, eps),
+                                      args.eval_step),
+        eval_eps=args.eval_eps, eval_step=args.eval_step, eval_n=args.eval_n,
         autoattack_n=args.autoattack_n, latency_runs=args.latency_runs)
     model = inputs.starting_model(args, train_set, device)
     check_reachable(model, config)  # a ratio no rank plan reaches is refused before any work, as compress does

@@ -4,7 +4,7 @@ Layers, lowest first: the parser's built-in defaults; for ``compress`` and
 ``compare`` the dataset's preset for the device (:func:`cstar.cli._presets.dataset_defaults`);
 ``--config`` (a file or a preset's name) or, with ``--resume --out DIR``, the
 record ``DIR/config.yaml`` under it; the flags given. A section option
-(``--dense``, ``--admm-train``, ``--admm``, ``--finetune``, ``--search``) changes
+(``--dense``, ``--search``, ``--admm``, ``--finetune``) changes
 only the keys it names of the section below it. The helpers at the end turn the
 resolved text options into values (lists, numbers, training settings).
 """
@@ -12,6 +12,7 @@ resolved text options into values (lists, numbers, training settings).
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import yaml
@@ -21,7 +22,7 @@ from .._core.checks import COUNT, POSITIVE, RATIO, SEED, check_mapping, flag, in
 from .._core.errors import CstarError
 from ..pipeline.phases import EVALUATION_RULES, attack_names
 from ..training.config import RULES as TRAIN_RULES
-from .._core.renamed import renamed
+from .._core.renamed import SETTINGS, current_options, renamed
 from ..files.run_dirs import recorded_command
 from ..pipeline.admm import ADMMConfig
 from ..lowrank import RankSpec
@@ -35,7 +36,7 @@ from ._runs import NOT_SAVED, check_out, device_type
 SECTIONS = presets.SECTIONS
 # Options a resumed run may change; any other option given with --resume must equal the run's record.
 _MAY_CHANGE_ON_RESUME = {"device", "no_progress", "out"}
-_EVALUATION_OPTIONS = {"eval_attacks", "eval_step", "eval_n", "autoattack_n", "latency_runs"}
+_EVALUATION_OPTIONS = {"eval_attacks", "eval_eps", "eval_step", "eval_n", "autoattack_n", "latency_runs"}
 # ... and those only some commands' resumes may change: train and compare re-evaluate; a comparison's cells are
 # independent (each records its own budget and seed), so its resume may add or drop methods and ratios.
 _ALSO_ON_RESUME = {"train": _EVALUATION_OPTIONS, "compare": _EVALUATION_OPTIONS | {"methods", "ratios"}}
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     merged = _layered(values, given)
     if values:
         sub.set_defaults(**values)
-        args = parser.parse_args(argv)
+        args = _parsed_again(parser, argv)
     for key in SECTIONS:
         if key in merged:
             setattr(args, key, merged[key])
@@ -102,12 +103,19 @@ def _given_options(argv: list[str] | None, command: str) -> dict:
     unset = _Unset()
     plain = [a.dest for a in sub._actions if a.dest != "help" and not isinstance(a, argparse._AppendAction)]
     sub.set_defaults(**{dest: unset for dest in plain})
-    args = parser.parse_args(argv)
+    args = _parsed_again(parser, argv)
     given = {k: v for k, v in vars(args).items() if k in plain and not isinstance(v, _Unset)}
     for action in sub._actions:
         if isinstance(action, argparse._AppendAction) and getattr(args, action.dest):
             given[action.dest] = getattr(args, action.dest)
     return given
+
+
+def _parsed_again(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` once more: an old flag's name was noted by the first parse, and only there."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return parser.parse_args(argv)
 
 
 def _load_config_file(path: str) -> dict:
@@ -118,7 +126,7 @@ def _load_config_file(path: str) -> dict:
         raise CstarError(f"config file {p} is not valid YAML/JSON ({str(exc).splitlines()[0]}): fix its syntax") from None
     if not isinstance(values, dict):
         raise CstarError(f"config file {p} must hold a mapping of option: value, not a {type(values).__name__}")
-    return renamed({str(k).replace("-", "_"): v for k, v in values.items()}, f"config file {p}")
+    return renamed({str(k).replace("-", "_"): v for k, v in values.items()}, f"config file {p}", names=SETTINGS)
 
 
 def _config_values(args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
@@ -140,7 +148,7 @@ def _config_values(args: argparse.Namespace, sub: argparse.ArgumentParser) -> di
         elif isinstance(action, argparse._AppendAction) and isinstance(value, str):
             values[key] = [value]  # one KEY=VALUE, as one flag gives it (not its characters)
     try:
-        for key in ("eps", "attack_step"):
+        for key in ("eps", "attack_step", "eval_eps"):
             if isinstance(values.get(key), str):
                 values[key] = parse_eps(values[key])
         for key in ("step", "eval_step"):  # one step, or a mapping attack -> step
@@ -204,7 +212,7 @@ def _section(what: str, value: object) -> dict:
 # The rules of the options no Python config checks, or whose flag has another name than its setting; every
 # other option takes the rule of the TrainConfig field of its name, else its flag's type's (see _rule).
 FLAG_RULES = {
-    "ratio": RATIO, "flops_ratio": RATIO, "multiple_of": POSITIVE, "n_iter": COUNT, "seed": SEED,
+    "ratio": RATIO, "macs_ratio": RATIO, "multiple_of": POSITIVE, "n_iter": COUNT, "seed": SEED,
     "val_size": integer(0, fix="training images held out for the per-epoch check (0: none)"),
     "train_n": integer(),  # its range is the training set's: cstar.cli._inputs.first_n
     "eval_attacks": _eval_attack_names, "attacks": _eval_attack_names,
@@ -261,7 +269,7 @@ def _recorded_options(args: argparse.Namespace, sub: argparse.ArgumentParser, gi
         recorded = yaml.safe_load(record_path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:
         raise CstarError(f"{record_path} is not valid YAML: restore it, or start a new run without --resume") from None
-    recorded = _current_names(recorded)
+    recorded = current_options(recorded)
     foreign = sorted(set(recorded) - {a.dest for a in sub._actions} - {"eps"})
     if foreign and recorded_command(args.out) is None:  # a run made before cstar-run.json named its command
         raise CstarError(f"{args.out} holds another command's run, not a 'cstar {args.command}' run ({record_path} "
@@ -286,13 +294,6 @@ def _check_recorded_factory(recorded: dict, given: dict, out: str) -> None:
         raise CstarError(f"{Path(out) / 'config.yaml'} records the model factory {short(name)}, whose code cstar "
                          f"imports only when you name it: resume with --resume --out {out} --model {name} if you "
                          "trust that code")
-
-
-def _current_names(record: dict) -> dict:
-    """A run's record with the options renamed since it was written under their new names (silently)."""
-    record = renamed(record, "the run's record", note=False)
-    return {key: renamed(value, "the run's record", note=False) if key in SECTIONS and isinstance(value, dict)
-            else value for key, value in record.items()}
 
 
 def _same_option(a, b) -> bool:
@@ -348,7 +349,7 @@ def model_kwargs(pairs: list[str]) -> dict:
 def rank_spec(args: argparse.Namespace) -> RankSpec:
     """The :class:`cstar.lowrank.RankSpec` of the rank-plan options."""
     require(args, "ratio")
-    return RankSpec(args.ratio, budget=args.budget, flops_ratio=args.flops_ratio, method=args.rank_method,
+    return RankSpec(args.ratio, budget=args.budget, macs_ratio=args.macs_ratio, method=args.rank_method,
                     exclude=names(args.exclude) or None, multiple_of=args.multiple_of)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import warnings
 from fractions import Fraction
 
 import yaml
@@ -17,6 +16,7 @@ from .. import data, models
 from .._version import __version__
 from .._core.checks import check_radius
 from .._core.errors import CstarError
+from .._core.renamed import old_name, renamed_value
 from ..training.fit import AMP_DTYPES, ATTACKS, OPTIMIZERS, SCHEDULES, TrainConfig
 
 FACTORY_FORMS = "package.module:factory, torchvision:NAME, timm:NAME (with --model-arg KEY=VALUE)"
@@ -65,6 +65,11 @@ def parse_normalize(text: str) -> str | list[float]:
     return values
 
 
+def parse_budget(text: str) -> str:
+    """``--budget``: what the ratio counts; an old name (``flops``) as its new one, noted."""
+    return renamed_value(text, "budget", "the command line")
+
+
 def yaml_mapping(text: str) -> dict:
     """A YAML mapping given on the command line, e.g. ``'{epochs: 3, lr: 0.01}'``."""
     try:
@@ -101,15 +106,15 @@ class _OldName(argparse.Action):
     """A flag's old name: sets the new flag's option, with a :class:`FutureWarning` naming the new flag."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        new = "--" + self.dest.replace("_", "-")
-        warnings.warn(f"{option_string} is now {new}; {option_string} still works for now", FutureWarning)
+        old_name(option_string, "--" + self.dest.replace("_", "-"))
         setattr(namespace, self.dest, values)
 
 
 def _old_name(g, flag: str, dest: str) -> None:
     """Accept ``flag``, hidden from the help, as the old name of the option ``dest`` (same choices)."""
     new = next(a for a in g._group_actions if a.dest == dest)
-    g.add_argument(flag, dest=dest, action=_OldName, choices=new.choices, default=new.default, help=argparse.SUPPRESS)
+    g.add_argument(flag, dest=dest, action=_OldName, type=new.type, choices=new.choices, default=new.default,
+                   help=argparse.SUPPRESS)
 
 
 def _data_options(p: argparse.ArgumentParser) -> None:
@@ -156,9 +161,10 @@ def _plan_options(g, *, ratio_default: float | None) -> None:
     """The rank-plan options on group (or parser) ``g``."""
     g.add_argument("--ratio", type=float, default=ratio_default,
                    help="target compression ratio, e.g. 16" + (f" (default: {ratio_default:g})" if ratio_default else ""))
-    g.add_argument("--budget", choices=("params", "flops", "joint"), default="params",
-                   help="what the ratio counts: parameters, MACs, or both (with --flops-ratio)")
-    g.add_argument("--flops-ratio", type=float, default=None, help="MACs ratio of a joint budget")
+    g.add_argument("--budget", type=parse_budget, choices=("params", "macs", "joint"), default="params",
+                   help="what the ratio counts: parameters, MACs (multiply-accumulates), or both (with --macs-ratio)")
+    g.add_argument("--macs-ratio", type=float, default=None, help="target MACs ratio of a joint budget")
+    _old_name(g, "--flops-ratio", "macs_ratio")
     g.add_argument("--rank-method", choices=("global", "uniform"), default="global")
     g.add_argument("--exclude", default=None, help="comma-separated layers kept dense (default: first conv, classifier)")
 
@@ -177,6 +183,8 @@ def _pipeline_options(p: argparse.ArgumentParser, title: str):
     g.add_argument("--train-n", type=int, default=None, help="train on the first N training images only")
     g.add_argument("--val-size", type=int, default=1000, help="training images held out for per-epoch checks")
     g.add_argument("--eval-attacks", default="clean,pgd20")
+    g.add_argument("--eval-eps", type=parse_eps, default=None,
+                   help="L-inf radius of every evaluation, e.g. 8/255 (default: the training eps)")
     g.add_argument("--eval-step", type=parse_step, default=None, help=STEP_HELP)
     g.add_argument("--eval-n", type=int, default=None, help="evaluate on the first N test images (default: all)")
     return g
@@ -284,13 +292,14 @@ def _info(sub) -> None:
 def _compress(sub) -> None:
     c = sub.add_parser("compress", help="CSTAR: robust low-rank compression to a target ratio",
                        description="Dense robust model -> global ranks -> ADMM adversarial training -> decomposition "
-                                   "-> adversarial fine-tuning -> evaluation. Training sections (dense, admm_train, "
-                                   "finetune) and admm take YAML mappings, e.g. --finetune '{epochs: 3, lr: 0.01}', "
-                                   "or nested keys in --config (see configs/).")
+                                   "-> adversarial fine-tuning -> evaluation. Training sections (dense, search: the "
+                                   "ADMM phase's, finetune) and admm take YAML mappings, e.g. --finetune "
+                                   "'{epochs: 3, lr: 0.01}', or nested keys in --config (see configs/).")
     g = _pipeline_options(c, "compression")
     _plan_options(g, ratio_default=8.0)
     g.add_argument("--dense", type=yaml_mapping, default=None, help="dense training settings (YAML mapping)")
-    g.add_argument("--admm-train", type=yaml_mapping, default=None, help="ADMM-phase training settings")
+    g.add_argument("--search", type=yaml_mapping, default=None, help="ADMM-phase training settings")
+    _old_name(g, "--admm-train", "search")
     g.add_argument("--admm", type=yaml_mapping, default=None, help="ADMM settings: rho, rho_growth, interval...")
     g.add_argument("--finetune", type=yaml_mapping, default=None, help="fine-tuning settings")
     g.add_argument("--eval-phases", default="dense,admm_projected,final",

@@ -17,7 +17,7 @@ import yaml
 from .._core.errors import CstarError
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"  # cstar/presets/, shipped as package data
-SECTIONS = ("dense", "admm_train", "admm", "finetune", "search")
+SECTIONS = ("dense", "search", "admm", "finetune")
 _TAKEN = SECTIONS + ("attack", "eval_attacks", "eval_step")  # what a dataset default supplies
 
 # (command, dataset) -> (preset on a CPU, preset on a GPU)

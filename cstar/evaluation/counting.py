@@ -1,6 +1,6 @@
 """Parameter and MAC counting.
 
-"FLOPs" in this package means multiply-accumulates (MACs) of convolution and
+The compute cost cstar counts is multiply-accumulates (MACs) of convolution and
 linear layers for one image, as is conventional in pruning and low-rank
 compression papers: bias additions, BatchNorm, activations and pooling are not
 counted. A k x k conv producing an (C_out, H, W) map from C_in channels in
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .._core.errors import CstarError
+from .._core.renamed import old_name
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NO_COMPUTE = (
@@ -156,9 +157,15 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSta
     return rows
 
 
-def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Total conv and linear MACs for one image of shape (C, H, W) (see the module docstring)."""
     return sum(row.macs for row in layer_table(model, input_shape))
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """The old name of :func:`count_macs` (a :class:`FutureWarning`)."""
+    old_name("count_flops", "count_macs")
+    return count_macs(model, input_shape)
 
 
 def format_table(rows: list[LayerStats]) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .._core.errors import CstarError
 from .._core.io import write_json
+from .._core.renamed import PLAN, accepting_old_names, old_attribute, renamed
 
 
 @dataclass
@@ -36,15 +37,16 @@ class LayerPlan:
 class RankPlan:
     """Ranks of every compressible layer of a model, with exact cost accounting.
 
-    ``target`` is the requested ratio (on parameters for ``budget="params"`` and
-    ``"joint"``, on MACs for ``"flops"``); ``flops_target`` the MACs ratio of a
-    ``"joint"`` budget. ``excluded`` lists the compressible layers kept dense on
+    ``target_ratio`` is the requested ratio (on parameters for ``budget="params"``
+    and ``"joint"``, on MACs for ``"macs"``); ``target_macs_ratio`` the requested
+    MACs ratio of a ``"joint"`` budget (None otherwise); :attr:`achieved_ratio` and
+    :attr:`achieved_macs_ratio` what the plan reaches. ``excluded`` lists the compressible layers kept dense on
     request, ``skipped`` the declined ones with the reason. Totals are for the
     whole model (every parameter; MACs None without an ``input_shape``).
     """
 
     layers: dict[str, LayerPlan]
-    target: float
+    target_ratio: float
     budget: str
     method: str
     input_shape: tuple[int, ...] | None
@@ -54,34 +56,41 @@ class RankPlan:
     params: int
     dense_macs: int | None
     macs: int | None
-    flops_target: float | None = None
+    target_macs_ratio: float | None = None
 
     @property
-    def ratio(self) -> float:
+    def achieved_ratio(self) -> float:
         """Dense parameters / planned parameters, whole model."""
         return self.dense_params / self.params
 
     @property
-    def flops_ratio(self) -> float | None:
+    def achieved_macs_ratio(self) -> float | None:
         """Dense MACs / planned MACs, whole model (None without an input shape)."""
         if self.macs is None or self.dense_macs is None:
             return None
         return self.dense_macs / self.macs
 
+    target = old_attribute("RankPlan", "target", "target_ratio")
+    flops_target = old_attribute("RankPlan", "flops_target", "target_macs_ratio")
+    ratio = old_attribute("RankPlan", "ratio", "achieved_ratio")
+    flops_ratio = old_attribute("RankPlan", "flops_ratio", "achieved_macs_ratio")
+
     def to_dict(self) -> dict:
-        """Plain JSON-ready dict (tuples as lists; ``ratio``/``flops_ratio`` added for readers)."""
+        """Plain JSON-ready dict (tuples as lists; ``achieved_ratio``/``achieved_macs_ratio`` added for readers)."""
         d = asdict(self)
         d["input_shape"] = None if self.input_shape is None else list(self.input_shape)
         for layer in d["layers"].values():
             layer["ranks"], layer["shape"] = list(layer["ranks"]), list(layer["shape"])
-        d["ratio"], d["flops_ratio"] = self.ratio, self.flops_ratio
+        d["achieved_ratio"], d["achieved_macs_ratio"] = self.achieved_ratio, self.achieved_macs_ratio
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "RankPlan":
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; a plan written before the renames (``target``, ``flops_target``, budget
+        ``"flops"``) reads as today's."""
         if not isinstance(d, dict):
             raise CstarError(f"a rank plan must be a dict from RankPlan.to_dict(), got {type(d).__name__}")
+        d = renamed(d, "a rank plan", note=False, names=PLAN)
         names, layer_names = list(cls.__dataclass_fields__), list(LayerPlan.__dataclass_fields__)
         missing = [k for k in names if k not in d]
         if missing:
@@ -129,7 +138,7 @@ class RankPlan:
              f"{p.dense_params:,} -> {p.params:,}", _macs_text(p.dense_macs, p.macs), f"{p.energy:.3f}")
             for name, p in self.layers.items()
         ]
-        flops = "-" if self.flops_ratio is None else f"{self.flops_ratio:.2f}x"
+        macs = "-" if self.achieved_macs_ratio is None else f"{self.achieved_macs_ratio:.2f}x"
         total = ("total", "", "", "", f"{self.dense_params:,} -> {self.params:,}",
                  _macs_text(self.dense_macs, self.macs), "")
         widths = [max(len(r[i]) for r in (header, *rows, total)) for i in range(len(header))]
@@ -140,11 +149,14 @@ class RankPlan:
 
         rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
         lines = [line(header), rule, *map(line, rows), rule, line(total),
-                 f"ratio {self.ratio:.2f}x params, {flops} MACs ({self.method} ranks, {self.budget} budget)"]
+                 f"ratio {self.achieved_ratio:.2f}x params, {macs} MACs ({self.method} ranks, {self.budget} budget)"]
         if self.excluded:
             lines.append(f"excluded (kept dense): {', '.join(self.excluded)}")
         lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
+
+
+RankPlan.__init__ = accepting_old_names(RankPlan.__init__, PLAN, "RankPlan()")
 
 
 def _macs_text(dense: int | None, planned: int | None) -> str:

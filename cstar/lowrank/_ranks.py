@@ -26,7 +26,7 @@ fraction in every mode of every layer, the largest that fits (bisection), as a
 baseline.
 
 Costs are exact: parameters as :func:`cstar.evaluation.counting.count_params` counts the
-factorised model, MACs as :func:`cstar.evaluation.counting.count_flops` does (a Tucker-2
+factorised model, MACs as :func:`cstar.evaluation.counting.count_macs` does (a Tucker-2
 layer's first 1x1 conv runs at the input resolution, its core and last conv at
 the output resolution; MAC multipliers come from one traced forward pass).
 
@@ -52,6 +52,7 @@ from ..models import input_shape as input_shape_of
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ._plan import LayerPlan, RankPlan
 from ._spec import RankSpec
+from .._core.renamed import MACS, accepting_old_names
 from ._tucker import core_energies, energy_table, singular_energies
 
 _BISECTION_STEPS = 60
@@ -269,15 +270,15 @@ class _Allocator:
 
 
 def select_ranks(model: nn.Module, ratio: float | RankSpec, *, budget: str = "params",
-                 flops_ratio: float | None = None, input_shape: tuple[int, int, int] | None = None,
+                 macs_ratio: float | None = None, input_shape: tuple[int, int, int] | None = None,
                  method: str = "global", exclude: list[str] | None = None, min_rank: int = 1,
                  multiple_of: int = 1, layer_weights: dict[str, float] | None = None) -> RankPlan:
     """Choose the ranks of every compressible layer so that the whole model is ``ratio`` times smaller.
 
     ``ratio`` is a number or a whole :class:`RankSpec` (then pass no other
     setting); the keywords are the spec's fields. ``budget``: ``"params"``
-    (ratio on parameters), ``"flops"`` (ratio on MACs) or ``"joint"``
-    (``ratio`` on parameters and ``flops_ratio`` on MACs at once).
+    (ratio on parameters), ``"macs"`` (ratio on MACs, multiply-accumulates) or
+    ``"joint"`` (``ratio`` on parameters and ``macs_ratio`` on MACs at once).
     ``input_shape`` (C, H, W) defaults to the model's own
     (:func:`cstar.models.input_shape`); it is required for the MACs budgets and
     otherwise only fills the MACs columns. ``exclude`` names modules kept dense,
@@ -292,7 +293,7 @@ def select_ranks(model: nn.Module, ratio: float | RankSpec, *, budget: str = "pa
     if not isinstance(model, nn.Module):
         raise CstarError(f"select_ranks needs an nn.Module, got {type(model).__name__}")
     check_finite(model, "select_ranks: the model")
-    keywords = {"budget": budget, "flops_ratio": flops_ratio, "input_shape": input_shape, "method": method,
+    keywords = {"budget": budget, "macs_ratio": macs_ratio, "input_shape": input_shape, "method": method,
                 "exclude": exclude, "min_rank": min_rank, "multiple_of": multiple_of, "layer_weights": layer_weights}
     if isinstance(ratio, RankSpec):
         defaults = {f.name: f.default for f in fields(RankSpec) if f.name in keywords}
@@ -304,6 +305,9 @@ def select_ranks(model: nn.Module, ratio: float | RankSpec, *, budget: str = "pa
     else:
         spec = RankSpec(ratio, **keywords)
     return _plan(model, spec)
+
+
+select_ranks = accepting_old_names(select_ranks, MACS, "select_ranks()")
 
 
 @dataclass
@@ -337,16 +341,16 @@ class Allocation:
         _check_near_target({"params": dense["params"] / params, "macs": None if macs is None else dense["macs"] / macs},
                            self.allocator.measures, self.targets, self.layers, self.spec)
         return RankPlan(
-            layers=plans, target=self.spec.ratio, budget=self.spec.budget, method=method, input_shape=self.shape,
+            layers=plans, target_ratio=self.spec.ratio, budget=self.spec.budget, method=method, input_shape=self.shape,
             excluded=self.excluded, skipped=self.skipped, dense_params=dense["params"], params=params,
-            dense_macs=dense["macs"], macs=macs, flops_target=self.spec.flops_ratio,
+            dense_macs=dense["macs"], macs=macs, target_macs_ratio=self.spec.macs_ratio,
         )
 
 
 def allocation(model: nn.Module, spec: RankSpec) -> Allocation:
     """The allocation problem of ``model`` under ``spec``; raises :class:`CstarError` when the target is
     unreachable (every layer at ``min_rank`` is still over budget) or names unknown layers."""
-    ratio, budget, flops_ratio = spec.ratio, spec.budget, spec.flops_ratio
+    ratio, budget, macs_ratio = spec.ratio, spec.budget, spec.macs_ratio
     exclude = spec.exclude
     shape = spec.input_shape or input_shape_of(model)
     if shape is None and budget != "params":
@@ -370,8 +374,8 @@ def allocation(model: nn.Module, spec: RankSpec) -> Allocation:
 
     dense = {"params": count_params(model),
              "macs": None if rows is None else sum(r.macs for r in rows.values())}
-    measures = {"params": ("params",), "flops": ("macs",), "joint": ("params", "macs")}[budget]
-    targets = {"params": (ratio,), "flops": (ratio,), "joint": (ratio, flops_ratio)}[budget]
+    measures = {"params": ("params",), "macs": ("macs",), "joint": ("params", "macs")}[budget]
+    targets = {"params": (ratio,), "macs": (ratio,), "joint": (ratio, macs_ratio)}[budget]
     fixed = {m: dense[m] - sum(getattr(layer, f"dense_{m}") for layer in layers) for m in measures}
     limits = tuple(dense[m] / t - fixed[m] for m, t in zip(measures, targets))
     allocator = _Allocator(layers, measures, limits, spec.min_rank, spec.multiple_of)

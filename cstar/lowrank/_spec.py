@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass
 
 from .._core.checks import check_positive_int, check_ratio
 from .._core.errors import CstarError
+from .._core.renamed import MACS, accepting_old_names, old_attribute, renamed_value
 
-BUDGETS = ("params", "flops", "joint")
+BUDGETS = ("params", "macs", "joint")
 ALLOCATIONS = ("global", "uniform")
 
 
@@ -22,9 +23,9 @@ ALLOCATIONS = ("global", "uniform")
 class RankSpec:
     """The target of a rank plan; validated when built.
 
-    ``ratio``: whole-model dense / compressed size, > 1, on parameters
-    (``budget="params"``), MACs (``"flops"``), or parameters with
-    ``flops_ratio`` on MACs at once (``"joint"``). ``method``: ``"global"``
+    ``ratio``: the target whole-model dense / compressed size, > 1, on parameters
+    (``budget="params"``), MACs (multiply-accumulates, ``"macs"``), or parameters with
+    ``macs_ratio`` on MACs at once (``"joint"``). ``method``: ``"global"``
     (energy-optimal allocation) or ``"uniform"`` (the same rank fraction
     everywhere). ``exclude``: module names kept dense (None: the first conv and
     the classifier). Ranks are at least ``min_rank`` and multiples of
@@ -38,7 +39,7 @@ class RankSpec:
 
     ratio: float
     budget: str = "params"
-    flops_ratio: float | None = None
+    macs_ratio: float | None = None
     method: str = "global"
     exclude: tuple[str, ...] | None = None
     min_rank: int = 1
@@ -49,16 +50,17 @@ class RankSpec:
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the fields once, here
         set_(self, "ratio", check_ratio("ratio", self.ratio))
+        set_(self, "budget", renamed_value(self.budget, "budget", "RankSpec()"))
         if self.budget not in BUDGETS:
             raise CstarError(f"unknown budget {self.budget!r}; choose one of: {', '.join(BUDGETS)}")
         if self.method not in ALLOCATIONS:
             raise CstarError(f"unknown method {self.method!r}; choose one of: {', '.join(ALLOCATIONS)}")
         if self.budget == "joint":
-            if self.flops_ratio is None:
-                raise CstarError("budget='joint' needs flops_ratio (the MACs ratio to meet beside ratio); pass it")
-            set_(self, "flops_ratio", check_ratio("flops_ratio", self.flops_ratio))
-        elif self.flops_ratio is not None:
-            raise CstarError(f"flops_ratio is only used with budget='joint' (got budget={self.budget!r}); drop it "
+            if self.macs_ratio is None:
+                raise CstarError("budget='joint' needs macs_ratio (the MACs ratio to meet beside ratio); pass it")
+            set_(self, "macs_ratio", check_ratio("macs_ratio", self.macs_ratio))
+        elif self.macs_ratio is not None:
+            raise CstarError(f"macs_ratio is only used with budget='joint' (got budget={self.budget!r}); drop it "
                              "or pass budget='joint'")
         set_(self, "min_rank", check_positive_int("min_rank", self.min_rank))
         set_(self, "multiple_of", check_positive_int("multiple_of", self.multiple_of))
@@ -75,6 +77,8 @@ class RankSpec:
         if self.layer_weights is not None:
             set_(self, "layer_weights", _checked_weights(self.layer_weights, self.method))
 
+    flops_ratio = old_attribute("RankSpec", "flops_ratio", "macs_ratio")
+
     def to_dict(self) -> dict:
         """Plain JSON values (lists for tuples)."""
         out = asdict(self)
@@ -84,6 +88,9 @@ class RankSpec:
         if out["layer_weights"] is not None:
             out["layer_weights"] = dict(out["layer_weights"])
         return out
+
+
+RankSpec.__init__ = accepting_old_names(RankSpec.__init__, MACS, "RankSpec()")
 
 
 def _checked_weights(weights, method: str) -> tuple[tuple[str, float], ...]:

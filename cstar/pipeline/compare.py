@@ -42,10 +42,10 @@ from .._core import log
 from .._core.errors import CstarError
 from .._core.io import atomic_write_bytes, atomic_write_text, write_json
 from .._core.checks import check_fields, check_ratio, integer
-from .phases import (EVALUATION_RULES, check_dense_not_distilled, check_run, check_sections, settings_from_dict, split_held_out, train_phase, with_data_eps)
+from .phases import (EVALUATION_RULES, check_dense_not_distilled, check_run, check_sections, eps_text, settings_from_dict, split_held_out, train_phase, with_data_eps)
 from .._core.renamed import renamed
 from .admm import ADMMConfig
-from ..evaluation.counting import count_flops, count_params
+from ..evaluation.counting import count_macs, count_params
 from ..lowrank import select_ranks
 from ..evaluation.evaluate import attack_settings, attack_specs, describe_attacks, evaluate, subset_label
 from ..files.serialize import load, record_trained_on, save
@@ -63,11 +63,11 @@ class CompareConfig:
     ``dense`` trains the starting model when none is given (``pretrained=False``).
 
     ``ratios`` are whole-model parameter ratios (dense / compressed), each > 1.
-    Evaluation: ``eval_attacks`` (PGD step ``eval_step``, default eps/4) on the
-    first ``eval_n`` test images (all when None), AutoAttack on the first
-    ``autoattack_n`` (0: off), batch-1 CPU latency as the median of
-    ``latency_runs`` eager forward passes of every cell's model, measured
-    together when the comparison ends (:func:`batch1_latencies_ms`; 0: off).
+    Evaluation: ``eval_attacks`` at radius ``eval_eps`` (None: the training eps, ``finetune.eps``), PGD
+    step ``eval_step`` (default eps/4), on the first ``eval_n`` test images (all when None), AutoAttack on
+    the first ``autoattack_n`` (0: off), batch-1 CPU latency as the median of ``latency_runs`` eager
+    forward passes of every cell's model, measured together when the comparison ends
+    (:func:`batch1_latencies_ms`; 0: off).
     """
 
     ratios: list[float] = field(default_factory=lambda: [4.0, 16.0])
@@ -77,6 +77,7 @@ class CompareConfig:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.01))
     admm: ADMMConfig = field(default_factory=ADMMConfig)
     eval_attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])
+    eval_eps: float | None = None
     eval_step: float | None = None
     eval_n: int | None = None
     autoattack_n: int = 0
@@ -159,7 +160,7 @@ def batch1_latencies_ms(models: dict[str, nn.Module], input_shape: tuple[int, ..
 
 def _evaluation_settings(config: CompareConfig) -> dict:
     """What a cell's accuracy figures depend on besides its model (AutoAttack apart)."""
-    return {"attacks": list(config.eval_attacks), "step": config.eval_step, "n": config.eval_n}
+    return {"attacks": list(config.eval_attacks), "eps": config.eval_eps, "step": config.eval_step, "n": config.eval_n}
 
 
 def _settings_record(settings: TrainConfig | ADMMConfig) -> dict:
@@ -227,7 +228,7 @@ def _measure(model: nn.Module, dense_size: tuple[int, int], test_set, config: Co
     """A cell's figures and its per-example results; ``dense_size`` is the dense model's (parameters, MACs)."""
     t0 = time.perf_counter()
     figures, per_example = _evaluate_attacks(model, test_set, config, eps)
-    row = {"params": count_params(model), "macs": count_flops(model, input_shape), **figures}
+    row = {"params": count_params(model), "macs": count_macs(model, input_shape), **figures}
     row["params_ratio"] = dense_size[0] / row["params"]
     row["macs_ratio"] = dense_size[1] / row["macs"]
     if config.autoattack_n:
@@ -239,16 +240,19 @@ def _measure(model: nn.Module, dense_size: tuple[int, int], test_set, config: Co
 def _stale_evaluation(row: dict, config: CompareConfig, test_size: int) -> tuple[bool, bool]:
     """Whether a finished cell's (attack figures, AutoAttack figure) miss the current evaluation settings.
 
-    Rows from before the ``evaluation`` record are judged by their accuracy labels and subset."""
+    Rows from before the ``evaluation`` record are judged by their accuracy labels and subset, those from before
+    ``eval_eps`` as evaluated at the training eps."""
     if "evaluation" in row:
-        attacks_stale = row["evaluation"] != _evaluation_settings(config)
+        attacks_stale = {"eps": config.finetune.eps, **row["evaluation"]} != _evaluation_settings(config)
     else:
         labels = {"clean" if a == "clean" else attacks.parse_attack(a, 1.0).label for a in config.eval_attacks}
         subset = subset_label(config.eval_n, min(config.eval_n or test_size, test_size))
         attacks_stale = set(row["accuracy"]) != labels or row["subset"] != subset
     aa = row.get("autoattack")
     aa_subset = subset_label(config.autoattack_n, min(config.autoattack_n, test_size))
-    aa_stale = bool(config.autoattack_n) and (aa is None or aa["subset"] != aa_subset)
+    aa_eps = {s.get("eps", config.finetune.eps) for s in (aa or {}).get("attacks", {}).values()}
+    aa_stale = bool(config.autoattack_n) and (aa is None or aa["subset"] != aa_subset
+                                              or not aa_eps <= {config.eval_eps})
     return attacks_stale, aa_stale
 
 
@@ -290,14 +294,14 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
         write_json(out / "compare_config.json", config.to_dict())
     distributed.barrier()
     device = next(dense.parameters()).device
-    eps = config.finetune.eps
+    eps = config.eval_eps
     input_shape = tuple(train_set.spec.image_shape)
     train_part, val = split_held_out(train_set, val_size, device, test_set)
     if not pretrained:
         train_phase(dense, train_part, val, config.dense, out / "dense_train", resume=True, seed=seed,
                     name=f"{out.name} dense_train")
         record_trained_on(dense, train_set.spec.name, config.dense.eps)
-    dense_size = (count_params(dense), count_flops(dense, input_shape))
+    dense_size = (count_params(dense), count_macs(dense, input_shape))
 
     cells = {}
     for method in config.methods:
@@ -356,7 +360,8 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
         latencies = batch1_latencies_ms(saved, input_shape, config.latency_runs)
         for name, ms in latencies.items():
             cells[name]["latency_ms"] = round(ms, 3)
-    results = {"config": config.to_dict(), "budget": config.budget_text(), "eps": eps, "cells": cells}
+    results = {"config": config.to_dict(), "budget": config.budget_text(), "eps": eps,
+               "train_eps": config.finetune.eps, "cells": cells}
     if distributed.is_main():
         write_json(out / "results.json", results)
         atomic_write_text(out / "comparison.md", format_comparison(results))
@@ -370,7 +375,8 @@ def format_comparison(results: dict) -> str:
     labels = sorted({k for c in cells for k in c["accuracy"]}, key=lambda k: (k != "clean", k))
     head = ["method", "target", "params", "params ratio", "MACs", "MACs ratio", *labels, "AutoAttack",
             "batch-1 latency (ms, 1 thread)", "train (s)"]
-    lines = [f"Training budget: {results['budget']}.", f"L-inf eps {results['eps']:.4g}; accuracy in %.", "",
+    radius = eps_text(results["eps"], results.get("train_eps"))
+    lines = [f"Training budget: {results['budget']}.", f"{radius}; accuracy in %.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = ("dense", *compressors.names())
     for c in sorted(cells, key=lambda c: (c["target_ratio"], order.index(c["method"]) if c["method"] in order

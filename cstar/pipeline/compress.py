@@ -6,10 +6,10 @@ its last epoch checkpoint:
 
 1. ``dense``: adversarial training of the dense model (skipped for a pretrained one);
 2. ``ranks``: global rank selection for the target ratio (``plan.json``);
-3. ``admm``: ADMM adversarial training under the rank constraints;
+3. ``search``: ADMM adversarial training under the rank constraints (the ``search`` settings);
 4. ``decompose``: final projection, then exact decomposition into factorised layers;
 5. ``finetune``: adversarial fine-tuning of the factorised model;
-6. ``evaluate``: clean and robust accuracy of every phase's model.
+6. ``evaluate``: clean and robust accuracy of every phase's model, at ``eval_eps``.
 
 The outputs are a saved model (``<out>/model``, :func:`cstar.save` format),
 ``results.json`` and ``report.md`` (with PNG plots when matplotlib is installed).
@@ -36,9 +36,10 @@ from .._core.errors import CstarError
 from .._core.io import load_checkpoint, save_checkpoint, write_json
 from .._core.checks import check_fields
 from .phases import (EVALUATION_RULES, PhaseLedger, check_dense_not_distilled, check_run, check_sections, settings_from_dict, split_held_out, train_phase, training_loader, with_data_eps)
+from .._core.renamed import COMPRESS, accepting_old_names, old_attribute, renamed_value
 from .._core.precision import full_float32
 from .admm import ADMM, ADMMConfig
-from ..evaluation.counting import count_flops, count_params
+from ..evaluation.counting import count_macs, count_params
 from ..evaluation.evaluate import attack_specs, evaluate
 from ..lowrank import RankPlan, RankSpec, decompose, select_ranks
 from ..models import normalization_of
@@ -53,32 +54,34 @@ EVAL_PHASES = ("dense", "admm_projected", "final")
 class CompressConfig:
     """Settings of a compression run.
 
-    ``ratio`` is whole-model dense/compressed parameters (``budget="params"``),
-    MACs (``"flops"``), or parameters with ``flops_ratio`` on MACs (``"joint"``).
+    ``ratio`` is the target whole-model dense/compressed parameters (``budget="params"``),
+    MACs (``"macs"``), or parameters with ``macs_ratio`` on MACs (``"joint"``).
     ``layer_weights`` weigh the global rank allocation's layers (see
     :class:`cstar.lowrank.RankSpec`; e.g. :func:`cstar.lowrank.layer_sensitivity`).
-    ``dense`` trains the dense model when none is given; ``admm_train`` and
+    ``dense`` trains the dense model when none is given; ``search`` and
     ``finetune`` are the adversarial training settings of phases 3 and 5; their
     ``distill`` learns from the dense model (adversarial distillation).
-    Evaluation: ``eval_attacks`` (steps ``eval_step``: one for every PGD attack, or
-    ``{attack: step}`` for the attacks named; PGD-k's default ``max(eps/4, 2.5*eps/k)``) of the
+    Evaluation: ``eval_attacks`` at radius ``eval_eps`` (None: the training eps, ``finetune.eps``; steps
+    ``eval_step``: one for every PGD attack, or ``{attack: step}`` for the attacks named; PGD-k's default
+    ``max(eps/4, 2.5*eps/k)``) of the
     models of ``eval_phases`` (a subset of :data:`EVAL_PHASES`) on the first
     ``eval_n`` test images (all when None); AutoAttack on the first ``autoattack_n`` for the final model (0: off).
     """
 
     ratio: float = 8.0
     budget: str = "params"
-    flops_ratio: float | None = None
+    macs_ratio: float | None = None
     rank_method: str = "global"
     exclude: list[str] | None = None
     min_rank: int = 1
     multiple_of: int = 1
     layer_weights: dict[str, float] | None = None
     dense: TrainConfig = field(default_factory=TrainConfig)
-    admm_train: TrainConfig = field(default_factory=TrainConfig)
+    search: TrainConfig = field(default_factory=TrainConfig)
     admm: ADMMConfig = field(default_factory=ADMMConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.01))
     eval_attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20"])
+    eval_eps: float | None = None
     eval_step: float | dict[str, float] | None = None
     eval_phases: list[str] = field(default_factory=lambda: list(EVAL_PHASES))
     eval_n: int | None = None
@@ -87,10 +90,11 @@ class CompressConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "CompressConfig":
         """From a nested dict (a YAML preset); unknown keys are an error."""
-        return settings_from_dict(cls, values, ("dense", "admm_train", "finetune"), "compress")
+        return settings_from_dict(cls, values, ("dense", "search", "finetune"), "compress", COMPRESS)
 
     def __post_init__(self) -> None:
-        check_sections(self, ("dense", "admm_train", "finetune"))
+        self.budget = renamed_value(self.budget, "budget", "CompressConfig()")
+        check_sections(self, ("dense", "search", "finetune"))
         check_fields(self, EVALUATION_RULES)
         self.rank_spec()  # ratio, budget, exclude...: RankSpec's own checks, the same as select_ranks'
         if not isinstance(self.eval_phases, (list, tuple)):
@@ -99,16 +103,22 @@ class CompressConfig:
         unknown = sorted(set(self.eval_phases) - set(EVAL_PHASES))
         if unknown:
             raise CstarError(f"unknown evaluation phase(s) {', '.join(unknown)}: choose from {', '.join(EVAL_PHASES)}")
-        check_dense_not_distilled(self.dense, "admm_train or finetune")
+        check_dense_not_distilled(self.dense, "search or finetune")
+
+    admm_train = old_attribute("CompressConfig", "admm_train", "search")
+    flops_ratio = old_attribute("CompressConfig", "flops_ratio", "macs_ratio")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def rank_spec(self) -> RankSpec:
         """The rank-plan target of these settings (validated)."""
-        return RankSpec(self.ratio, budget=self.budget, flops_ratio=self.flops_ratio, method=self.rank_method,
+        return RankSpec(self.ratio, budget=self.budget, macs_ratio=self.macs_ratio, method=self.rank_method,
                         exclude=self.exclude, min_rank=self.min_rank, multiple_of=self.multiple_of,
                         layer_weights=self.layer_weights)
+
+
+CompressConfig.__init__ = accepting_old_names(CompressConfig.__init__, COMPRESS, "CompressConfig()")
 
 
 def check_plan(model: nn.Module, config: CompressConfig) -> None:
@@ -136,9 +146,9 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         raise CstarError(f"plan must be a cstar.RankPlan (from select_ranks or learn_ranks), got {type(plan).__name__}")
     given = plan
     out = check_run(config, CompressConfig, train_set, test_set, out_dir, val_size, seed)
-    config = with_data_eps(config, train_set.spec, ("dense", "admm_train", "finetune"))
+    config = with_data_eps(config, train_set.spec, ("dense", "search", "finetune"))
     if config.eval_phases:  # bad attacks are refused, and a too-short step warned about, before any training
-        attack_specs(config.eval_attacks, config.finetune.eps, step=config.eval_step)
+        attack_specs(config.eval_attacks, config.eval_eps, step=config.eval_step)
     main = distributed.is_main()  # under torchrun only rank 0 writes files and prints
     phases = PhaseLedger(out, resume)
     if "ranks" not in phases.done:
@@ -171,22 +181,23 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         plan = distributed.broadcast_object(chosen)
         if main:
             plan.save(out / "plan.json")
-        return plan, {"seconds": round(time.perf_counter() - t0, 2), "achieved_ratio": plan.ratio,
-                      "achieved_macs_ratio": plan.flops_ratio}
+        return plan, {"seconds": round(time.perf_counter() - t0, 2), "achieved_ratio": plan.achieved_ratio,
+                      "achieved_macs_ratio": plan.achieved_macs_ratio}
 
     plan = phases.run("ranks", ranks, lambda: RankPlan.load(out / "plan.json"))
     if main:
         log.info(plan.table())
 
-    # 3. ADMM
-    steps_per_epoch = len(training_loader(train_part, config.admm_train, "cpu", seed))  # counted, not moved
+    # 3. search: ADMM training
+    steps_per_epoch = len(training_loader(train_part, config.search, "cpu", seed))  # counted, not moved
     admm = ADMM(model, plan, config.admm, steps_per_epoch,
                 rank_spec=config.rank_spec() if config.admm.reselect else None,
-                condition_weight=config.admm_train.condition_weight, max_condition=config.admm_train.max_condition)
+                condition_weight=config.search.condition_weight, max_condition=config.search.max_condition)
+    search_dir = out / "admm" if resume and (out / "admm").is_dir() else out / "search"  # "admm": a run of old
 
-    def admm_train() -> tuple[None, dict]:
-        history, seconds = train_phase(model, train_part, val, config.admm_train, out / "admm", resume, hooks=[admm],
-                                       seed=seed, teacher=dense_model)
+    def search() -> tuple[None, dict]:
+        history, seconds = train_phase(model, train_part, val, config.search, search_dir, resume, hooks=[admm],
+                                       seed=seed, name="search", teacher=dense_model)
         if main:
             save_checkpoint(out / "admm.pt", {"model": model.state_dict(), "admm": admm.state_dict()})
         return None, {"seconds": round(seconds, 1), "epochs": len(history), "z_steps": admm.z_steps,
@@ -197,7 +208,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         model.load_state_dict(state["model"])
         admm.load_state_dict(state["admm"])
 
-    phases.run("admm", admm_train, admm_load)
+    phases.run("search", search, admm_load)
     plan = admm.plan  # ranks may have been re-selected
 
     # 4. projection and exact decomposition
@@ -232,7 +243,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     if main:  # the saved model says what it was compressed to, and what it reached
         factorised.cstar_compression = {"target_ratio": config.ratio, "budget": config.budget,
                                         "achieved_ratio": count_params(dense_model) / count_params(factorised),
-                                        "plan_ratio": plan.ratio, "plan_macs_ratio": plan.flops_ratio}
+                                        "plan_ratio": plan.achieved_ratio, "plan_macs_ratio": plan.achieved_macs_ratio}
         record_trained_on(factorised, train_set.spec.name, config.finetune.eps)
         save(factorised, out / "model")
 
@@ -273,7 +284,7 @@ def _output_gap(projected_dense: nn.Module, factorised: nn.Module, data, device)
 
 
 def _evaluate_phases(dense, projected, final, test_set, config: CompressConfig) -> dict:
-    eps = config.finetune.eps
+    eps = config.eval_eps
     evaluations = {}
     for phase, model in (("dense", dense), ("admm_projected", projected), ("final", final)):
         if phase not in config.eval_phases:
@@ -289,7 +300,7 @@ def _evaluate_phases(dense, projected, final, test_set, config: CompressConfig) 
 
 
 def _budget_text(config: CompressConfig) -> str:
-    return f"ADMM {config.admm_train.summary()}, then fine-tuning {config.finetune.summary()}, batch " \
+    return f"ADMM {config.search.summary()}, then fine-tuning {config.finetune.summary()}, batch " \
            f"{config.finetune.batch_size}"
 
 
@@ -308,11 +319,12 @@ def _results(done: dict, plan: RankPlan, dense: nn.Module, final: nn.Module, con
         "accuracy": {phase: r["accuracy"] for phase, r in evaluations.items()},
         "eval_subset": {phase: r["subset"] for phase, r in evaluations.items()},
         "attacks": {label: settings for r in evaluations.values() for label, settings in r.get("attacks", {}).items()},
-        "plan": {"target": plan.target, "budget": plan.budget, "ratio": plan.ratio, "flops_ratio": plan.flops_ratio},
-        "threat_model": {"dataset": dataset, "eps": config.finetune.eps, "budget": _budget_text(config),
-                         "normalization": normalization_of(dense)},
+        "plan": {"target_ratio": plan.target_ratio, "budget": plan.budget, "achieved_ratio": plan.achieved_ratio,
+                 "achieved_macs_ratio": plan.achieved_macs_ratio},
+        "threat_model": {"dataset": dataset, "eps": config.eval_eps, "train_eps": config.finetune.eps,
+                         "budget": _budget_text(config), "normalization": normalization_of(dense)},
     }
     if shape is not None:
-        dense_macs, final_macs = count_flops(dense, shape), count_flops(final, shape)
+        dense_macs, final_macs = count_macs(dense, shape), count_macs(final, shape)
         results["macs"] = {"dense": dense_macs, "compressed": final_macs, "ratio": dense_macs / final_macs}
     return results

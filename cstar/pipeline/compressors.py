@@ -54,7 +54,7 @@ from ..models._recorded import short
 from .phases import train_phase, training_loader, training_seconds
 from .admm import ADMMConfig
 from .compress import CompressConfig, compress
-from ..evaluation.counting import count_flops
+from ..evaluation.counting import count_macs
 from ..lowrank import RankPlan, condition_numbers, decompose, layer_sensitivity, learn_ranks, select_ranks
 from ..files.serialize import load
 from ..training.fit import TrainConfig
@@ -208,21 +208,21 @@ def _cstar(cell: Cell, plan: RankPlan | None = None, search: TrainConfig | None 
     """:func:`cstar.compress` of the dense model in ``out_dir/cstar`` at ``cell.ratio`` and ``target`` (budget
     settings of :class:`cstar.CompressConfig`), with ``plan``'s ranks when given and ADMM trained with ``search``
     (default ``cell.search``); the trained model (saved by compress: ``cell.model_dir``) and its phases' seconds."""
-    settings = CompressConfig(ratio=cell.ratio, admm_train=search or cell.search, finetune=cell.finetune,
+    settings = CompressConfig(ratio=cell.ratio, search=search or cell.search, finetune=cell.finetune,
                               admm=cell.admm, eval_phases=[], **target)
     phases = compress(cell.fresh_copy(), cell.train_set, None, settings, cell.out_dir / "cstar", pretrained=True,
                       resume=True, val_size=len(cell.train_set) - len(cell.train_part), seed=cell.seed,
                       plan=plan)["phases"]
     cell.model_dir = cell.out_dir / "cstar" / "model"
     model = load(cell.model_dir, model=cell.fresh_copy()).to(cell.device)
-    return model, {"search": phases["admm"]["seconds"], "finetune": phases["finetune"]["seconds"]}
+    return model, {"search": phases["search"]["seconds"], "finetune": phases["finetune"]["seconds"]}
 
 
 def pruning_macs_ratio(cell: Cell) -> float:
     """The MACs ratio (dense / pruned) that magnitude channel pruning reaches at ``cell.ratio`` parameters: the
     speed target of the equal-MACs methods (computed from the dense model; nothing is trained)."""
-    shape = tuple(cell.train_set.spec.image_shape)  # magnitude_prune prunes a copy; count_flops restores modes
-    return count_flops(cell.dense, shape) / count_flops(prune.magnitude_prune(cell.dense, cell.ratio, shape), shape)
+    shape = tuple(cell.train_set.spec.image_shape)  # magnitude_prune prunes a copy; count_macs restores modes
+    return count_macs(cell.dense, shape) / count_macs(prune.magnitude_prune(cell.dense, cell.ratio, shape), shape)
 
 
 @register("cstar", settings=("search", "finetune", "admm"))
@@ -281,14 +281,14 @@ def lowrank_uniform(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
 def cstar_equal_macs(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     """CSTAR held to the parameter ratio and, at once, to the MACs ratio magnitude pruning reaches there (the
     joint budget): equal size and equal compute against pruning."""
-    return _cstar(cell, budget="joint", flops_ratio=pruning_macs_ratio(cell))
+    return _cstar(cell, budget="joint", macs_ratio=pruning_macs_ratio(cell))
 
 
 @register("lowrank_equal_macs")
 def lowrank_equal_macs(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     """Post-hoc global low rank at the parameter ratio and the MACs ratio magnitude pruning reaches there."""
     model = cell.fresh_copy()
-    plan = select_ranks(model, cell.ratio, budget="joint", flops_ratio=pruning_macs_ratio(cell),
+    plan = select_ranks(model, cell.ratio, budget="joint", macs_ratio=pruning_macs_ratio(cell),
                         input_shape=tuple(cell.train_set.spec.image_shape))
     return cell.train_weights(decompose(model, plan))
 

@@ -1,7 +1,7 @@
 """What every compression pipeline shares below :func:`cstar.compress` and :func:`cstar.compare`.
 
-Settings dataclasses with training sections (the data's eps, nested dicts from
-YAML), the ledger of finished phases (``phases.json``), the held-out split of
+Settings dataclasses with training sections (the data's eps, the evaluation's
+eps, nested dicts from YAML), the ledger of finished phases (``phases.json``), the held-out split of
 the training set, and one training phase (a :func:`cstar.fit` into a folder).
 """
 
@@ -24,7 +24,9 @@ from ..attacks._spec import steps_by_attack
 from .._core.checks import COUNT, SEED, integer
 from .._core.errors import CstarError, check_options
 from .._core.io import write_json
+from .._core.renamed import PHASES, renamed
 from .admm import ADMMConfig
+from ..training.config import RULES as TRAIN_RULES
 from ..training.fit import TrainConfig, fit
 
 
@@ -52,7 +54,7 @@ def _eval_steps(what: str, value: object) -> object:
 
 
 EVALUATION_RULES = {
-    "eval_attacks": attack_names,
+    "eval_attacks": attack_names, "eval_eps": TRAIN_RULES["eps"],
     "eval_step": _eval_steps,
     "eval_n": integer(1, optional=True, fix="evaluate at least 1 test image, or none for all of them"),
     "autoattack_n": integer(0, fix="test images AutoAttack runs on (0: off)"),
@@ -94,8 +96,22 @@ def check_run(config, kind: type, train_set, test_set, out_dir, val_size: object
 
 def with_data_eps(config, spec, train_keys: tuple[str, ...]):
     """``config`` (a settings dataclass) with every ``train_keys`` section's ``eps=None`` set to ``spec.eps``,
-    the threat model of the training data (a :class:`cstar.data.DatasetSpec`)."""
-    return replace(config, **{key: getattr(config, key).with_eps_of(spec) for key in train_keys})
+    the threat model of the training data (a :class:`cstar.data.DatasetSpec`), and its ``eval_eps=None`` to
+    :func:`evaluation_eps`'s."""
+    config = replace(config, **{key: getattr(config, key).with_eps_of(spec) for key in train_keys})
+    return replace(config, eval_eps=evaluation_eps(config.eval_eps, config.finetune.eps))
+
+
+def eps_text(eps: float, train_eps: float | None = None) -> str:
+    """``"L-inf eps 0.1"`` (the evaluation's radius), with ``" (trained at eps 0.3)"`` where training differs."""
+    trained = f" (trained at eps {train_eps:.4g})" if train_eps is not None and train_eps != eps else ""
+    return f"L-inf eps {eps:.4g}{trained}"
+
+
+def evaluation_eps(eval_eps: float | None, train_eps: float) -> float:
+    """The radius every evaluation of a run attacks at: ``eval_eps``, else (None) the training eps, that of
+    the last training phase (``finetune``)."""
+    return train_eps if eval_eps is None else eval_eps
 
 
 def check_dense_not_distilled(dense: TrainConfig, later: str) -> None:
@@ -105,10 +121,14 @@ def check_dense_not_distilled(dense: TrainConfig, later: str) -> None:
                          f"own; set distill in {later}")
 
 
-def settings_from_dict(cls, values: dict, train_keys: tuple[str, ...], what: str):
+def settings_from_dict(cls, values: dict, train_keys: tuple[str, ...], what: str,
+                       names: dict[str, str] | None = None):
     """``cls(**values)`` for a settings dataclass whose ``train_keys`` sections are
     :class:`TrainConfig` and whose ``admm`` section is :class:`ADMMConfig`, given
-    as nested dicts (a YAML preset); an unknown key at any level is an error."""
+    as nested dicts (a YAML preset); an unknown key at any level is an error, an
+    old name of ``names`` (:mod:`cstar._core.renamed`) a :class:`FutureWarning`."""
+    if isinstance(values, dict):
+        values = renamed(values, f"the {what} settings", names=names or {})
     check_options(values, [f.name for f in fields(cls)], what)
     values = dict(values)
     for key in train_keys:
@@ -123,11 +143,13 @@ T = TypeVar("T")
 
 
 class PhaseLedger:
-    """``phases.json``: what is done, with each phase's seconds (training seconds for the training phases) and results."""
+    """``phases.json``: what is done, with each phase's seconds (training seconds for the training phases) and
+    results; a phase recorded under its old name (:data:`cstar._core.renamed.PHASES`) reads as today's."""
 
     def __init__(self, out: Path, resume: bool) -> None:
         self.path = out / "phases.json"
-        self.done: dict[str, dict] = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
+        done = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
+        self.done: dict[str, dict] = renamed(done, str(self.path), note=False, names=PHASES)
 
     def finish(self, phase: str, **info) -> None:
         self.done[phase] = info
@@ -189,7 +211,7 @@ def training_seconds(history: list[dict]) -> float:
 def train_phase(model, train_part, val, config: TrainConfig, out: Path, resume: bool, hooks=(), seed: int = 0,
                 name: str | None = None, teacher: nn.Module | None = None):
     """:func:`cstar.fit` of ``model`` on ``train_part`` into ``out``, its log lines named ``name`` (default: the
-    folder's name, e.g. "admm"), distilled from ``teacher`` when ``config.distill``; returns (history,
+    folder's name, e.g. "search"), distilled from ``teacher`` when ``config.distill``; returns (history,
     :func:`training_seconds`)."""
     loader = training_loader(train_part, config, next(model.parameters()).device, seed)
     history = fit(model, loader, config, val=val, out_dir=out, resume=resume, hooks=hooks, name=name or out.name,

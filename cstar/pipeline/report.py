@@ -11,6 +11,7 @@ from pathlib import Path
 from ..evaluation.evaluate import describe_attacks
 from .._core.io import atomic_write_bytes, atomic_write_text
 from ..lowrank import RankPlan
+from .phases import eps_text
 
 
 def _accuracy_table(results: dict) -> str:
@@ -103,7 +104,7 @@ def _plots(out: Path, results: dict, plan: RankPlan, history: list[dict]) -> lis
     ax.bar(range(len(names)), kept, label="kept rank (max over modes)")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     ax.set_ylabel("rank")
-    ax.set_title(f"ranks by layer ({plan.budget} budget, {plan.ratio:.2f}x params)")
+    ax.set_title(f"ranks by layer ({plan.budget} budget, {plan.achieved_ratio:.2f}x params)")
     ax.legend()
     save(fig, "ranks_by_layer.png")
 
@@ -133,7 +134,8 @@ def write_report(out: Path, results: dict, plan: RankPlan, history: list[dict]) 
     threat = results.get("threat_model", {})
     if threat:
         subsets = sorted(set(results.get("eval_subset", {}).values()))
-        summary += (f"\n\n{threat.get('dataset') or 'dataset not named'}, L-inf eps {threat['eps']:.4g}; "
+        radius = eps_text(threat["eps"], threat.get("train_eps"))
+        summary += (f"\n\n{threat.get('dataset') or 'dataset not named'}, {radius}; "
                     f"evaluated on {', '.join(subsets) or 'no test images'}; training budget: {threat['budget']}")
         if threat.get("normalization"):
             summary += f"\n\ninput normalisation: {threat['normalization']}"

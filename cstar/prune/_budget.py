@@ -15,7 +15,7 @@ walk is the global threshold descent, continued past the first channel that
 does not fit so that cheaper channels fill what is left of the budget (the
 result lands within a fraction of a percent of the budget on the built-in
 models). Deterministic. With ``budget="macs"`` the same walk holds the model's
-conv and linear MACs for one image (as :func:`cstar.count_flops` counts them)
+conv and linear MACs for one image (as :func:`cstar.count_macs` counts them)
 to ``dense MACs / ratio`` instead.
 
 :func:`fit_counts` turns real-valued channel counts per group (HARP's learned

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import functools
-import warnings
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -13,7 +11,7 @@ import torch.nn as nn
 from .._core import smoke as _smoke
 from .._core.checks import SEED, check_fields, check_mapping, flag, integer, number, one_of
 from .._core.errors import CstarError, check_options
-from .._core.renamed import renamed
+from .._core.renamed import TRAINING, accepting_old_names, old_attribute, renamed
 from ..lowrank._condition import MAX_CONDITION
 
 ATTACKS = ("pgd", "fgsm_rs", "nfgsm", "trades", "clean")
@@ -180,22 +178,10 @@ class TrainConfig:
             return 1.25 * self.eps
         return self.eps
 
-    @property
-    def method(self) -> str:
-        """The old name of :attr:`attack` (a :class:`FutureWarning`)."""
-        warnings.warn("TrainConfig.method is now TrainConfig.attack", FutureWarning, stacklevel=2)
-        return self.attack
+    method = old_attribute("TrainConfig", "method", "attack")
 
 
-def _accepting_old_names(init):
-    """``TrainConfig.__init__`` that also takes ``method=``, the old name of ``attack=`` (noted)."""
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        init(self, *args, **renamed(kwargs, "TrainConfig()"))
-    return __init__
-
-
-TrainConfig.__init__ = _accepting_old_names(TrainConfig.__init__)
+TrainConfig.__init__ = accepting_old_names(TrainConfig.__init__, TRAINING, "TrainConfig()")
 
 
 class TrainHook:
