@@ -25,7 +25,8 @@ from ._core.env import describe_device, environment as machine
 from ._core.errors import CstarError
 from ._core.io import atomic_write_bytes as write_bytes, atomic_write_text as write_text, write_json
 from ._core.renamed import current_options
-from .pipeline.compare import cell_name, current_settings, format_comparison, plot_pareto
+from .pipeline.compare import cell_name, current_settings
+from .pipeline.compare_report import format_comparison, plot_pareto
 from .pipeline.compressors import cell_model
 
 __all__ = ["cell_model", "cell_name", "current_names", "current_settings", "describe_device", "format_comparison",

@@ -9,7 +9,8 @@ import torch
 
 import cstar
 from cstar import data, models
-from cstar.pipeline.compare import CompareConfig, _evaluate_attacks, format_comparison
+from cstar.pipeline.compare import CompareConfig, _evaluate_attacks
+from cstar.pipeline.compare_report import format_comparison
 from cstar._core.errors import CstarError
 from cstar.evaluation.evaluate import attack_specs, evaluate
 from cstar.attacks import parse_attack

@@ -267,7 +267,7 @@ def test_the_pareto_view_plots_accuracy_against_params_macs_and_measured_latency
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    from cstar.pipeline.compare import plot_pareto
+    from cstar.pipeline.compare_report import plot_pareto
 
     def cell(method, ratio, macs, acc, ms):
         return {"method": method, "params_ratio": ratio, "macs_ratio": macs,

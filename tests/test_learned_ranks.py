@@ -148,7 +148,7 @@ def test_both_learned_methods_run_through_compare_at_the_ratio(tmp_path):
     assert len((cells / "lowrank_learned-4x" / "search" / "metrics.jsonl").read_text().splitlines()) == 2
     # cstar_learned: one of the two search epochs learns the scores, the other is ADMM's, at the learned ranks
     assert len((cells / "cstar_learned-4x" / "scores" / "metrics.jsonl").read_text().splitlines()) == 1
-    assert len((cells / "cstar_learned-4x" / "cstar" / "admm" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len((cells / "cstar_learned-4x" / "cstar" / "search" / "metrics.jsonl").read_text().splitlines()) == 1
     assert '"method": "learned"' in (cells / "cstar_learned-4x" / "cstar" / "plan.json").read_text()
 
 

@@ -16,7 +16,8 @@ import torch
 
 from .. import data, models
 from ..pipeline.admm import ADMMConfig
-from ..pipeline.compare import CompareConfig, compare, format_comparison
+from ..pipeline.compare import CompareConfig, compare
+from ..pipeline.compare_report import format_comparison
 from ..training.fit import TrainConfig
 
 METHODS = ("dense", "cstar", "magnitude", "lowrank_global")

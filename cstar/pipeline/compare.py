@@ -37,19 +37,21 @@ import torch
 from torch import nn
 
 from .. import attacks, distributed
-from . import compressors
 from .._core import log
-from .._core.errors import CstarError
-from .._core.io import atomic_write_bytes, atomic_write_text, write_json
 from .._core.checks import check_fields, check_ratio, integer
-from .phases import (EVALUATION_RULES, check_dense_not_distilled, check_run, check_sections, eps_text, settings_from_dict, split_held_out, train_phase, with_data_eps)
+from .._core.errors import CstarError
+from .._core.io import atomic_write_text, write_json
 from .._core.renamed import renamed
-from .admm import ADMMConfig
 from ..evaluation.counting import count_macs, count_params
-from ..lowrank import select_ranks
-from ..evaluation.evaluate import attack_settings, attack_specs, describe_attacks, evaluate, subset_label
+from ..evaluation.evaluate import evaluate, subset_label
 from ..files.serialize import load, record_trained_on, save
+from ..lowrank import select_ranks
 from ..training.fit import TrainConfig
+from . import compressors
+from .admm import ADMMConfig
+from .compare_report import format_comparison, plot_pareto
+from .phases import (EVALUATION_RULES, check_dense_not_distilled, check_run, check_sections, settings_from_dict,
+                     split_held_out, train_phase, with_data_eps)
 
 # the default methods (the equal-MACs variants and methods registered later are opt-in: compressors.names())
 METHODS = ("dense", "cstar", "hydra", "magnitude", "lowrank_global", "lowrank_uniform")
@@ -367,86 +369,3 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
         atomic_write_text(out / "comparison.md", format_comparison(results))
         plot_pareto(results, out / "accuracy_vs_ratio.png")
     return results
-
-
-def format_comparison(results: dict) -> str:
-    """The markdown table of a comparison: one row per (method, ratio)."""
-    cells = list(results["cells"].values())
-    labels = sorted({k for c in cells for k in c["accuracy"]}, key=lambda k: (k != "clean", k))
-    head = ["method", "target", "params", "params ratio", "MACs", "MACs ratio", *labels, "AutoAttack",
-            "batch-1 latency (ms, 1 thread)", "train (s)"]
-    radius = eps_text(results["eps"], results.get("train_eps"))
-    lines = [f"Training budget: {results['budget']}.", f"{radius}; accuracy in %.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    order = ("dense", *compressors.names())
-    for c in sorted(cells, key=lambda c: (c["target_ratio"], order.index(c["method"]) if c["method"] in order
-                                          else len(order))):
-        aa = c.get("autoattack")
-        lines.append("| " + " | ".join([
-            c["method"], f"{c['target_ratio']:g}x", f"{c['params']:,}", f"{c['params_ratio']:.2f}x",
-            f"{c['macs']:,}", f"{c['macs_ratio']:.2f}x",
-            *[f"{100 * c['accuracy'][k]:.2f}" if k in c["accuracy"] else "-" for k in labels],
-            f"{100 * aa['accuracy']:.2f} ({aa['subset']})" if aa else "-",
-            f"{c['latency_ms']:.2f}" if "latency_ms" in c else "-",
-            f"{sum(c['train_seconds'].values()):.0f}"]) + " |")
-    subsets = sorted({c["subset"] for c in cells})
-    lines += ["", f"Evaluated on {', '.join(subsets)} of the test set.", f"Attacks: {_attacks_text(results)}."]
-    return "\n".join(lines) + "\n"
-
-
-def _attacks_text(results: dict) -> str:
-    """Each attack's eps, step and steps, as the cells record them; for cells from before that record, as the
-    comparison's settings give them (a line per distinct setting where the cells differ)."""
-    config = results["config"]
-    derived = attack_settings(attack_specs(config["eval_attacks"], results["eps"], step=config.get("eval_step"),
-                                           warn=False))
-    texts = []
-    for c in results["cells"].values():
-        aa = c.get("autoattack") or {}
-        text = describe_attacks({**c.get("attacks", derived), **aa.get("attacks", {})})
-        if text not in texts:
-            texts.append(text)
-    return " | ".join(texts)
-
-
-# x axes of the Pareto view: (cell key, label, log scale)
-_AXES = (("params_ratio", "parameter compression ratio", True), ("macs_ratio", "MACs compression ratio", True),
-         ("latency_ms", "batch-1 CPU latency (ms, 1 thread)", False))
-
-
-def plot_pareto(results: dict, path: Path) -> None:
-    """The Pareto view of a comparison's ``results`` into the PNG ``path``: each accuracy (a row) against the
-    parameter ratio, the MACs ratio and, when every cell has one, the batch-1 latency (the columns), a line per
-    method. Nothing without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    from io import BytesIO
-
-    cells = list(results["cells"].values())
-    labels = sorted({k for c in cells for k in c["accuracy"]}, key=lambda k: (k != "clean", k))
-    axes_used = [axis for axis in _AXES if all(axis[0] in c for c in cells)]
-    fig, grid = plt.subplots(len(labels), len(axes_used), figsize=(4.5 * len(axes_used), 3.6 * len(labels)),
-                             squeeze=False)
-    for row, label in zip(grid, labels):
-        for ax, (key, title, log_scale) in zip(row, axes_used):
-            for method in dict.fromkeys(c["method"] for c in cells):
-                points = sorted((c[key], 100 * c["accuracy"][label]) for c in cells
-                                if c["method"] == method and label in c["accuracy"])
-                if points:
-                    ax.plot(*zip(*points), marker="o", label=method)
-            if log_scale:
-                ax.set_xscale("log", base=2)
-            ax.set_xlabel(title)
-            ax.set_ylabel(f"{label} accuracy (%)")
-            ax.grid(alpha=0.3)
-    grid[0][0].legend()
-    buffer = BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
