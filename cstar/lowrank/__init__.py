@@ -4,7 +4,9 @@
   :func:`svd_project`: factorise or project one weight (``_tucker.py``).
 - :class:`RankSpec`: the target a plan must meet, validated once (``_spec.py``).
 - :func:`select_ranks` -> :class:`RankPlan` of :class:`LayerPlan`: the ranks of every
-  layer for a target compression ratio (``_ranks.py``, ``_plan.py``).
+  layer for a target compression ratio (``_ranks.py``, costs and allocation ``_allocate.py``,
+  ``_plan.py``); :func:`check_reachable`: whether a target can be met, from the layers' shapes
+  alone; :func:`check_plan`: whether a plan chosen beforehand fits a model and a target.
 - :func:`layer_sensitivity`: how much the adversarial loss depends on each layer, weights for a
   robustness-aware allocation (``RankSpec.layer_weights``; ``_sensitivity.py``).
 - :func:`decompose`: a copy of a model with every planned layer replaced by its
@@ -12,15 +14,16 @@
   :class:`LowRankLinear` (``_decompose.py``, ``_layers.py``).
 """
 
-from ._decompose import decompose
+from ._decompose import check_plan, decompose
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ._plan import LayerPlan, RankPlan
-from ._ranks import select_ranks
+from ._ranks import check_reachable, select_ranks
 from ._sensitivity import layer_sensitivity
 from ._spec import RankSpec
 from ._tucker import mode_spectra, svd_factors, svd_project, tucker2, tucker2_project
 
 __all__ = [
-    "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankSpec", "Tucker2Conv2d", "decompose",
-    "layer_sensitivity", "mode_spectra", "select_ranks", "svd_factors", "svd_project", "tucker2", "tucker2_project",
+    "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankSpec", "Tucker2Conv2d", "check_plan",
+    "check_reachable", "decompose", "layer_sensitivity", "mode_spectra", "select_ranks", "svd_factors",
+    "svd_project", "tucker2", "tucker2_project",
 ]

@@ -46,7 +46,7 @@ from .phases import (EVALUATION_RULES, check_dense_not_distilled, check_run, che
 from .._core.renamed import renamed
 from .admm import ADMMConfig
 from ..evaluation.counting import count_flops, count_params
-from ..lowrank import select_ranks
+from .. import lowrank
 from ..evaluation.evaluate import attack_settings, attack_specs, describe_attacks, evaluate, subset_label
 from ..files.serialize import load, save
 from ..training.fit import TrainConfig
@@ -111,10 +111,10 @@ class CompareConfig:
 
 def check_reachable(dense: nn.Module, config: CompareConfig) -> None:
     """Refuse now a ratio that a rank-planned method of ``config`` cannot reach on ``dense``'s layers (the check
-    :func:`cstar.compress` makes, :func:`cstar.pipeline.compress.check_plan`: it depends on the layers' shapes alone)."""
+    :func:`cstar.compress` makes, :func:`cstar.lowrank.check_reachable`: from the layers' shapes alone)."""
     if any(method in compressors.RANK_PLANNED for method in config.methods):
         for ratio in config.ratios:
-            select_ranks(dense, ratio)
+            lowrank.check_reachable(dense, lowrank.RankSpec(ratio))
 
 
 def cell_name(method: str, ratio: float) -> str:
