@@ -141,7 +141,7 @@ def _retained(module: nn.Module) -> np.ndarray:
 
 
 @dataclass
-class _Budget:
+class _Problem:
     """A model's compressible layers under a :class:`RankSpec`, with the costs and limits of its target:
     everything of a rank selection but the spectra."""
 
@@ -160,8 +160,8 @@ class _Budget:
         return {m: self.dense[m] / (self.fixed[m] + cost) for m, cost in zip(self.allocator.measures, spent)}
 
 
-def _budget(model: nn.Module, spec: RankSpec, macs: bool = True) -> _Budget:
-    """The :class:`_Budget` of ``spec`` on ``model``, refused in one line when nothing can be compressed;
+def _problem(model: nn.Module, spec: RankSpec, macs: bool = True) -> _Problem:
+    """The :class:`_Problem` of ``spec`` on ``model``, refused in one line when nothing can be compressed;
     ``macs=False`` skips the traced forward pass that counts MACs when the budget is on parameters alone."""
     budget = spec.budget
     shape = spec.input_shape or input_shape_of(model)
@@ -190,7 +190,7 @@ def _budget(model: nn.Module, spec: RankSpec, macs: bool = True) -> _Budget:
     targets = {"params": (spec.ratio,), "flops": (spec.ratio,), "joint": (spec.ratio, spec.flops_ratio)}[budget]
     fixed = {m: dense[m] - sum(getattr(layer, f"dense_{m}") for layer in layers) for m in measures}
     limits = tuple(dense[m] / t - fixed[m] for m, t in zip(measures, targets))
-    return _Budget([m for _, m in candidates], excluded, skipped, shape, dense, fixed,
+    return _Problem([m for _, m in candidates], excluded, skipped, shape, dense, fixed,
                    targets, Allocator(layers, measures, limits, spec.min_rank, spec.multiple_of))
 
 
@@ -233,7 +233,7 @@ def select_ranks(model: nn.Module, ratio: float | RankSpec, *, budget: str = "pa
 
 
 def _plan(model: nn.Module, spec: RankSpec) -> RankPlan:
-    problem = _budget(model, spec)
+    problem = _problem(model, spec)
     allocator, layers = problem.allocator, problem.allocator.layers
     smallest = allocator.at_fraction(0.0)
     if not allocator.fits(smallest):
@@ -272,7 +272,7 @@ def check_reachable(model: nn.Module, spec: RankSpec) -> None:
         raise CstarError(f"check_reachable needs an nn.Module, got {type(model).__name__}")
     if not isinstance(spec, RankSpec):
         raise CstarError(f"check_reachable needs a RankSpec, got {type(spec).__name__}: pass RankSpec(ratio, ...)")
-    problem = _budget(model, spec, macs=False)
+    problem = _problem(model, spec, macs=False)
     allocator = problem.allocator
     smallest = allocator.at_fraction(0.0)
     if not allocator.fits(smallest):
@@ -283,7 +283,7 @@ def check_reachable(model: nn.Module, spec: RankSpec) -> None:
         _check_near_target(problem, problem.achieved(allocator.most_spent(smallest)), spec)
 
 
-def _check_near_target(problem: _Budget, achieved: dict[str, float], spec: RankSpec) -> None:
+def _check_near_target(problem: _Problem, achieved: dict[str, float], spec: RankSpec) -> None:
     """Refuse a plan of coarse rank steps (``multiple_of`` or ``min_rank`` > 1) that is more than :data:`_FAR`
     times smaller than its target on every budget measure (``achieved``: the plan's ratios, or lower bounds of
     them): the steps cannot get near the target."""
@@ -302,7 +302,7 @@ def _check_near_target(problem: _Budget, achieved: dict[str, float], spec: RankS
                      f"{what}{cause}: lower multiple_of or min_rank" + (", or exclude those layers" if narrow else ""))
 
 
-def _raise_unreachable(problem: _Budget, smallest: list, spec: RankSpec) -> None:
+def _raise_unreachable(problem: _Problem, smallest: list, spec: RankSpec) -> None:
     allocator, dense, parts = problem.allocator, problem.dense, []
     for m, target in zip(allocator.measures, problem.targets):
         least = problem.fixed[m] + sum(getattr(layer, m)(s) for layer, s in zip(allocator.layers, smallest))
