@@ -9,9 +9,9 @@ The public API, by concept (each lives in one module, see docs/DESIGN.md):
   :func:`paired_difference`
 - counting: :func:`count_params`, :func:`count_macs`, :func:`layer_table`
 - low rank: :func:`tucker2`, :func:`tucker2_project`, :func:`svd_factors`,
-  :func:`svd_project`, :class:`RankSpec`, :func:`select_ranks`, :func:`learn_ranks`
-  (:class:`RankScoredModel`), :func:`decompose`; :func:`condition_numbers`,
-  :func:`conditioning_penalty` (well-conditioned factorised layers)
+  :func:`svd_project`, :class:`RankSpec`, :func:`select_ranks`, :func:`check_reachable`,
+  :func:`check_plan`, :func:`learn_ranks` (:class:`RankScoredModel`), :func:`decompose`;
+  :func:`condition_numbers`, :func:`conditioning_penalty` (well-conditioned factorised layers)
 - CSTAR: :func:`compress` with :class:`CompressConfig`; :class:`ADMM`
 - comparison with the baselines: :func:`compare` with :class:`CompareConfig`; the
   compression methods it runs: :mod:`cstar.compressors` (``register`` adds one)
@@ -37,8 +37,9 @@ from .evaluation.evaluate import evaluate, paired_difference
 from ._core.precision import full_float32
 from .inference import fold_batchnorm, optimize_for_inference
 from .lowrank import (LayerPlan, LowRankConv1x1, LowRankLinear, RankPlan, RankScoredModel, RankSpec, Tucker2Conv2d,
-                      condition_numbers, conditioning_penalty, decompose, layer_sensitivity, learn_ranks, mode_spectra,
-                      select_ranks, svd_factors, svd_project, tucker2, tucker2_project)
+                      check_plan, check_reachable, condition_numbers, conditioning_penalty, decompose,
+                      layer_sensitivity, learn_ranks, mode_spectra, select_ranks, svd_factors, svd_project, tucker2,
+                      tucker2_project)
 from .prune import (ChannelGroup, ChannelMask, ChannelPlan, ScoredModel, channel_scores, find_groups, harp_prune,
                     hydra_prune, learn_channel_scores, magnitude_prune, prune_channels, robust_prune, select_channels)
 from .files.export import export
@@ -48,9 +49,9 @@ from .training.fit import TrainConfig, TrainHook, fit
 
 __all__ = [
     "ADMM", "ADMMConfig", "ChannelGroup", "ChannelMask", "ChannelPlan", "CompareConfig", "CompressConfig",
-    "CstarError", "Interrupted", "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankScoredModel", "RankSpec", "ScoredModel", "TrainConfig",
-    "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "channel_scores", "compare", "compress", "compressors",
-    "condition_numbers", "conditioning_penalty",
+    "CstarError", "Interrupted", "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankScoredModel",
+    "RankSpec", "ScoredModel", "TrainConfig", "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "channel_scores",
+    "check_plan", "check_reachable", "compare", "compress", "compressors", "condition_numbers", "conditioning_penalty",
     "count_macs", "count_params", "data", "decompose", "distributed", "evaluate", "export", "find_groups", "fit",
     "fold_batchnorm", "full_float32", "harp_prune",
     "hydra_prune", "layer_sensitivity", "layer_table", "learn_channel_scores", "learn_ranks", "load", "load_weights",

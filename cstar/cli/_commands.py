@@ -180,7 +180,7 @@ def _common_phase_settings(args: argparse.Namespace, eps: float) -> dict:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from ..pipeline.compress import CompressConfig, check_plan, compress
+    from ..pipeline.compress import CompressConfig, compress, plan_ahead
 
     device = runs.device(args.device)
     train_set, test_set, eps = inputs.train_and_test(args)
@@ -195,15 +195,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
         eval_eps=args.eval_eps, eval_step=args.eval_step, eval_phases=names(args.eval_phases),
         eval_n=args.eval_n, autoattack_n=args.autoattack_n)
     model = inputs.starting_model(args, train_set, device)
-    check_plan(model, config)  # an unreachable ratio is refused before training and before any file is written
+    pretrained = args.checkpoint is not None
+    # an unreachable ratio is refused before training and before any file is written; a pretrained model's plan is
+    # selected here, once (a resumed run's ranks may be recorded already: compress selects them if not)
+    plan = plan_ahead(model, config.rank_spec(), pretrained=pretrained and not args.resume)
     out = runs.run_dir(args.out or runs.default_out("compress", args.model or "model", args.data, f"{args.ratio:g}x"),
                        "compress", force=args.force, resume=args.resume)
     runs.write_run_files(out, args, eps, device)
     print(f"cstar compress: {model.cstar_config['name'] if hasattr(model, 'cstar_config') else 'model'} on "
           f"{args.data}, target {args.ratio:g}x ({args.budget}), eps={eps:.4g}, output in {out}", flush=True)
     runs.print_defaults(args, device)
-    results = compress(model, train_set, test_set, config, out, pretrained=args.checkpoint is not None,
-                       resume=args.resume, val_size=args.val_size, seed=args.seed)
+    results = compress(model, train_set, test_set, config, out, pretrained=pretrained, resume=args.resume,
+                       val_size=args.val_size, seed=args.seed, plan=plan)
     print(f"\nparameters {results['params']['dense']:,} -> {results['params']['compressed']:,} "
           f"({results['params']['ratio']:.2f}x)" + (f", MACs {results['macs']['ratio']:.2f}x" if "macs" in results else ""))
     for phase, acc in results["accuracy"].items():

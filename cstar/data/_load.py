@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._core import smoke as _smoke
 from .._core.errors import CstarError
 from ._download import download as _download
 from ._download import extract_tar
@@ -176,10 +175,8 @@ def load(name: str, root: str | os.PathLike | None = None, split: str = "train",
         return _load_folder(None if root is None else Path(root).expanduser(), split, download,
                             image_size)
     if key == "digits":
-        loaded = _load_digits(split)
-    else:
-        root = default_root() if root is None else Path(root).expanduser()
-        paths = _ensure_files(key, root, split, download, mirror)
-        images, labels = _read(key, paths)
-        loaded = _tensor_data(images, labels, DATASETS[key], paths[0].parent)
-    return loaded.take(_smoke.images(split)) if _smoke.active() else loaded
+        return _load_digits(split)
+    root = default_root() if root is None else Path(root).expanduser()
+    paths = _ensure_files(key, root, split, download, mirror)
+    images, labels = _read(key, paths)
+    return _tensor_data(images, labels, DATASETS[key], paths[0].parent)

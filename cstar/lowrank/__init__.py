@@ -4,7 +4,9 @@
   :func:`svd_project`: factorise or project one weight (``_tucker.py``).
 - :class:`RankSpec`: the target a plan must meet, validated once (``_spec.py``).
 - :func:`select_ranks` -> :class:`RankPlan` of :class:`LayerPlan`: the ranks of every
-  layer for a target compression ratio (``_ranks.py``, ``_plan.py``).
+  layer for a target compression ratio (``_ranks.py``, costs and allocation ``_allocate.py``,
+  ``_plan.py``); :func:`check_reachable`: whether a target can be met, from the layers' shapes
+  alone; :func:`check_plan`: whether a plan chosen beforehand fits a model and a target.
 - :func:`learn_ranks` -> :class:`RankPlan`: ranks chosen by a score per rank component learned on the
   adversarial loss with the weights frozen (:class:`RankScoredModel`; ``_learned.py``).
 - :func:`layer_sensitivity`: how much the adversarial loss depends on each layer, weights for a
@@ -17,17 +19,17 @@
 """
 
 from ._condition import condition_numbers, conditioning_penalty
-from ._decompose import decompose
+from ._decompose import check_plan, decompose
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ._learned import RankScoredModel, learn_ranks
 from ._plan import LayerPlan, RankPlan
-from ._ranks import select_ranks
+from ._ranks import check_reachable, select_ranks
 from ._sensitivity import layer_sensitivity
 from ._spec import RankSpec
 from ._tucker import mode_spectra, svd_factors, svd_project, tucker2, tucker2_project
 
 __all__ = [
     "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankScoredModel", "RankSpec", "Tucker2Conv2d",
-    "condition_numbers", "conditioning_penalty", "decompose", "layer_sensitivity", "learn_ranks", "mode_spectra",
-    "select_ranks", "svd_factors", "svd_project", "tucker2", "tucker2_project",
+    "check_plan", "check_reachable", "condition_numbers", "conditioning_penalty", "decompose", "layer_sensitivity",
+    "learn_ranks", "mode_spectra", "select_ranks", "svd_factors", "svd_project", "tucker2", "tucker2_project",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -11,7 +12,8 @@ from .._core.checks import check_finite
 from .._core.errors import CstarError
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ._plan import LayerPlan, RankPlan
-from ._ranks import _decline_reason
+from ._ranks import _decline_reason, _survey
+from ._spec import RankSpec
 from ._tucker import _check_n_iter, svd_factors, tucker2
 
 
@@ -31,8 +33,41 @@ def _check_layer(name: str, module: nn.Module | None, layer: LayerPlan) -> None:
     expected = "svd" if pointwise else "tucker2"
     if layer.kind != expected:
         raise CstarError(f"plan layer {name!r} has kind {layer.kind!r} but the model's layer needs {expected!r}; {fix}")
-    if len(layer.ranks) != (1 if pointwise else 2) or min(layer.ranks) < 1:
-        raise CstarError(f"plan layer {name!r} has invalid {layer.kind} ranks {tuple(layer.ranks)}; {fix}")
+    sizes = (min(module.weight.shape[:2]),) if pointwise else tuple(module.weight.shape[:2])
+    if len(layer.ranks) != len(sizes) or min(layer.ranks) < 1 or any(r > s for r, s in zip(layer.ranks, sizes)):
+        raise CstarError(f"plan layer {name!r} has invalid {layer.kind} ranks {tuple(layer.ranks)} (mode sizes "
+                         f"{sizes}); {fix}")
+
+
+def check_plan(model: nn.Module, plan: RankPlan, spec: RankSpec) -> None:
+    """Refuse in one line a plan chosen beforehand (e.g. learned ranks) that does not fit ``model`` and ``spec``.
+
+    Its layers must be exactly ``model``'s compressible layers under
+    ``spec.exclude``, each with the model's weight shape, a kind the layer
+    takes and ranks within its mode sizes; its target ratio, budget and MACs
+    target must be ``spec``'s. The ranks themselves are the plan's own.
+    """
+    if not isinstance(plan, RankPlan):
+        raise CstarError(f"plan must be a RankPlan (select_ranks, RankPlan.load), got {type(plan).__name__}")
+    asked = (spec.budget, spec.ratio, spec.macs_ratio)
+    planned = (plan.budget, plan.target_ratio, plan.target_macs_ratio)
+    if asked[0] != planned[0] or any((a is None) != (b is None) or (a is not None and not math.isclose(a, b))
+                                     for a, b in zip(asked[1:], planned[1:])):
+        def text(budget, ratio, macs_ratio):
+            return f"{ratio:g}x on {budget}" + ("" if macs_ratio is None else f" and {macs_ratio:g}x on MACs")
+        raise CstarError(f"the plan was made for {text(*planned)} but the settings ask {text(*asked)}: pass a plan "
+                         "for this target, or set ratio, budget and macs_ratio to the plan's")
+    modules = dict(model.named_modules())
+    for name, layer in plan.layers.items():
+        _check_layer(name, modules.get(name), layer)
+    compressible = [name for name, _ in _survey(model, spec.exclude)[0]]
+    missing = [n for n in compressible if n not in plan.layers]
+    extra = [n for n in plan.layers if n not in compressible]
+    if missing or extra:
+        what = "; ".join(part for part in (missing and f"it lacks {', '.join(missing[:3])}",
+                                          extra and f"{', '.join(extra[:3])} are excluded or skipped here") if part)
+        raise CstarError(f"the plan's layers are not the model's compressible ones ({what}): make the plan for this "
+                         "model with the same exclude")
 
 
 def _factorise(module: nn.Conv2d | nn.Linear, kind: str, ranks: tuple[int, ...], n_iter: int) -> nn.Module:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import attacks, distributed
+from .. import attacks, distributed, lowrank
 from .._core import log
 from .._core.checks import check_fields, check_ratio, integer
 from .._core.errors import CstarError
@@ -45,7 +45,6 @@ from .._core.renamed import renamed
 from ..evaluation.counting import count_macs, count_params
 from ..evaluation.evaluate import evaluate, subset_label
 from ..files.serialize import load, record_trained_on, save
-from ..lowrank import select_ranks
 from ..training.fit import TrainConfig
 from . import compressors
 from .admm import ADMMConfig
@@ -114,10 +113,10 @@ class CompareConfig:
 
 def check_reachable(dense: nn.Module, config: CompareConfig) -> None:
     """Refuse now a ratio that a rank-planned method of ``config`` cannot reach on ``dense``'s layers (the check
-    :func:`cstar.compress` makes, :func:`cstar.pipeline.compress.check_plan`: it depends on the layers' shapes alone)."""
+    :func:`cstar.compress` makes, :func:`cstar.lowrank.check_reachable`: from the layers' shapes alone)."""
     if any(method in compressors.RANK_PLANNED for method in config.methods):
         for ratio in config.ratios:
-            select_ranks(dense, ratio)
+            lowrank.check_reachable(dense, lowrank.RankSpec(ratio))
 
 
 def cell_name(method: str, ratio: float) -> str:

@@ -41,7 +41,7 @@ from .._core.precision import full_float32
 from .admm import ADMM, ADMMConfig
 from ..evaluation.counting import count_macs, count_params
 from ..evaluation.evaluate import attack_specs, evaluate
-from ..lowrank import RankPlan, RankSpec, decompose, select_ranks
+from ..lowrank import RankPlan, RankSpec, check_plan, check_reachable, decompose, select_ranks
 from ..models import normalization_of
 from .report import write_report
 from ..files.serialize import record_trained_on, save
@@ -121,13 +121,25 @@ class CompressConfig:
 CompressConfig.__init__ = accepting_old_names(CompressConfig.__init__, COMPRESS, "CompressConfig()")
 
 
-def check_plan(model: nn.Module, config: CompressConfig) -> None:
-    """Raise :class:`CstarError` now when ``config``'s target cannot be met on ``model`` (no work is done).
+def plan_ahead(model: nn.Module, spec: RankSpec, *, pretrained: bool, plan: RankPlan | None = None
+               ) -> RankPlan | None:
+    """What a compression run knows of its ranks before any training or file; refuses in one line.
 
-    The ranks themselves are chosen later, from the trained dense weights;
-    reachability depends only on the layers' shapes.
+    A given ``plan`` is checked against ``model`` and ``spec``
+    (:func:`cstar.lowrank.check_plan`) and returned. For a ``pretrained``
+    model, whose weights the ranks phase would read unchanged, the plan is
+    selected now (the run's one selection) and returned. Otherwise the ranks
+    wait for the trained weights: ``spec`` is checked reachable from the
+    layers' shapes alone (:func:`cstar.lowrank.check_reachable`) and None is
+    returned.
     """
-    select_ranks(model, config.rank_spec())
+    if plan is not None:
+        check_plan(model, plan, spec)
+        return plan
+    if pretrained:
+        return select_ranks(model, spec)
+    check_reachable(model, spec)
+    return None
 
 
 def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_dir: str | Path, *,
@@ -139,20 +151,23 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     skips dense training. The last ``val_size`` training images are held out for
     the per-epoch robustness check (of an image-folder dataset, the first
     ``val_size`` of its validation folder, ``test_set``). Files go to ``out_dir``
-    (see the module docstring). ``plan``: ranks chosen beforehand (e.g. by
-    :func:`cstar.lowrank.learn_ranks`), recorded by the ranks phase instead of a selection.
+    (see the module docstring). ``plan``: ranks chosen beforehand for this model,
+    e.g. learned ones; recorded by the ranks phase instead of a selection (a
+    resumed run whose ranks phase is done keeps its ``plan.json``); refused in one
+    line if it does not match the model's layers or the config's target/budget.
     """
     if plan is not None and not isinstance(plan, RankPlan):
         raise CstarError(f"plan must be a cstar.RankPlan (from select_ranks or learn_ranks), got {type(plan).__name__}")
-    given = plan
     out = check_run(config, CompressConfig, train_set, test_set, out_dir, val_size, seed)
     config = with_data_eps(config, train_set.spec, ("dense", "search", "finetune"))
     if config.eval_phases:  # bad attacks are refused, and a too-short step warned about, before any training
         attack_specs(config.eval_attacks, config.eval_eps, step=config.eval_step)
     main = distributed.is_main()  # under torchrun only rank 0 writes files and prints
+    spec = config.rank_spec()
     phases = PhaseLedger(out, resume)
+    ahead = None  # refused now, before training and before any file is written; the plan, when known already
     if "ranks" not in phases.done:
-        check_plan(model, config)  # before training and before any file is written
+        ahead = plan_ahead(model, spec, pretrained=pretrained and "dense" not in phases.done, plan=plan)
     if main:
         out.mkdir(parents=True, exist_ok=True)
     distributed.barrier()  # every rank has read phases.json before rank 0 updates it
@@ -177,12 +192,11 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     # 2. ranks
     def ranks() -> tuple[RankPlan, dict]:
         t0 = time.perf_counter()
-        chosen = given if given is not None else (select_ranks(model, config.rank_spec()) if main else None)
-        plan = distributed.broadcast_object(chosen)
+        chosen = distributed.broadcast_object(ahead if ahead is not None else select_ranks(model, spec) if main else None)
         if main:
-            plan.save(out / "plan.json")
-        return plan, {"seconds": round(time.perf_counter() - t0, 2), "achieved_ratio": plan.achieved_ratio,
-                      "achieved_macs_ratio": plan.achieved_macs_ratio}
+            chosen.save(out / "plan.json")
+        return chosen, {"seconds": round(time.perf_counter() - t0, 2), "achieved_ratio": chosen.achieved_ratio,
+                        "achieved_macs_ratio": chosen.achieved_macs_ratio}
 
     plan = phases.run("ranks", ranks, lambda: RankPlan.load(out / "plan.json"))
     if main:
@@ -191,7 +205,7 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
     # 3. search: ADMM training
     steps_per_epoch = len(training_loader(train_part, config.search, "cpu", seed))  # counted, not moved
     admm = ADMM(model, plan, config.admm, steps_per_epoch,
-                rank_spec=config.rank_spec() if config.admm.reselect else None,
+                rank_spec=spec if config.admm.reselect else None,
                 condition_weight=config.search.condition_weight, max_condition=config.search.max_condition)
     search_dir = out / "admm" if resume and (out / "admm").is_dir() else out / "search"  # "admm": a run of old
 

@@ -140,7 +140,7 @@ def recorded_model_dir(cell: Path, saved: Path | None) -> str:
 Compressor = Callable[[Cell], "tuple[nn.Module, dict[str, float]]"]
 
 # The built-in methods whose parameter ratio is a rank plan: compare checks that each ratio is reachable on the
-# dense model's layers before any work, as compress does (:func:`cstar.pipeline.compress.check_plan`).
+# dense model's layers before any work, as compress does (:func:`cstar.lowrank.check_reachable`).
 RANK_PLANNED = ("cstar", "lowrank_global", "lowrank_uniform", "cstar_equal_macs", "lowrank_equal_macs",
                 "cstar_sensitivity", "lowrank_sensitivity", "lowrank_learned", "cstar_learned", "lowrank_conditioned")
 

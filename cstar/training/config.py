@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.nn as nn
 
-from .._core import smoke as _smoke
 from .._core.checks import SEED, check_fields, check_mapping, flag, integer, number, one_of
 from .._core.errors import CstarError, check_options
 from .._core.renamed import TRAINING, accepting_old_names, old_attribute, renamed
@@ -130,9 +129,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
-        if _smoke.active():  # documentation examples as tests: a token budget (see cstar._core.smoke)
-            self.epochs = min(self.epochs, _smoke.EPOCHS)
-            self.check_size = min(self.check_size, _smoke.CHECK_IMAGES)
 
     def validate(self) -> None:
         """Raise :class:`CstarError` on a value that cannot work (each field's :data:`RULES`, then eps against
