@@ -51,7 +51,7 @@ def test_a_pretrained_compress_computes_each_layers_spectrum_once_through_the_ap
 
 def test_a_pretrained_compress_computes_each_layers_spectrum_once_through_the_cli(tmp_path, trained, spectra):
     out = tmp_path / "run"
-    assert main(["compress", "--checkpoint", str(trained / "model.pt"), *PIPELINE, "--ratio", "2",
+    assert main(["compress", "--checkpoint", str(trained / "model"), *PIPELINE, "--ratio", "2",
                  "--eval-attacks", "clean", "--eval-phases", "final", "--out", str(out)]) == 0
     assert len(spectra) == len(RankPlan.load(out / "plan.json").layers)
 
