@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from digits_runs import DATA, FAST, PIPELINE, SECTION, old_model_pt, refused
 
 import cstar
@@ -89,13 +90,32 @@ def test_a_model_that_save_cannot_keep_is_refused_before_training(capsys, tmp_pa
     (tmp_path / "oddnet.py").write_text(
         "import torch, torch.nn as nn\n"
         "def net(num_classes=10, in_channels=1):\n"
-        "    seq = nn.Sequential(nn.Flatten(), nn.Linear(64 * in_channels, num_classes))\n"
-        "    seq.register_parameter('temperature', nn.Parameter(torch.ones(1)))  # in no standard layer\n"
-        "    return seq\n")
+        "    linear = nn.Linear(64 * in_channels, num_classes)\n"
+        "    linear.bias = nn.Parameter(torch.zeros(num_classes + 2))  # not what Linear's arguments build\n"
+        "    return nn.Sequential(nn.Flatten(), linear)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     line = refused(capsys, "train", "--model", "oddnet:net", "--data", "digits", "--out", tmp_path / "run")
-    assert "cannot save" in line and "temperature" in line
+    assert "cannot save" in line and "bias" in line and "cstar.fit" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_factory_model_with_state_outside_its_standard_layers_trains_saves_and_evaluates(capsys, tmp_path,
+                                                                                          monkeypatch):
+    (tmp_path / "tempnet.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "def net(num_classes=10, in_channels=1):\n"
+        "    seq = nn.Sequential(nn.Flatten(), nn.Linear(64 * in_channels, num_classes))\n"
+        "    seq.register_parameter('temperature', nn.Parameter(torch.rand(1) + 5))  # in no standard layer\n"
+        "    return seq\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, _ = run(capsys, "train", "--model", "tempnet:net", "--data", "digits", "--epochs", "1",
+                       "--attack", "fgsm_rs", "--eval-attacks", "clean", "--out", tmp_path / "run")
+    assert code == 0, out
+    saved = load_file(tmp_path / "run" / "model" / "model.safetensors")["temperature"]
+    model = cstar.load(tmp_path / "run" / "model", model=__import__("tempnet").net())
+    assert torch.equal(model.temperature.detach(), saved)  # the saved value, not the fresh instance's random one
+    code, out, _ = run(capsys, "eval", tmp_path / "run" / "model", "--model", "tempnet:net", "--attacks", "clean")
+    assert code == 0, out
 
 
 def test_eval_per_example_without_json_is_an_error(trained, capsys):

@@ -320,3 +320,22 @@ def test_a_resumed_run_says_where_it_resumes(capsys, tmp_path):
     out = capsys.readouterr().out
     assert f"dense: resuming {tmp_path / 'checkpoint.pt'} at epoch 2 of 2" in out
     assert "dense: epoch   2/2" in out
+
+
+def test_a_resume_check_names_every_nested_setting_that_differs_and_labels_whole_values():
+    from cstar._core.recorded import differences
+
+    before = {"search": {"lr": 0.1, "epochs": 2}, "seed": 0, "attacks": {"pgd20": {"step": 0.01}}}
+    now = {"search": {"lr": 0.2, "epochs": 2, "amp": True}, "seed": 0, "attacks": {"pgd20": {"step": 0.02}}}
+    assert differences(before, now) == ["attacks.pgd20.step", "search.amp", "search.lr"]
+    assert differences(before, now, {"attacks": "the attacks"}) == ["the attacks", "search.amp", "search.lr"]
+    assert differences(before, before) == []
+
+
+def test_a_resume_with_other_settings_is_refused_in_one_line_naming_them():
+    from cstar._core.recorded import check_same
+
+    check_same({"n": 5}, {"n": 5}, "x", "fix")  # the same: nothing raised
+    with pytest.raises(CstarError) as caught:
+        check_same({"n": 5, "seed": 0}, {"n": 6, "seed": 0}, "the card was written", "delete it")
+    assert str(caught.value) == "the card was written with other settings (n differ): delete it"

@@ -33,7 +33,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     eval_attacks = _checked_attacks(args.eval_attacks, "--eval-attacks", eps, args.eval_step)
     torch.manual_seed(args.seed)  # the initial weights
     model = inputs.build_model(args, train_set.spec, train_set.num_classes).to(device)
-    check_savable(model)  # a model that save() could not keep is refused before training, not after
+    try:  # a model that save() could not keep is refused before training, not after
+        check_savable(model)
+    except CstarError as exc:
+        raise CstarError(f"{exc.args[0].split('; use export')[0]}: cstar train keeps its model with cstar.save, so "
+                         "train this one from Python (cstar.fit) and keep it with cstar.export") from None
     train_part, val = inputs.validation(train_set, test_set, args.val_size, config.check_size, device)
     if len(train_part) < config.batch_size * distributed.world_size():
         held_out = len(train_set) - len(train_part)

@@ -27,6 +27,7 @@ from .. import attacks, distributed
 from .._core import log
 from .._core.errors import CstarError
 from .._core.io import write_json
+from .._core.recorded import check_same
 from .batches import (batches, check_counts, check_data, check_labels, check_model, classes_of, data_fingerprint, weights_sha256)
 from ..attacks._common import check_norm
 from ..attacks._spec import check_size, steps_by_attack
@@ -213,10 +214,8 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
         if per_example and "per_example" not in saved:
             raise CstarError(f"{partial} holds counts only (written without per_example): delete it to start over, "
                              f"or resume without per_example")
-        differ = [_PROGRESS_KEYS.get(k, k) for k in state if saved.get(k) != state[k]]
-        if differ:
-            raise CstarError(f"{partial} was written by an evaluation with other settings ({', '.join(differ)} "
-                             "differ): resume with the same model, data and settings, or delete it to start over")
+        check_same({k: saved.get(k) for k in state}, state, f"{partial} was written by an evaluation",
+                   "resume with the same model, data and settings, or delete it to start over", _PROGRESS_KEYS)
         done, total, correct, seconds = saved["batches"], saved["total"], saved["correct"], saved["seconds"]
         hits = saved.get("per_example", hits)
     model.eval()

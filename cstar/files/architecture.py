@@ -141,21 +141,24 @@ def _class_name(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__qualname__}"
 
 
-def architecture(model: nn.Module) -> dict:
+def architecture(model: nn.Module, replay: bool = False) -> dict:
     """{"kind": "builtin", "config", "replacements"} for a built-in model; {"kind": "tree", "root"} for one of
-    standard layers only; else {"kind": "replay", "class", "layers"} (every standard layer inside it)."""
+    standard layers only; else, or with ``replay=True``, {"kind": "replay", "class", "layers"} (every standard
+    layer inside it; reloaded into a freshly built instance)."""
     config = getattr(model, "cstar_config", None)
-    if isinstance(config, dict) and config.get("name") in list_models():
+    if not replay and isinstance(config, dict) and config.get("name") in list_models():
         replaced: dict[str, dict] = {}
         _replacements(model, create(**config), "", replaced)
         return {"kind": "builtin", "config": config, "replacements": replaced}
     try:
-        return {"kind": "tree", "root": _describe(model, "")}
+        if not replay:
+            return {"kind": "tree", "root": _describe(model, "")}
     except CstarError:  # a class cstar cannot build: record what compression and pruning change inside it
-        layers: dict[str, dict | None] = {}
-        _standard_layers(model, "", layers)
-        foreign = sorted({type(m).__qualname__ for m in model.modules() if type(m) not in _NAME_OF})
-        return {"kind": "replay", "class": _class_name(model), "foreign": foreign, "layers": layers}
+        pass
+    layers: dict[str, dict | None] = {}
+    _standard_layers(model, "", layers)
+    foreign = sorted({type(m).__qualname__ for m in model.modules() if type(m) not in _NAME_OF})
+    return {"kind": "replay", "class": _class_name(model), "foreign": foreign, "layers": layers}
 
 
 def json_attributes(model: nn.Module) -> dict[str, Any]:
@@ -230,10 +233,10 @@ def _replay(architecture: dict, fresh: nn.Module | None, source: Path) -> nn.Mod
         raise CstarError(f"{source}: the replay record's class, layers or foreign entry is malformed: the file is "
                          "corrupt or crafted; save the model again with cstar.save")
     if fresh is None:
-        foreign = short(", ".join(map(str, foreign or [saved])), 200)
-        raise CstarError(f"{source.parent} holds a {saved} built of classes whose code a save does not hold "
-                         f"({foreign}): pass a freshly built instance, cstar.load(path, model={saved.rpartition('.')[2]}"
-                         "(...)), or deploy it through ONNX")
+        why = (f"built of classes whose code a save does not hold ({short(', '.join(map(str, foreign)), 200)})"
+               if foreign else "with state outside its standard layers, which a save describes alone")
+        raise CstarError(f"{source.parent} holds a {saved} {why}: pass a freshly built instance, "
+                         f"cstar.load(path, model={saved.rpartition('.')[2]}(...)), or deploy it through ONNX")
     if _class_name(fresh) != saved:
         raise CstarError(f"model= is a {_class_name(fresh)} but {source.parent} holds a {saved}: pass an instance "
                          "of the saved class")

@@ -109,17 +109,26 @@ def check_save_target(path: str | os.PathLike) -> None:
 def _described(model: nn.Module, source: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
     """(architecture, unique tensors, tied aliases) of ``model``, checked to rebuild it: a model whose modules are
     not described by their constructor arguments alone is refused."""
-    architecture = describe_architecture(model)
     unique, tied = _split_tied(model.state_dict())
-    check = rebuild(architecture, source, copy.deepcopy(model) if architecture["kind"] == "replay" else None)
-    _retie(check, tied, source)
-    problem = state_mismatch(check, {k: v.shape for k, v in unique.items()}, tied)
+    architecture = describe_architecture(model)
+    problem = _rebuild_problem(model, architecture, unique, tied, source)
+    if problem and architecture["kind"] == "tree":  # state outside the standard layers (e.g. a bare Parameter)
+        architecture = describe_architecture(model, replay=True)  # reloaded into a fresh instance, which has it
+        problem = _rebuild_problem(model, architecture, unique, tied, source)
     if problem:
         raise CstarError(
             f"cannot save this {type(model).__name__}: its modules are not described by their constructor "
             f"arguments alone ({problem}); use export(model, path, format='torchscript')"
         )
     return architecture, unique, tied
+
+
+def _rebuild_problem(model: nn.Module, architecture: dict, unique: dict[str, torch.Tensor], tied: dict[str, str],
+                     source: Path) -> str | None:
+    """How the model that ``architecture`` rebuilds fails to hold ``model``'s weights, or None."""
+    check = rebuild(architecture, source, copy.deepcopy(model) if architecture["kind"] == "replay" else None)
+    _retie(check, tied, source)
+    return state_mismatch(check, {k: v.shape for k, v in unique.items()}, tied)
 
 
 def check_savable(model: nn.Module) -> None:

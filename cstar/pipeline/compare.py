@@ -41,6 +41,7 @@ from .._core import log
 from .._core.checks import check_fields, check_ratio, integer
 from .._core.errors import CstarError
 from .._core.io import atomic_write_text, write_json
+from .._core.recorded import check_same
 from .._core.renamed import renamed
 from ..evaluation.counting import count_macs, count_params
 from ..evaluation.evaluate import evaluate, subset_label
@@ -177,18 +178,6 @@ def _training_settings(method: str, config: CompareConfig, seed: int) -> dict:
     return {**phases, "seed": seed}
 
 
-def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
-    """The (dotted) keys whose values differ between two nested dicts."""
-    keys = []
-    for key in sorted(set(before) | set(now)):
-        old, new = before.get(key), now.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            keys += _differences(old, new, f"{prefix}{key}.")
-        elif old != new:
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
 def current_settings(recorded: dict) -> dict:
     """A cell's training record in today's terms: the settings added to ``cstar`` since it was written at their
     defaults, the renamed ones under their new names."""
@@ -202,11 +191,9 @@ def _check_same_training(name: str, row: dict, training: dict) -> None:
     """Refuse to mix a finished cell trained otherwise into this comparison (rows from before the record pass)."""
     if "training" not in row:
         return
-    before = current_settings(row["training"])
-    if before != training:
-        raise CstarError(f"cell {name} was trained with other settings ({', '.join(_differences(before, training))} "
-                         "differ): resume with the settings it was trained with, or give a new --out "
-                         "(or delete the cell's directory to retrain it)")
+    check_same(current_settings(row["training"]), training, f"cell {name} was trained",
+               "resume with the settings it was trained with, or give a new --out (or delete the cell's directory "
+               "to retrain it)")
 
 
 def _evaluate_attacks(model: nn.Module, test_set, config: CompareConfig, eps: float) -> tuple[dict, dict]:
