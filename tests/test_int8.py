@@ -205,6 +205,7 @@ def test_evaluate_refuses_a_gradient_attack_on_a_graph_without_gradients(float_m
         cstar.evaluate(graph, test, ["clean", "pgd5"], eps=test.spec.eps, n=8)
 
 
+@pytest.mark.slow  # about 8 s: a fresh process imports torch, OpenVINO and NNCF
 @pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in ("openvino", "nncf")),
                     reason="openvino and nncf are not installed (pip install 'cstar[openvino-int8]')")
 def test_cli_export_int8_for_openvino_writes_an_ir_that_cstar_eval_runs(float_model, tmp_path):

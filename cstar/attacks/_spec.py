@@ -217,8 +217,5 @@ class Transfer:
     def settings(self) -> dict:
         return {**self.attack.settings, "made_on": "source"}
 
-    def short_reach(self) -> str | None:
-        return self.attack.short_reach()
-
     def __call__(self, source: nn.Module, x: torch.Tensor, y: torch.Tensor, **options) -> torch.Tensor:
         return self.attack(source, x, y, **options)
