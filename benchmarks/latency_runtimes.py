@@ -3,17 +3,17 @@
 Float: ``onnxruntime`` (CPU provider, all graph optimisations) and ``openvino``
 (CPU plugin, latency performance hint, float32 inference precision: on CPUs with
 bfloat16 units OpenVINO's default is bfloat16, which is not the float model).
-INT8 (post-training static quantisation, calibrated on ``CALIBRATION_IMAGES``
-random images of the input shape, uniform in [0, 1] like the timed batch: the
-benchmark takes no dataset and its models have random weights, so random
-images stand in for real ones; a trained model deserves real calibration images):
-``onnxruntime_int8`` (``quant_pre_process``, then ``quantize_static``, QDQ,
-per-channel weights, MinMax ranges; run like ``onnxruntime``) and
-``openvino_int8`` (``nncf.quantize`` on the model OpenVINO reads from the same
-ONNX file: OpenVINO's own post-training tool has been NNCF since its former
-tool, POT, left in 2024.0; run like ``openvino``). Each model is exported and
-quantised once and reused for every batch size. A missing package raises
-ImportError naming the extra that installs it.
+INT8 (post-training static quantisation by the package's own
+:func:`cstar.files.quantize.quantize_file`, as ``cstar export --int8`` does,
+calibrated on ``CALIBRATION_IMAGES`` random images of the input shape, uniform
+in [0, 1] like the timed batch: the benchmark takes no dataset and its models
+have random weights, so random images stand in for real ones; a trained model
+deserves real calibration images, which ``cstar export --int8`` takes from its
+training set): ``onnxruntime_int8`` (QDQ, symmetric per-channel int8 weights,
+MinMax ranges; run like ``onnxruntime``) and ``openvino_int8`` (NNCF on the
+model OpenVINO reads from the same ONNX file; run like ``openvino``). Each model
+is exported and quantised once and reused for every batch size. A missing
+package raises ImportError naming the extra that installs it.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from cstar import export
+from cstar.files.quantize import quantize_file
 
 FLOAT = ("onnxruntime", "openvino")
 INT8 = ("onnxruntime_int8", "openvino_int8")
-CALIBRATION_IMAGES, CALIBRATION_BATCH = 64, 8
+CALIBRATION_IMAGES = 64
 CHECK_IMAGES = 64  # INT8 paths are compared with eager mode on this many fresh random images (rounded up to batches)
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -57,10 +58,9 @@ def random_images(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.rand(n, *shape, generator=torch.Generator().manual_seed(seed))
 
 
-def calibration_batches(shape: tuple[int, ...]) -> list:
-    """The calibration images as numpy batches of ``CALIBRATION_BATCH``."""
-    images = random_images(CALIBRATION_IMAGES, shape, seed=1).numpy()
-    return [images[i:i + CALIBRATION_BATCH] for i in range(0, CALIBRATION_IMAGES, CALIBRATION_BATCH)]
+def calibration_images(shape: tuple[int, ...]):
+    """The calibration images, a numpy array (``CALIBRATION_IMAGES``, *shape)."""
+    return random_images(CALIBRATION_IMAGES, shape, seed=1).numpy()
 
 
 def onnx_file(model: nn.Module, shape: tuple[int, ...], workdir: Path, stem: str) -> Path:
@@ -97,40 +97,20 @@ def openvino_forward(path: Path, batch_shape: tuple[int, ...], threads: int) -> 
 
 
 def onnxruntime_int8_file(path: Path, shape: tuple[int, ...]) -> Path:
-    """``path`` quantised once by onnxruntime (QDQ, per-channel weights) into ``<stem>_ort_int8.onnx``."""
+    """``path`` quantised once for onnxruntime (:func:`cstar.files.quantize.quantize_file`) into
+    ``<stem>_ort_int8.onnx``."""
     _need("onnxruntime", "export")
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     out = path.with_name(f"{path.stem}_ort_int8.onnx")
-    if out.exists():
-        return out
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(calibration_batches(shape))
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {"input": batch}
-
-    ready = path.with_name(f"{path.stem}_pre.onnx")  # shapes inferred, constants folded: what ORT advises first
-    quant_pre_process(str(path), str(ready))
-    quantize_static(str(ready), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-    return out
+    return out if out.exists() else quantize_file(path, out, calibration_images(shape), "onnxruntime")
 
 
 def openvino_int8_file(path: Path, shape: tuple[int, ...]) -> Path:
-    """``path`` read by OpenVINO and quantised once by NNCF (default preset) into ``<stem>_ov_int8.xml``."""
-    ov = _need("openvino", "openvino")
-    nncf = _need("nncf", "openvino-int8")
+    """``path`` read by OpenVINO and quantised once by NNCF (:func:`cstar.files.quantize.quantize_file`) into
+    ``<stem>_ov_int8.xml``."""
+    _need("openvino", "openvino")
+    _need("nncf", "openvino-int8")
     out = path.with_name(f"{path.stem}_ov_int8.xml")
-    if not out.exists():
-        batches = calibration_batches(shape)
-        quantized = nncf.quantize(ov.Core().read_model(str(path)), nncf.Dataset(batches),
-                                  subset_size=len(batches))
-        ov.save_model(quantized, str(out))
-    return out
+    return out if out.exists() else quantize_file(path, out, calibration_images(shape), "openvino")
 
 
 def runtime_forward(path_name: str, model: nn.Module, batch_shape: tuple[int, ...], threads: int, workdir: Path,

@@ -16,6 +16,7 @@ The public API, by concept (each lives in one module, see docs/DESIGN.md):
 - comparison with the baselines: :func:`compare` with :class:`CompareConfig`; the
   compression methods it runs: :mod:`cstar.compressors` (``register`` adds one)
 - files: :func:`save`, :func:`load`, :func:`load_weights` (weights trained elsewhere), :func:`export`;
+  :func:`export_int8` (INT8 for onnxruntime or OpenVINO), :func:`load_exported` (an exported graph as a module);
   :func:`optimize_for_inference`;
   :func:`full_float32` (TF32 off, for exactness checks on GPUs)
 - pruning baselines: :mod:`cstar.prune` (``find_groups``, ``prune_channels``,
@@ -43,6 +44,8 @@ from .lowrank import (LayerPlan, LowRankConv1x1, LowRankLinear, RankPlan, RankSc
 from .prune import (ChannelGroup, ChannelMask, ChannelPlan, ScoredModel, channel_scores, find_groups, harp_prune,
                     hydra_prune, learn_channel_scores, magnitude_prune, prune_channels, robust_prune, select_channels)
 from .files.export import export
+from .files.exported import load_exported
+from .files.quantize import export_int8
 from .files.serialize import load, save
 from .files.weights import load_weights
 from .training.fit import TrainConfig, TrainHook, fit
@@ -52,9 +55,9 @@ __all__ = [
     "CstarError", "Interrupted", "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankScoredModel",
     "RankSpec", "ScoredModel", "TrainConfig", "TrainHook", "Tucker2Conv2d", "__version__", "attacks", "channel_scores",
     "check_plan", "check_reachable", "compare", "compress", "compressors", "condition_numbers", "conditioning_penalty",
-    "count_macs", "count_params", "data", "decompose", "distributed", "evaluate", "export", "find_groups", "fit",
+    "count_macs", "count_params", "data", "decompose", "distributed", "evaluate", "export", "export_int8", "find_groups", "fit",
     "fold_batchnorm", "full_float32", "harp_prune",
-    "hydra_prune", "layer_sensitivity", "layer_table", "learn_channel_scores", "learn_ranks", "load", "load_weights",
+    "hydra_prune", "layer_sensitivity", "layer_table", "learn_channel_scores", "learn_ranks", "load", "load_exported", "load_weights",
     "magnitude_prune",
     "mode_spectra", "models", "optimize_for_inference", "paired_difference", "prune", "prune_channels", "records",
     "robust_prune", "save", "select_channels", "select_ranks", "svd_factors", "svd_project", "tucker2",

@@ -1,4 +1,5 @@
-"""Thin adapter over the optional ``pyautoattack`` package (Croce & Hein 2020)."""
+"""Thin adapter over the optional ``pyautoattack`` package (Croce & Hein 2020): AutoAttack, and its
+gradient-free Square attack on its own (:func:`square`), for models without gradients (an INT8 graph)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ VERSIONS = ("standard", "plus", "rand", "custom")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 _NORM_NAMES = {"linf": "Linf", "l2": "L2"}
 _LOGGER = "auto-attack"  # the logger pyautoattack writes to
+SQUARE_QUERIES = 5000  # AutoAttack's budget of the Square attack (queries per image)
+
+
+def require_autoattack(what: str = "AutoAttack") -> None:
+    """One line naming the extra when ``pyautoattack`` is not installed (checked before any work)."""
+    try:
+        import pyautoattack  # noqa: F401
+    except ImportError:
+        raise CstarError(f"{what} needs the optional extra: pip install 'cstar[autoattack]'") from None
 
 
 class _ForwardTo(logging.Handler):
@@ -105,14 +115,50 @@ def autoattack(
         unknown = [a for a in attacks if a not in ATTACKS]
         if unknown or not attacks:
             raise CstarError(f"AutoAttack attacks must be a non-empty subset of {', '.join(ATTACKS)}; got {attacks!r}")
-    try:
-        from pyautoattack import AutoAttack
-    except ImportError:
-        raise CstarError("AutoAttack needs the optional extra: pip install 'cstar[autoattack]'") from None
+    return _run(model, x, y, eps, norm, version, attacks, batch_size, seed, log)
+
+
+def square(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    norm: str = "linf",
+    queries: int = SQUARE_QUERIES,
+    batch_size: int = 256,
+    seed: int | None = 0,
+    log: Callable[[str], object] | None = None,
+) -> torch.Tensor:
+    """The Square attack (Andriushchenko et al. 2020), AutoAttack's gradient-free attack, via ``pyautoattack``.
+
+    Random square-shaped updates at the corners of the eps-ball, each kept when
+    it lowers the margin of the true class, at most ``queries`` forward passes
+    per image (default 5000, AutoAttack's). It needs only the model's logits, so
+    it attacks models without gradients (an exported INT8 graph,
+    :func:`cstar.load_exported`) as they are. Arguments and return as
+    :func:`autoattack` (``x`` (N, C, H, W) in [0, 1], int64 ``y`` (N,), eps in
+    input units); needs ``pip install 'cstar[autoattack]'``.
+    """
+    check_inputs(x, y, (0.0, 1.0))
+    eps = check_number("eps", eps)
+    norm = check_norm(norm)
+    queries = check_count("queries", queries)
+    batch_size = check_count("batch_size", batch_size)
+    require_autoattack("the Square attack")
+    return _run(model, x, y, eps, norm, "custom", ["square"], batch_size, seed, log, queries)
+
+
+def _run(model, x, y, eps, norm, version, attacks, batch_size, seed, log, queries=None) -> torch.Tensor:
+    """pyautoattack's evaluation of ``attacks`` (``version``), its side effects contained; x_adv."""
+    require_autoattack()
+    from pyautoattack import AutoAttack
 
     with _isolated(model, x.device, log):
         adversary = AutoAttack(
             model, attacks=attacks, device=x.device, eps=eps, norm=_NORM_NAMES[norm], seed=seed, version=version,
         )
+        if queries is not None:  # Square's budget (AutoAttack's versions set their own)
+            adversary.square.n_queries = queries
         x_adv, _ = adversary.run_standard_evaluation(x.detach(), y, batch_size=batch_size)
     return x_adv.detach().to(device=x.device, dtype=x.dtype)

@@ -16,7 +16,9 @@ from .. import data, distributed
 from .._core.errors import CstarError
 from .._core.io import write_json
 from ..evaluation.counting import count_macs, count_params, format_table, layer_table
+from ..attacks._spec import GRADIENT_FREE, parse_attack
 from ..evaluation.evaluate import attack_specs, evaluate, format_results
+from ..files.exported import is_exported, load_exported
 from ..files.serialize import check_savable, check_save_target, record_trained_on, save
 from ..pipeline.phases import evaluation_eps
 from ..training.fit import fit
@@ -77,18 +79,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
     attack_names = _checked_attacks(args.attacks, "--attacks")
     device = runs.device(args.device)
     spec = inputs.dataset_spec(args.data)
-    model, state = inputs.model_and_state(args, args.checkpoint, device, spec, spec and spec.num_classes)
-    inputs.check_model_options(args, model)
-    name, test_set, eps = _eval_data(args, model, state)
+    exported = is_exported(args.checkpoint)
+    if exported:
+        model, source, state = _exported_and_source(args, attack_names, device, spec)
+    else:
+        if args.source:
+            raise CstarError(f"--source goes with an exported graph (.onnx, .xml); {args.checkpoint} is a model cstar "
+                             "attacks through its own gradients: drop --source")
+        model, state = inputs.model_and_state(args, args.checkpoint, device, spec, spec and spec.num_classes)
+        inputs.check_model_options(args, model)
+        source = None
+    described = model if source is None else source  # the model whose record names the data, eps and architecture
+    name, test_set, eps = _eval_data(args, args.source or args.checkpoint, described, state)
+    meta = {"model": getattr(described, "cstar_config", {}).get("name", "model"), "dataset": name,
+            "checkpoint": str(args.checkpoint)}
+    if exported:
+        meta.update(runtime=model.runtime, **({"source": str(args.source)} if source is not None else {}))
     result = evaluate(model, test_set, attack_names, eps=eps, step=args.step, n=args.n,
                       batch_size=args.batch_size, seed=args.seed, out_path=args.json, progress=True,
-                      resume=args.resume, per_example=args.per_example,
-                      meta={"model": model.cstar_config["name"], "dataset": name, "checkpoint": str(args.checkpoint)})
+                      resume=args.resume, per_example=args.per_example, source=source, meta=meta)
     path = Path(args.checkpoint)  # a run's model (model, model.pt) is named by its run
-    label = path.parent.name if path.is_file() or path.name == "model" else path.name
+    label = path.name if exported or not (path.is_file() or path.name == "model") else path.parent.name
     print(format_results({label or "model": result}))
-    print(f"{result['subset']} of the {name} test set, eps={eps:.4g}; seconds per attack: {result['seconds']}")
+    ran = f"; {model.runtime}" if exported else ""
+    ran += f", transfer attacks made on {args.source}" if source is not None else ""
+    print(f"{result['subset']} of the {name} test set, eps={eps:.4g}{ran}; seconds per attack: {result['seconds']}")
     return 0
+
+
+def _exported_and_source(args: argparse.Namespace, attack_names: list[str], device: torch.device, spec):
+    """(the exported graph of ``cstar eval``, its --source model or None, the source's record or None).
+
+    Refused before either is read: a gradient attack without --source (the graph has no gradients), and
+    --model / --normalize without --source (they describe a float model)."""
+    gradient = [a for a in attack_names if a.strip().lower() != "clean"
+                and parse_attack(a, 1.0).name not in GRADIENT_FREE]
+    if gradient and not args.source:
+        raise CstarError(f"{args.checkpoint} is an exported graph without gradients, so {gradient[0]} must be made "
+                         "on the float model it came from: pass --source FLOAT_MODEL (a transfer attack), or run "
+                         "only clean and square on it")
+    flags = [flag for flag, value in (("--model", args.model), ("--normalize", args.normalize)) if value]
+    if flags and not args.source:
+        raise CstarError(f"{flags[0]} describes a float model, and {args.checkpoint} is an exported graph: drop it "
+                         "(or pass the float model as --source)")
+    model = load_exported(args.checkpoint)
+    if not args.source:
+        return model, None, None
+    source, state = inputs.model_and_state(args, args.source, device, spec, spec and spec.num_classes)
+    return model, source, state
 
 
 def _checked_attacks(text: str | None, option: str, eps: float | None = None, step=None) -> list[str]:
@@ -102,21 +140,23 @@ def _checked_attacks(text: str | None, option: str, eps: float | None = None, st
     return attack_names
 
 
-def _eval_data(args: argparse.Namespace, model: torch.nn.Module, state: dict | None):
-    """(dataset name, test set, eps) of ``cstar eval``: --data, else what the checkpoint or its run says;
-    --eps, else the eps the model was trained at, else (another dataset) that dataset's own."""
-    trained_on, recorded_root = inputs.trained_on(args.checkpoint, state)
+def _eval_data(args: argparse.Namespace, path: str, model: torch.nn.Module, state: dict | None):
+    """(dataset name, test set, eps) of ``cstar eval``: --data, else what the model at ``path`` (the checkpoint,
+    or an exported graph's --source) or its run says; --eps, else the eps the model was trained at, else (another
+    dataset) that dataset's own."""
+    trained_on, recorded_root = inputs.trained_on(path, state)
     name = args.data or trained_on
     if name is None:
-        raise CstarError(f"which dataset? {args.checkpoint} does not say: pass --data")
+        also = " (or --source, the float model it was exported from)" if is_exported(path) else ""
+        raise CstarError(f"which dataset? {path} does not say: pass --data{also}")
     root = args.root if args.root is not None else recorded_root
     test_set = data.load(name, root, split="test", download=args.download)
-    inputs.check_fits_data(model, args.checkpoint, name, test_set.spec, test_set.num_classes)
+    inputs.check_fits_data(model, path, name, test_set.spec, test_set.num_classes)
     if args.eps is not None:
         return name, test_set, args.eps
     if trained_on in (None, name):
-        return name, test_set, inputs.recorded_eps((state or {}).get("eps", test_set.spec.eps), args.checkpoint)
-    print(f"note: {args.checkpoint} was trained on {trained_on}; evaluating on {name} at its eps "
+        return name, test_set, inputs.recorded_eps((state or {}).get("eps", test_set.spec.eps), path)
+    print(f"note: {path} was trained on {trained_on}; evaluating on {name} at its eps "
           f"{test_set.spec.eps:g} (pass --eps to choose)", flush=True)
     return name, test_set, test_set.spec.eps
 
@@ -166,12 +206,45 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ..files.export import export
 
+    int8_only = [flag for flag, value in (("--runtime", args.runtime), ("--calibration-n", args.calibration_n))
+                 if value is not None]
+    if int8_only and not args.int8:
+        raise CstarError(f"{int8_only[0]} sets the INT8 export: add --int8, or drop it")
+    if args.int8 and args.format != "onnx":
+        raise CstarError(f"--int8 writes ONNX (or, with --runtime openvino, an OpenVINO IR), not {args.format}: "
+                         f"drop --format {args.format}")
     if not args.force:
         runs.refuse_overwrite(args.out, "--out")
+    if args.int8:
+        return _export_int8(args)
     model = inputs.model_for_reading(args)
     path = export(model, args.out, format=args.format, input_shape=inputs.input_shape(model),
                   fold_bn=not args.no_fold_bn)
     print(f"{args.format} model written to {path}")
+    return 0
+
+
+def _export_int8(args: argparse.Namespace) -> int:
+    """``cstar export --int8``: the model quantised for --runtime, calibrated on its dataset's training images."""
+    from ..files.quantize import CALIBRATION_N, check_runtime, export_int8
+
+    runtime = check_runtime(args.runtime or "onnxruntime", args.out)  # the file's suffix, the packages
+    spec = inputs.dataset_spec(args.data)
+    model, state = inputs.model_and_state(args, args.checkpoint, torch.device("cpu"), spec, spec and spec.num_classes)
+    inputs.check_model_options(args, model)
+    trained_on, recorded_root = inputs.trained_on(args.checkpoint, state)
+    name = args.data or trained_on
+    if name is None:
+        raise CstarError(f"which calibration images? {args.checkpoint} does not record its dataset: pass --data "
+                         "(and --root), whose training images calibrate the INT8 model")
+    train_set = data.load(name, args.root if args.root is not None else recorded_root, split="train",
+                          download=args.download)
+    inputs.check_fits_data(model, args.checkpoint, name, train_set.spec, train_set.num_classes)
+    result = export_int8(model, args.out, train_set, n=args.calibration_n or CALIBRATION_N, runtime=runtime,
+                         seed=args.seed, input_shape=inputs.input_shape(model), fold_bn=not args.no_fold_bn)
+    print(f"INT8 model for {result['runtime']} written to {result['path']}; calibrated on "
+          f"{result['calibration_images']} {name} training images (seed {args.seed}), on which it predicts the float "
+          f"model's class for {100 * result['top1_agreement']:.2f}%")
     return 0
 
 

@@ -213,6 +213,7 @@ def _section(what: str, value: object) -> dict:
 # other option takes the rule of the TrainConfig field of its name, else its flag's type's (see _rule).
 FLAG_RULES = {
     "ratio": RATIO, "macs_ratio": RATIO, "multiple_of": POSITIVE, "n_iter": COUNT, "seed": SEED,
+    "calibration_n": integer(1, fix="calibrate on e.g. 256 training images"),
     "val_size": integer(0, fix="training images held out for the per-epoch check (0: none)"),
     "train_n": integer(),  # its range is the training set's: cstar.cli._inputs.first_n
     "eval_attacks": _eval_attack_names, "attacks": _eval_attack_names,

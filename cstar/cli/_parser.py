@@ -258,12 +258,20 @@ def _train(sub) -> None:
 
 def _eval(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint under attack",
-                        description="Clean, FGSM, PGD-k and AutoAttack accuracy of a saved model.")
+                        description="Clean, FGSM, PGD-k, AutoAttack and Square accuracy of a saved model, or of an "
+                                    "exported graph (.onnx in onnxruntime, .xml in OpenVINO) with transfer attacks "
+                                    "made on its float model (--source).")
     ev.add_argument("checkpoint", help="the model directory of 'cstar train' or 'compress' (any cstar.save directory), "
-                                       "an older run's model.pt, or a checkpoint.pt")
+                                       "an older run's model.pt, a checkpoint.pt, or an exported graph (.onnx, .xml)")
+    ev.add_argument("--source", default=None, metavar="FLOAT_MODEL",
+                    help="for an exported graph: the float model it was exported from; the gradient attacks (fgsm, "
+                         "pgdK, aa) are made on it and classified by the graph (transfer-pgd20...), and its recorded "
+                         "dataset and eps are the defaults (--model and --normalize then apply to it)")
     _factory_option(ev)
     _data_options(ev)
-    ev.add_argument("--attacks", default="clean,pgd20", help="comma-separated: clean, fgsm, pgdK, aa (default: clean,pgd20)")
+    ev.add_argument("--attacks", default="clean,pgd20",
+                    help="comma-separated: clean, fgsm, pgdK, aa, square or squareQ (gradient-free, Q queries; "
+                         "default 5000) (default: clean,pgd20)")
     ev.add_argument("--step", type=parse_step, default=None, help=STEP_HELP.replace(" for evaluation", ""))
     ev.add_argument("--n", type=int, default=None, help="evaluate the first N test images (default: all)")
     ev.add_argument("--batch-size", type=int, default=256)
@@ -367,12 +375,31 @@ def _decompose(sub) -> None:
 
 
 def _export(sub) -> None:
-    x = sub.add_parser("export", help="export a model to ONNX or TorchScript",
-                       description="Export a saved model (cstar.save directory or checkpoint) for deployment.")
+    x = sub.add_parser("export", help="export a model to ONNX or TorchScript, or as INT8",
+                       description="Export a saved model (cstar.save directory or checkpoint) for deployment; "
+                                   "--int8 quantises it (post-training, static, per-channel weights), calibrated on "
+                                   "its training images, for onnxruntime or OpenVINO.")
     x.add_argument("checkpoint", metavar="model", help="a cstar.save directory or a checkpoint.pt")
-    _factory_option(x, data=True)
+    _factory_option(x)
+    x.add_argument("--data", default=None,
+                   help="the dataset whose images the model takes (weights trained elsewhere), and whose training "
+                        "images calibrate --int8 (default: the one the model records)")
+    x.add_argument("--root", default=None, help="dataset root folder (default: the model's run's, else $CSTAR_DATA "
+                                                "or ~/.cache/cstar/data)")
+    x.add_argument("--download", action="store_true", help="download the official archive if it is missing")
     x.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
-    x.add_argument("--out", required=True, help="output file (.onnx or .pt)")
+    x.add_argument("--out", required=True, help="output file (.onnx or .pt; with --int8 --runtime openvino, .xml)")
+    q = x.add_argument_group("INT8")
+    q.add_argument("--int8", action="store_true",
+                   help="quantise to INT8 (weights int8 per output channel, symmetric) and report the share of "
+                        "calibration images on which it predicts the float model's class")
+    q.add_argument("--runtime", choices=("onnxruntime", "openvino"), default=None,
+                   help="the INT8 model's runtime: onnxruntime (an .onnx file; default) or openvino (an .xml IR, "
+                        "quantised by NNCF)")
+    q.add_argument("--calibration-n", type=int, default=None,
+                   help="calibration images: the first N of a shuffle (seeded by --seed) of the training set "
+                        "(default: 256)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration images' shuffle (default: 0)")
     x.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     x.add_argument("--no-fold-bn", action="store_true",
                    help="keep BatchNorm nodes (default: folded into the convs, the same outputs within rounding)")

@@ -137,15 +137,34 @@ def classes_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data) -> int:
     return classes
 
 
-def check_model(model) -> None:
-    """A module with parameters, all finite (a diverged model's argmax(NaN) would count as class 0)."""
-    if not isinstance(model, nn.Module) or next(model.parameters(), None) is None:
-        raise CstarError(f"model must be a torch.nn.Module with parameters, got {type(model).__name__}: "
+def check_model(model, what: str = "model") -> None:
+    """A module with parameters (or, an exported graph's, buffers), all finite (a diverged model's argmax(NaN)
+    would count as class 0)."""
+    if not isinstance(model, nn.Module) or next(itertools.chain(model.parameters(), model.buffers()), None) is None:
+        raise CstarError(f"{what} must be a torch.nn.Module with parameters, got {type(model).__name__}: "
                          "pass the network itself")
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CstarError(f"the model's {name} holds NaN or Inf, so its predictions mean nothing: evaluate "
+            raise CstarError(f"the {what}'s {name} holds NaN or Inf, so its predictions mean nothing: evaluate "
                              "weights saved before training diverged (or retrain with a lower lr)")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter (else buffer) lives: where its batches go."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
+def check_gradients(model: nn.Module, x: torch.Tensor, attack: str) -> None:
+    """Refuse the gradient attack ``attack`` on a model whose logits carry no gradient with respect to its input
+    (an exported graph run by onnxruntime or OpenVINO), from two images of ``x``, before any attack runs."""
+    x = x[:2].detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+    if not (torch.is_tensor(logits) and logits.requires_grad):
+        raise CstarError(f"{attack} needs the model's gradients and its logits carry none (an exported graph): make "
+                         "it on the float model as a transfer attack (evaluate(..., source=float_model), cstar eval "
+                         "--source FLOAT_MODEL), or run 'square', which needs only the logits")
 
 
 def check_counts(n, batch_size, seed) -> None:

@@ -1,4 +1,4 @@
-"""Robust evaluation: clean, FGSM, PGD-k and AutoAttack accuracy.
+"""Robust evaluation: clean, FGSM, PGD-k, AutoAttack and Square accuracy; transfer attacks from a source model.
 
 :func:`evaluate` streams the test set batch by batch (adversarial examples are
 never all held in memory), runs every attack on the same inputs with the model
@@ -28,9 +28,11 @@ from .._core import log
 from .._core.errors import CstarError
 from .._core.io import write_json
 from .._core.recorded import check_same
-from .batches import (batches, check_counts, check_data, check_labels, check_model, classes_of, data_fingerprint, weights_sha256)
+from .batches import (batches, check_counts, check_data, check_gradients, check_labels, check_model, classes_of,
+                      data_fingerprint, model_device, weights_sha256)
+from ..attacks._autoattack import require_autoattack
 from ..attacks._common import check_norm
-from ..attacks._spec import check_size, steps_by_attack
+from ..attacks._spec import GRADIENT_FREE, Transfer, check_size, steps_by_attack
 from ..inference import folded_or_same
 
 DEFAULT_ATTACKS = ("clean", "pgd20")
@@ -62,6 +64,9 @@ def attack_specs(attacks_to_run, eps: float, *, norm: str = "linf", step=None, w
     twice = sorted({label for label in labels if labels.count(label) > 1})
     if twice:
         raise CstarError(f"{', '.join(twice)} named twice: name each attack once")
+    for spec in specs:
+        if spec != "clean" and spec.name in ("autoattack", "square"):
+            require_autoattack(spec.label)
     for spec in specs if warn else ():
         short = spec != "clean" and spec.short_reach()
         if short:
@@ -93,22 +98,26 @@ def attack_settings(specs) -> dict[str, dict]:
 
 
 def describe_attacks(settings: dict[str, dict]) -> str:
-    """The attacks' settings in one line: ``pgd40: eps 0.3, step 0.01, 40 steps; ...``."""
+    """The attacks' settings in one line: ``pgd40: eps 0.3, step 0.01, 40 steps; square: eps 0.3, 5000 queries;
+    transfer-pgd20: eps 0.3, step 0.075, 20 steps, made on the source model``."""
     parts = []
     for label, s in settings.items():
-        if s.get("steps") is None:
-            parts.append(f"{label}: eps {s['eps']:.4g} (its own steps)")
-            continue
-        restarts = f", {s['restarts']} restarts" if s.get("restarts", 1) > 1 else ""
-        parts.append(f"{label}: eps {s['eps']:.4g}, step {s['step']:.4g}, {s['steps']} step"
-                     f"{'s' if s['steps'] > 1 else ''}{restarts}")
+        made_on = ", made on the source model" if s.get("made_on") == "source" else ""
+        if s.get("queries") is not None:
+            parts.append(f"{label}: eps {s['eps']:.4g}, {s['queries']} queries{made_on}")
+        elif s.get("steps") is None:
+            parts.append(f"{label}: eps {s['eps']:.4g} (its own steps){made_on}")
+        else:
+            restarts = f", {s['restarts']} restarts" if s.get("restarts", 1) > 1 else ""
+            parts.append(f"{label}: eps {s['eps']:.4g}, step {s['step']:.4g}, {s['steps']} step"
+                         f"{'s' if s['steps'] > 1 else ''}{restarts}{made_on}")
     return "; ".join(parts)
 
 
 # what each key of an evaluation's saved progress stands for, in a refusal to resume it
 _PROGRESS_KEYS = {"model": "the model's weights", "data": "the test data", "n": "n", "eps": "eps",
                   "attacks": "the attacks or their eps/step/steps", "labels": "the attacks", "batch_size": "batch_size",
-                  "seed": "seed"}
+                  "seed": "seed", "source": "the source model's weights"}
 
 
 def _shard(data, n: int | None, batch_size: int, device: torch.device):
@@ -145,7 +154,8 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
              eps: float, norm: str = "linf", step: float | dict[str, float] | None = None, n: int | None = None,
              batch_size: int = 256,
              seed: int = 0, out_path: str | Path | None = None, meta: dict | None = None,
-             progress: bool = False, resume: bool = False, per_example: bool = False, fold_bn: bool = True) -> dict:
+             progress: bool = False, resume: bool = False, per_example: bool = False, fold_bn: bool = True,
+             source: nn.Module | None = None) -> dict:
     """Accuracy of ``model`` on ``data`` under each attack.
 
     ``attacks_to_run`` holds ``"clean"``, attack names understood by
@@ -181,13 +191,25 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
     (:func:`cstar.fold_batchnorm`): the same function within float rounding, and
     1.3x faster attacks on a CIFAR ResNet-18 (``benchmarks/bench_attack_throughput.py``).
     A model that ``torch.fx`` cannot trace is evaluated as it is.
+
+    ``source`` makes the gradient attacks transfer attacks: each is made on
+    ``source`` (e.g. the float model an INT8 graph was exported from) and its
+    examples classified by ``model``, labelled ``"transfer-<attack>"`` with
+    ``"made_on": "source"`` in its settings; ``clean`` and the gradient-free
+    ``square`` run on ``model`` itself. A model without gradients of its own
+    (:func:`cstar.load_exported`) takes only those, or transfer attacks: a
+    gradient attack on it is refused before any attack runs.
     """
     check_model(model)
+    if source is not None:
+        check_model(source, "source model")
     check_counts(n, batch_size, seed)
     check_data(data)
     specs = attack_specs(attacks_to_run, eps, norm=norm, step=step)
+    if source is not None:
+        specs = [spec if spec == "clean" or spec.name in GRADIENT_FREE else Transfer(spec) for spec in specs]
     labels = [_label(spec) for spec in specs]
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     correct = dict.fromkeys(labels, 0)
     hits = {k: "" for k in labels}  # filled only with per_example
@@ -202,12 +224,18 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
     try:
         target = folded_or_same(model) if fold_bn else model
         classes = None if first is None else classes_of(target, *first, data)
+        on_model = [s for s in specs if s != "clean" and not isinstance(s, Transfer) and s.name not in GRADIENT_FREE]
+        if on_model and first is not None:  # a gradient attack on the model itself needs its gradients
+            check_gradients(target, first[0], on_model[0].label)
     finally:
         model.train(was_training)
+    source_target = None if source is None else _checked_source(source, fold_bn, first, classes, data)
     partial = Path(f"{out_path}.partial") if out_path is not None and not sharded else None
     state = {"labels": labels, "eps": eps, "n": n, "batch_size": batch_size, "seed": seed}
     if partial is not None:
         state.update(attacks=attack_settings(specs), model=weights_sha256(model), data=data_fingerprint(data))
+        if source is not None:
+            state["source"] = weights_sha256(source)
     done = 0
     if resume and partial is not None and partial.exists():
         saved = json.loads(partial.read_text())
@@ -219,6 +247,9 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
         done, total, correct, seconds = saved["batches"], saved["total"], saved["correct"], saved["seconds"]
         hits = saved.get("per_example", hits)
     model.eval()
+    source_was_training = source is not None and source.training
+    if source is not None:
+        source.eval()
     # each batch's attacks are seeded with seed + index; the caller's random state is restored afterwards
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
@@ -231,7 +262,7 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
                 total += len(yb)
                 for spec, label in zip(specs, labels):
                     t0 = time.perf_counter()
-                    x_eval = xb if spec == "clean" else spec(target, xb, yb)
+                    x_eval = _attacked(spec, target, source_target, xb, yb)
                     with torch.no_grad():
                         right = target(x_eval).argmax(1) == yb
                     correct[label] += right.sum().item()
@@ -246,6 +277,8 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
                                          "seconds": seconds, **({"per_example": hits} if per_example else {})})
         finally:
             model.train(was_training)
+            if source is not None:
+                source.train(source_was_training)
     if sharded:
         *counts, total = distributed.all_reduce_sum([*(correct[k] for k in labels), total])
         correct = dict(zip(labels, counts))
@@ -270,6 +303,35 @@ def evaluate(model: nn.Module, data, attacks_to_run: Sequence[str | attacks.Atta
     if partial is not None and partial.exists():
         partial.unlink()
     return result
+
+
+def _checked_source(source: nn.Module, fold_bn: bool, first, classes: int | None, data) -> nn.Module:
+    """The model the transfer attacks are made on (BatchNorm folded where it can be), after checking that it
+    takes the first batch and predicts the evaluated model's ``classes``."""
+    was_training = source.training
+    source.eval()
+    try:
+        attacked = folded_or_same(source) if fold_bn else source
+        if first is not None:
+            where = model_device(source)
+            source_classes = classes_of(attacked, first[0].to(where), first[1].to(where), data)
+            if source_classes != classes:
+                raise CstarError(f"the source model predicts {source_classes} classes but the evaluated model "
+                                 f"{classes}: pass the float model the evaluated one was made from")
+    finally:
+        source.train(was_training)
+    return attacked
+
+
+def _attacked(spec, target: nn.Module, source: nn.Module | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The images ``spec`` gives for the batch ``(x, y)``: ``x`` itself (clean), made on ``source`` (a transfer
+    attack, on the source's device) or on ``target``."""
+    if spec == "clean":
+        return x
+    if isinstance(spec, Transfer):
+        where = model_device(source)
+        return spec(source, x.to(where), y.to(where)).to(x.device)
+    return spec(target, x, y)
 
 
 def paired_difference(a: str, b: str, confidence: float = 0.95) -> dict:

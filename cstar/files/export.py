@@ -18,7 +18,8 @@ from ..inference import folded_or_same
 from ..models import input_shape as models_input_shape
 
 
-def _input_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+def export_input_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    """``input_shape`` (C, H, W) as integers, else the one ``model``'s ``cstar_config`` records."""
     if input_shape is not None:
         return tuple(int(v) for v in input_shape)
     shape = models_input_shape(model)
@@ -47,7 +48,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx",
         raise CstarError(f"export target {path} must be a file path in an existing directory")
     if format == "onnx" and importlib.util.find_spec("onnx") is None:
         raise CstarError("ONNX export needs the onnx package: pip install 'cstar[export]' (or pip install onnx)")
-    shape = _input_shape(model, input_shape)
+    shape = export_input_shape(model, input_shape)
     exported = folded_or_same(model) if fold_bn else model  # folding already returns a copy
     model = (copy.deepcopy(model) if exported is model else exported).eval()
     device = next(iter(model.parameters()), torch.empty(0)).device
