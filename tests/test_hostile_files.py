@@ -374,3 +374,30 @@ def test_a_crafted_data_root_in_the_run_record_beside_a_checkpoint_is_refused(ca
     path = _checkpoint(home / "model.pt")
     (home / "config.yaml").write_text("data: digits\nroot: [1, 2]\n")
     refused_cli(capsys, ["eval", path, "--n", "10"], ["data root", "--root"], tmp=home)
+
+
+@pytest.mark.parametrize("how", ["parent-path", "absolute-path", "link-out-of-the-folder"])
+def test_an_onnx_file_whose_weights_point_outside_its_folder_is_refused(capsys, tmp_path, how):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"S" * 64)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    location = {"parent-path": "../secret.bin", "absolute-path": str(secret), "link-out-of-the-folder": "link.bin"}[how]
+    if how == "link-out-of-the-folder":
+        (folder / "link.bin").symlink_to(secret)
+    weight = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[16, 10],
+                              data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", "0"), ("length", "640")):
+        weight.external_data.add(key=key, value=value)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Flatten", ["x"], ["f"]), onnx.helper.make_node("MatMul", ["f", "w"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 1, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 10])], [weight])
+    path = folder / "crafted.onnx"
+    path.write_bytes(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+                     .SerializeToString())
+    words = ["points at data outside the model's folder", "crafted"]
+    refused_api(lambda: cstar.load_exported(path), words)
+    refused_cli(capsys, ["eval", path, "--data", "digits", "--attacks", "clean"], words, tmp=tmp_path)

@@ -104,11 +104,47 @@ def _static(dims) -> tuple[int, int, int] | None:
     return tuple(dims) if all(isinstance(d, int) and d > 0 for d in dims) else None
 
 
+def _tensors(graph) -> list:
+    """Every tensor stored in an ONNX ``graph``: initialisers and node attributes, subgraphs included."""
+    found = list(graph.initializer)
+    found += [t for sparse in graph.sparse_initializer for t in (sparse.values, sparse.indices)]
+    for node in graph.node:
+        for attribute in node.attribute:
+            found += ([attribute.t] if attribute.HasField("t") else []) + list(attribute.tensors)
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                found += _tensors(sub)
+    return found
+
+
+def _check_external_data(path: Path) -> None:
+    """Refuse an ONNX file whose tensors point at data outside its own folder (a crafted file could read any
+    file the user can into its weights); links are followed before the check."""
+    try:
+        import onnx
+    except ImportError:
+        raise CstarError("reading an ONNX model needs onnx: pip install 'cstar[export]'") from None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001  (protobuf's own exception types)
+        raise _unreadable(path, "onnx", exc) from None
+    folder = path.resolve().parent
+    for tensor in _tensors(model.graph) + [t for f in model.functions for n in f.node for a in n.attribute
+                                           for t in ([a.t] if a.HasField("t") else [])]:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
+        target = (folder / location).resolve()
+        if not location or os.path.isabs(location) or not target.is_relative_to(folder):
+            raise CstarError(f"{path}: tensor {tensor.name!r} points at data outside the model's folder "
+                             f"({location!r}): the file is crafted; export the model again with cstar export")
+
+
 def _onnxruntime(path: Path, threads: int):
     try:
         import onnxruntime as ort
     except ImportError:
         raise CstarError("running an ONNX model needs onnxruntime: pip install 'cstar[export]'") from None
+    _check_external_data(path)
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
