@@ -91,11 +91,11 @@ def test_a_model_that_save_cannot_keep_is_refused_before_training(capsys, tmp_pa
         "import torch, torch.nn as nn\n"
         "def net(num_classes=10, in_channels=1):\n"
         "    linear = nn.Linear(64 * in_channels, num_classes)\n"
-        "    linear.bias = nn.Parameter(torch.zeros(num_classes + 2))  # not what Linear's arguments build\n"
+        "    linear.in_features = 32  # runs, but its arguments no longer describe its weight\n"
         "    return nn.Sequential(nn.Flatten(), linear)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     line = refused(capsys, "train", "--model", "oddnet:net", "--data", "digits", "--out", tmp_path / "run")
-    assert "cannot save" in line and "bias" in line and "cstar.fit" in line
+    assert "cannot save" in line and "weight" in line and "cstar.fit" in line
     assert not (tmp_path / "run").exists()
 
 
@@ -111,9 +111,11 @@ def test_a_factory_model_with_state_outside_its_standard_layers_trains_saves_and
     code, out, _ = run(capsys, "train", "--model", "tempnet:net", "--data", "digits", "--epochs", "1",
                        "--attack", "fgsm_rs", "--eval-attacks", "clean", "--out", tmp_path / "run")
     assert code == 0, out
-    saved = load_file(tmp_path / "run" / "model" / "model.safetensors")["temperature"]
-    model = cstar.load(tmp_path / "run" / "model", model=__import__("tempnet").net())
-    assert torch.equal(model.temperature.detach(), saved)  # the saved value, not the fresh instance's random one
+    saved = load_file(tmp_path / "run" / "model" / "model.safetensors")["net.temperature"]  # behind Normalize
+    fresh = cstar.models.create("tempnet:net", 10, in_channels=1, input_size=8)
+    assert not torch.equal(fresh.net.temperature.detach(), saved)
+    model = cstar.load(tmp_path / "run" / "model", model=fresh)
+    assert torch.equal(model.net.temperature.detach(), saved)  # the saved value, not the fresh instance's
     code, out, _ = run(capsys, "eval", tmp_path / "run" / "model", "--model", "tempnet:net", "--attacks", "clean")
     assert code == 0, out
 
