@@ -224,3 +224,15 @@ def test_cli_export_int8_for_openvino_writes_an_ir_that_cstar_eval_runs(float_mo
     with torch.no_grad():
         float_clean = (model(test.images[:64].float() / 255).argmax(1) == test.labels[:64]).float().mean().item()
     assert result["runtime"].startswith("openvino") and abs(result["clean_acc"] - 100 * float_clean) <= 5
+
+
+def test_eval_of_square_on_a_graph_notes_that_it_can_overstate(float_model, int8, capsys):
+    pytest.importorskip("pyautoattack", reason="pyautoattack is not installed (pip install 'cstar[autoattack]')")
+    from cstar.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", str(int8[0]), "--source", str(float_model[0]), "--attacks", "clean,square5", "--n", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "note: Square on an exported graph" in out and "worst figure over attacks" in out
+    assert main(["eval", str(int8[0]), "--source", str(float_model[0]), "--attacks", "clean", "--n", "8"]) == 0
+    assert "note: Square" not in capsys.readouterr().out
