@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cstar import count_macs, count_params
+from cstar import count_macs, count_params, load
 from cstar.inference import optimize_for_inference
 from cstar.lowrank import decompose, select_ranks
 from cstar.models import create
@@ -110,15 +110,22 @@ def time_runs(runs: dict[tuple[str, str], Callable[[], object]], rounds: int, pe
 
 
 def plan_models(dense: nn.Module, plans: list[tuple[str, float]], multiples: list[int],
-                shape: tuple[int, ...]) -> list[dict]:
-    """Dense plus one decomposed model per (plan, multiple_of); each a dict with the model and its counts."""
+                shape: tuple[int, ...], latency: dict | None = None, save_plans: Path | None = None) -> list[dict]:
+    """Dense plus one decomposed model per (plan, multiple_of); each a dict with the model and its counts.
+    A ``latency:S`` plan is timed on ``latency`` (runtime, latency_batch, latency_threads); ``save_plans``: a
+    folder to write each plan's JSON into."""
     rows = [{"name": "dense", "budget": "-", "ratio": 1.0, "multiple_of": None, "model": dense}]
     for budget, ratio in plans:
         for multiple in multiples:
-            plan = select_ranks(dense, ratio, budget=budget, input_shape=shape, multiple_of=multiple)
+            extra = (latency or {}) if budget == "latency" else {}
+            plan = select_ranks(dense, ratio, budget=budget, input_shape=shape, multiple_of=multiple, **extra)
             rows.append({"name": f"{budget}-{ratio:g}x" + (f" m{multiple}" if len(multiples) > 1 else ""),
                          "budget": budget, "ratio": ratio, "multiple_of": multiple,
                          "model": decompose(dense, plan).eval()})
+            if plan.achieved_speedup is not None:
+                rows[-1]["planned_speedup"] = plan.achieved_speedup
+            if save_plans is not None:
+                plan.save(save_plans / f"{rows[-1]['name'].replace(' ', '_')}.json")
             print(f"decomposed {rows[-1]['name']}", flush=True)
     params, macs = count_params(dense), count_macs(dense, shape)
     for row in rows:
@@ -252,11 +259,11 @@ def parse_plans(text: str) -> list[tuple[str, float]]:
     for item in text.split(","):
         budget, _, ratio = item.partition(":")
         try:
-            if budget not in ("params", "macs") or float(ratio) <= 1:
+            if budget not in ("params", "macs", "latency") or float(ratio) <= 1:
                 raise ValueError
         except ValueError:
-            raise SystemExit(f"error: --plans item {item!r}: write budget:ratio with budget params or macs and "
-                             "a ratio above 1, e.g. macs:16") from None
+            raise SystemExit(f"error: --plans item {item!r}: write budget:ratio with budget params, macs or latency "
+                             "(a speed-up on --plan-runtime) and a ratio above 1, e.g. macs:16") from None
         plans.append((budget, float(ratio)))
     return plans
 
@@ -280,6 +287,11 @@ def main() -> None:
     parser.add_argument("--plans", default="params:16,macs:4,macs:8,macs:16,macs:64",
                         help="budget:ratio items (default params:16,macs:4,macs:8,macs:16,macs:64)")
     parser.add_argument("--multiple-of", default="1,16", help="rank multiples, one model each (default 1,16)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a trained model (cstar.load reads it) instead of --model with random weights")
+    parser.add_argument("--plan-runtime", default="onnxruntime", choices=("onnxruntime", "openvino", "eager"),
+                        help="where latency:S plans are timed, at the first --batch (default onnxruntime)")
+    parser.add_argument("--save-plans", type=Path, default=None, help="a folder to write every plan's JSON into")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"paths to time (default {','.join(PATHS)})")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads (default: all cores)")
     parser.add_argument("--rounds", type=int, default=10, help="rounds over every cell (default 10)")
@@ -300,13 +312,16 @@ def main() -> None:
     # every model and batch size shares its forward's code object: without this, dynamo runs the 9th on eagerly
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                4 * len(plans) * len(multiples) * len(batches))
-    kwargs = {"width": args.width} if args.model in ("resnet18", "preact_resnet18") else {}
-    dense = create(args.model, 10, **kwargs).eval()
+    kwargs = {"width": args.width} if args.model in ("resnet18", "preact_resnet18") and not args.checkpoint else {}
+    dense = (load(args.checkpoint) if args.checkpoint else create(args.model, 10, **kwargs)).eval()
     shape = (next(m for m in dense.modules() if isinstance(m, nn.Conv2d)).in_channels, args.input_size,
              args.input_size)
     device = describe_device("cpu")
     print(f"machine: {device}; threads {torch.get_num_threads()}", flush=True)
-    models = plan_models(dense, plans, multiples, shape)
+    if args.save_plans is not None:
+        args.save_plans.mkdir(parents=True, exist_ok=True)
+    latency = {"runtime": args.plan_runtime, "latency_batch": batches[0], "latency_threads": args.threads}
+    models = plan_models(dense, plans, multiples, shape, latency, args.save_plans)
 
     rows, runs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -330,7 +345,7 @@ def main() -> None:
     for batch in batches:
         speedups([r for r in rows if r["batch"] == batch], paths)
 
-    name = f"{args.model} width {args.width}" if kwargs else args.model
+    name = args.checkpoint or (f"{args.model} width {args.width}" if kwargs else args.model)
     result = {
         "model": name, "input": list(shape), "batch": batches, "device": device, "threads": args.threads,
         "runtimes": versions(), "paths": paths, "samples": args.rounds * args.per_round, "rounds": args.rounds,

@@ -179,7 +179,10 @@ def test_nothing_to_compress():
         ({"budget": "macs"}, "needs input_shape"),
         ({"budget": "joint", "input_shape": TINY_SHAPE}, "needs macs_ratio"),
         ({"macs_ratio": 2}, "only used with budget='joint'"),
-        ({"budget": "latency"}, "unknown budget"),
+        ({"budget": "seconds"}, "unknown budget"),
+        ({"budget": "latency"}, "times the layers on their inputs, which needs input_shape"),
+        ({"runtime": "onnxruntime"}, "only apply to budget='latency'"),
+        ({"budget": "latency", "runtime": "tensorrt"}, "unknown runtime"),
         ({"method": "best"}, "unknown method"),
         ({"exclude": ["nope"]}, "unknown module"),
         ({"min_rank": 0}, "min_rank"),
@@ -202,7 +205,7 @@ def test_a_rank_spec_gives_the_plan_its_keywords_give():
     ({"ratio": 1}, "must be a number > 1"),
     ({"ratio": 4, "multiple_of": 0}, "multiple_of must be an integer >= 1"),
     ({"ratio": 4, "exclude": "conv1"}, "exclude must be a list of module names"),
-    ({"ratio": 4, "budget": "latency"}, "unknown budget"),
+    ({"ratio": 4, "budget": "seconds"}, "unknown budget"),
 ])
 def test_a_bad_rank_spec_is_refused_when_built(kwargs, message):
     with pytest.raises(CstarError, match=message):

@@ -24,7 +24,8 @@ from ..pipeline.phases import evaluation_eps
 from ..training.fit import fit
 from . import _inputs as inputs
 from . import _runs as runs
-from ._options import admm_config, names, numbers, phase_config, rank_spec, require, train_config
+from ._options import (admm_config, latency_settings, names, numbers, phase_config, rank_spec, require,
+                       train_config)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -265,6 +266,7 @@ def _common_phase_settings(args: argparse.Namespace, eps: float) -> dict:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    from ..lowrank import RankPlan
     from ..pipeline.compress import CompressConfig, compress, plan_ahead
 
     device = runs.device(args.device)
@@ -272,7 +274,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     common = _common_phase_settings(args, eps)
     config = CompressConfig(
         ratio=args.ratio, budget=args.budget, macs_ratio=args.macs_ratio, rank_method=args.rank_method,
-        exclude=names(args.exclude) or None, dense=phase_config(args, "dense", common),
+        exclude=names(args.exclude) or None, multiple_of=args.multiple_of, **latency_settings(args), dense=phase_config(args, "dense", common),
         search=phase_config(args, "search", common), admm=admm_config(args),
         finetune=phase_config(args, "finetune", common, epochs=5, lr=0.01),
         eval_attacks=_checked_attacks(args.eval_attacks, "--eval-attacks", evaluation_eps(args.eval_eps, eps),
@@ -283,7 +285,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     pretrained = args.checkpoint is not None
     # an unreachable ratio is refused before training and before any file is written; a pretrained model's plan is
     # selected here, once (a resumed run's ranks may be recorded already: compress selects them if not)
-    plan = plan_ahead(model, config.rank_spec(), pretrained=pretrained and not args.resume)
+    chosen = RankPlan.load(args.plan) if args.plan else None
+    plan = plan_ahead(model, config.rank_spec(), pretrained=pretrained and not args.resume, plan=chosen)
     out = runs.run_dir(args.out or runs.default_out("compress", args.model or "model", args.data, f"{args.ratio:g}x"),
                        "compress", force=args.force, resume=args.resume)
     runs.write_run_files(out, args, eps, device)

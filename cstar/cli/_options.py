@@ -75,9 +75,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if key in merged:
             setattr(args, key, merged[key])
     check_values(args, sub, from_file - set(given), args.config)
+    _speedup_target(args, given)
     args.defaults_preset = defaults_preset
     check_out(args)  # again: --out may come from --config
     return args
+
+
+def _speedup_target(args: argparse.Namespace, given: dict) -> None:
+    """``--speedup S`` as what it stands for, ``--budget latency --ratio S``; refused beside another target."""
+    if getattr(args, "speedup", None) is None:
+        return
+    if "ratio" in given:
+        raise CstarError("--speedup S is a latency budget's --ratio S: pass one of --speedup and --ratio")
+    if "budget" in given and args.budget != "latency":
+        raise CstarError(f"--speedup is a latency target but --budget is {args.budget}: drop --budget")
+    args.ratio, args.budget = args.speedup, "latency"
 
 
 def _layered(below: dict, above: dict) -> dict:
@@ -212,7 +224,8 @@ def _section(what: str, value: object) -> dict:
 # The rules of the options no Python config checks, or whose flag has another name than its setting; every
 # other option takes the rule of the TrainConfig field of its name, else its flag's type's (see _rule).
 FLAG_RULES = {
-    "ratio": RATIO, "macs_ratio": RATIO, "multiple_of": POSITIVE, "n_iter": COUNT, "seed": SEED,
+    "ratio": RATIO, "macs_ratio": RATIO, "speedup": RATIO, "multiple_of": POSITIVE, "latency_batch": POSITIVE,
+    "latency_threads": POSITIVE, "n_iter": COUNT, "seed": SEED,
     "calibration_n": integer(1, fix="calibrate on e.g. 256 training images"),
     "val_size": integer(0, fix="training images held out for the per-epoch check (0: none)"),
     "train_n": integer(),  # its range is the training set's: cstar.cli._inputs.first_n
@@ -351,7 +364,12 @@ def rank_spec(args: argparse.Namespace) -> RankSpec:
     """The :class:`cstar.lowrank.RankSpec` of the rank-plan options."""
     require(args, "ratio")
     return RankSpec(args.ratio, budget=args.budget, macs_ratio=args.macs_ratio, method=args.rank_method,
-                    exclude=names(args.exclude) or None, multiple_of=args.multiple_of)
+                    exclude=names(args.exclude) or None, multiple_of=args.multiple_of, **latency_settings(args))
+
+
+def latency_settings(args: argparse.Namespace) -> dict:
+    """The latency budget's settings of the rank-plan options (RankSpec refuses them beside another budget)."""
+    return {"runtime": args.runtime, "latency_batch": args.latency_batch, "latency_threads": args.latency_threads}
 
 
 def train_config(args: argparse.Namespace, eps: float) -> TrainConfig:

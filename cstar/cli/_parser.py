@@ -161,9 +161,17 @@ def _plan_options(g, *, ratio_default: float | None) -> None:
     """The rank-plan options on group (or parser) ``g``."""
     g.add_argument("--ratio", type=float, default=ratio_default,
                    help="target compression ratio, e.g. 16" + (f" (default: {ratio_default:g})" if ratio_default else ""))
-    g.add_argument("--budget", type=parse_budget, choices=("params", "macs", "joint"), default="params",
-                   help="what the ratio counts: parameters, MACs (multiply-accumulates), or both (with --macs-ratio)")
+    g.add_argument("--budget", type=parse_budget, choices=("params", "macs", "joint", "latency"), default="params",
+                   help="what the ratio counts: parameters, MACs (multiply-accumulates), both (with --macs-ratio), "
+                        "or the speed-up measured on --runtime (latency)")
     g.add_argument("--macs-ratio", type=float, default=None, help="target MACs ratio of a joint budget")
+    g.add_argument("--speedup", type=float, default=None,
+                   help="target speed-up measured on --runtime: the same as --budget latency --ratio S")
+    g.add_argument("--runtime", choices=("onnxruntime", "openvino", "eager"), default=None,
+                   help="where a latency budget's layers and plans are timed (default: onnxruntime)")
+    g.add_argument("--latency-batch", type=int, default=1, help="images per timed batch of a latency budget")
+    g.add_argument("--latency-threads", type=int, default=None,
+                   help="threads of the timed runtime (default: torch's, e.g. --threads)")
     _old_name(g, "--flops-ratio", "macs_ratio")
     g.add_argument("--rank-method", choices=("global", "uniform"), default="global")
     g.add_argument("--exclude", default=None, help="comma-separated layers kept dense (default: first conv, classifier)")
@@ -305,6 +313,10 @@ def _compress(sub) -> None:
                                    "'{epochs: 3, lr: 0.01}', or nested keys in --config (see configs/).")
     g = _pipeline_options(c, "compression")
     _plan_options(g, ratio_default=8.0)
+    g.add_argument("--multiple-of", type=int, default=None,
+                   help="round ranks to multiples of this (default: 1; 8 for a latency budget)")
+    g.add_argument("--plan", default=None, help="ranks chosen beforehand: a plan JSON from 'cstar ranks --json' for "
+                                                "the same model and target (instead of selecting them)")
     g.add_argument("--dense", type=yaml_mapping, default=None, help="dense training settings (YAML mapping)")
     g.add_argument("--search", type=yaml_mapping, default=None, help="ADMM-phase training settings")
     _old_name(g, "--admm-train", "search")
@@ -351,7 +363,8 @@ def _ranks(sub) -> None:
     r.add_argument("--data", default=None, help="dataset whose input shape and classes to use (default: cifar10)")
     g = r.add_argument_group("rank plan")
     _plan_options(g, ratio_default=None)
-    g.add_argument("--multiple-of", type=int, default=1, help="round ranks to multiples of this (default: 1)")
+    g.add_argument("--multiple-of", type=int, default=None,
+                   help="round ranks to multiples of this (default: 1; 8 for a latency budget)")
     r.add_argument("--json", default=None, help="also write the plan as JSON here")
     r.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     r.add_argument("--config", default=None)
@@ -366,7 +379,8 @@ def _decompose(sub) -> None:
     _factory_option(dc, data=True)
     g = dc.add_argument_group("rank plan")
     _plan_options(g, ratio_default=None)
-    g.add_argument("--multiple-of", type=int, default=1, help="round ranks to multiples of this (default: 1)")
+    g.add_argument("--multiple-of", type=int, default=None,
+                   help="round ranks to multiples of this (default: 1; 8 for a latency budget)")
     dc.add_argument("--plan", default=None, help="a plan JSON from 'cstar ranks --json' (instead of --ratio)")
     dc.add_argument("--n-iter", type=int, default=0, help="HOOI sweeps refining each Tucker-2 factorisation")
     dc.add_argument("--out", required=True, help="output directory of the factorised model")

@@ -139,18 +139,34 @@ def _check_external_data(path: Path) -> None:
                              f"({location!r}): the file is crafted; export the model again with cstar export")
 
 
+def onnxruntime_session(source: str | bytes, threads: int):
+    """An onnxruntime CPU session of an ONNX file or bytes: ``threads`` intra-op threads, every graph optimisation."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: a quantised graph's notes would be noise
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def openvino_compiled(source: str, threads: int):
+    """An OpenVINO CPU model (ONNX file or IR ``.xml``) compiled with ``threads`` threads in float32 precision;
+    returns (the read model, the compiled model)."""
+    import openvino as ov
+    core = ov.Core()
+    graph = core.read_model(source)
+    return graph, core.compile_model(graph, "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                    "INFERENCE_PRECISION_HINT": "f32"})
+
+
 def _onnxruntime(path: Path, threads: int):
     try:
         import onnxruntime as ort
     except ImportError:
         raise CstarError("running an ONNX model needs onnxruntime: pip install 'cstar[export]'") from None
     _check_external_data(path)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only: a quantised graph's notes would be noise
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime_session(str(path), threads)
     except Exception as exc:  # noqa: BLE001  (onnxruntime's own exception types)
         raise _unreadable(path, "onnxruntime", exc) from None
     inputs = session.get_inputs()
@@ -165,11 +181,8 @@ def _openvino(path: Path, threads: int):
         import openvino as ov
     except ImportError:
         raise CstarError("running an OpenVINO IR needs openvino: pip install 'cstar[openvino]'") from None
-    core = ov.Core()
     try:
-        graph = core.read_model(str(path))
-        compiled = core.compile_model(graph, "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                     "INFERENCE_PRECISION_HINT": "f32"})
+        graph, compiled = openvino_compiled(str(path), threads)
     except Exception as exc:  # noqa: BLE001  (OpenVINO's own exception types)
         raise _unreadable(path, "openvino", exc) from None
     inputs = graph.inputs

@@ -33,6 +33,7 @@ class Layer:
     weight: float = 1.0  # how many times the layer's log-energy counts in the global objective
     blocks: object = None  # energies of the rank components (float64 tensor: (n,) singular, (C_out, C_in) core)
     objective: np.ndarray | None = None  # the share the greedy maximises, like retained (None: retained itself)
+    timing: object = None  # a measured LatencyGrid (``budget="latency"`` only; see _latency.py)
     dense_params: int = field(init=False)
     dense_macs: int | None = field(init=False)
 
@@ -58,6 +59,10 @@ class Layer:
         r_out, r_in = ranks
         return self.in_pos * c_in * r_in + self.out_pos * r_out * (r_in * kh * kw + c_out)
 
+    def latency(self, ranks: tuple[int, ...] | None) -> float:
+        """Measured milliseconds per batch on the plan's runtime (needs ``timing``)."""
+        return self.timing.dense_ms if ranks is None else self.timing.at(ranks)
+
     def energy(self, ranks: tuple[int, ...] | None) -> float:
         return 1.0 if ranks is None else float(self.retained[ranks])
 
@@ -70,7 +75,7 @@ def _log_energy(layer: Layer, ranks: tuple[int, ...] | None) -> float:
 
 class Allocator:
     """Budget bookkeeping shared by the two methods: ``limits`` on the layers' total cost per measure
-    (``"params"``, ``"macs"``), ranks at least ``min_rank`` and grown in steps of ``multiple_of``."""
+    (``"params"``, ``"macs"``, ``"latency"``), ranks at least ``min_rank`` and grown in steps of ``multiple_of``."""
 
     def __init__(self, layers: list[Layer], measures: tuple[str, ...], limits: tuple[float, ...],
                  min_rank: int, multiple_of: int) -> None:
@@ -109,13 +114,18 @@ class Allocator:
         return self.at_fraction(low)
 
     def steps(self, layer: Layer, ranks: tuple[int, ...]) -> dict[int, tuple[int, ...] | None]:
-        """{mode: the state after growing that mode by one step} for every mode of ``ranks`` below full size."""
+        """{mode: the state after growing that mode by one step} for every mode of ``ranks`` below full size;
+        on a latency budget also {number of modes: None}, the jump back to the dense layer (measured times
+        are not proportional to the ranks: a small factorisation may pay where a bigger one costs more than
+        the dense layer, so the greedy may weigh keeping it dense against any step)."""
         grown = {}
         for mode, (rank, size) in enumerate(zip(ranks, layer.dims)):
             if rank < size:
                 bigger = list(ranks)
                 bigger[mode] = min(size, (rank // self.multiple_of + 1) * self.multiple_of)
                 grown[mode] = self.settle(layer, tuple(bigger))
+        if "latency" in self.measures:
+            grown[len(ranks)] = None
         return grown
 
     def most_spent(self, states: list) -> list[float]:

@@ -57,6 +57,9 @@ def check_plan(model: nn.Module, plan: RankPlan, spec: RankSpec) -> None:
             return f"{ratio:g}x on {budget}" + ("" if macs_ratio is None else f" and {macs_ratio:g}x on MACs")
         raise CstarError(f"the plan was made for {text(*planned)} but the settings ask {text(*asked)}: pass a plan "
                          "for this target, or set ratio, budget and macs_ratio to the plan's")
+    if plan.budget == "latency" and plan.runtime != spec.runtime:
+        raise CstarError(f"the plan was timed on {plan.runtime} but the settings ask {spec.runtime}: pass a plan "
+                         "timed on that runtime, or set runtime to the plan's")
     modules = dict(model.named_modules())
     for name, layer in plan.layers.items():
         _check_layer(name, modules.get(name), layer)

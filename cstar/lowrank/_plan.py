@@ -21,6 +21,9 @@ class LayerPlan:
     ``macs`` (per image; None without an input shape) are those of the layer as
     planned, ``dense_*`` those of the original layer; ``energy`` in [0, 1] is the
     retained normalised spectral energy; ``shape`` is the original weight's shape.
+    ``dense_latency_alone_ms`` and ``latency_alone_ms`` (``budget="latency"`` only,
+    else None): the layer's time per batch on the plan's runtime, timed alone (the
+    planned ranks interpolated between timed ones), what the allocation weighs.
     """
 
     kind: str
@@ -31,6 +34,8 @@ class LayerPlan:
     macs: int | None
     energy: float
     shape: tuple[int, ...] = ()
+    dense_latency_alone_ms: float | None = None
+    latency_alone_ms: float | None = None
 
 
 @dataclass
@@ -43,6 +48,11 @@ class RankPlan:
     :attr:`achieved_macs_ratio` what the plan reaches. ``excluded`` lists the compressible layers kept dense on
     request, ``skipped`` the declined ones with the reason. Totals are for the
     whole model (every parameter; MACs None without an ``input_shape``).
+    A ``"latency"`` budget's plan also records its ``runtime``, where it was
+    measured (``measured_on``: runtime version, CPU, threads, batch) and the
+    median times per batch of the dense model (``dense_latency_ms``) and of the
+    planned structure (``latency_ms``), both measured there in the same run;
+    :attr:`achieved_speedup` is their ratio, one run on one machine.
     """
 
     layers: dict[str, LayerPlan]
@@ -57,6 +67,17 @@ class RankPlan:
     dense_macs: int | None
     macs: int | None
     target_macs_ratio: float | None = None
+    runtime: str | None = None
+    measured_on: str | None = None
+    dense_latency_ms: float | None = None
+    latency_ms: float | None = None
+
+    @property
+    def achieved_speedup(self) -> float | None:
+        """Measured dense latency / measured planned latency on ``runtime`` (None unless the budget was latency)."""
+        if self.dense_latency_ms is None or not self.latency_ms:
+            return None
+        return self.dense_latency_ms / self.latency_ms
 
     @property
     def achieved_ratio(self) -> float:
@@ -82,6 +103,7 @@ class RankPlan:
         for layer in d["layers"].values():
             layer["ranks"], layer["shape"] = list(layer["ranks"]), list(layer["shape"])
         d["achieved_ratio"], d["achieved_macs_ratio"] = self.achieved_ratio, self.achieved_macs_ratio
+        d["achieved_speedup"] = self.achieved_speedup
         return d
 
     @classmethod
@@ -91,7 +113,7 @@ class RankPlan:
         if not isinstance(d, dict):
             raise CstarError(f"a rank plan must be a dict from RankPlan.to_dict(), got {type(d).__name__}")
         d = renamed(d, "a rank plan", note=False, names=PLAN)
-        names, layer_names = list(cls.__dataclass_fields__), list(LayerPlan.__dataclass_fields__)
+        names, layer_names = _required(cls), _required(LayerPlan)
         missing = [k for k in names if k not in d]
         if missing:
             raise CstarError(f"not a rank plan: missing {', '.join(missing)}; pass a dict from RankPlan.to_dict()")
@@ -100,10 +122,10 @@ class RankPlan:
             missing = [k for k in layer_names if k not in layer]
             if missing:
                 raise CstarError(f"rank plan layer {name!r} lacks {', '.join(missing)}; pass a dict from to_dict()")
-            values = {k: layer[k] for k in layer_names}
+            values = {k: layer[k] for k in LayerPlan.__dataclass_fields__ if k in layer}
             values["ranks"], values["shape"] = tuple(layer["ranks"]), tuple(layer["shape"])
             layers[name] = LayerPlan(**values)
-        values = {k: d[k] for k in names}
+        values = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         values["layers"] = layers
         values["input_shape"] = None if d["input_shape"] is None else tuple(d["input_shape"])
         values["excluded"], values["skipped"] = list(d["excluded"]), dict(d["skipped"])
@@ -150,6 +172,9 @@ class RankPlan:
         rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
         lines = [line(header), rule, *map(line, rows), rule, line(total),
                  f"ratio {self.achieved_ratio:.2f}x params, {macs} MACs ({self.method} ranks, {self.budget} budget)"]
+        if self.achieved_speedup is not None:
+            lines.append(f"latency {self.dense_latency_ms:.3f} ms -> {self.latency_ms:.3f} ms measured "
+                         f"({self.achieved_speedup:.2f}x) on {self.measured_on}")
         if self.excluded:
             lines.append(f"excluded (kept dense): {', '.join(self.excluded)}")
         lines += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
@@ -157,6 +182,15 @@ class RankPlan:
 
 
 RankPlan.__init__ = accepting_old_names(RankPlan.__init__, PLAN, "RankPlan()")
+
+
+_LATENCY_FIELDS = ("runtime", "measured_on", "dense_latency_ms", "latency_ms", "dense_latency_alone_ms",
+                   "latency_alone_ms")
+
+
+def _required(cls) -> list[str]:
+    """The fields a record of ``cls`` must have: all but the latency ones, which plans before them lack."""
+    return [name for name in cls.__dataclass_fields__ if name not in _LATENCY_FIELDS]
 
 
 def _macs_text(dense: int | None, planned: int | None) -> str:

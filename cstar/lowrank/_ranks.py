@@ -53,11 +53,13 @@ from .._core.renamed import MACS, accepting_old_names
 from ..evaluation.counting import LayerStats, count_params, layer_table
 from ..models import input_shape as input_shape_of
 from ._allocate import Allocator, Layer
+from ._latency import PLAN_ROUNDS, PROBES, PlanTimer, check_runtime, cpu_name, measure_layers, runtime_version
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ._plan import LayerPlan, RankPlan
 from ._spec import RankSpec
 from ._tucker import core_energies, energy_table, singular_energies
 
+MEASURE_NAMES = {"params": "parameters", "macs": "MACs", "latency": "latency"}
 _FAR = 1.25  # a plan of coarse rank steps this much smaller than its target is refused (_check_near_target)
 
 
@@ -161,11 +163,16 @@ class Allocation:
     fixed: dict[str, int]  # the cost of everything but the compressible layers, per budget measure
     targets: tuple[float, ...]  # per budget measure
     allocator: Allocator
+    timer: PlanTimer | None = None  # a latency budget's: times plans on its runtime, keeps their LatencyCurve
+    measured_on: str | None = None  # a latency budget's runtime, CPU, threads and batch
+    latency_ms: tuple[float, float] | None = None  # (dense, plan) times of the plan chosen, measured together
 
     def achieved(self, spent: list[float]) -> dict[str, float]:
         """The whole model's dense / planned ratio per budget measure when the layers cost ``spent`` (a total
-        per measure, e.g. :meth:`Allocator.totals`)."""
-        return {m: self.dense[m] / (self.fixed[m] + cost) for m, cost in zip(self.allocator.measures, spent)}
+        per measure, e.g. :meth:`Allocator.totals`; latency: the layers' times alone, mapped to the model's
+        time through the measured :class:`LatencyCurve`)."""
+        return {m: 1 / self.timer.curve.model_ms(cost) if m == "latency" else self.dense[m] / (self.fixed[m] + cost)
+                for m, cost in zip(self.allocator.measures, spent)}
 
     @property
     def layers(self) -> list[Layer]:
@@ -179,7 +186,10 @@ class Allocation:
                                        ranks=layer.dims if state is None else state,
                                        dense_params=layer.dense_params, params=layer.params(state),
                                        dense_macs=layer.dense_macs, macs=layer.macs(state),
-                                       energy=layer.energy(state), shape=layer.shape)
+                                       energy=layer.energy(state), shape=layer.shape,
+                                       **({} if layer.timing is None else
+                                          {"dense_latency_alone_ms": layer.latency(None),
+                                           "latency_alone_ms": layer.latency(state)}))
                  for layer, state in zip(self.layers, states)}
         dense = self.dense
         params = dense["params"] - sum(p.dense_params - p.params for p in plans.values())
@@ -187,16 +197,24 @@ class Allocation:
         return RankPlan(layers=plans, target_ratio=self.spec.ratio, budget=self.spec.budget, method=method,
                         input_shape=self.input_shape, excluded=self.excluded, skipped=self.skipped,
                         dense_params=dense["params"], params=params, dense_macs=dense["macs"], macs=macs,
-                        target_macs_ratio=self.spec.macs_ratio)
+                        target_macs_ratio=self.spec.macs_ratio, **self._latency_record(plans))
+
+    def _latency_record(self, plans: dict[str, LayerPlan]) -> dict:
+        if self.timer is None:
+            return {}
+        return {"runtime": self.spec.runtime, "measured_on": self.measured_on,
+                "dense_latency_ms": self.latency_ms[0], "latency_ms": self.latency_ms[1]}
 
 
-def _problem(model: nn.Module, spec: RankSpec, macs: bool = True) -> Allocation:
+def _problem(model: nn.Module, spec: RankSpec, macs: bool = True, timed: bool = True) -> Allocation:
     """The :class:`Allocation` of ``spec`` (without spectra) on ``model``, refused in one line when nothing can be compressed;
-    ``macs=False`` skips the traced forward pass that counts MACs when the budget is on parameters alone."""
+    ``macs=False`` skips the traced forward pass that counts MACs when the budget is on parameters alone;
+    ``timed=False`` skips timing the layers of a latency budget (its limit is then NaN: for checks only)."""
     budget = spec.budget
     shape = spec.input_shape or input_shape_of(model)
     if shape is None and budget != "params":
-        raise CstarError(f"budget={budget!r} counts MACs, which needs input_shape=(C, H, W); the model has no "
+        what = "times the layers on their inputs" if budget == "latency" else "counts MACs"
+        raise CstarError(f"budget={budget!r} {what}, which needs input_shape=(C, H, W); the model has no "
                          "cstar_config to take it from: pass input_shape")
     candidates, excluded, skipped = _survey(model, spec.exclude)
     if not candidates:
@@ -216,24 +234,98 @@ def _problem(model: nn.Module, spec: RankSpec, macs: bool = True) -> Allocation:
         layer.weight = weights.get(layer.name, 1.0)
 
     dense = {"params": count_params(model), "macs": None if rows is None else sum(r.macs for r in rows.values())}
-    measures = {"params": ("params",), "macs": ("macs",), "joint": ("params", "macs")}[budget]
-    targets = {"params": (spec.ratio,), "macs": (spec.ratio,), "joint": (spec.ratio, spec.macs_ratio)}[budget]
-    fixed = {m: dense[m] - sum(getattr(layer, f"dense_{m}") for layer in layers) for m in measures}
+    measures = {"params": ("params",), "macs": ("macs",), "joint": ("params", "macs"), "latency": ("latency",)}[budget]
+    targets = (spec.ratio,) if budget != "joint" else (spec.ratio, spec.macs_ratio)
+    fixed = {m: dense[m] - sum(getattr(layer, f"dense_{m}") for layer in layers) for m in measures if m != "latency"}
+    if budget == "latency":  # set by _time_layers once measured (NaN: a check that times nothing)
+        dense["latency"], fixed["latency"] = math.nan, math.nan
     limits = tuple(dense[m] / t - fixed[m] for m, t in zip(measures, targets))
-    return Allocation(spec, [m for _, m in candidates], excluded, skipped, shape, dense, fixed,
-                   targets, Allocator(layers, measures, limits, spec.min_rank, spec.multiple_of))
+    problem = Allocation(spec, [m for _, m in candidates], excluded, skipped, shape, dense, fixed, targets,
+                         Allocator(layers, measures, limits, spec.min_rank, spec.multiple_of))
+    if budget == "latency" and timed:
+        _time_layers(problem, model, rows)
+    return problem
+
+
+def _time_layers(problem: Allocation, model: nn.Module, rows: dict[str, LayerStats]) -> None:
+    """Time every layer of ``problem`` alone on its spec's runtime (``layer.timing``), then the whole model dense
+    and at the :data:`PROBES` rank fractions (its :class:`LatencyCurve`), and set the budget's limit: the sum
+    of layer times whose model time meets the target speed-up."""
+    spec, layers, allocator = problem.spec, problem.layers, problem.allocator
+    check_runtime(spec.runtime)
+    threads = spec.latency_threads or torch.get_num_threads()
+    in_shapes, calls = [], []
+    for layer, module in zip(layers, problem.modules):
+        row = rows.get(layer.name)
+        ran = row is not None and row.in_shape is not None and row.macs > 0
+        in_shapes.append(tuple(row.in_shape) if ran else None)
+        first_call = math.prod(row.out_shape[2:] if isinstance(module, nn.Conv2d) else row.out_shape[1:-1]) \
+            if ran else 1
+        calls.append(0 if not ran else max(1, round(layer.out_pos / first_call)))
+    grids, _ = measure_layers(layers, problem.modules, in_shapes, calls, spec.runtime, spec.latency_batch, threads,
+                              spec.min_rank, spec.multiple_of)
+    for layer, grid in zip(layers, grids):
+        layer.timing = grid
+    timer = PlanTimer(model, problem.input_shape, [layer.name for layer in layers], problem.modules, spec.runtime,
+                      spec.latency_batch, threads)
+    timer.curve.add(sum(grid.dense_ms for grid in grids), 1.0)
+    for fraction in PROBES:
+        states = allocator.at_fraction(fraction)
+        timer.time(states, allocator.totals(states)[0])
+    problem.timer, problem.fixed["latency"] = timer, 0.0
+    problem.measured_on = (f"{runtime_version(spec.runtime)} on {cpu_name()}, {threads} thread(s), "
+                           f"batch {spec.latency_batch}")
+    allocator.limits = (timer.curve.layer_sum(1 / spec.ratio),)
+
+
+def _meet_latency(problem: Allocation, choose) -> list:
+    """Plan with ``choose`` (the allocation), time the plan's structure against the dense model, and plan again
+    under a new limit on the layers' summed time, until a plan's measured speed-up meets the target within 5%
+    above it or :data:`PLAN_ROUNDS` plans were timed; returns the plan with the most layer time among those
+    that met it (its times in ``problem.latency_ms``). Each new limit is the refined curve's, kept inside the
+    bracket of the plans timed so far (below any that missed, above any that met; else their midpoint)."""
+    allocator, timer, goal = problem.allocator, problem.timer, 1 / problem.spec.ratio
+    met, missed, best = [], [], 0.0
+    for _ in range(PLAN_ROUNDS):
+        states = choose()
+        spent = allocator.totals(states)[0]
+        dense_ms, plan_ms = timer.time(states, spent)
+        best = max(best, dense_ms / plan_ms)
+        if plan_ms <= goal * dense_ms:
+            met.append((spent, (dense_ms, plan_ms), states))
+            if plan_ms >= goal * dense_ms / 1.05:
+                break
+        else:
+            missed.append(spent)
+        low = max((m[0] for m in met), default=0.0)
+        high = min(missed, default=math.inf)
+        limit = timer.curve.layer_sum(goal)
+        if not low < limit < high:
+            limit = (low + high) / 2 if high < math.inf else low * 1.05
+        if math.isclose(limit, allocator.limits[0], rel_tol=1e-3):
+            break
+        allocator.limits = (limit,)
+    if not met:
+        raise CstarError(f"no plan met the {problem.spec.ratio:g}x speed-up on {problem.spec.runtime}: the fastest "
+                         f"plan timed ran {best:.2f}x ({problem.measured_on}); lower the speed-up, or retry on an "
+                         "idle machine")
+    _, problem.latency_ms, states = max(met, key=lambda item: item[0])
+    return states
 
 
 def select_ranks(model: nn.Module, ratio: float | RankSpec, *, budget: str = "params",
                  macs_ratio: float | None = None, input_shape: tuple[int, int, int] | None = None,
                  method: str = "global", exclude: list[str] | None = None, min_rank: int = 1,
-                 multiple_of: int = 1, layer_weights: dict[str, float] | None = None) -> RankPlan:
+                 multiple_of: int | None = None, layer_weights: dict[str, float] | None = None, runtime: str | None = None,
+                 latency_batch: int = 1, latency_threads: int | None = None) -> RankPlan:
     """Choose the ranks of every compressible layer so that the whole model is ``ratio`` times smaller.
 
     ``ratio`` is a number or a whole :class:`RankSpec` (then pass no other
     setting); the keywords are the spec's fields. ``budget``: ``"params"``
     (ratio on parameters), ``"macs"`` (ratio on MACs, multiply-accumulates) or
-    ``"joint"`` (``ratio`` on parameters and ``macs_ratio`` on MACs at once).
+    ``"joint"`` (``ratio`` on parameters and ``macs_ratio`` on MACs at once)
+    or ``"latency"`` (``ratio`` is the speed-up on ``runtime``, from layer
+    latencies measured there and cached: :mod:`cstar.lowrank._latency`).
     ``input_shape`` (C, H, W) defaults to the model's own
     (:func:`cstar.models.input_shape`); it is required for the MACs budgets and
     otherwise only fills the MACs columns. ``exclude`` names modules kept dense,
@@ -249,7 +341,8 @@ def select_ranks(model: nn.Module, ratio: float | RankSpec, *, budget: str = "pa
         raise CstarError(f"select_ranks needs an nn.Module, got {type(model).__name__}")
     check_finite(model, "select_ranks: the model")
     keywords = {"budget": budget, "macs_ratio": macs_ratio, "input_shape": input_shape, "method": method,
-                "exclude": exclude, "min_rank": min_rank, "multiple_of": multiple_of, "layer_weights": layer_weights}
+                "exclude": exclude, "min_rank": min_rank, "multiple_of": multiple_of, "layer_weights": layer_weights,
+                "runtime": runtime, "latency_batch": latency_batch, "latency_threads": latency_threads}
     if isinstance(ratio, RankSpec):
         defaults = {f.name: f.default for f in fields(RankSpec) if f.name in keywords}
         given = [k for k, v in keywords.items() if v != defaults[k]]
@@ -279,8 +372,8 @@ def allocation(model: nn.Module, spec: RankSpec) -> Allocation:
 
 def _plan(model: nn.Module, spec: RankSpec) -> RankPlan:
     problem = allocation(model, spec)
-    allocator = problem.allocator
-    return problem.plan(allocator.greedy() if spec.method == "global" else allocator.uniform(), spec.method)
+    choose = problem.allocator.greedy if spec.method == "global" else problem.allocator.uniform
+    return problem.plan(choose() if problem.timer is None else _meet_latency(problem, choose), spec.method)
 
 
 def check_reachable(model: nn.Module, spec: RankSpec) -> None:
@@ -298,6 +391,10 @@ def check_reachable(model: nn.Module, spec: RankSpec) -> None:
         raise CstarError(f"check_reachable needs an nn.Module, got {type(model).__name__}")
     if not isinstance(spec, RankSpec):
         raise CstarError(f"check_reachable needs a RankSpec, got {type(spec).__name__}: pass RankSpec(ratio, ...)")
+    if spec.budget == "latency":  # reachable or not is known only once the layers are timed (select_ranks)
+        check_runtime(spec.runtime)
+        _problem(model, spec, timed=False)
+        return
     problem = _problem(model, spec, macs=False)
     allocator = problem.allocator
     smallest = allocator.at_fraction(0.0)
@@ -313,14 +410,13 @@ def _check_near_target(problem: Allocation, achieved: dict[str, float], spec: Ra
     """Refuse a plan of coarse rank steps (``multiple_of`` or ``min_rank`` > 1) that is more than :data:`_FAR`
     times smaller than its target on every budget measure (``achieved``: the plan's ratios, or lower bounds of
     them): the steps cannot get near the target."""
-    if spec.multiple_of == 1 and spec.min_rank == 1:
-        return  # steps of one rank: the plan ends within one step of its target
+    if (spec.multiple_of == 1 and spec.min_rank == 1) or spec.budget == "latency":
+        return  # steps of one rank: the plan ends within one step of its target; a latency plan is measured
     measures = problem.allocator.measures
     misses = [(m, t) for m, t in zip(measures, problem.targets) if achieved[m] > _FAR * t]
     if len(misses) < len(measures):
         return
-    what = " and ".join(f"{achieved[m]:.2f}x on {'parameters' if m == 'params' else 'MACs'} for a {t:g}x target"
-                        for m, t in misses)
+    what = " and ".join(f"{achieved[m]:.2f}x on {MEASURE_NAMES[m]} for a {t:g}x target" for m, t in misses)
     step = max(spec.multiple_of, spec.min_rank)
     narrow = [layer.name for layer in problem.allocator.layers if min(layer.dims) < step]
     cause = f" ({', '.join(narrow[:3])} cannot take a rank between {spec.min_rank} and full)" if narrow else ""
@@ -329,13 +425,12 @@ def _check_near_target(problem: Allocation, achieved: dict[str, float], spec: Ra
 
 
 def _raise_unreachable(problem: Allocation, smallest: list, spec: RankSpec) -> None:
-    allocator, dense, parts = problem.allocator, problem.dense, []
-    for m, target in zip(allocator.measures, problem.targets):
-        least = problem.fixed[m] + sum(getattr(layer, m)(s) for layer, s in zip(allocator.layers, smallest))
-        if dense[m] / least >= target:
+    parts, reached = [], problem.achieved(problem.allocator.totals(smallest))
+    for m, target in zip(problem.allocator.measures, problem.targets):
+        if reached[m] >= target:
             continue
-        what = "parameters" if m == "params" else "MACs"
-        parts.append(f"{target:g}x on {what} is unreachable (at most {dense[m] / least:.2f}x)")
+        measured = ", measured" if m == "latency" else ""
+        parts.append(f"{target:g}x on {MEASURE_NAMES[m]} is unreachable (at most {reached[m]:.2f}x{measured})")
     if spec.exclude is None and problem.excluded:
         fix = (f"the first conv and the classifier ({', '.join(problem.excluded)}) are excluded by default and kept "
                "dense: pass exclude=[] to compress them too, or lower the ratio")

@@ -15,7 +15,8 @@ from .._core.checks import check_positive_int, check_ratio
 from .._core.errors import CstarError
 from .._core.renamed import MACS, accepting_old_names, old_attribute, renamed_value
 
-BUDGETS = ("params", "macs", "joint")
+RUNTIMES = ("onnxruntime", "openvino", "eager")  # where a latency budget is measured
+BUDGETS = ("params", "macs", "joint", "latency")
 ALLOCATIONS = ("global", "uniform")
 
 
@@ -24,12 +25,16 @@ class RankSpec:
     """The target of a rank plan; validated when built.
 
     ``ratio``: the target whole-model dense / compressed size, > 1, on parameters
-    (``budget="params"``), MACs (multiply-accumulates, ``"macs"``), or parameters with
-    ``macs_ratio`` on MACs at once (``"joint"``). ``method``: ``"global"``
+    (``budget="params"``), MACs (multiply-accumulates, ``"macs"``), parameters with
+    ``macs_ratio`` on MACs at once (``"joint"``), or the speed-up, dense / compressed
+    latency measured on ``runtime`` (``"latency"``: ``"onnxruntime"``, the default,
+    ``"openvino"`` or ``"eager"``; batches of ``latency_batch`` images, default 1,
+    at ``latency_threads`` threads, default torch's; see :mod:`cstar.lowrank._latency`). ``method``: ``"global"``
     (energy-optimal allocation) or ``"uniform"`` (the same rank fraction
     everywhere). ``exclude``: module names kept dense (None: the first conv and
     the classifier). Ranks are at least ``min_rank`` and multiples of
-    ``multiple_of`` (CPU kernels like multiples of 8 or 16 channels).
+    ``multiple_of`` (CPU kernels like multiples of 8 or 16 channels; None, the
+    default: 8 for a latency budget, else 1).
     ``input_shape`` (C, H, W) for counting MACs; None: the model's own.
     ``layer_weights`` ({module name: weight > 0}, for ``"global"`` only): each
     layer's log-energy counts that many times in the objective (unnamed layers
@@ -43,9 +48,12 @@ class RankSpec:
     method: str = "global"
     exclude: tuple[str, ...] | None = None
     min_rank: int = 1
-    multiple_of: int = 1
+    multiple_of: int | None = None
     input_shape: tuple[int, ...] | None = None
     layer_weights: tuple[tuple[str, float], ...] | None = None
+    runtime: str | None = None
+    latency_batch: int = 1
+    latency_threads: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the fields once, here
@@ -62,8 +70,10 @@ class RankSpec:
         elif self.macs_ratio is not None:
             raise CstarError(f"macs_ratio is only used with budget='joint' (got budget={self.budget!r}); drop it "
                              "or pass budget='joint'")
-        set_(self, "min_rank", check_positive_int("min_rank", self.min_rank))
+        if self.multiple_of is None:  # runtimes' CPU kernels run channel counts off multiples of 8 slowly
+            set_(self, "multiple_of", 8 if self.budget == "latency" else 1)
         set_(self, "multiple_of", check_positive_int("multiple_of", self.multiple_of))
+        set_(self, "min_rank", check_positive_int("min_rank", self.min_rank))
         if self.exclude is not None:
             if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(n, str) for n in self.exclude):
                 raise CstarError(f"exclude must be a list of module names, got {self.exclude!r}; "
@@ -76,6 +86,23 @@ class RankSpec:
             set_(self, "input_shape", tuple(check_positive_int(f"input_shape[{i}]", d) for i, d in enumerate(shape)))
         if self.layer_weights is not None:
             set_(self, "layer_weights", _checked_weights(self.layer_weights, self.method))
+        self._check_latency(set_)
+
+    def _check_latency(self, set_) -> None:
+        if self.budget != "latency":
+            given = [k for k, v in (("runtime", self.runtime), ("latency_batch", self.latency_batch != 1),
+                                    ("latency_threads", self.latency_threads)) if v]
+            if given:
+                raise CstarError(f"{', '.join(given)} only apply to budget='latency' (got budget={self.budget!r}): "
+                                 "drop them or pass budget='latency'")
+            return
+        if self.runtime is None:
+            set_(self, "runtime", "onnxruntime")
+        if self.runtime not in RUNTIMES:
+            raise CstarError(f"unknown runtime {self.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+        set_(self, "latency_batch", check_positive_int("latency_batch", self.latency_batch))
+        if self.latency_threads is not None:
+            set_(self, "latency_threads", check_positive_int("latency_threads", self.latency_threads))
 
     flops_ratio = old_attribute("RankSpec", "flops_ratio", "macs_ratio")
 

@@ -55,7 +55,9 @@ class CompressConfig:
     """Settings of a compression run.
 
     ``ratio`` is the target whole-model dense/compressed parameters (``budget="params"``),
-    MACs (``"macs"``), or parameters with ``macs_ratio`` on MACs (``"joint"``).
+    MACs (``"macs"``), parameters with ``macs_ratio`` on MACs (``"joint"``), or the
+    speed-up measured on ``runtime`` with batches of ``latency_batch`` images at
+    ``latency_threads`` threads (``"latency"``; see :class:`cstar.lowrank.RankSpec`).
     ``layer_weights`` weigh the global rank allocation's layers (see
     :class:`cstar.lowrank.RankSpec`; e.g. :func:`cstar.lowrank.layer_sensitivity`).
     ``dense`` trains the dense model when none is given; ``search`` and
@@ -74,8 +76,11 @@ class CompressConfig:
     rank_method: str = "global"
     exclude: list[str] | None = None
     min_rank: int = 1
-    multiple_of: int = 1
+    multiple_of: int | None = None
     layer_weights: dict[str, float] | None = None
+    runtime: str | None = None
+    latency_batch: int = 1
+    latency_threads: int | None = None
     dense: TrainConfig = field(default_factory=TrainConfig)
     search: TrainConfig = field(default_factory=TrainConfig)
     admm: ADMMConfig = field(default_factory=ADMMConfig)
@@ -115,7 +120,8 @@ class CompressConfig:
         """The rank-plan target of these settings (validated)."""
         return RankSpec(self.ratio, budget=self.budget, macs_ratio=self.macs_ratio, method=self.rank_method,
                         exclude=self.exclude, min_rank=self.min_rank, multiple_of=self.multiple_of,
-                        layer_weights=self.layer_weights)
+                        layer_weights=self.layer_weights, runtime=self.runtime, latency_batch=self.latency_batch,
+                        latency_threads=self.latency_threads)
 
 
 CompressConfig.__init__ = accepting_old_names(CompressConfig.__init__, COMPRESS, "CompressConfig()")
