@@ -1,9 +1,10 @@
-"""Paired difference between two `cstar compare` cells, which may come from different runs.
+"""Paired difference between two `cstar compare` cells or `cstar eval` records, which may come from different runs.
 
 Usage:
     python benchmarks/paired_cells.py runs/compare-fmnist-split12/cells/cstar-16x runs/compare-fmnist/cells/lowrank_global-16x
+    python benchmarks/paired_cells.py eval-a.json eval-b.json   # cstar eval ... --per-example --json eval-a.json
 
-Reads each cell's ``per_example.json`` and prints, per accuracy label both cells
+Reads each cell's ``per_example.json`` (or the ``cstar eval`` JSON file given) and prints, per accuracy label both cells
 have, A's accuracy minus B's in points with the paired 95% interval and the exact
 McNemar p-value (:func:`cstar.paired_difference`). The two cells must have been
 evaluated on the same test subset, which the script checks.
@@ -20,11 +21,15 @@ from cstar import paired_difference
 
 
 def read_cell(path: Path) -> dict:
-    record = path / "per_example.json"
+    record = path if path.suffix == ".json" else path / "per_example.json"
     if not record.is_file():
-        raise SystemExit(f"{record} not found: pass a finished cell directory (runs/NAME/cells/METHOD-RATIOx); "
-                         "cells from before per-example records need benchmarks/backfill_per_example.py")
-    return json.loads(record.read_text())
+        raise SystemExit(f"{record} not found: pass a finished cell directory (runs/NAME/cells/METHOD-RATIOx) or a "
+                         "'cstar eval --per-example --json' file; cells from before per-example records need "
+                         "benchmarks/backfill_per_example.py")
+    found = json.loads(record.read_text())
+    if "per_example" not in found:
+        raise SystemExit(f"{record} has no per-example results: evaluate with cstar eval --per-example")
+    return found
 
 
 def paired_rows(a: dict, b: dict) -> list[dict]:

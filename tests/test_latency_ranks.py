@@ -247,3 +247,14 @@ def test_cli_compress_refuses_a_plan_for_another_target_before_any_file(capsys, 
                    "--plan", tmp_path / "plan.json", "--out", tmp_path / "run")
     assert "the plan was made for 2x on params but the settings ask 4x on params" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_learned_ranks_and_admm_reselection_refuse_a_latency_budget():
+    from cstar import ADMM, ADMMConfig
+    from cstar.lowrank import RankScoredModel
+    spec = RankSpec(2, budget="latency", runtime="eager", input_shape=SHAPE)
+    with pytest.raises(CstarError, match="learned ranks take a parameter or MACs budget"):
+        RankScoredModel(ConvNet(), spec)
+    plan = select_ranks(ConvNet(), 2, budget="macs", input_shape=SHAPE)
+    with pytest.raises(CstarError, match="re-selection with a latency budget"):
+        ADMM(ConvNet(), plan, ADMMConfig(reselect=2), 10, rank_spec=spec)

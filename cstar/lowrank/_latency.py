@@ -1,22 +1,31 @@
-"""Layer latencies measured on a runtime, the cost of a ``budget="latency"`` rank plan.
+"""Latencies measured on a runtime, the costs of a ``budget="latency"`` rank plan.
 
-Each compressible layer is timed alone on the chosen runtime (``"onnxruntime"``,
-``"openvino"`` or ``"eager"`` PyTorch), at the input it sees in the model with
-the batch ``spec.latency_batch``: dense, and factorised at a ladder of ranks per
-mode (:func:`rank_ladder`; Tucker-2 at every pair of its two ladders), as
-hardware-aware compression (NetAdapt) measures its look-up tables. A timed
-graph's own cost of a call (a one-ReLU graph on the same input) is subtracted,
-values are made non-decreasing in each rank (a bigger factorisation is never
-planned as faster) and ranks between ladder points are interpolated
-(bilinearly for Tucker-2, exact for costs linear in each rank, as MACs are).
-What the layers do not cover (BN, activations, additions, excluded layers) is
-the whole dense model's measured time minus its layers' dense times.
+1. Each compressible layer is timed alone on the chosen runtime
+   (``"onnxruntime"``, ``"openvino"`` or ``"eager"`` PyTorch), on the input it
+   sees in the model with ``spec.latency_batch`` images: dense, and factorised
+   at a ladder of ranks per mode (:func:`rank_ladder`; Tucker-2 at every pair of
+   its two ladders), as hardware-aware compression (NetAdapt) builds its
+   look-up tables. A graph's own cost of a call (a one-ReLU graph on the same
+   input) is subtracted, times are made non-decreasing in each rank and ranks
+   between ladder points are interpolated (multilinear: exact for costs
+   linear in each rank, as MACs are). These times weigh the layers against
+   each other in the allocation.
+2. A layer timed alone is not timed as in the model (runtimes fuse, lay out
+   and cache around it), so the whole model is timed too, interleaved with the
+   dense model, at a few uniform rank fractions (:data:`PROBES`): the
+   :class:`LatencyCurve` maps the sum of the layers' times alone to the
+   model's time relative to the dense one, and sets the limit of a plan.
+3. Each plan made is timed the same way and added to the curve, and the plan
+   is made again under the refined limit until one meets the target
+   (``_ranks._meet_latency``): the speed-up a plan records is measured, never
+   predicted.
 
-Measurements are cached in one JSON file per runtime, runtime version, CPU and
-thread count (``$CSTAR_LATENCY_CACHE``, default ``~/.cache/cstar/latency``),
-keyed by the layer's shape, settings, input and ranks, so a model is timed
-once per machine. The cache is data: only numbers are read from it; a file
-that is not a cache cstar wrote is ignored with a warning and left as it is.
+Layer timings are cached in one JSON file per runtime, runtime version, CPU
+and thread count (``$CSTAR_LATENCY_CACHE``, default ``~/.cache/cstar/latency``),
+keyed by the layer's type, shape, settings, input and ranks, so a layer shape
+is timed once per machine; whole-model timings are not cached. The cache is
+data: only numbers are read from it; a file that is not a cache cstar wrote
+for this machine is ignored with a warning and left as it is.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ._spec import RUNTIMES
 
 _INSTALL = {"onnxruntime": "pip install 'cstar[export]'", "openvino": "pip install 'cstar[openvino]' onnx"}
+
 LADDER = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4)  # rank fractions timed per mode, besides min_rank and full
 FORMAT = 1  # the cache file's format
 LAYER_RUNS, SETTLE = 30, 20  # timed and untimed calls of a layer graph
@@ -102,10 +112,6 @@ class LatencyGrid:
             axes.append(((high - 1, 1.0 - share), (high, share)))
         return float(sum(math.prod(w for _, w in corner) * self.values[tuple(i for i, _ in corner)]
                          for corner in itertools.product(*axes)))
-
-    def to_dict(self) -> dict:
-        return {"dense_ms": self.dense_ms, "ladders": [list(ladder) for ladder in self.ladders],
-                "values": self.values.tolist()}
 
 
 def _monotone(values: np.ndarray) -> np.ndarray:
@@ -272,9 +278,9 @@ class _Timer:
 
 def measure_layers(layers: list, modules: list[nn.Module], in_shapes: list[tuple[int, ...] | None],
                    calls: list[int], runtime: str, batch: int, threads: int, min_rank: int, multiple_of: int
-                   ) -> tuple[list[LatencyGrid], int]:
+                   ) -> list[LatencyGrid]:
     """A :class:`LatencyGrid` per layer (``in_shapes``: each layer's input at batch 1; ``calls``: how many times it
-    runs per forward), and how many graphs were timed rather than read from the cache."""
+    runs per forward), through the cache."""
     timer = _Timer(runtime, threads, batch)
     grids = []
     for layer, module, in_shape, count in zip(layers, modules, in_shapes, calls):
@@ -295,7 +301,7 @@ def measure_layers(layers: list, modules: list[nn.Module], in_shapes: list[tuple
             values[index] = net(f"r{ranks}", lambda ranks=ranks: _factorised(module, ranks))
         grids.append(LatencyGrid(dense, ladders, _monotone(values)))
     timer.cache.save()
-    return grids, timer.cache.measured
+    return grids
 
 
 def _dense_copy(module: nn.Module) -> nn.Module:

@@ -122,6 +122,9 @@ class RankScoredModel(nn.Module):
         if spec.method != "global":
             raise CstarError(f"learned ranks replace the global allocation's energies by scores; method="
                              f"{spec.method!r} has none: use method='global'")
+        if spec.budget == "latency":
+            raise CstarError("learned ranks take a parameter or MACs budget (a latency plan times every plan it "
+                             "makes, too slow inside training): use budget='params' or 'macs'")
         self.allocation = allocation(model, spec)  # refuses an unreachable target before any work
         self.model = model
         model.requires_grad_(False)

@@ -30,6 +30,10 @@ factorised model, MACs as :func:`cstar.evaluation.counting.count_macs` does (a T
 layer's first 1x1 conv runs at the input resolution, its core and last conv at
 the output resolution; MAC multipliers come from one traced forward pass;
 :mod:`cstar.lowrank._allocate` holds the costs and the two allocations).
+A latency budget's costs are measured instead (:mod:`cstar.lowrank._latency`):
+each layer's time alone on the runtime weighs it, the greedy may also jump a
+layer back to dense, and every plan made is timed whole against the dense
+model, the limit refined until a plan's measured speed-up meets the target.
 
 Only the spectra need the weights: :func:`check_reachable` refuses an
 unreachable target from the layers' shapes alone, before any training.
@@ -262,8 +266,8 @@ def _time_layers(problem: Allocation, model: nn.Module, rows: dict[str, LayerSta
         first_call = math.prod(row.out_shape[2:] if isinstance(module, nn.Conv2d) else row.out_shape[1:-1]) \
             if ran else 1
         calls.append(0 if not ran else max(1, round(layer.out_pos / first_call)))
-    grids, _ = measure_layers(layers, problem.modules, in_shapes, calls, spec.runtime, spec.latency_batch, threads,
-                              spec.min_rank, spec.multiple_of)
+    grids = measure_layers(layers, problem.modules, in_shapes, calls, spec.runtime, spec.latency_batch, threads,
+                           spec.min_rank, spec.multiple_of)
     for layer, grid in zip(layers, grids):
         layer.timing = grid
     timer = PlanTimer(model, problem.input_shape, [layer.name for layer in layers], problem.modules, spec.runtime,
@@ -272,7 +276,7 @@ def _time_layers(problem: Allocation, model: nn.Module, rows: dict[str, LayerSta
     for fraction in PROBES:
         states = allocator.at_fraction(fraction)
         timer.time(states, allocator.totals(states)[0])
-    problem.timer, problem.fixed["latency"] = timer, 0.0
+    problem.timer, problem.dense["latency"], problem.fixed["latency"] = timer, 1.0, 0.0  # in dense-model times
     problem.measured_on = (f"{runtime_version(spec.runtime)} on {cpu_name()}, {threads} thread(s), "
                            f"batch {spec.latency_batch}")
     allocator.limits = (timer.curve.layer_sum(1 / spec.ratio),)

@@ -129,6 +129,9 @@ class ADMM(TrainHook):
                  max_condition: float = 10.0) -> None:
         if config.reselect and rank_spec is None:
             raise CstarError("ADMM rank re-selection needs the RankSpec the plan was made for: pass rank_spec")
+        if config.reselect and rank_spec.budget == "latency":
+            raise CstarError("ADMM rank re-selection with a latency budget would time the runtime beside training: "
+                             "set reselect=False, or use a parameter or MACs budget")
         self.condition_weight = TRAIN_RULES["condition_weight"]("condition_weight", condition_weight)
         self.max_condition = TRAIN_RULES["max_condition"]("max_condition", max_condition)
         self.config, self.rank_spec = config, rank_spec
