@@ -54,7 +54,7 @@ from torch import nn
 
 from cstar import count_macs, count_params, load
 from cstar.inference import optimize_for_inference
-from cstar.lowrank import decompose, select_ranks
+from cstar.lowrank import RankPlan, decompose, select_ranks
 from cstar.models import create
 from cstar.records import describe_device, machine, write_json, write_text
 from latency_runtimes import FLOAT, INT8, int8_agreement, runtime_forward, versions
@@ -110,11 +110,16 @@ def time_runs(runs: dict[tuple[str, str], Callable[[], object]], rounds: int, pe
 
 
 def plan_models(dense: nn.Module, plans: list[tuple[str, float]], multiples: list[int],
-                shape: tuple[int, ...], latency: dict | None = None, save_plans: Path | None = None) -> list[dict]:
-    """Dense plus one decomposed model per (plan, multiple_of); each a dict with the model and its counts.
-    A ``latency:S`` plan is timed on ``latency`` (runtime, latency_batch, latency_threads); ``save_plans``: a
-    folder to write each plan's JSON into."""
+                shape: tuple[int, ...], latency: dict | None = None, save_plans: Path | None = None,
+                files: list[Path] = ()) -> list[dict]:
+    """Dense plus one decomposed model per plan file and per (plan, multiple_of); each a dict with the model and
+    its counts. A ``latency:S`` plan is timed on ``latency`` (runtime, latency_batch, latency_threads);
+    ``save_plans``: a folder to write each plan's JSON into."""
     rows = [{"name": "dense", "budget": "-", "ratio": 1.0, "multiple_of": None, "model": dense}]
+    for file in files:
+        plan = RankPlan.load(file)
+        rows.append({"name": file.stem, "budget": plan.budget, "ratio": plan.target_ratio, "multiple_of": None,
+                     "model": decompose(dense, plan).eval()})
     for budget, ratio in plans:
         for multiple in multiples:
             extra = (latency or {}) if budget == "latency" else {}
@@ -211,7 +216,7 @@ def markdown(result: dict) -> str:
         f"batch {', '.join(map(str, result['batch']))}",
         "",
         f"Machine: {result['device']}; torch {result['environment']['torch']}; {runtimes}; "
-        f"{result['threads']} threads; random weights; median of "
+        f"{result['threads']} threads; {'trained' if result.get('trained') else 'random'} weights; median of "
         f"{result['samples']} runs per cell ({result['rounds']} rounds of {result['settle']} untimed + "
         f"{result['per_round']} timed runs); CPU stolen by the host during the run: {steal:.1f}%; "
         f"1-min load average {load['start']:.2f} at start, {load['end']:.2f} at the end "
@@ -292,6 +297,8 @@ def main() -> None:
     parser.add_argument("--plan-runtime", default="onnxruntime", choices=("onnxruntime", "openvino", "eager"),
                         help="where latency:S plans are timed, at the first --batch (default onnxruntime)")
     parser.add_argument("--save-plans", type=Path, default=None, help="a folder to write every plan's JSON into")
+    parser.add_argument("--plan-files", default="",
+                        help="comma-separated plan JSONs (cstar ranks --json, --save-plans) to time beside --plans")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"paths to time (default {','.join(PATHS)})")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads (default: all cores)")
     parser.add_argument("--rounds", type=int, default=10, help="rounds over every cell (default 10)")
@@ -304,7 +311,7 @@ def main() -> None:
     unknown = sorted(set(paths) - set(PATHS))
     if unknown:
         raise SystemExit(f"error: --paths: unknown {', '.join(unknown)}; choose from {', '.join(PATHS)}")
-    plans = parse_plans(args.plans)
+    plans = parse_plans(args.plans) if args.plans else []
     multiples, batches = positive_ints("--multiple-of", args.multiple_of), positive_ints("--batch", args.batch)
 
     torch.set_num_threads(args.threads)
@@ -321,7 +328,8 @@ def main() -> None:
     if args.save_plans is not None:
         args.save_plans.mkdir(parents=True, exist_ok=True)
     latency = {"runtime": args.plan_runtime, "latency_batch": batches[0], "latency_threads": args.threads}
-    models = plan_models(dense, plans, multiples, shape, latency, args.save_plans)
+    files = [Path(f) for f in args.plan_files.split(",") if f]
+    models = plan_models(dense, plans, multiples, shape, latency, args.save_plans, files)
 
     rows, runs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -347,7 +355,8 @@ def main() -> None:
 
     name = args.checkpoint or (f"{args.model} width {args.width}" if kwargs else args.model)
     result = {
-        "model": name, "input": list(shape), "batch": batches, "device": device, "threads": args.threads,
+        "model": name, "trained": bool(args.checkpoint), "input": list(shape), "batch": batches, "device": device,
+        "threads": args.threads,
         "runtimes": versions(), "paths": paths, "samples": args.rounds * args.per_round, "rounds": args.rounds,
         "per_round": args.per_round, "settle": args.settle, "tolerance": TOLERANCE, "int8_tolerance": INT8_TOLERANCE,
         "environment": machine("cpu"),

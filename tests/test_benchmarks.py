@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import cstar
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -212,7 +214,7 @@ def latency_result(rows, paths):
 def run_latency(tmp_path, paths, *extra):
     out = tmp_path / "latency"
     argv = ["bench_latency.py", "--model", "resnet20", "--plans", "macs:4", "--paths", ",".join(paths), "--threads",
-            "1", "--rounds", "1", "--per-round", "2", "--settle", "0", "--out", str(out), *extra]
+            "1", "--rounds", "1", "--per-round", "2", "--settle", "0", "--out", str(out), *map(str, extra)]
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch, torch.random.fork_rng():  # the script seeds torch, sets threads
         patch.setattr("sys.argv", argv)
@@ -239,6 +241,17 @@ def test_latency_benchmark_times_every_path_of_every_plan_and_batch(tmp_path):
             assert row["best"]["speedup"] > 0 and row["best_float"]["path"] != "onnxruntime_int8"
     assert result["rows"][1]["macs_ratio"] == pytest.approx(4.0, rel=0.05)
     assert "| 2 | macs-4x m8 |" in text and "## Best vs best" in text and "CPU stolen" in text
+
+
+def test_latency_benchmark_times_a_saved_model_by_saved_plans(tmp_path):
+    model = cstar.models.create("resnet20", 10)
+    cstar.save(model, tmp_path / "model")
+    cstar.select_ranks(model, 4, budget="macs", input_shape=(3, 32, 32)).save(tmp_path / "mine.json")
+    result, text = run_latency(tmp_path, ("eager",), "--checkpoint", tmp_path / "model", "--plans", "",
+                               "--plan-files", tmp_path / "mine.json", "--multiple-of", "1")
+    assert [r["name"] for r in result["rows"]] == ["dense", "mine"]
+    assert result["rows"][1]["macs_ratio"] == pytest.approx(4.0, rel=0.02) and result["trained"]
+    assert "trained weights" in text and "| 1 | mine |" in text
 
 
 def test_latency_benchmark_runs_openvino_float_and_int8(tmp_path):
