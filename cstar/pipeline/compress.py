@@ -202,7 +202,8 @@ def compress(model: nn.Module, train_set, test_set, config: CompressConfig, out_
         if main:
             chosen.save(out / "plan.json")
         return chosen, {"seconds": round(time.perf_counter() - t0, 2), "achieved_ratio": chosen.achieved_ratio,
-                        "achieved_macs_ratio": chosen.achieved_macs_ratio}
+                        "achieved_macs_ratio": chosen.achieved_macs_ratio,
+                        **({} if chosen.achieved_speedup is None else {"achieved_speedup": chosen.achieved_speedup})}
 
     plan = phases.run("ranks", ranks, lambda: RankPlan.load(out / "plan.json"))
     if main:
@@ -340,7 +341,9 @@ def _results(done: dict, plan: RankPlan, dense: nn.Module, final: nn.Module, con
         "eval_subset": {phase: r["subset"] for phase, r in evaluations.items()},
         "attacks": {label: settings for r in evaluations.values() for label, settings in r.get("attacks", {}).items()},
         "plan": {"target_ratio": plan.target_ratio, "budget": plan.budget, "achieved_ratio": plan.achieved_ratio,
-                 "achieved_macs_ratio": plan.achieved_macs_ratio},
+                 "achieved_macs_ratio": plan.achieved_macs_ratio,
+                 **({} if plan.achieved_speedup is None else {"achieved_speedup": plan.achieved_speedup,
+                                                              "measured_on": plan.measured_on})},
         "threat_model": {"dataset": dataset, "eps": config.eval_eps, "train_eps": config.finetune.eps,
                          "budget": _budget_text(config), "normalization": normalization_of(dense)},
     }
