@@ -6,6 +6,7 @@ Usage:
         [--paths eager,fold_bn,fold_bn+channels_last,fold_bn+compile,onnxruntime,openvino,
                  onnxruntime_int8,openvino_int8]
         [--threads N] [--rounds 10] [--per-round 20] [--settle 20] [--out benchmarks/results/latency]
+        [--checkpoint M] [--plan-runtime onnxruntime] [--plan-files A.json,B.json] [--save-plans DIR]
 
 The model (default the CIFAR ``resnet18`` at width 64, 10 classes; any name
 ``cstar.models.create`` takes, e.g. ``resnet50_imagenet --input-size 224`` or
@@ -36,6 +37,10 @@ like-for-like speed-up (dense and decomposed on the same path) and best-vs-best:
 the decomposed model's fastest path against the dense model's fastest path,
 across every runtime (INT8 included) and across the float paths only. The share of CPU time the hypervisor stole
 during the run and the load average are recorded: above a few percent of steal, figures are noisy.
+Time onnxruntime and OpenVINO in separate runs (``--paths`` of one runtime each): with both runtimes' sessions
+in one process, onnxruntime's small graphs ran 54-63% slower on a 2-core AMD EPYC (docs/RESULTS.md).
+``--checkpoint`` times a trained model; ``latency:S`` plans are chosen for a measured speed-up on
+``--plan-runtime`` at the first ``--batch``; ``--plan-files`` times plans saved beforehand (``--save-plans``).
 Writes ``<out>.json`` and ``<out>.md`` and prints the table.
 """
 
