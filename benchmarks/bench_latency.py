@@ -65,6 +65,8 @@ from cstar.records import describe_device, machine, write_json, write_text
 from latency_runtimes import FLOAT, INT8, int8_agreement, runtime_forward, versions
 
 PATHS = ("eager", "fold_bn", "fold_bn+channels_last", "fold_bn+compile") + FLOAT + INT8
+MIXED_RUNTIMES = ("onnxruntime and OpenVINO timed in one process: each runtime's threads slow the other's "
+                  "(onnxruntime's small graphs 54-63% on a 2-core AMD EPYC); time one runtime per run")
 TOLERANCE = 1e-4  # max |difference| allowed, relative to max |logit| of the eager model
 # INT8: 8-bit activations have steps of 1/255 of each tensor's range, and ~20 quantised layers add theirs up to
 # 1-6% of the largest logit on these random-weight models; a broken path (wrong layout, scale or file) is off by
@@ -228,6 +230,7 @@ def markdown(result: dict) -> str:
         f"(this benchmark adds about {result['threads']}).",
         f"Command: `{result['environment']['command']}`",
         "",
+        *([f"**Warning**: {MIXED_RUNTIMES}", ""] if result.get("mixed_runtimes") else []),
         "## Best vs best",
         "",
         "Each decomposed model's fastest path against the dense model's fastest path (median ms), "
@@ -330,6 +333,9 @@ def main() -> None:
              args.input_size)
     device = describe_device("cpu")
     print(f"machine: {device}; threads {torch.get_num_threads()}", flush=True)
+    mixed = len({p.split("_")[0] for p in paths if p in FLOAT + INT8}) > 1
+    if mixed:
+        print(f"warning: {MIXED_RUNTIMES}", flush=True)
     if args.save_plans is not None:
         args.save_plans.mkdir(parents=True, exist_ok=True)
     latency = {"runtime": args.plan_runtime, "latency_batch": batches[0], "latency_threads": args.threads}
@@ -365,7 +371,7 @@ def main() -> None:
         "runtimes": versions(), "paths": paths, "samples": args.rounds * args.per_round, "rounds": args.rounds,
         "per_round": args.per_round, "settle": args.settle, "tolerance": TOLERANCE, "int8_tolerance": INT8_TOLERANCE,
         "environment": machine("cpu"),
-        "steal_percent": 100.0 * (steal1 - steal0) / max(1, total1 - total0),
+        "steal_percent": 100.0 * (steal1 - steal0) / max(1, total1 - total0), "mixed_runtimes": mixed,
         "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
         "rows": [{k: v for k, v in r.items() if k != "model"} for r in rows],
     }

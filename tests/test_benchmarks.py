@@ -211,6 +211,17 @@ def latency_result(rows, paths):
             "load_average_1min": {"start": 0.0, "end": 0.0}, "rows": rows}
 
 
+def test_latency_report_warns_when_two_runtimes_shared_the_process(bench_latency):
+    paths = ["onnxruntime", "openvino"]
+    rows = [{"paths": {"onnxruntime": {"median_ms": 9.0}, "openvino": {"median_ms": 10.0}}},
+            {"paths": {"onnxruntime": {"median_ms": 3.0}, "openvino": {"median_ms": 4.0}}}]
+    bench_latency.speedups(rows, paths)
+    result = latency_result(rows, paths)
+    assert "Warning" not in bench_latency.markdown(result)
+    assert "**Warning**: onnxruntime and OpenVINO timed in one process" in \
+        bench_latency.markdown({**result, "mixed_runtimes": True})
+
+
 def run_latency(tmp_path, paths, *extra):
     out = tmp_path / "latency"
     argv = ["bench_latency.py", "--model", "resnet20", "--plans", "macs:4", "--paths", ",".join(paths), "--threads",

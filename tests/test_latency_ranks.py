@@ -258,3 +258,12 @@ def test_learned_ranks_and_admm_reselection_refuse_a_latency_budget():
     plan = select_ranks(ConvNet(), 2, budget="macs", input_shape=SHAPE)
     with pytest.raises(CstarError, match="re-selection with a latency budget"):
         ADMM(ConvNet(), plan, ADMMConfig(reselect=2), 10, rank_spec=spec)
+
+
+@pytest.mark.parametrize("key, value", [("latency_ms", "fast"), ("dense_latency_ms", -1.0), ("runtime", 3),
+                                        ("latency_ms", float("nan"))])
+def test_a_crafted_plan_with_bad_latency_fields_is_refused(key, value):
+    record = select_ranks(ConvNet(), 2, budget="macs", input_shape=SHAPE).to_dict()
+    record[key] = value
+    with pytest.raises(CstarError, match=f"{key} is .*pass a plan written by RankPlan.save"):
+        RankPlan.from_dict(record)

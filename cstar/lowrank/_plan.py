@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -126,6 +127,9 @@ class RankPlan:
             values["ranks"], values["shape"] = tuple(layer["ranks"]), tuple(layer["shape"])
             layers[name] = LayerPlan(**values)
         values = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        _check_latency_record(values, "the plan")
+        for name, layer in layers.items():
+            _check_latency_record(layer.__dict__, f"rank plan layer {name!r}")
         values["layers"] = layers
         values["input_shape"] = None if d["input_shape"] is None else tuple(d["input_shape"])
         values["excluded"], values["skipped"] = list(d["excluded"]), dict(d["skipped"])
@@ -191,6 +195,18 @@ _LATENCY_FIELDS = ("runtime", "measured_on", "dense_latency_ms", "latency_ms", "
 def _required(cls) -> list[str]:
     """The fields a record of ``cls`` must have: all but the latency ones, which plans before them lack."""
     return [name for name in cls.__dataclass_fields__ if name not in _LATENCY_FIELDS]
+
+
+def _check_latency_record(values: dict, what: str) -> None:
+    """Refuse latency fields of a read plan that are not what cstar writes (text, or a finite time >= 0)."""
+    for key in _LATENCY_FIELDS:
+        value = values.get(key)
+        text = key in ("runtime", "measured_on")
+        ok = value is None or (isinstance(value, str) if text else (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0))
+        if not ok:
+            raise CstarError(f"{what}: {key} is {value!r}, not {'text' if text else 'a time in ms'}: pass a plan "
+                             "written by RankPlan.save")
 
 
 def _macs_text(dense: int | None, planned: int | None) -> str:
