@@ -105,7 +105,7 @@ def test_timings_are_cached_per_machine_and_runtime(timed_as_macs, tmp_path):
     assert record["format"] == 1 and "threads=" in record["key"] and len(record["entries"]) == layer_graphs
 
 
-@pytest.mark.parametrize("entries", ['{"a": -1}', '{"a": "__import__(\'os\')"}', '{"a": [1]}', '[1, 2]'])
+@pytest.mark.parametrize("entries", [pytest.param('{"a": -1}', id="negative-entry"), '{"a": "__import__(\'os\')"}', '{"a": [1]}', '[1, 2]'])
 def test_a_cache_cstar_did_not_write_is_ignored_and_left_alone(timed_as_macs, entries):
     calls, _ = timed_as_macs
     key = f"{latency.runtime_version('eager')}|{latency.cpu_name()}|threads={torch.get_num_threads()}"
@@ -231,7 +231,7 @@ def test_cli_ranks_for_a_speedup(timed_as_macs, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--speedup", "2", "--ratio", "2"], "pass one of --speedup and --ratio"),
+    pytest.param(["--speedup", "2", "--ratio", "2"], "pass one of --speedup and --ratio", id="speedup-and-ratio"),
     (["--speedup", "2", "--budget", "macs"], "--speedup is a latency target but --budget is macs: drop --budget"),
     (["--ratio", "2", "--runtime", "eager"], "runtime only apply to budget='latency'"),
     (["--speedup", "0.5"], "speedup"),
@@ -260,7 +260,7 @@ def test_learned_ranks_and_admm_reselection_refuse_a_latency_budget():
         ADMM(ConvNet(), plan, ADMMConfig(reselect=2), 10, rank_spec=spec)
 
 
-@pytest.mark.parametrize("key, value", [("latency_ms", "fast"), ("dense_latency_ms", -1.0), ("runtime", 3),
+@pytest.mark.parametrize("key, value", [pytest.param("latency_ms", "fast", id="latency-not-a-number"), ("dense_latency_ms", -1.0), ("runtime", 3),
                                         ("latency_ms", float("nan"))])
 def test_a_crafted_plan_with_bad_latency_fields_is_refused(key, value):
     record = select_ranks(ConvNet(), 2, budget="macs", input_shape=SHAPE).to_dict()
