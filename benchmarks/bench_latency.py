@@ -37,8 +37,9 @@ like-for-like speed-up (dense and decomposed on the same path) and best-vs-best:
 the decomposed model's fastest path against the dense model's fastest path,
 across every runtime (INT8 included) and across the float paths only. The share of CPU time the hypervisor stole
 during the run and the load average are recorded: above a few percent of steal, figures are noisy.
-Time onnxruntime and OpenVINO in separate runs (``--paths`` of one runtime each): with both runtimes' sessions
-in one process, onnxruntime's small graphs ran 54-63% slower on a 2-core AMD EPYC (docs/RESULTS.md).
+onnxruntime's and OpenVINO's paths are timed each in a process of their own, one after the other, on the same
+models (``--no-isolate``: all in this process): with both runtimes' sessions in one process, onnxruntime's
+small graphs ran 54-63% slower on a 2-core AMD EPYC (docs/RESULTS.md).
 ``--checkpoint`` times a trained model; ``latency:S`` plans are chosen for a measured speed-up on
 ``--plan-runtime`` at the first ``--batch``; ``--plan-files`` times plans saved beforehand (``--save-plans``).
 Writes ``<out>.json`` and ``<out>.md`` and prints the table.
@@ -47,8 +48,11 @@ Writes ``<out>.json`` and ``<out>.md`` and prints the table.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -65,8 +69,8 @@ from cstar.records import describe_device, machine, write_json, write_text
 from latency_runtimes import FLOAT, INT8, int8_agreement, runtime_forward, versions
 
 PATHS = ("eager", "fold_bn", "fold_bn+channels_last", "fold_bn+compile") + FLOAT + INT8
-MIXED_RUNTIMES = ("onnxruntime and OpenVINO timed in one process: each runtime's threads slow the other's "
-                  "(onnxruntime's small graphs 54-63% on a 2-core AMD EPYC); time one runtime per run")
+MIXED_RUNTIMES = ("onnxruntime and OpenVINO timed in one process (--no-isolate): each runtime's threads slow the "
+                  "other's (onnxruntime's small graphs 54-63% on a 2-core AMD EPYC)")
 TOLERANCE = 1e-4  # max |difference| allowed, relative to max |logit| of the eager model
 # INT8: 8-bit activations have steps of 1/255 of each tensor's range, and ~20 quantised layers add theirs up to
 # 1-6% of the largest logit on these random-weight models; a broken path (wrong layout, scale or file) is off by
@@ -126,14 +130,14 @@ def plan_models(dense: nn.Module, plans: list[tuple[str, float]], multiples: lis
     for file in files:
         plan = RankPlan.load(file)
         rows.append({"name": file.stem, "budget": plan.budget, "ratio": plan.target_ratio, "multiple_of": None,
-                     "model": decompose(dense, plan).eval()})
+                     "model": decompose(dense, plan).eval(), "plan": plan})
     for budget, ratio in plans:
         for multiple in multiples:
             extra = (latency or {}) if budget == "latency" else {}
             plan = select_ranks(dense, ratio, budget=budget, input_shape=shape, multiple_of=multiple, **extra)
             rows.append({"name": f"{budget}-{ratio:g}x" + (f" m{multiple}" if len(multiples) > 1 else ""),
                          "budget": budget, "ratio": ratio, "multiple_of": multiple,
-                         "model": decompose(dense, plan).eval()})
+                         "model": decompose(dense, plan).eval(), "plan": plan})
             if plan.achieved_speedup is not None:
                 rows[-1]["planned_speedup"] = plan.achieved_speedup
             if save_plans is not None:
@@ -231,6 +235,9 @@ def markdown(result: dict) -> str:
         f"Command: `{result['environment']['command']}`",
         "",
         *([f"**Warning**: {MIXED_RUNTIMES}", ""] if result.get("mixed_runtimes") else []),
+        *([f"Timed each in a process of its own, one after the other: {', '.join(apart)} (CPU stolen "
+           + ", ".join(f"{f} {c['steal_percent']:.1f}%" for f, c in apart.items()) + ").", ""]
+          if (apart := result.get("runtimes_timed_apart")) else []),
         "## Best vs best",
         "",
         "Each decomposed model's fastest path against the dense model's fastest path (median ms), "
@@ -265,6 +272,29 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['batch']} | {r['name']} | " + " | ".join(
             f"{r['paths'][p]['iqr_ms']:.2f}" if "iqr_ms" in r["paths"][p] else "-" for p in paths) + " |")
     return "\n".join(lines) + "\n"
+
+
+def time_in_child(args: argparse.Namespace, models: list[dict], paths: list[str], folder: Path) -> dict:
+    """Time ``paths`` (one runtime's) of every model in a process of their own: the same dense model, each
+    decomposed model by its plan saved to ``folder``. Returns {"rows": {(model index, batch): path cells},
+    "steal_percent", "load_average_1min"} of that run."""
+    folder.mkdir(parents=True)
+    files = []
+    for index, row in enumerate(models[1:], start=1):
+        files.append(str(row["plan"].save(folder / f"{index:03d}.json")))
+    command = [sys.executable, str(Path(__file__).resolve()), "--model", args.model, "--width", str(args.width),
+               "--input-size", str(args.input_size), "--batch", args.batch, "--plans", "", "--plan-files",
+               ",".join(files), "--paths", ",".join(paths), "--threads", str(args.threads), "--rounds",
+               str(args.rounds), "--per-round", str(args.per_round), "--settle", str(args.settle), "--out",
+               str(folder / "timed"), *(["--checkpoint", args.checkpoint] if args.checkpoint else [])]
+    print(f"timing {', '.join(paths)} in a process of their own", flush=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: timing {', '.join(paths)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    result = json.loads((folder / "timed.json").read_text())
+    index = {"dense": 0, **{Path(f).stem: i for i, f in enumerate(files, start=1)}}
+    return {"rows": {(index[r["name"]], r["batch"]): r["paths"] for r in result["rows"]},
+            "steal_percent": result["steal_percent"], "load_average_1min": result["load_average_1min"]}
 
 
 def parse_plans(text: str) -> list[tuple[str, float]]:
@@ -314,6 +344,8 @@ def main() -> None:
     parser.add_argument("--settle", type=int, default=20,
                         help="untimed runs before each cell's timed ones in every round (default 20)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latency"), help="output path stem")
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
+                        help="time onnxruntime and OpenVINO in this process too (their threads slow each other)")
     args = parser.parse_args()
     paths = args.paths.split(",")
     unknown = sorted(set(paths) - set(PATHS))
@@ -334,7 +366,7 @@ def main() -> None:
     device = describe_device("cpu")
     print(f"machine: {device}; threads {torch.get_num_threads()}", flush=True)
     mixed = len({p.split("_")[0] for p in paths if p in FLOAT + INT8}) > 1
-    if mixed:
+    if mixed and not args.isolate:
         print(f"warning: {MIXED_RUNTIMES}", flush=True)
     if args.save_plans is not None:
         args.save_plans.mkdir(parents=True, exist_ok=True)
@@ -342,24 +374,37 @@ def main() -> None:
     files = [Path(f) for f in args.plan_files.split(",") if f]
     models = plan_models(dense, plans, multiples, shape, latency, args.save_plans, files)
 
+    families = {"onnxruntime": [], "openvino": []}
+    for path in paths:
+        if path in FLOAT + INT8:
+            families[path.split("_")[0]].append(path)
+    isolated = {f: ps for f, ps in families.items() if ps} if args.isolate and mixed else {}
+    local = [p for p in paths if not any(p in ps for ps in isolated.values())]
     rows, runs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
+        for family, family_paths in isolated.items():
+            children = time_in_child(args, models, family_paths, Path(tmp) / family)
+            isolated[family] = children
         for batch in batches:
             x = torch.rand(batch, *shape)
-            for model_row in models:
+            for index, model_row in enumerate(models):
                 row = {**model_row, "batch": batch, "paths": {}}
-                for path in paths:
+                for path in local:
                     cell = prepare(row["model"], path, x, args.threads, Path(tmp), row["name"])
                     if "run" in cell:
                         runs[(f"{row['name']} b{batch}", path)] = cell.pop("run")
                     row["paths"][path] = cell
+                for child in isolated.values():
+                    row["paths"].update(child["rows"][(index, batch)])
                 rows.append(row)
                 print(f"prepared {row['name']} at batch {batch}", flush=True)
+        for batch in batches:
+            x = torch.rand(batch, *shape)
         load_before, (steal0, total0) = os.getloadavg()[0], cpu_times()
         times = time_runs(runs, args.rounds, args.per_round, args.settle)
         steal1, total1 = cpu_times()
     for row in rows:
-        for path in paths:
+        for path in local:
             row["paths"][path].update(times.get((f"{row['name']} b{row['batch']}", path), {}))
     for batch in batches:
         speedups([r for r in rows if r["batch"] == batch], paths)
@@ -371,9 +416,12 @@ def main() -> None:
         "runtimes": versions(), "paths": paths, "samples": args.rounds * args.per_round, "rounds": args.rounds,
         "per_round": args.per_round, "settle": args.settle, "tolerance": TOLERANCE, "int8_tolerance": INT8_TOLERANCE,
         "environment": machine("cpu"),
-        "steal_percent": 100.0 * (steal1 - steal0) / max(1, total1 - total0), "mixed_runtimes": mixed,
+        "steal_percent": 100.0 * (steal1 - steal0) / max(1, total1 - total0),
+        "mixed_runtimes": mixed and not isolated,
+        "runtimes_timed_apart": {f: {k: c[k] for k in ("steal_percent", "load_average_1min")}
+                                 for f, c in isolated.items()},
         "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
-        "rows": [{k: v for k, v in r.items() if k != "model"} for r in rows],
+        "rows": [{k: v for k, v in r.items() if k not in ("model", "plan")} for r in rows],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out.with_suffix(".json"), result)

@@ -218,7 +218,7 @@ def test_latency_report_warns_when_two_runtimes_shared_the_process(bench_latency
     bench_latency.speedups(rows, paths)
     result = latency_result(rows, paths)
     assert "Warning" not in bench_latency.markdown(result)
-    assert "**Warning**: onnxruntime and OpenVINO timed in one process" in \
+    assert "**Warning**: onnxruntime and OpenVINO timed in one process (--no-isolate)" in \
         bench_latency.markdown({**result, "mixed_runtimes": True})
 
 
@@ -263,6 +263,18 @@ def test_latency_benchmark_times_a_saved_model_by_saved_plans(tmp_path):
     assert [r["name"] for r in result["rows"]] == ["dense", "mine"]
     assert result["rows"][1]["macs_ratio"] == pytest.approx(4.0, rel=0.02) and result["trained"]
     assert "trained weights" in text and "| 1 | mine |" in text
+
+
+def test_latency_benchmark_times_each_onnx_runtime_in_a_process_of_its_own(tmp_path):
+    for package in ("onnx", "onnxruntime", "openvino"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed (pip install 'cstar[openvino]')")
+    result, text = run_latency(tmp_path, ("eager", "onnxruntime", "openvino"), "--multiple-of", "8")
+    assert set(result["runtimes_timed_apart"]) == {"onnxruntime", "openvino"} and not result["mixed_runtimes"]
+    for row in result["rows"]:
+        assert all(row["paths"][p]["median_ms"] > 0 and row["paths"][p]["relative_error"] < 1e-4
+                   for p in ("eager", "onnxruntime", "openvino"))
+    assert "Timed each in a process of its own, one after the other: onnxruntime, openvino" in text
 
 
 def test_latency_benchmark_runs_openvino_float_and_int8(tmp_path):
