@@ -108,7 +108,7 @@ def test_timings_are_cached_per_machine_and_runtime(timed_as_macs, tmp_path):
 @pytest.mark.parametrize("entries", [pytest.param('{"a": -1}', id="negative-entry"), '{"a": "__import__(\'os\')"}', '{"a": [1]}', '[1, 2]'])
 def test_a_cache_cstar_did_not_write_is_ignored_and_left_alone(timed_as_macs, entries):
     calls, _ = timed_as_macs
-    key = f"{latency.runtime_version('eager')}|{latency.cpu_name()}|threads={torch.get_num_threads()}"
+    key = latency._cache_key("eager", torch.get_num_threads())
     cache = latency._cache_path("eager", torch.get_num_threads())
     cache.parent.mkdir(parents=True)
     text = f'{{"format": 1, "key": {json.dumps(key)}, "entries": {entries}}}'

@@ -163,10 +163,14 @@ def runtime_version(runtime: str) -> str:
     return f"openvino {openvino.get_version().split('-')[0]}"
 
 
+def _cache_key(runtime: str, threads: int) -> str:
+    """What a cache file's timings hold for: the runtime and its version, the CPU, the threads."""
+    return f"{runtime_version(runtime)}|{cpu_name()}|threads={threads}"
+
+
 def _cache_path(runtime: str, threads: int) -> Path:
     root = Path(os.environ.get("CSTAR_LATENCY_CACHE") or "~/.cache/cstar/latency").expanduser()
-    key = f"{runtime_version(runtime)}|{cpu_name()}|threads={threads}"
-    return root / f"{runtime}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return root / f"{runtime}-{hashlib.sha256(_cache_key(runtime, threads).encode()).hexdigest()[:16]}.json"
 
 
 class LatencyCache:
@@ -175,7 +179,7 @@ class LatencyCache:
 
     def __init__(self, runtime: str, threads: int):
         self.path = _cache_path(runtime, threads)
-        self.key = f"{runtime_version(runtime)}|{cpu_name()}|threads={threads}"
+        self.key = _cache_key(runtime, threads)
         self.entries: dict[str, float] = {}
         self.writable = True
         if self.path.exists():
