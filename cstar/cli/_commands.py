@@ -274,7 +274,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     common = _common_phase_settings(args, eps)
     config = CompressConfig(
         ratio=args.ratio, budget=args.budget, macs_ratio=args.macs_ratio, rank_method=args.rank_method,
-        exclude=names(args.exclude) or None, multiple_of=args.multiple_of, **latency_settings(args), dense=phase_config(args, "dense", common),
+        exclude=names(args.exclude) or None, multiple_of=args.multiple_of, **latency_settings(args),
+        dense=phase_config(args, "dense", common),
         search=phase_config(args, "search", common), admm=admm_config(args),
         finetune=phase_config(args, "finetune", common, epochs=5, lr=0.01),
         eval_attacks=_checked_attacks(args.eval_attacks, "--eval-attacks", evaluation_eps(args.eval_eps, eps),

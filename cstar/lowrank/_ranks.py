@@ -320,8 +320,8 @@ def _meet_latency(problem: Allocation, choose) -> list:
 def select_ranks(model: nn.Module, ratio: float | RankSpec, *, budget: str = "params",
                  macs_ratio: float | None = None, input_shape: tuple[int, int, int] | None = None,
                  method: str = "global", exclude: list[str] | None = None, min_rank: int = 1,
-                 multiple_of: int | None = None, layer_weights: dict[str, float] | None = None, runtime: str | None = None,
-                 latency_batch: int = 1, latency_threads: int | None = None) -> RankPlan:
+                 multiple_of: int | None = None, layer_weights: dict[str, float] | None = None,
+                 runtime: str | None = None, latency_batch: int = 1, latency_threads: int | None = None) -> RankPlan:
     """Choose the ranks of every compressible layer so that the whole model is ``ratio`` times smaller.
 
     ``ratio`` is a number or a whole :class:`RankSpec` (then pass no other
