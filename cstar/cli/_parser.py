@@ -17,6 +17,7 @@ from .._version import __version__
 from .._core.checks import check_radius
 from .._core.errors import CstarError
 from .._core.renamed import old_name, renamed_value
+from ..lowrank._spec import RUNTIMES
 from ..training.fit import AMP_DTYPES, ATTACKS, OPTIMIZERS, SCHEDULES, TrainConfig
 
 FACTORY_FORMS = "package.module:factory, torchvision:NAME, timm:NAME (with --model-arg KEY=VALUE)"
@@ -167,7 +168,7 @@ def _plan_options(g, *, ratio_default: float | None) -> None:
     g.add_argument("--macs-ratio", type=float, default=None, help="target MACs ratio of a joint budget")
     g.add_argument("--speedup", type=float, default=None,
                    help="target speed-up measured on --runtime: the same as --budget latency --ratio S")
-    g.add_argument("--runtime", choices=("onnxruntime", "openvino", "eager"), default=None,
+    g.add_argument("--runtime", choices=RUNTIMES, default=None,
                    help="where a latency budget's layers and plans are timed (default: onnxruntime)")
     g.add_argument("--latency-batch", type=int, default=1, help="images per timed batch of a latency budget")
     g.add_argument("--latency-threads", type=int, default=None,

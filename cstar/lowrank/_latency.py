@@ -70,9 +70,7 @@ _FLOOR_MS = 1e-4  # a layer never costs less than this once its graph's call cos
 
 
 def check_runtime(runtime: str) -> None:
-    """Refuse in one line a runtime that is unknown or not installed."""
-    if runtime not in RUNTIMES:
-        raise CstarError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    """Refuse in one line a runtime (one of :data:`RUNTIMES`, as :class:`RankSpec` checks it) not installed."""
     needed = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}.get(runtime, ())
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
@@ -383,6 +381,12 @@ class PlanTimer:
         torch.manual_seed(0)
         self.x = torch.rand(batch, *input_shape)
         self.curve = LatencyCurve()
+
+    @property
+    def measured_on(self) -> str:
+        """Where the timings are taken: runtime and version, CPU, threads, batch."""
+        return (f"{runtime_version(self.runtime)} on {cpu_name()}, {self.threads} thread(s), "
+                f"batch {self.x.shape[0]}")
 
     def time(self, states: list, layer_sum: float) -> tuple[float, float]:
         """(dense, plan) median times (ms) of the dense model and of the plan ``states`` (ranks or None per

@@ -57,7 +57,7 @@ from .._core.renamed import MACS, accepting_old_names
 from ..evaluation.counting import LayerStats, count_params, layer_table
 from ..models import input_shape as input_shape_of
 from ._allocate import Allocator, Layer
-from ._latency import PLAN_ROUNDS, PROBES, PlanTimer, check_runtime, cpu_name, measure_layers, runtime_version
+from ._latency import PLAN_ROUNDS, PROBES, PlanTimer, check_runtime, measure_layers
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ._plan import LayerPlan, RankPlan
 from ._spec import RankSpec
@@ -168,7 +168,6 @@ class Allocation:
     targets: tuple[float, ...]  # per budget measure
     allocator: Allocator
     timer: PlanTimer | None = None  # a latency budget's: times plans on its runtime, keeps their LatencyCurve
-    measured_on: str | None = None  # a latency budget's runtime, CPU, threads and batch
     latency_ms: tuple[float, float] | None = None  # (dense, plan) times of the plan chosen, measured together
 
     def achieved(self, spent: list[float]) -> dict[str, float]:
@@ -206,7 +205,7 @@ class Allocation:
     def _latency_record(self, plans: dict[str, LayerPlan]) -> dict:
         if self.timer is None:
             return {}
-        return {"runtime": self.spec.runtime, "measured_on": self.measured_on,
+        return {"runtime": self.spec.runtime, "measured_on": self.timer.measured_on,
                 "dense_latency_ms": self.latency_ms[0], "latency_ms": self.latency_ms[1]}
 
 
@@ -241,9 +240,8 @@ def _problem(model: nn.Module, spec: RankSpec, macs: bool = True, timed: bool = 
     measures = {"params": ("params",), "macs": ("macs",), "joint": ("params", "macs"), "latency": ("latency",)}[budget]
     targets = (spec.ratio,) if budget != "joint" else (spec.ratio, spec.macs_ratio)
     fixed = {m: dense[m] - sum(getattr(layer, f"dense_{m}") for layer in layers) for m in measures if m != "latency"}
-    if budget == "latency":  # set by _time_layers once measured (NaN: a check that times nothing)
-        dense["latency"], fixed["latency"] = math.nan, math.nan
-    limits = tuple(dense[m] / t - fixed[m] for m, t in zip(measures, targets))
+    # a latency limit is a sum of layer times, set by _time_layers once measured (NaN: a check that times nothing)
+    limits = tuple(math.nan if m == "latency" else dense[m] / t - fixed[m] for m, t in zip(measures, targets))
     problem = Allocation(spec, [m for _, m in candidates], excluded, skipped, shape, dense, fixed, targets,
                          Allocator(layers, measures, limits, spec.min_rank, spec.multiple_of))
     if budget == "latency" and timed:
@@ -276,9 +274,7 @@ def _time_layers(problem: Allocation, model: nn.Module, rows: dict[str, LayerSta
     for fraction in PROBES:
         states = allocator.at_fraction(fraction)
         timer.time(states, allocator.totals(states)[0])
-    problem.timer, problem.dense["latency"], problem.fixed["latency"] = timer, 1.0, 0.0  # in dense-model times
-    problem.measured_on = (f"{runtime_version(spec.runtime)} on {cpu_name()}, {threads} thread(s), "
-                           f"batch {spec.latency_batch}")
+    problem.timer = timer
     allocator.limits = (timer.curve.layer_sum(1 / spec.ratio),)
 
 
@@ -311,7 +307,7 @@ def _meet_latency(problem: Allocation, choose) -> list:
         allocator.limits = (limit,)
     if not met:
         raise CstarError(f"no plan met the {problem.spec.ratio:g}x speed-up on {problem.spec.runtime}: the fastest "
-                         f"plan timed ran {best:.2f}x ({problem.measured_on}); lower the speed-up, or retry on an "
+                         f"plan timed ran {best:.2f}x ({timer.measured_on}); lower the speed-up, or retry on an "
                          "idle machine")
     _, problem.latency_ms, states = max(met, key=lambda item: item[0])
     return states
