@@ -233,7 +233,7 @@ def test_cli_ranks_for_a_speedup(timed_as_macs, capsys, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     pytest.param(["--speedup", "2", "--ratio", "2"], "pass one of --speedup and --ratio", id="speedup-and-ratio"),
     (["--speedup", "2", "--budget", "macs"], "--speedup is a latency target but --budget is macs: drop --budget"),
-    (["--ratio", "2", "--runtime", "eager"], "runtime only apply to budget='latency'"),
+    (["--ratio", "2", "--runtime", "eager"], "runtime only applies to budget='latency'"),
     (["--speedup", "0.5"], "speedup"),
 ])
 def test_cli_refuses_a_muddled_speedup(capsys, argv, message):

@@ -181,7 +181,7 @@ def test_nothing_to_compress():
         ({"macs_ratio": 2}, "only used with budget='joint'"),
         ({"budget": "seconds"}, "unknown budget"),
         ({"budget": "latency"}, "times the layers on their inputs, which needs input_shape"),
-        ({"runtime": "onnxruntime"}, "only apply to budget='latency'"),
+        ({"runtime": "onnxruntime"}, "only applies to budget='latency'"),
         ({"budget": "latency", "runtime": "tensorrt"}, "unknown runtime"),
         ({"method": "best"}, "unknown method"),
         ({"exclude": ["nope"]}, "unknown module"),

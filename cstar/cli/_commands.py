@@ -318,13 +318,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         eval_attacks=_checked_attacks(args.eval_attacks, "--eval-attacks", evaluation_eps(args.eval_eps, eps),
                                       args.eval_step),
         eval_eps=args.eval_eps, eval_step=args.eval_step, eval_n=args.eval_n,
-        autoattack_n=args.autoattack_n, latency_runs=args.latency_runs)
+        autoattack_n=args.autoattack_n, latency_runs=args.latency_runs, budget=args.budget,
+        **latency_settings(args))
     model = inputs.starting_model(args, train_set, device)
     check_reachable(model, config)  # a ratio no rank plan reaches is refused before any work, as compress does
     out = runs.run_dir(args.out or runs.default_out("compare", args.model or "model", args.data), "compare",
                        force=args.force, resume=args.resume)
     runs.write_run_files(out, args, eps, device)
-    print(f"cstar compare: {', '.join(config.methods)} at {', '.join(f'{r:g}x' for r in config.ratios)} on "
+    targets = ', '.join(f'{r:g}x' for r in config.ratios) + (" faster" if config.budget == "latency" else "")
+    print(f"cstar compare: {', '.join(config.methods)} at {targets} on "
           f"{args.data}, eps={eps:.4g}; {config.budget_text()}; output in {out}", flush=True)
     runs.print_defaults(args, device)
     compare(model, train_set, test_set, config, out, pretrained=args.checkpoint is not None,

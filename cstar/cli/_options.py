@@ -82,7 +82,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _speedup_target(args: argparse.Namespace, given: dict) -> None:
-    """``--speedup S`` as what it stands for, ``--budget latency --ratio S``; refused beside another target."""
+    """``--speedup S`` as what it stands for, ``--budget latency --ratio S`` (compare's ``--speedups LIST``:
+    ``--budget latency --ratios LIST``); refused beside another target."""
+    if getattr(args, "speedups", None) is not None:
+        if "ratios" in given:
+            raise CstarError("--speedups LIST is a latency budget's --ratios LIST: pass one of --speedups and --ratios")
+        if "budget" in given and args.budget != "latency":
+            raise CstarError(f"--speedups are latency targets but --budget is {args.budget}: drop --budget")
+        args.ratios, args.budget = args.speedups, "latency"
     if getattr(args, "speedup", None) is None:
         return
     if "ratio" in given:
@@ -235,7 +242,7 @@ FLAG_RULES = {
     "step": EVALUATION_RULES["eval_step"], "latency_runs": integer(0, fix="timed forward passes (0: off)"),
     "eps_warmup": TRAIN_RULES["eps_warmup_epochs"], "phase_epochs": TRAIN_RULES["epochs"],
     "width": integer(1, fix="the model's base width, e.g. 16"), "num_classes": integer(1, fix="e.g. 10"),
-    "model_arg": _key_values, "ratios": _ratios, "normalize": _normalization, **dict.fromkeys(SECTIONS, _section),
+    "model_arg": _key_values, "ratios": _ratios, "speedups": _ratios, "normalize": _normalization, **dict.fromkeys(SECTIONS, _section),
 }
 
 

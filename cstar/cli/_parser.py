@@ -338,7 +338,18 @@ def _compare(sub) -> None:
                                    "attacks, and write results.json, comparison.md and accuracy_vs_ratio.png. "
                                    "--resume reruns no finished (method, ratio) cell.")
     g = _pipeline_options(m, "comparison")
-    g.add_argument("--ratios", default="4,16", help="comma-separated parameter ratios (default: 4,16)")
+    g.add_argument("--ratios", default="4,16",
+                   help="comma-separated parameter ratios, or speed-ups with --budget latency (default: 4,16)")
+    g.add_argument("--budget", choices=("params", "latency"), default="params",
+                   help="what the ratios are: parameter ratios (default), or speed-ups measured on --runtime "
+                        "(latency: each method held to a structure timed there, every trained model timed at the end)")
+    g.add_argument("--speedups", default=None,
+                   help="comma-separated speed-ups measured on --runtime: the same as --budget latency --ratios LIST")
+    g.add_argument("--runtime", choices=RUNTIMES, default=None,
+                   help="where a latency budget is timed (default: onnxruntime)")
+    g.add_argument("--latency-batch", type=int, default=1, help="images per timed batch of a latency budget")
+    g.add_argument("--latency-threads", type=int, default=None,
+                   help="threads of the timed runtime (default: torch's, e.g. --threads)")
     g.add_argument("--methods", default="dense,cstar,hydra,magnitude,lowrank_global,lowrank_uniform",
                    help="comma-separated: dense, cstar, hydra, magnitude, lowrank_global, lowrank_uniform, and "
                         "cstar_equal_macs, lowrank_equal_macs (held to pruning's MACs ratio too), "

@@ -260,6 +260,26 @@ def interleaved_ms(modules: list[nn.Module], x: torch.Tensor, runtime: str, thre
     return [statistics.median(times) for times in samples]
 
 
+def where_timed(runtime: str, threads: int, batch: int) -> str:
+    """Where timings are taken, in words: runtime and version, CPU, threads, batch."""
+    return f"{runtime_version(runtime)} on {cpu_name()}, {threads} thread(s), batch {batch}"
+
+
+def model_latencies_ms(models: dict[str, nn.Module], input_shape: tuple[int, ...], runtime: str, batch: int = 1,
+                       threads: int | None = None) -> dict[str, float]:
+    """The median time (ms) of each whole model on ``runtime`` (``"onnxruntime"``, ``"openvino"``, ``"eager"``)
+    for a batch of ``batch`` random images of ``input_shape`` (C, H, W), at ``threads`` threads (default
+    torch's), every model timed in turn in each round (:func:`interleaved_ms`), as a plan is timed against its
+    dense model: ratios between the models are the figures to read."""
+    check_runtime(runtime)
+    torch.manual_seed(0)
+    x = torch.rand(batch, *input_shape)
+    cpu = [copy.deepcopy(m).cpu() for m in models.values()]
+    with torch.no_grad():
+        times = interleaved_ms(cpu, x, runtime, threads or torch.get_num_threads(), MODEL_RUNS, MODEL_ROUNDS)
+    return dict(zip(models, times))
+
+
 class _Timer:
     """Times layer graphs through the cache (:func:`interleaved_ms` for what it lacks)."""
 
@@ -385,8 +405,7 @@ class PlanTimer:
     @property
     def measured_on(self) -> str:
         """Where the timings are taken: runtime and version, CPU, threads, batch."""
-        return (f"{runtime_version(self.runtime)} on {cpu_name()}, {self.threads} thread(s), "
-                f"batch {self.x.shape[0]}")
+        return where_timed(self.runtime, self.threads, self.x.shape[0])
 
     def time(self, states: list, layer_sum: float) -> tuple[float, float]:
         """(dense, plan) median times (ms) of the dense model and of the plan ``states`` (ranks or None per

@@ -93,8 +93,9 @@ class RankSpec:
             given = [k for k, v in (("runtime", self.runtime), ("latency_batch", self.latency_batch != 1),
                                     ("latency_threads", self.latency_threads)) if v]
             if given:
-                raise CstarError(f"{', '.join(given)} only apply to budget='latency' (got budget={self.budget!r}): "
-                                 "drop them or pass budget='latency'")
+                raise CstarError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to "
+                                 f"budget='latency' (got budget={self.budget!r}): drop "
+                                 f"{'it' if len(given) == 1 else 'them'} or pass budget='latency'")
             return
         if self.runtime is None:
             set_(self, "runtime", "onnxruntime")

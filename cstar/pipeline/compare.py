@@ -22,6 +22,9 @@ each attack, for paired comparisons (:func:`cstar.paired_difference`). The
 outputs are ``results.json``, ``comparison.md`` (method x ratio: params, MACs,
 clean, PGD, AutoAttack subset, batch-1 latency) and, with matplotlib,
 ``accuracy_vs_ratio.png`` (accuracy against parameters, MACs and latency).
+With ``budget="latency"`` the ratios are speed-ups measured on a runtime, the
+cells ``<method>-<S>x-faster``, every method held to a structure timed there
+(:mod:`cstar.pipeline.speed`) and every trained model timed there at the end.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ from .._core.renamed import renamed
 from ..evaluation.counting import count_macs, count_params
 from ..evaluation.evaluate import evaluate, subset_label
 from ..files.serialize import load, record_trained_on, save
+from ..lowrank._latency import check_runtime
 from ..training.fit import TrainConfig
-from . import compressors
+from . import compressors, speed
 from .admm import ADMMConfig
 from .compare_report import format_comparison, plot_pareto
 from .phases import (EVALUATION_RULES, check_dense_not_distilled, check_run, check_sections, settings_from_dict,
@@ -55,6 +59,7 @@ from .phases import (EVALUATION_RULES, check_dense_not_distilled, check_run, che
 
 # the default methods (the equal-MACs variants and methods registered later are opt-in: compressors.names())
 METHODS = ("dense", "cstar", "hydra", "magnitude", "lowrank_global", "lowrank_uniform")
+BUDGETS = ("params", "latency")  # what a comparison's ratios are: parameter ratios, or measured speed-ups
 
 
 @dataclass
@@ -64,7 +69,12 @@ class CompareConfig:
 
     ``dense`` trains the starting model when none is given (``pretrained=False``).
 
-    ``ratios`` are whole-model parameter ratios (dense / compressed), each > 1.
+    ``ratios`` are whole-model parameter ratios (dense / compressed), each > 1; with ``budget="latency"``
+    they are speed-ups measured on ``runtime`` (``"onnxruntime"``, the default, ``"openvino"`` or ``"eager"``;
+    batches of ``latency_batch`` images at ``latency_threads`` threads, default torch's): every method is held
+    to a structure that met the speed-up there before training (:mod:`cstar.pipeline.speed`), and every
+    cell's trained model is timed there at the end (its row's ``speedup``). Only methods registered with a
+    ``speed`` kind take that budget (:func:`cstar.compressors.register`).
     Evaluation: ``eval_attacks`` at radius ``eval_eps`` (None: the training eps, ``finetune.eps``), PGD
     step ``eval_step`` (default eps/4), on the first ``eval_n`` test images (all when None), AutoAttack on
     the first ``autoattack_n`` (0: off), batch-1 CPU latency as the median of ``latency_runs`` eager
@@ -84,6 +94,10 @@ class CompareConfig:
     eval_n: int | None = None
     autoattack_n: int = 0
     latency_runs: int = 50
+    budget: str = "params"
+    runtime: str | None = None
+    latency_batch: int = 1
+    latency_threads: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.methods, (list, tuple)) or not self.methods:
@@ -97,6 +111,29 @@ class CompareConfig:
                              "e.g. [4, 16]")
         self.ratios = [check_ratio(f"ratios[{i}]", r) for i, r in enumerate(self.ratios)]
         check_fields(self, {**EVALUATION_RULES, "latency_runs": integer(0, fix="timed forward passes (0: off)")})
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        """A latency budget's settings only with it (RankSpec's checks, :class:`cstar.lowrank.RankSpec`), and
+        every method able to meet a speed-up."""
+        if self.budget not in BUDGETS:
+            raise CstarError(f"unknown budget {self.budget!r} for a comparison; choose one of: {', '.join(BUDGETS)}")
+        spec = lowrank.RankSpec(self.ratios[0], budget=self.budget, runtime=self.runtime,
+                                latency_batch=self.latency_batch, latency_threads=self.latency_threads)
+        self.runtime = spec.runtime  # None -> onnxruntime for a latency budget
+        if self.budget == "latency":
+            unable = [m for m in self.methods if m != "dense" and compressors.speed_of(m) is None]
+            if unable:
+                raise CstarError(f"{', '.join(unable)} cannot be held to a measured speed-up (budget='latency'): drop "
+                                 f"{'it' if len(unable) == 1 else 'them'}, or compare at parameter ratios; methods "
+                                 f"that can: {', '.join(n for n in compressors.names() if compressors.speed_of(n))}")
+
+    def speed_kinds(self) -> set[str]:
+        """How the compressed methods meet a speed-up (:data:`cstar.pipeline.speed.KINDS`); empty for a
+        parameter budget."""
+        if self.budget != "latency":
+            return set()
+        return {compressors.speed_of(m) for m in self.methods if m != "dense"}
 
     @classmethod
     def from_dict(cls, values: dict) -> "CompareConfig":
@@ -108,20 +145,29 @@ class CompareConfig:
 
     def budget_text(self) -> str:
         """The training budget every compressed model gets, in one line."""
-        return (f"every compressed model: {self.search.summary()} for the method's first phase, then "
+        held = "" if self.budget != "latency" else (
+            f"targets are speed-ups measured on {self.runtime} at batch {self.latency_batch}; ")
+        return (f"{held}every compressed model: {self.search.summary()} for the method's first phase, then "
                 f"{self.finetune.summary()} of fine-tuning, batch {self.finetune.batch_size}")
 
 
 def check_reachable(dense: nn.Module, config: CompareConfig) -> None:
     """Refuse now a ratio that a rank-planned method of ``config`` cannot reach on ``dense``'s layers (the check
-    :func:`cstar.compress` makes, :func:`cstar.lowrank.check_reachable`: from the layers' shapes alone)."""
+    :func:`cstar.compress` makes, :func:`cstar.lowrank.check_reachable`: from the layers' shapes alone); with a
+    latency budget, a runtime that is not installed (whether a speed-up is reachable is known once timed)."""
+    if config.budget == "latency":
+        check_runtime(config.runtime)
+        return
     if any(method in compressors.RANK_PLANNED for method in config.methods):
         for ratio in config.ratios:
             lowrank.check_reachable(dense, lowrank.RankSpec(ratio))
 
 
-def cell_name(method: str, ratio: float) -> str:
-    return "dense" if method == "dense" else f"{method}-{ratio:g}x"
+def cell_name(method: str, ratio: float, budget: str = "params") -> str:
+    """The directory name of a cell: ``<method>-<ratio>x``, ``<method>-<speed-up>x-faster`` for a latency budget."""
+    if method == "dense":
+        return "dense"
+    return f"{method}-{ratio:g}x" + ("-faster" if budget == "latency" else "")
 
 
 def _load_cell(cell: Path, row: dict, dense: nn.Module) -> nn.Module:
@@ -173,8 +219,12 @@ def _settings_record(settings: TrainConfig | ADMMConfig) -> dict:
 
 
 def _training_settings(method: str, config: CompareConfig, seed: int) -> dict:
-    """What a cell's model depends on besides the dense model: its phases' settings and the seed."""
+    """What a cell's model depends on besides the dense model: its phases' settings, the seed and, for a latency
+    budget, where the speed-up is measured."""
     phases = {key: _settings_record(getattr(config, key)) for key in compressors.settings_of(method)}
+    if config.budget == "latency":
+        phases["speed"] = {"runtime": config.runtime, "latency_batch": config.latency_batch,
+                           "latency_threads": config.latency_threads}
     return {**phases, "seed": seed}
 
 
@@ -290,11 +340,14 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
                     name=f"{out.name} dense_train")
         record_trained_on(dense, train_set.spec.name, config.dense.eps)
     dense_size = (count_params(dense), count_macs(dense, input_shape))
+    # a latency budget's structures, chosen (timed) once before any cell trains, or read back on a resume
+    targets = speed.speed_targets(dense, config, config.speed_kinds(), input_shape, out) if config.speed_kinds() \
+        else {}
 
     cells = {}
     for method in config.methods:
         for ratio in ([1.0] if method == "dense" else config.ratios):
-            name = cell_name(method, ratio)
+            name = cell_name(method, ratio, config.budget)
             cell = cells_dir / name
             result_path = cell / "result.json"
             training = None if method == "dense" else _training_settings(method, config, seed)
@@ -322,7 +375,7 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
                 model, seconds, saved = copy.deepcopy(dense), {}, None
             else:
                 job = compressors.Cell(dense, ratio, train_set, train_part, val, config.search, config.finetune,
-                                       config.admm, cell, seed)
+                                       config.admm, cell, seed, speed=targets.get(ratio))
                 model, seconds = compressors.get(method)(job)
                 saved = job.model_dir  # where the method saved its model, if it did (cstar's compress does)
                 record_trained_on(model, train_set.spec.name, eps)
@@ -333,6 +386,8 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
             for key in ("pruning", "conditioning"):  # what a method says of its model, e.g. HYDRA's moved channels
                 if hasattr(model, f"cstar_{key}"):
                     row[key] = getattr(model, f"cstar_{key}")
+            if method != "dense" and ratio in targets:
+                row["speed_target"] = targets[ratio].record(compressors.speed_of(method))
             if distributed.is_main():
                 if saved is None:  # saved once: a model its method saved is not saved again
                     save(model, cell / "model")
@@ -343,13 +398,19 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
             log.info(f"{name}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in row["accuracy"].items())
                      + f", {row['params_ratio']:.2f}x params")
 
-    if config.latency_runs and distributed.is_main():  # all cells at once, interleaved: comparable under drifting load
+    measured = None
+    if (config.latency_runs or config.budget == "latency") and distributed.is_main():
+        # all cells at once, interleaved: comparable under drifting load
         saved = {name: _load_cell(cells_dir / name, row, dense) for name, row in cells.items()}
-        latencies = batch1_latencies_ms(saved, input_shape, config.latency_runs)
-        for name, ms in latencies.items():
-            cells[name]["latency_ms"] = round(ms, 3)
+        if config.latency_runs:
+            for name, ms in batch1_latencies_ms(saved, input_shape, config.latency_runs).items():
+                cells[name]["latency_ms"] = round(ms, 3)
+        if config.budget == "latency":  # the speed-up each trained model runs at, on the budget's runtime
+            speedups, measured = speed.measured_speedups(dense, saved, input_shape, config)
+            for name, figures in speedups.items():
+                cells[name].update(figures)
     results = {"config": config.to_dict(), "budget": config.budget_text(), "eps": eps,
-               "train_eps": config.finetune.eps, "cells": cells}
+               "train_eps": config.finetune.eps, "cells": cells, **({"speed": measured} if measured else {})}
     if distributed.is_main():
         write_json(out / "results.json", results)
         atomic_write_text(out / "comparison.md", format_comparison(results))

@@ -16,7 +16,9 @@ def format_comparison(results: dict) -> str:
     """The markdown table of a comparison: one row per (method, ratio)."""
     cells = list(results["cells"].values())
     labels = sorted({k for c in cells for k in c["accuracy"]}, key=lambda k: (k != "clean", k))
-    head = ["method", "target", "params", "params ratio", "MACs", "MACs ratio", *labels, "AutoAttack",
+    speed = results.get("speed")  # a latency budget's: every cell timed on its runtime
+    head = ["method", "target speed-up" if speed else "target", "params", "params ratio", "MACs", "MACs ratio",
+            *labels, "AutoAttack", *([f"speed-up on {speed['runtime']} (measured)"] if speed else []),
             "batch-1 latency (ms, 1 thread)", "train (s)"]
     radius = eps_text(results["eps"], results.get("train_eps"))
     lines = [f"Training budget: {results['budget']}.", f"{radius}; accuracy in %.", "",
@@ -30,10 +32,14 @@ def format_comparison(results: dict) -> str:
             f"{c['macs']:,}", f"{c['macs_ratio']:.2f}x",
             *[f"{100 * c['accuracy'][k]:.2f}" if k in c["accuracy"] else "-" for k in labels],
             f"{100 * aa['accuracy']:.2f} ({aa['subset']})" if aa else "-",
+            *([f"{c['speedup']:.2f}x" if "speedup" in c else "-"] if speed else []),
             f"{c['latency_ms']:.2f}" if "latency_ms" in c else "-",
             f"{sum(c['train_seconds'].values()):.0f}"]) + " |")
     subsets = sorted({c["subset"] for c in cells})
     lines += ["", f"Evaluated on {', '.join(subsets)} of the test set.", f"Attacks: {_attacks_text(results)}."]
+    if speed:
+        lines.append(f"Speed-ups: every trained model timed beside the dense one ({speed['dense_ms']:.3f} ms) "
+                     f"with {speed['measured_on']}, interleaved.")
     return "\n".join(lines) + "\n"
 
 
@@ -54,6 +60,7 @@ def _attacks_text(results: dict) -> str:
 
 # x axes of the Pareto view: (cell key, label, log scale)
 _AXES = (("params_ratio", "parameter compression ratio", True), ("macs_ratio", "MACs compression ratio", True),
+         ("speedup", "measured speed-up on the runtime", True),
          ("latency_ms", "batch-1 CPU latency (ms, 1 thread)", False))
 
 

@@ -34,6 +34,12 @@ each layer's sensitivity of the adversarial loss
 then post-hoc decomposition / ADMM at those ranks;
 ``lowrank_conditioned``: ``lowrank_global`` trained with the factorised
 layers kept well conditioned (CondLR's idea; :func:`cstar.lowrank.conditioning_penalty`).
+
+A comparison at measured speed-ups (``CompareConfig(budget="latency")``)
+runs the methods registered with a ``speed`` kind: they read the structure
+they are held to from the cell (:meth:`Cell.ranks`, :attr:`Cell.pruning_ratio`:
+the parameter ratio where ``cell.ratio`` is one), e.g. the method above with
+``register("l1_channels", speed="pruning")`` and ``cell.pruning_ratio``.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from .. import data, distributed, prune
 from .._core.errors import CstarError
 from ..models._recorded import short
 from .phases import train_phase, training_loader, training_seconds
+from .speed import KINDS, SpeedTarget
 from .admm import ADMMConfig
 from .compress import CompressConfig, compress
 from ..evaluation.counting import count_macs
@@ -73,6 +80,9 @@ class Cell:
     ``model_dir``: where the compressor saved the model it returns, when it did
     (:func:`cstar.save`, inside ``out_dir``; cstar's saves ``out_dir/cstar/model``);
     None (the default): compare saves it in ``out_dir/model``.
+    ``speed``: in a comparison at measured speed-ups (``CompareConfig(budget="latency")``, where ``ratio`` is
+    the speed-up) the structures the methods are held to (:class:`cstar.pipeline.speed.SpeedTarget`: read
+    them through :meth:`ranks` and :attr:`pruning_ratio`); None: ``ratio`` is a parameter ratio.
     """
 
     dense: nn.Module
@@ -86,6 +96,7 @@ class Cell:
     out_dir: Path
     seed: int
     model_dir: Path | None = None
+    speed: SpeedTarget | None = None
 
     @property
     def device(self):
@@ -94,6 +105,19 @@ class Cell:
     def fresh_copy(self) -> nn.Module:
         """A copy of the dense model to compress."""
         return copy.deepcopy(self.dense)
+
+    def ranks(self, model: nn.Module, method: str = "global") -> RankPlan:
+        """The rank plan of ``model`` (a fresh copy) with allocation ``method``: at the parameter ratio, or the
+        comparison's latency plan for the speed-up."""
+        if self.speed is None:
+            return select_ranks(model, self.ratio, method=method)
+        return self.speed.plans[method]
+
+    @property
+    def pruning_ratio(self) -> float:
+        """The parameter ratio to prune channels to: ``ratio``, or the one at which channel pruning met the
+        speed-up (:func:`cstar.prune.ratio_for_speedup`)."""
+        return self.ratio if self.speed is None else self.speed.pruning.params_ratio
 
     def train(self, model: nn.Module, phase: str) -> float:
         """Train ``model`` in place with the ``phase`` ("search" or "finetune") settings, resumably, with the
@@ -149,17 +173,24 @@ RANK_PLANNED = ("cstar", "lowrank_global", "lowrank_uniform", "cstar_equal_macs"
 class _Entry:
     function: Compressor
     settings: tuple[str, ...]  # the CompareConfig sections a cell's model depends on (recorded, checked on resume)
+    speed: str | None  # how it meets a measured speed-up (cstar.pipeline.speed.KINDS); None: it cannot
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register(name: str, *, settings: tuple[str, ...] = ("search", "finetune")) -> Callable[[Compressor], Compressor]:
+def register(name: str, *, settings: tuple[str, ...] = ("search", "finetune"),
+             speed: str | None = None) -> Callable[[Compressor], Compressor]:
     """Decorator: register ``function(cell) -> (model, {phase: seconds})`` as the compression method ``name``.
 
     ``settings``: the comparison's sections the method's result depends on
     (``search``, ``finetune``, ``admm``), recorded with each cell so that a
-    resume with other ones is refused. Registering a name twice is an error.
+    resume with other ones is refused. ``speed``: how the method meets a
+    speed-up measured on a runtime (a comparison with ``budget="latency"``):
+    ``"global"`` / ``"uniform"`` (it factorises by :meth:`Cell.ranks` with that
+    allocation) or ``"pruning"`` (it prunes to :attr:`Cell.pruning_ratio`);
+    None (default): it cannot, and such a comparison refuses it. Registering a
+    name twice is an error.
     """
     if not isinstance(name, str) or not name.isidentifier() or name == "dense":
         raise CstarError(f"compressor name {name!r}: use an identifier other than 'dense', e.g. 'l1_channels'")
@@ -167,11 +198,13 @@ def register(name: str, *, settings: tuple[str, ...] = ("search", "finetune")) -
     if unknown:
         raise CstarError(f"compressor {name}: unknown settings {', '.join(unknown)}; choose from search, finetune, "
                          "admm")
+    if speed is not None and speed not in KINDS:
+        raise CstarError(f"compressor {name}: unknown speed {speed!r}; choose from {', '.join(KINDS)}, or None")
 
     def add(function: Compressor) -> Compressor:
         if name in _REGISTRY:
             raise CstarError(f"a compressor named {name!r} is already registered: choose another name")
-        _REGISTRY[name] = _Entry(function, tuple(settings))
+        _REGISTRY[name] = _Entry(function, tuple(settings), speed)
         return function
 
     return add
@@ -194,6 +227,13 @@ def settings_of(name: str) -> tuple[str, ...]:
     return _REGISTRY[name].settings
 
 
+def speed_of(name: str) -> str | None:
+    """How method ``name`` meets a measured speed-up (``"global"``, ``"uniform"``, ``"pruning"``; None: it
+    cannot)."""
+    check_names([name])
+    return _REGISTRY[name].speed
+
+
 def check_names(methods: list[str], allow_dense: bool = False) -> None:
     """One line naming the unknown methods of ``methods`` and the known ones."""
     known = (("dense",) if allow_dense else ()) + names()
@@ -208,6 +248,8 @@ def _cstar(cell: Cell, plan: RankPlan | None = None, search: TrainConfig | None 
     """:func:`cstar.compress` of the dense model in ``out_dir/cstar`` at ``cell.ratio`` and ``target`` (budget
     settings of :class:`cstar.CompressConfig`), with ``plan``'s ranks when given and ADMM trained with ``search``
     (default ``cell.search``); the trained model (saved by compress: ``cell.model_dir``) and its phases' seconds."""
+    if cell.speed is not None:  # held to the comparison's latency plan
+        plan, target = cell.speed.plans["global"], {**target, **cell.speed.budget()}
     settings = CompressConfig(ratio=cell.ratio, search=search or cell.search, finetune=cell.finetune,
                               admm=cell.admm, eval_phases=[], **target)
     phases = compress(cell.fresh_copy(), cell.train_set, None, settings, cell.out_dir / "cstar", pretrained=True,
@@ -225,7 +267,7 @@ def pruning_macs_ratio(cell: Cell) -> float:
     return count_macs(cell.dense, shape) / count_macs(prune.magnitude_prune(cell.dense, cell.ratio, shape), shape)
 
 
-@register("cstar", settings=("search", "finetune", "admm"))
+@register("cstar", settings=("search", "finetune", "admm"), speed="global")
 def cstar_admm(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     """ADMM adversarial training under the rank constraints (``search`` settings), the exact decomposition, then
     fine-tuning: :func:`cstar.compress`."""
@@ -237,7 +279,7 @@ def learned_pruning(cell: Cell, prune_function: Callable) -> tuple[nn.Module, di
     :func:`cstar.prune.hydra_prune`) run resumably with the ``search`` settings in ``out_dir/search``, then the
     weights fine-tuned."""
     loader = training_loader(cell.train_part, cell.search, cell.device, cell.seed)
-    model = prune_function(cell.fresh_copy(), loader, cell.ratio, cell.search, val=cell.val,
+    model = prune_function(cell.fresh_copy(), loader, cell.pruning_ratio, cell.search, val=cell.val,
                            out_dir=cell.out_dir / "search", resume=True, teacher=cell.dense)
     return model, {"search": logged_seconds(cell.out_dir / "search"), "finetune": cell.train(model, "finetune")}
 
@@ -250,31 +292,31 @@ def logged_seconds(out: Path) -> float:
     return round(training_seconds(history), 1)
 
 
-@register("hydra")
+@register("hydra", speed="pruning")
 def hydra(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     """Channel scores learned on the adversarial loss with the weights frozen (``search``), the lowest-scored
     channels removed, then the weights fine-tuned."""
     return learned_pruning(cell, prune.hydra_prune)
 
 
-@register("magnitude")
+@register("magnitude", speed="pruning")
 def magnitude(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     """Global channel pruning by filter norm, then both phases on the weights."""
-    return cell.train_weights(prune.magnitude_prune(cell.fresh_copy(), cell.ratio))
+    return cell.train_weights(prune.magnitude_prune(cell.fresh_copy(), cell.pruning_ratio))
 
 
-@register("lowrank_global")
+@register("lowrank_global", speed="global")
 def lowrank_global(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     """Post-hoc decomposition with globally allocated ranks (no ADMM), then both phases on the factors."""
     model = cell.fresh_copy()
-    return cell.train_weights(decompose(model, select_ranks(model, cell.ratio, method="global")))
+    return cell.train_weights(decompose(model, cell.ranks(model, "global")))
 
 
-@register("lowrank_uniform")
+@register("lowrank_uniform", speed="uniform")
 def lowrank_uniform(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     """Post-hoc decomposition with the same rank fraction in every layer, then both phases on the factors."""
     model = cell.fresh_copy()
-    return cell.train_weights(decompose(model, select_ranks(model, cell.ratio, method="uniform")))
+    return cell.train_weights(decompose(model, cell.ranks(model, "uniform")))
 
 
 @register("cstar_equal_macs", settings=("search", "finetune", "admm"))
@@ -320,7 +362,7 @@ def lowrank_sensitivity(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
                                                             layer_weights=dense_sensitivity(cell))))
 
 
-@register("harp")
+@register("harp", speed="pruning")
 def harp(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     """HARP: each layer's keep rate learned with the channel scores on the adversarial loss under a size penalty,
     weights frozen (``search``); the channels at the learned rates kept, then the weights fine-tuned."""
@@ -367,13 +409,13 @@ def cstar_learned(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
 CONDITION_WEIGHT = 0.1  # lowrank_conditioned's penalty weight where the comparison's settings leave it at 0
 
 
-@register("lowrank_conditioned")
+@register("lowrank_conditioned", speed="global")
 def lowrank_conditioned(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     """``lowrank_global`` with both phases' ``condition_weight`` on (the settings', or :data:`CONDITION_WEIGHT`
     where they leave it 0): factors near orthonormal, condition numbers bounded by ``max_condition``. The model's
     ``cstar_conditioning`` holds each factorised layer's condition number before and after training."""
     model = cell.fresh_copy()
-    model = decompose(model, select_ranks(model, cell.ratio, method="global")).to(cell.device)
+    model = decompose(model, cell.ranks(model, "global")).to(cell.device)
     before = condition_numbers(model)
     conditioned = {phase: replace(settings, condition_weight=settings.condition_weight or CONDITION_WEIGHT)
                    for phase, settings in (("search", cell.search), ("finetune", cell.finetune))}

@@ -12,6 +12,8 @@
   HYDRA (``_hydra.py``).
 - :func:`harp_prune`: HARP, the keep rate of every group learned with the
   scores under a size penalty (``_harp.py``).
+- :func:`ratio_for_speedup` -> :class:`PruningSpeed`: the parameter ratio at which
+  pruning meets a speed-up measured on a runtime (``_speed.py``).
 """
 
 from ._budget import ChannelPlan, select_channels
@@ -20,10 +22,11 @@ from ._group import ChannelGroup
 from ._harp import harp_prune
 from ._hydra import ScoredModel, hydra_prune, learn_channel_scores, robust_prune
 from ._magnitude import channel_scores, magnitude_plan, magnitude_prune
+from ._speed import PruningSpeed, ratio_for_speedup
 from ._surgery import ChannelMask, keep_masks, prune_channels
 
 __all__ = [
-    "ChannelGroup", "ChannelMask", "ChannelPlan", "ScoredModel", "channel_scores", "find_groups", "harp_prune",
-    "hydra_prune", "keep_masks", "learn_channel_scores", "magnitude_plan", "magnitude_prune", "prune_channels", "robust_prune",
-    "select_channels",
+    "ChannelGroup", "ChannelMask", "ChannelPlan", "PruningSpeed", "ScoredModel", "channel_scores", "find_groups",
+    "harp_prune", "hydra_prune", "keep_masks", "learn_channel_scores", "magnitude_plan", "magnitude_prune",
+    "prune_channels", "ratio_for_speedup", "robust_prune", "select_channels",
 ]

@@ -1,0 +1,153 @@
+"""A comparison at measured speed-ups (``CompareConfig(budget="latency")``): the structure each method is held to.
+
+Every method meets the same speed-up on the same runtime, each in its own way
+(its ``speed`` kind, :func:`cstar.compressors.register`):
+
+- ``"global"`` / ``"uniform"``: the rank plan of ``select_ranks(dense, S,
+  budget="latency", method=...)`` (ranks timed on the runtime, the plan timed
+  whole; :mod:`cstar.lowrank._latency`), shared by every low-rank method of
+  that allocation, so CSTAR and post-hoc low rank train the same ranks;
+- ``"pruning"``: the parameter ratio at which filter-norm channel pruning's
+  structure meets the speed-up (:func:`cstar.prune.ratio_for_speedup`); a
+  learned pruning (HYDRA, HARP) prunes to that ratio, its own channels.
+
+They are chosen once per speed-up, before any training, and written to
+``<out>/speed_targets/`` (``<S>x-global.json``, ``<S>x-uniform.json``: rank
+plans; ``<S>x-pruning.json``), so a resumed comparison trains the structures it
+started with instead of timing afresh (timings move by several percent from
+run to run). The files are read back as data and checked against the dense
+model and the settings. When the comparison ends, every cell's model is timed
+on the runtime beside the dense model (:func:`measured_speedups`): the
+speed-up each row reports is measured on the trained model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import distributed, lowrank, prune
+from .._core.errors import CstarError
+from .._core.io import write_json
+from ..lowrank import RankPlan, RankSpec
+from ..lowrank._latency import where_timed
+
+KINDS = ("global", "uniform", "pruning")  # the ways a method meets a speed-up (compressors.register(speed=...))
+
+
+@dataclass
+class SpeedTarget:
+    """What the methods of a comparison are held to at one speed-up measured on ``runtime`` (batches of
+    ``batch``, ``threads`` threads; None: torch's): ``plans`` (rank plans by allocation, ``"global"`` /
+    ``"uniform"``) and ``pruning`` (the parameter ratio of channel pruning)."""
+
+    speedup: float
+    runtime: str
+    batch: int
+    threads: int | None
+    plans: dict[str, RankPlan] = field(default_factory=dict)
+    pruning: prune.PruningSpeed | None = None
+
+    def budget(self) -> dict:
+        """The latency budget's settings of :class:`cstar.CompressConfig` (``ratio`` apart) for this target."""
+        return {"budget": "latency", "runtime": self.runtime, "latency_batch": self.batch,
+                "latency_threads": self.threads}
+
+    def record(self, kind: str) -> dict:
+        """What a cell of method kind ``kind`` records of its target: the structure's measured speed-up when it
+        was chosen, and (pruning) the parameter ratio."""
+        if kind == "pruning":
+            return {"kind": kind, "params_ratio": self.pruning.params_ratio,
+                    "speedup_when_chosen": self.pruning.speedup, "measured_on": self.pruning.measured_on}
+        plan = self.plans[kind]
+        return {"kind": kind, "params_ratio": plan.achieved_ratio, "speedup_when_chosen": plan.achieved_speedup,
+                "measured_on": plan.measured_on}
+
+
+def _spec(config, speedup: float, method: str) -> RankSpec:
+    return RankSpec(speedup, budget="latency", method=method, runtime=config.runtime,
+                    latency_batch=config.latency_batch, latency_threads=config.latency_threads)
+
+
+def _file(folder: Path, speedup: float, kind: str) -> Path:
+    return folder / f"{speedup:g}x-{kind}.json"
+
+
+def _read_or_choose(dense: nn.Module, config, speedup: float, kind: str, input_shape: tuple[int, ...],
+                    folder: Path):
+    """The ``kind`` structure for ``speedup``: read from ``folder`` where an earlier run chose it, else chosen
+    (timed) and written there."""
+    path = _file(folder, speedup, kind)
+    if kind == "pruning":
+        if path.exists():
+            try:
+                values = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                values = None
+            target = prune.PruningSpeed.from_dict(values, str(path))
+            _check_recorded(path, target.target_speedup, target.measured_on, speedup, config)
+            return target
+        target = prune.ratio_for_speedup(dense, speedup, input_shape, runtime=config.runtime,
+                                         batch=config.latency_batch, threads=config.latency_threads)
+        write_json(path, target.to_dict())
+        return target
+    spec = _spec(config, speedup, kind)
+    if path.exists():
+        plan = RankPlan.load(path)
+        lowrank.check_plan(dense, plan, spec)
+        _check_recorded(path, plan.target_ratio, plan.measured_on, speedup, config)
+        return plan
+    plan = lowrank.select_ranks(dense, spec)
+    plan.save(path)
+    return plan
+
+
+def _where(config) -> str:
+    """Where ``config``'s timings are taken, in words (runtime and version, CPU, threads, batch)."""
+    return where_timed(config.runtime, config.latency_threads or torch.get_num_threads(), config.latency_batch)
+
+
+def _check_recorded(path: Path, target: float, measured_on: str, speedup: float, config) -> None:
+    """Refuse a structure chosen for another speed-up, or timed elsewhere than ``config``'s timings would be (another
+    runtime, version, CPU, thread count or batch: its speed-up does not carry over)."""
+    if abs(target - speedup) > 1e-9 * speedup or measured_on != _where(config):
+        raise CstarError(f"{path} was chosen for {target:g}x measured with {measured_on}, not for this comparison's "
+                         f"{speedup:g}x with {_where(config)}: resume where and as it was made, or give a new --out")
+
+
+def speed_targets(dense: nn.Module, config, kinds: set[str], input_shape: tuple[int, ...],
+                  out: Path) -> dict[float, SpeedTarget]:
+    """The :class:`SpeedTarget` of every speed-up of ``config.ratios`` for the method kinds ``kinds``, chosen on
+    the main process (read back from ``out/speed_targets`` where chosen before) and shared with the others."""
+    targets = None
+    if distributed.is_main():
+        folder = out / "speed_targets"
+        folder.mkdir(parents=True, exist_ok=True)
+        dense_cpu = copy.deepcopy(dense).cpu().eval()
+        targets = {}
+        for speedup in config.ratios:
+            target = SpeedTarget(speedup, config.runtime, config.latency_batch, config.latency_threads)
+            for kind in sorted(kinds):
+                chosen = _read_or_choose(dense_cpu, config, speedup, kind, input_shape, folder)
+                if kind == "pruning":
+                    target.pruning = chosen
+                else:
+                    target.plans[kind] = chosen
+            targets[speedup] = target
+    return distributed.broadcast_object(targets)
+
+
+def measured_speedups(dense: nn.Module, models: dict[str, nn.Module], input_shape: tuple[int, ...],
+                      config) -> tuple[dict[str, dict], dict]:
+    """Every model of ``models`` timed on the comparison's runtime beside ``dense``, interleaved: per name,
+    ``{"runtime_ms", "speedup"}`` (dense / model time), and the dense model's time and where it was taken."""
+    times = lowrank.model_latencies_ms({"__dense__": dense, **models}, input_shape, config.runtime,
+                                       config.latency_batch, config.latency_threads)
+    dense_ms = times.pop("__dense__")
+    return ({name: {"runtime_ms": round(ms, 4), "speedup": round(dense_ms / ms, 4)} for name, ms in times.items()},
+            {"runtime": config.runtime, "dense_ms": round(dense_ms, 4), "measured_on": _where(config)})

@@ -1,0 +1,115 @@
+"""The parameter ratio at which channel pruning meets a speed-up measured on a runtime.
+
+Channel pruning is set by a parameter ratio; what a deployment asks is a
+speed-up on its runtime. :func:`ratio_for_speedup` times the pruned structure
+(:func:`magnitude_prune` of the model, or any ``prune(model, ratio)``) against
+the dense model on the runtime, interleaved (:func:`cstar.lowrank.model_latencies_ms`),
+and searches the ratio: doubled until the structure meets the speed-up, then
+halved geometrically until the bracket is within ``tolerance``. The result
+records the measured times of the structure it returns: a measured figure,
+never a prediction.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .._core.checks import check_ratio
+from .._core.errors import CstarError
+from ..lowrank._latency import check_runtime, model_latencies_ms, where_timed
+from ._magnitude import magnitude_prune
+
+MAX_TIMINGS = 10  # at most this many pruned structures are timed
+
+
+@dataclass(frozen=True)
+class PruningSpeed:
+    """The parameter ratio at which the pruned structure met ``target_speedup``: ``params_ratio`` (dense /
+    pruned parameters), the measured ``dense_ms`` and ``pruned_ms`` (median ms per batch) and where
+    (``measured_on``)."""
+
+    target_speedup: float
+    params_ratio: float
+    dense_ms: float
+    pruned_ms: float
+    measured_on: str
+
+    @property
+    def speedup(self) -> float:
+        """The measured speed-up of the structure, dense / pruned time."""
+        return self.dense_ms / self.pruned_ms
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: object, source: str) -> "PruningSpeed":
+        """From :meth:`to_dict`'s values, read from ``source`` (a file's name, for the message); refused in one
+        line unless every field is there with a value of its type (finite, positive times; a ratio > 1)."""
+        names = {"target_speedup", "params_ratio", "dense_ms", "pruned_ms", "measured_on"}
+        numbers = names - {"measured_on"}
+        ok = (isinstance(values, dict) and set(values) == names and isinstance(values["measured_on"], str)
+              and all(isinstance(values[k], (int, float)) and not isinstance(values[k], bool)
+                      and math.isfinite(values[k]) and values[k] > 0 for k in numbers)
+              and values["params_ratio"] > 1 and values["target_speedup"] > 1)
+        if not ok:
+            raise CstarError(f"{source} is not a pruning speed record cstar wrote (fields {', '.join(sorted(names))}):"
+                             " delete it to measure again")
+        return cls(**{k: float(values[k]) if k in numbers else values[k] for k in names})
+
+
+def ratio_for_speedup(model: nn.Module, speedup: float, input_shape: tuple[int, ...], *,
+                      runtime: str = "onnxruntime", batch: int = 1, threads: int | None = None,
+                      prune: Callable[[nn.Module, float], nn.Module] | None = None,
+                      tolerance: float = 0.03) -> PruningSpeed:
+    """The smallest parameter ratio (within ``tolerance``, relative) at which ``prune(model, ratio)`` runs at least
+    ``speedup`` times faster than ``model`` on ``runtime``, batches of ``batch`` images of ``input_shape``
+    (C, H, W) at ``threads`` threads (default torch's).
+
+    ``prune`` defaults to :func:`magnitude_prune` at ``input_shape`` (the structure of a learned pruning, such
+    as HYDRA's, is known only after its scores train: this ratio is where filter-norm channels meet the
+    speed-up). At most :data:`MAX_TIMINGS` structures are timed; refused in one line, with the fastest
+    measured, when no ratio that ``prune`` reaches meets the speed-up."""
+    speedup = check_ratio("speedup", speedup)
+    check_runtime(runtime)
+    threads = threads or torch.get_num_threads()
+    dense = copy.deepcopy(model).cpu().eval()
+    prune = prune or (lambda m, r: magnitude_prune(m, r, input_shape))
+    timed: dict[float, tuple[float, float]] = {}
+
+    def meets(ratio: float) -> bool | None:
+        """Whether the structure at ``ratio`` meets the speed-up (None: ``prune`` cannot reach the ratio)."""
+        try:
+            pruned = prune(dense, ratio)
+        except CstarError:
+            return None
+        times = model_latencies_ms({"dense": dense, "pruned": pruned}, input_shape, runtime, batch, threads)
+        timed[ratio] = (times["dense"], times["pruned"])
+        return times["pruned"] * speedup <= times["dense"]
+
+    low, high, ratio = 1.0, None, speedup
+    while high is None and len(timed) < MAX_TIMINGS:
+        met = meets(ratio)
+        if met is None:
+            break
+        low, high = (low, ratio) if met else (ratio, None)
+        ratio *= 2
+    if high is None:
+        best = max((d / p for d, p in timed.values()), default=float("nan"))
+        raise CstarError(f"no channel pruning of the model met the {speedup:g}x speed-up on {runtime}: the fastest "
+                         f"structure timed ran {best:.2f}x ({where_timed(runtime, threads, batch)}); lower the "
+                         "speed-up")
+    while high / low > 1 + tolerance and len(timed) < MAX_TIMINGS:
+        middle = math.sqrt(low * high)
+        if meets(middle):
+            high = middle
+        else:
+            low = middle
+    dense_ms, pruned_ms = timed[high]
+    return PruningSpeed(speedup, high, dense_ms, pruned_ms, where_timed(runtime, threads, batch))
