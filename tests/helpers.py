@@ -66,3 +66,21 @@ def tiny_compress(out, **settings) -> dict:
     dense = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(512, 32), nn.ReLU(), nn.Linear(32, 10))
     return cstar.compress(dense, train_set, test_set, config, out, pretrained=True, resume=True, val_size=50)
+
+
+def macs_of(module: nn.Module, x: torch.Tensor) -> int:
+    """MACs of one forward of ``module`` on the batch ``x``, counted by hooks on every conv and linear
+    (independent of cstar's counter)."""
+    total = []
+
+    def hook(layer, inputs, output):
+        per_output = layer.in_features if isinstance(layer, nn.Linear) else \
+            layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+        total.append(output.numel() * per_output)
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        module.eval()(x)
+    for handle in handles:
+        handle.remove()
+    return sum(total)

@@ -22,27 +22,11 @@ from cstar.prune import magnitude_prune, ratio_for_speedup
 from cstar.records import cell_model
 from cstar.training.fit import TrainConfig
 from digits_runs import refused
+from helpers import macs_of
 
 TRAIN = dict(attack="pgd", eps=0.2, attack_steps=2, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0,
              check_size=0, progress=False)
 METHODS = ["dense", "cstar", "magnitude", "lowrank_global", "lowrank_uniform"]
-
-
-def macs_of(module: nn.Module, x: torch.Tensor) -> int:
-    """MACs of one forward of ``module`` on the batch ``x``, counted by hooks on every conv and linear."""
-    total = []
-
-    def hook(layer, inputs, output):
-        per_output = layer.in_features if isinstance(layer, nn.Linear) else \
-            layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
-        total.append(output.numel() * per_output)
-
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        module.eval()(x)
-    for handle in handles:
-        handle.remove()
-    return sum(total)
 
 
 @pytest.fixture()

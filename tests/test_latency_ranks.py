@@ -10,6 +10,7 @@ from torch import nn
 
 import cstar.lowrank._latency as latency
 from digits_runs import refused, run
+from helpers import macs_of
 from cstar._core.errors import CstarError
 from cstar.lowrank import RankPlan, RankSpec, Tucker2Conv2d, check_plan, check_reachable, select_ranks
 from cstar.lowrank._latency import LatencyCurve, LatencyGrid, rank_ladder
@@ -33,23 +34,6 @@ class ConvNet(nn.Module):
 
 
 SHAPE = (3, 16, 16)
-
-
-def macs_of(module: nn.Module, x: torch.Tensor) -> int:
-    """MACs of one forward of ``module`` on the batch ``x``, counted by hooks (independent of cstar's counter)."""
-    total = []
-
-    def hook(layer, inputs, output):
-        per_output = layer.in_features if isinstance(layer, nn.Linear) else \
-            layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
-        total.append(output.numel() * per_output)
-
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        module.eval()(x)
-    for handle in handles:
-        handle.remove()
-    return sum(total)
 
 
 @pytest.fixture()

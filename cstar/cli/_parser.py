@@ -158,6 +158,15 @@ def _factory_option(p: argparse.ArgumentParser, *, data: bool = False) -> None:
                        help="the dataset whose images the model takes, for weights trained elsewhere")
 
 
+def _latency_options(g, timed: str) -> None:
+    """Where a latency budget's ``timed`` things are timed: runtime, batch, threads."""
+    g.add_argument("--runtime", choices=RUNTIMES, default=None,
+                   help=f"where a latency budget's {timed} are timed (default: onnxruntime)")
+    g.add_argument("--latency-batch", type=int, default=1, help="images per timed batch of a latency budget")
+    g.add_argument("--latency-threads", type=int, default=None,
+                   help="threads of the timed runtime (default: torch's, e.g. --threads)")
+
+
 def _plan_options(g, *, ratio_default: float | None) -> None:
     """The rank-plan options on group (or parser) ``g``."""
     g.add_argument("--ratio", type=float, default=ratio_default,
@@ -168,11 +177,7 @@ def _plan_options(g, *, ratio_default: float | None) -> None:
     g.add_argument("--macs-ratio", type=float, default=None, help="target MACs ratio of a joint budget")
     g.add_argument("--speedup", type=float, default=None,
                    help="target speed-up measured on --runtime: the same as --budget latency --ratio S")
-    g.add_argument("--runtime", choices=RUNTIMES, default=None,
-                   help="where a latency budget's layers and plans are timed (default: onnxruntime)")
-    g.add_argument("--latency-batch", type=int, default=1, help="images per timed batch of a latency budget")
-    g.add_argument("--latency-threads", type=int, default=None,
-                   help="threads of the timed runtime (default: torch's, e.g. --threads)")
+    _latency_options(g, "layers and plans")
     _old_name(g, "--flops-ratio", "macs_ratio")
     g.add_argument("--rank-method", choices=("global", "uniform"), default="global")
     g.add_argument("--exclude", default=None, help="comma-separated layers kept dense (default: first conv, classifier)")
@@ -345,11 +350,7 @@ def _compare(sub) -> None:
                         "(latency: each method held to a structure timed there, every trained model timed at the end)")
     g.add_argument("--speedups", default=None,
                    help="comma-separated speed-ups measured on --runtime: the same as --budget latency --ratios LIST")
-    g.add_argument("--runtime", choices=RUNTIMES, default=None,
-                   help="where a latency budget is timed (default: onnxruntime)")
-    g.add_argument("--latency-batch", type=int, default=1, help="images per timed batch of a latency budget")
-    g.add_argument("--latency-threads", type=int, default=None,
-                   help="threads of the timed runtime (default: torch's, e.g. --threads)")
+    _latency_options(g, "structures and models")
     g.add_argument("--methods", default="dense,cstar,hydra,magnitude,lowrank_global,lowrank_uniform",
                    help="comma-separated: dense, cstar, hydra, magnitude, lowrank_global, lowrank_uniform, and "
                         "cstar_equal_macs, lowrank_equal_macs (held to pruning's MACs ratio too), "
