@@ -32,15 +32,24 @@ def format_comparison(results: dict) -> str:
             f"{c['macs']:,}", f"{c['macs_ratio']:.2f}x",
             *[f"{100 * c['accuracy'][k]:.2f}" if k in c["accuracy"] else "-" for k in labels],
             f"{100 * aa['accuracy']:.2f} ({aa['subset']})" if aa else "-",
-            *([f"{c['speedup']:.2f}x" if "speedup" in c else "-"] if speed else []),
+            *([_speedup_text(c)] if speed else []),
             f"{c['latency_ms']:.2f}" if "latency_ms" in c else "-",
             f"{sum(c['train_seconds'].values()):.0f}"]) + " |")
     subsets = sorted({c["subset"] for c in cells})
     lines += ["", f"Evaluated on {', '.join(subsets)} of the test set.", f"Attacks: {_attacks_text(results)}."]
     if speed:
         lines.append(f"Speed-ups: every trained model timed beside the dense one ({speed['dense_ms']:.3f} ms) "
-                     f"with {speed['measured_on']}, interleaved.")
+                     f"with {speed['measured_on']}, interleaved, {speed.get('repeats', 1)} times: the median "
+                     "dense / model time and (in brackets) its lowest and highest.")
     return "\n".join(lines) + "\n"
+
+
+def _speedup_text(cell: dict) -> str:
+    """A cell's measured speed-up with its range over the timings, e.g. ``1.87x (1.47-2.10)``."""
+    if "speedup" not in cell:
+        return "-"
+    low, high = cell.get("speedup_range", (cell["speedup"], cell["speedup"]))
+    return f"{cell['speedup']:.2f}x ({low:.2f}-{high:.2f})"
 
 
 def _attacks_text(results: dict) -> str:

@@ -9,7 +9,11 @@ Every method meets the same speed-up on the same runtime, each in its own way
   that allocation, so CSTAR and post-hoc low rank train the same ranks;
 - ``"pruning"``: the parameter ratio at which filter-norm channel pruning's
   structure meets the speed-up (:func:`cstar.prune.ratio_for_speedup`); a
-  learned pruning (HYDRA, HARP) prunes to that ratio, its own channels.
+  learned pruning (HYDRA, HARP) prunes to that ratio, its own channels. When
+  a rank plan is chosen too, the pruned structure is held to run at least as
+  fast as the plan's factorised structure, timed side by side with it: the
+  dense model's own time swings most on a shared machine, so structures each
+  timed against it alone ended 1.7x apart in speed here.
 
 They are chosen once per speed-up, before any training, and written to
 ``<out>/speed_targets/`` (``<S>x-global.json``, ``<S>x-uniform.json``: rank
@@ -17,14 +21,16 @@ plans; ``<S>x-pruning.json``), so a resumed comparison trains the structures it
 started with instead of timing afresh (timings move by several percent from
 run to run). The files are read back as data and checked against the dense
 model and the settings. When the comparison ends, every cell's model is timed
-on the runtime beside the dense model (:func:`measured_speedups`): the
-speed-up each row reports is measured on the trained model.
+on the runtime beside the dense model (:func:`measured_speedups`, three times
+over): the speed-up each row reports is measured on the trained model, with
+its range.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +44,7 @@ from ..lowrank import RankPlan, RankSpec
 from ..lowrank._latency import where_timed
 
 KINDS = ("global", "uniform", "pruning")  # the ways a method meets a speed-up (compressors.register(speed=...))
+SPEED_REPEATS = 3  # interleaved timings of every trained model at the end; the row gives their median and range
 
 
 @dataclass
@@ -63,7 +70,8 @@ class SpeedTarget:
         was chosen, and (pruning) the parameter ratio."""
         if kind == "pruning":
             return {"kind": kind, "params_ratio": self.pruning.params_ratio,
-                    "speedup_when_chosen": self.pruning.speedup, "measured_on": self.pruning.measured_on}
+                    "speedup_when_chosen": self.pruning.speedup, "measured_on": self.pruning.measured_on,
+                    "held_to": "dense" if self.pruning.reference_ms is None else "the rank plan's structure"}
         plan = self.plans[kind]
         return {"kind": kind, "params_ratio": plan.achieved_ratio, "speedup_when_chosen": plan.achieved_speedup,
                 "measured_on": plan.measured_on}
@@ -79,9 +87,9 @@ def _file(folder: Path, speedup: float, kind: str) -> Path:
 
 
 def _read_or_choose(dense: nn.Module, config, speedup: float, kind: str, input_shape: tuple[int, ...],
-                    folder: Path):
+                    folder: Path, reference: RankPlan | None = None):
     """The ``kind`` structure for ``speedup``: read from ``folder`` where an earlier run chose it, else chosen
-    (timed) and written there."""
+    (timed; a pruning held to ``reference``'s factorised structure when given) and written there."""
     path = _file(folder, speedup, kind)
     if kind == "pruning":
         if path.exists():
@@ -93,7 +101,8 @@ def _read_or_choose(dense: nn.Module, config, speedup: float, kind: str, input_s
             _check_recorded(path, target.target_speedup, target.measured_on, speedup, config)
             return target
         target = prune.ratio_for_speedup(dense, speedup, input_shape, runtime=config.runtime,
-                                         batch=config.latency_batch, threads=config.latency_threads)
+                                         batch=config.latency_batch, threads=config.latency_threads,
+                                         reference=None if reference is None else lowrank.decompose(dense, reference))
         write_json(path, target.to_dict())
         return target
     spec = _spec(config, speedup, kind)
@@ -132,22 +141,32 @@ def speed_targets(dense: nn.Module, config, kinds: set[str], input_shape: tuple[
         targets = {}
         for speedup in config.ratios:
             target = SpeedTarget(speedup, config.runtime, config.latency_batch, config.latency_threads)
-            for kind in sorted(kinds):
-                chosen = _read_or_choose(dense_cpu, config, speedup, kind, input_shape, folder)
-                if kind == "pruning":
-                    target.pruning = chosen
-                else:
-                    target.plans[kind] = chosen
+            for kind in sorted(kinds - {"pruning"}):  # "global", "uniform": the rank plans first
+                target.plans[kind] = _read_or_choose(dense_cpu, config, speedup, kind, input_shape, folder)
+            if "pruning" in kinds:
+                reference = target.plans.get("global") or target.plans.get("uniform")
+                target.pruning = _read_or_choose(dense_cpu, config, speedup, "pruning", input_shape, folder,
+                                                 reference)
             targets[speedup] = target
     return distributed.broadcast_object(targets)
 
 
 def measured_speedups(dense: nn.Module, models: dict[str, nn.Module], input_shape: tuple[int, ...],
-                      config) -> tuple[dict[str, dict], dict]:
-    """Every model of ``models`` timed on the comparison's runtime beside ``dense``, interleaved: per name,
-    ``{"runtime_ms", "speedup"}`` (dense / model time), and the dense model's time and where it was taken."""
-    times = lowrank.model_latencies_ms({"__dense__": dense, **models}, input_shape, config.runtime,
-                                       config.latency_batch, config.latency_threads)
-    dense_ms = times.pop("__dense__")
-    return ({name: {"runtime_ms": round(ms, 4), "speedup": round(dense_ms / ms, 4)} for name, ms in times.items()},
-            {"runtime": config.runtime, "dense_ms": round(dense_ms, 4), "measured_on": _where(config)})
+                      config, repeats: int = SPEED_REPEATS) -> tuple[dict[str, dict], dict]:
+    """Every model of ``models`` timed on the comparison's runtime beside ``dense``, interleaved, ``repeats``
+    times over: per name, ``{"runtime_ms", "speedup", "speedup_range"}`` (medians over the repeats of the
+    model's time and of dense / model time; the lowest and highest of those ratios), and the dense model's time
+    and where it was taken. The range is the figure's spread on this machine: a sub-millisecond graph's speed-up
+    moved by a third between timings a second apart here (the dense model's memory-bound layers swing most)."""
+    names = ["__dense__", *models]
+    runs = [lowrank.model_latencies_ms(dict(zip(names, [dense, *models.values()])), input_shape, config.runtime,
+                                       config.latency_batch, config.latency_threads) for _ in range(repeats)]
+    dense_ms = statistics.median(run["__dense__"] for run in runs)
+    figures = {}
+    for name in models:
+        ratios = sorted(run["__dense__"] / run[name] for run in runs)
+        figures[name] = {"runtime_ms": round(statistics.median(run[name] for run in runs), 4),
+                         "speedup": round(statistics.median(ratios), 4),
+                         "speedup_range": [round(ratios[0], 4), round(ratios[-1], 4)]}
+    return figures, {"runtime": config.runtime, "dense_ms": round(dense_ms, 4), "measured_on": _where(config),
+                     "repeats": repeats}
