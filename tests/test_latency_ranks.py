@@ -43,7 +43,7 @@ def timed_as_macs(monkeypatch, tmp_path):
     calls = []
     state = {"extra": lambda module: 0.0}
 
-    def fake(modules, x, runtime, threads, runs, rounds):
+    def fake(modules, x, runtime, threads, runs, rounds, **timing):
         calls.append(len(modules))
         return [macs_of(m, x) * 1e-6 + state["extra"](m) for m in modules]
 
@@ -195,7 +195,7 @@ def _wide_model():
 def test_timings_on_this_machine_meet_a_modest_speedup(monkeypatch, tmp_path, runtime):
     pytest.importorskip("onnxruntime") if runtime == "onnxruntime" else None
     monkeypatch.setenv("CSTAR_LATENCY_CACHE", str(tmp_path))
-    for name, value in (("LAYER_RUNS", 10), ("SETTLE", 3), ("MODEL_RUNS", 10), ("MODEL_ROUNDS", 3)):
+    for name, value in (("LAYER_RUNS", 10), ("SETTLE", 3), ("MODEL_ROUNDS", 4), ("MODEL_SECONDS", 0.0)):
         monkeypatch.setattr(latency, name, value)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no cache warning: a fresh folder

@@ -63,7 +63,12 @@ _INSTALL = {"onnxruntime": "pip install 'cstar[export]'", "openvino": "pip insta
 LADDER = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4)  # rank fractions timed per mode, besides min_rank and full
 FORMAT = 1  # the cache file's format
 LAYER_RUNS, SETTLE = 30, 20  # timed and untimed calls of a layer graph
-MODEL_RUNS, MODEL_ROUNDS = 20, 6  # timed calls per round, rounds of a plan interleaved with its dense model
+# Whole models timed side by side: in short rounds (MODEL_SETTLE untimed and MODEL_RUNS timed calls of each
+# model per round), at least MODEL_ROUNDS of them, and more until MODEL_SECONDS per model have passed (at most
+# MAX_ROUNDS). Measured here (a sub-millisecond MNIST graph in onnxruntime, against a copy of itself, three
+# timings each): 6 rounds of 20 calls among four models, 0.46x-0.71x; rounds of 10 for half a second, in
+# pairs, 1.01x-1.07x (benchmarks/bench_speedup_spread.py times such spreads).
+MODEL_RUNS, MODEL_SETTLE, MODEL_ROUNDS, MAX_ROUNDS, MODEL_SECONDS = 10, 10, 6, 500, 0.5
 PROBES = (0.0, 1 / 8, 1 / 4, 1 / 2)  # rank fractions of the models timed whole to draw the LatencyCurve
 PLAN_ROUNDS = 4  # at most this many plans are made and timed to meet a latency target
 _FLOOR_MS = 1e-4  # a layer never costs less than this once its graph's call cost is subtracted
@@ -242,22 +247,33 @@ def _runner(module: nn.Module, x: torch.Tensor, runtime: str, threads: int):
 
 
 def interleaved_ms(modules: list[nn.Module], x: torch.Tensor, runtime: str, threads: int, runs: int,
-                   rounds: int) -> list[float]:
+                   rounds: int, settle: int = SETTLE, seconds: float = 0.0) -> list[float]:
     """The median latency (ms) of each module on ``x``: ``rounds`` rounds, each timing every module in turn
-    (:data:`SETTLE` untimed calls, then ``runs`` timed ones). Interleaving shares out the machine's slow
-    spells (here a small graph's time doubled for seconds at a time), so that ratios between the modules hold."""
+    (``settle`` untimed calls, then ``runs`` timed ones), and more rounds until ``seconds`` per module have
+    passed (at most :data:`MAX_ROUNDS`). Interleaving shares out the machine's slow spells (here a small
+    graph's time doubled for seconds at a time), so that ratios between the modules hold; the shorter the
+    rounds, the finer the sharing."""
     with contextlib.ExitStack() as stack:
         calls = [stack.enter_context(_runner(m, x, runtime, threads)) for m in modules]
         samples: list[list[float]] = [[] for _ in calls]
-        for _ in range(rounds):
+        begin, done = time.perf_counter(), 0
+        while done < rounds or (time.perf_counter() - begin < seconds * len(calls) and done < MAX_ROUNDS):
             for call, times in zip(calls, samples):
-                for _ in range(SETTLE):
+                for _ in range(settle):
                     call()
                 for _ in range(runs):
                     start = time.perf_counter()
                     call()
                     times.append((time.perf_counter() - start) * 1e3)
+            done += 1
     return [statistics.median(times) for times in samples]
+
+
+def models_interleaved_ms(modules: list[nn.Module], x: torch.Tensor, runtime: str, threads: int) -> list[float]:
+    """The median latency (ms) of each whole model on ``x``, timed side by side in many short rounds (the
+    ``MODEL_*`` settings above)."""
+    return interleaved_ms(modules, x, runtime, threads, MODEL_RUNS, MODEL_ROUNDS, settle=MODEL_SETTLE,
+                          seconds=MODEL_SECONDS)
 
 
 def where_timed(runtime: str, threads: int, batch: int) -> str:
@@ -276,7 +292,7 @@ def model_latencies_ms(models: dict[str, nn.Module], input_shape: tuple[int, ...
     x = torch.rand(batch, *input_shape)
     cpu = [copy.deepcopy(m).cpu() for m in models.values()]
     with torch.no_grad():
-        times = interleaved_ms(cpu, x, runtime, threads or torch.get_num_threads(), MODEL_RUNS, MODEL_ROUNDS)
+        times = models_interleaved_ms(cpu, x, runtime, threads or torch.get_num_threads())
     return dict(zip(models, times))
 
 
@@ -412,7 +428,6 @@ class PlanTimer:
         layer), timed interleaved; the plan's time relative to the dense one is added to the curve at
         ``layer_sum`` (its layers' times alone)."""
         probe = factorised_copy(self.model, self.names, self.modules, states)
-        dense, planned = interleaved_ms([self.model, probe], self.x, self.runtime, self.threads, MODEL_RUNS,
-                                        MODEL_ROUNDS)
+        dense, planned = models_interleaved_ms([self.model, probe], self.x, self.runtime, self.threads)
         self.curve.add(layer_sum, planned / dense)
         return dense, planned

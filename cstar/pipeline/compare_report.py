@@ -39,8 +39,9 @@ def format_comparison(results: dict) -> str:
     lines += ["", f"Evaluated on {', '.join(subsets)} of the test set.", f"Attacks: {_attacks_text(results)}."]
     if speed:
         lines.append(f"Speed-ups: every trained model timed beside the dense one ({speed['dense_ms']:.3f} ms) "
-                     f"with {speed['measured_on']}, interleaved, {speed.get('repeats', 1)} times: the median "
-                     "dense / model time and (in brackets) its lowest and highest.")
+                     f"with {speed['measured_on']}, interleaved in pairs, {speed.get('repeats', 1)} times: the "
+                     "median dense / model time and (in brackets) its lowest and highest; the dense row is the "
+                     "dense model against a copy of itself, the timing's own spread.")
     return "\n".join(lines) + "\n"
 
 

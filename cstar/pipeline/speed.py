@@ -21,9 +21,9 @@ plans; ``<S>x-pruning.json``), so a resumed comparison trains the structures it
 started with instead of timing afresh (timings move by several percent from
 run to run). The files are read back as data and checked against the dense
 model and the settings. When the comparison ends, every cell's model is timed
-on the runtime beside the dense model (:func:`measured_speedups`, three times
-over): the speed-up each row reports is measured on the trained model, with
-its range.
+on the runtime in a pair with the dense model (:func:`measured_speedups`,
+three times over): the speed-up each row reports is measured on the trained
+model, with its range.
 """
 
 from __future__ import annotations
@@ -153,20 +153,20 @@ def speed_targets(dense: nn.Module, config, kinds: set[str], input_shape: tuple[
 
 def measured_speedups(dense: nn.Module, models: dict[str, nn.Module], input_shape: tuple[int, ...],
                       config, repeats: int = SPEED_REPEATS) -> tuple[dict[str, dict], dict]:
-    """Every model of ``models`` timed on the comparison's runtime beside ``dense``, interleaved, ``repeats``
-    times over: per name, ``{"runtime_ms", "speedup", "speedup_range"}`` (medians over the repeats of the
-    model's time and of dense / model time; the lowest and highest of those ratios), and the dense model's time
-    and where it was taken. The range is the figure's spread on this machine: a sub-millisecond graph's speed-up
-    moved by a third between timings a second apart here (the dense model's memory-bound layers swing most)."""
-    names = ["__dense__", *models]
-    runs = [lowrank.model_latencies_ms(dict(zip(names, [dense, *models.values()])), input_shape, config.runtime,
-                                       config.latency_batch, config.latency_threads) for _ in range(repeats)]
-    dense_ms = statistics.median(run["__dense__"] for run in runs)
-    figures = {}
-    for name in models:
+    """Every model of ``models`` timed on the comparison's runtime beside ``dense``, in a pair with it (as the
+    structures were chosen), ``repeats`` times over: per name, ``{"runtime_ms", "speedup", "speedup_range"}``
+    (medians over the repeats of the model's time and of dense / model time; the lowest and highest of those
+    ratios), and the dense model's time and where it was taken. The range is the figure's spread on this
+    machine: a sub-millisecond graph's speed-up moved by a third between timings a second apart here, and more
+    with other large models timed in between (the dense model's memory-bound layers swing most)."""
+    figures, dense_times = {}, []
+    for name, model in models.items():
+        runs = [lowrank.model_latencies_ms({"__dense__": dense, name: model}, input_shape, config.runtime,
+                                           config.latency_batch, config.latency_threads) for _ in range(repeats)]
+        dense_times += [run["__dense__"] for run in runs]
         ratios = sorted(run["__dense__"] / run[name] for run in runs)
         figures[name] = {"runtime_ms": round(statistics.median(run[name] for run in runs), 4),
                          "speedup": round(statistics.median(ratios), 4),
                          "speedup_range": [round(ratios[0], 4), round(ratios[-1], 4)]}
-    return figures, {"runtime": config.runtime, "dense_ms": round(dense_ms, 4), "measured_on": _where(config),
-                     "repeats": repeats}
+    return figures, {"runtime": config.runtime, "dense_ms": round(statistics.median(dense_times), 4),
+                     "measured_on": _where(config), "repeats": repeats}
