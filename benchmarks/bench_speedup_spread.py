@@ -1,8 +1,8 @@
 """How much a measured speed-up moves between timings: saved models timed against their dense model, again and again.
 
 Usage:
-    python benchmarks/bench_speedup_spread.py --dense runs/cmp/cells/dense/model \
-        --models lowrank=runs/cmp/cells/lowrank_global-2x-faster/model,magnitude=runs/cmp/cells/magnitude-2x-faster/model \
+    C=runs/cmp/cells; python benchmarks/bench_speedup_spread.py --dense $C/dense/model \
+        --models lowrank=$C/lowrank_global-2x-faster/model,magnitude=$C/magnitude-2x-faster/model \
         --input-shape 1,28,28 --runtime onnxruntime --repeats 3 --out benchmarks/results/speedup_spread_mnist
 
 Each repeat times every model once in a pair with the dense model and once all together (and the dense model
@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from cstar import load
-from cstar.lowrank import model_latencies_ms
-from cstar.lowrank._latency import where_timed
+from cstar.lowrank import model_latencies_ms, where_timed
 
 
 def main() -> None:

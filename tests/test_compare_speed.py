@@ -7,6 +7,7 @@ answer.
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -30,17 +31,22 @@ TRAIN = dict(attack="pgd", eps=0.2, attack_steps=2, batch_size=64, optimizer="ad
 METHODS = ["dense", "cstar", "magnitude", "lowrank_global", "lowrank_uniform"]
 
 
-@pytest.fixture()
-def clock(monkeypatch, tmp_path):
-    """Every timed graph takes one microsecond per thousand MACs; returns the list of graphs timed per call."""
-    monkeypatch.setenv("CSTAR_LATENCY_CACHE", str(tmp_path / "cache"))
-    calls = []
-
+def charging_macs(calls: list):
+    """A stand-in for the runtime's timing: every graph takes one microsecond per thousand MACs; each call's
+    number of graphs is appended to ``calls``."""
     def fake(modules, x, runtime, threads, runs, rounds, **timing):
         calls.append(len(modules))
         return [macs_of(m, x) * 1e-6 for m in modules]
 
-    monkeypatch.setattr(latency, "interleaved_ms", fake)
+    return fake
+
+
+@pytest.fixture()
+def clock(monkeypatch, tmp_path):
+    """The MACs clock for one test; returns the list of graphs timed per call."""
+    monkeypatch.setenv("CSTAR_LATENCY_CACHE", str(tmp_path / "cache"))
+    calls = []
+    monkeypatch.setattr(latency, "interleaved_ms", charging_macs(calls))
     return calls
 
 
@@ -93,12 +99,24 @@ def test_a_speedup_no_pruning_reaches_is_refused_with_the_fastest_measured(clock
         ratio_for_speedup(dense_model(spec), 2000.0, spec.image_shape, runtime="eager", threads=1)
 
 
-@pytest.fixture()
-def finished(clock, digits, tmp_path):
+@pytest.fixture(scope="module")
+def finished_once(digits, tmp_path_factory):
+    """One comparison at 2x under the MACs clock, run once for the module."""
     train_set, test_set = digits
-    out = tmp_path / "run"
-    results = compare(dense_model(train_set.spec), train_set, test_set, config(), out, val_size=200)
-    return out, results, clock
+    root = tmp_path_factory.mktemp("speed")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CSTAR_LATENCY_CACHE", str(root / "cache"))
+        patch.setattr(latency, "interleaved_ms", charging_macs([]))
+        results = compare(dense_model(train_set.spec), train_set, test_set, config(), root / "run", val_size=200)
+    return root / "run", results
+
+
+@pytest.fixture()
+def finished(finished_once, clock, tmp_path):
+    """A copy of the module's comparison for one test to read or change, under a fresh MACs clock."""
+    out, results = finished_once
+    shutil.copytree(out, tmp_path / "run")
+    return tmp_path / "run", results, clock
 
 
 def test_every_trained_model_runs_at_least_the_target_speedup_as_measured(finished, digits):

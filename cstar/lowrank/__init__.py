@@ -8,7 +8,8 @@
   ``_plan.py``); :func:`check_reachable`: whether a target can be met, from the layers' shapes
   alone; :func:`check_plan`: whether a plan chosen beforehand fits a model and a target.
 - :func:`model_latencies_ms`: whole models timed interleaved on a runtime, as a latency budget's
-  plans are (``_latency.py``: the layer timings, their cache and the curve of ``budget="latency"``).
+  plans are, and :func:`where_timed`, where in words (``_latency.py``: the layer timings, their
+  cache and the curve of ``budget="latency"``).
 - :func:`learn_ranks` -> :class:`RankPlan`: ranks chosen by a score per rank component learned on the
   adversarial loss with the weights frozen (:class:`RankScoredModel`; ``_learned.py``).
 - :func:`layer_sensitivity`: how much the adversarial loss depends on each layer, weights for a
@@ -22,7 +23,7 @@
 
 from ._condition import condition_numbers, conditioning_penalty
 from ._decompose import check_plan, decompose
-from ._latency import model_latencies_ms
+from ._latency import model_latencies_ms, where_timed
 from ._layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from ._learned import RankScoredModel, learn_ranks
 from ._plan import LayerPlan, RankPlan
@@ -34,5 +35,6 @@ from ._tucker import mode_spectra, svd_factors, svd_project, tucker2, tucker2_pr
 __all__ = [
     "LayerPlan", "LowRankConv1x1", "LowRankLinear", "RankPlan", "RankScoredModel", "RankSpec", "Tucker2Conv2d",
     "check_plan", "check_reachable", "condition_numbers", "conditioning_penalty", "decompose", "layer_sensitivity",
-    "learn_ranks", "mode_spectra", "model_latencies_ms", "select_ranks", "svd_factors", "svd_project", "tucker2", "tucker2_project",
+    "learn_ranks", "mode_spectra", "model_latencies_ms", "select_ranks", "svd_factors", "svd_project", "tucker2",
+    "tucker2_project", "where_timed",
 ]
