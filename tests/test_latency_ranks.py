@@ -199,9 +199,9 @@ def test_timings_on_this_machine_meet_a_modest_speedup(monkeypatch, tmp_path, ru
         monkeypatch.setattr(latency, name, value)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no cache warning: a fresh folder
-        plan = select_ranks(_wide_model(), 1.5, budget="latency", runtime=runtime, input_shape=(3, 24, 24),
+        plan = select_ranks(_wide_model(), 1.3, budget="latency", runtime=runtime, input_shape=(3, 24, 24),
                             latency_threads=1)
-    assert plan.achieved_speedup >= 1.5 and plan.dense_latency_ms > plan.latency_ms > 0
+    assert plan.achieved_speedup >= 1.3 and plan.dense_latency_ms > plan.latency_ms > 0
     assert "1 thread(s), batch 1" in plan.measured_on and plan.runtime == runtime
 
 
