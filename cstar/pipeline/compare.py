@@ -118,15 +118,19 @@ class CompareConfig:
         every method able to meet a speed-up."""
         if self.budget not in BUDGETS:
             raise CstarError(f"unknown budget {self.budget!r} for a comparison; choose one of: {', '.join(BUDGETS)}")
-        spec = lowrank.RankSpec(self.ratios[0], budget=self.budget, runtime=self.runtime,
-                                latency_batch=self.latency_batch, latency_threads=self.latency_threads)
-        self.runtime = spec.runtime  # None -> onnxruntime for a latency budget
+        self.runtime = lowrank.RankSpec(self.ratios[0], **self.latency_budget()).runtime  # None -> onnxruntime
         if self.budget == "latency":
             unable = [m for m in self.methods if m != "dense" and compressors.speed_of(m) is None]
             if unable:
                 raise CstarError(f"{', '.join(unable)} cannot be held to a measured speed-up (budget='latency'): drop "
                                  f"{'it' if len(unable) == 1 else 'them'}, or compare at parameter ratios; methods "
                                  f"that can: {', '.join(n for n in compressors.names() if compressors.speed_of(n))}")
+
+    def latency_budget(self) -> dict:
+        """``budget`` and its latency settings, as :class:`cstar.lowrank.RankSpec` and
+        :class:`cstar.CompressConfig` take them."""
+        return {"budget": self.budget, "runtime": self.runtime, "latency_batch": self.latency_batch,
+                "latency_threads": self.latency_threads}
 
     def speed_kinds(self) -> set[str]:
         """How the compressed methods meet a speed-up (:data:`cstar.pipeline.speed.KINDS`); empty for a
@@ -223,8 +227,7 @@ def _training_settings(method: str, config: CompareConfig, seed: int) -> dict:
     budget, where the speed-up is measured."""
     phases = {key: _settings_record(getattr(config, key)) for key in compressors.settings_of(method)}
     if config.budget == "latency":
-        phases["speed"] = {"runtime": config.runtime, "latency_batch": config.latency_batch,
-                           "latency_threads": config.latency_threads}
+        phases["speed"] = {k: v for k, v in config.latency_budget().items() if k != "budget"}
     return {**phases, "seed": seed}
 
 
@@ -341,8 +344,7 @@ def compare(dense: nn.Module, train_set, test_set, config: CompareConfig, out_di
         record_trained_on(dense, train_set.spec.name, config.dense.eps)
     dense_size = (count_params(dense), count_macs(dense, input_shape))
     # a latency budget's structures, chosen (timed) once before any cell trains, or read back on a resume
-    targets = speed.speed_targets(dense, config, config.speed_kinds(), input_shape, out) if config.speed_kinds() \
-        else {}
+    targets = speed.speed_targets(dense, config, input_shape, out) if config.speed_kinds() else {}
 
     cells = {}
     for method in config.methods:

@@ -249,7 +249,7 @@ def _cstar(cell: Cell, plan: RankPlan | None = None, search: TrainConfig | None 
     settings of :class:`cstar.CompressConfig`), with ``plan``'s ranks when given and ADMM trained with ``search``
     (default ``cell.search``); the trained model (saved by compress: ``cell.model_dir``) and its phases' seconds."""
     if cell.speed is not None:  # held to the comparison's latency plan
-        plan, target = cell.speed.plans["global"], {**target, **cell.speed.budget()}
+        plan, target = cell.speed.plans["global"], {**target, **cell.speed.budget}
     settings = CompressConfig(ratio=cell.ratio, search=search or cell.search, finetune=cell.finetune,
                               admm=cell.admm, eval_phases=[], **target)
     phases = compress(cell.fresh_copy(), cell.train_set, None, settings, cell.out_dir / "cstar", pretrained=True,

@@ -49,21 +49,15 @@ SPEED_REPEATS = 3  # interleaved timings of every trained model at the end; the 
 
 @dataclass
 class SpeedTarget:
-    """What the methods of a comparison are held to at one speed-up measured on ``runtime`` (batches of
-    ``batch``, ``threads`` threads; None: torch's): ``plans`` (rank plans by allocation, ``"global"`` /
-    ``"uniform"``) and ``pruning`` (the parameter ratio of channel pruning)."""
+    """What the methods of a comparison are held to at one measured speed-up: ``budget`` (where it is measured:
+    the latency settings of :class:`cstar.CompressConfig` and :class:`cstar.lowrank.RankSpec`, ``ratio``
+    apart), ``plans`` (rank plans by allocation, ``"global"`` / ``"uniform"``) and ``pruning`` (the parameter
+    ratio of channel pruning)."""
 
     speedup: float
-    runtime: str
-    batch: int
-    threads: int | None
+    budget: dict
     plans: dict[str, RankPlan] = field(default_factory=dict)
     pruning: prune.PruningSpeed | None = None
-
-    def budget(self) -> dict:
-        """The latency budget's settings of :class:`cstar.CompressConfig` (``ratio`` apart) for this target."""
-        return {"budget": "latency", "runtime": self.runtime, "latency_batch": self.batch,
-                "latency_threads": self.threads}
 
     def record(self, kind: str) -> dict:
         """What a cell of method kind ``kind`` records of its target: the structure's measured speed-up when it
@@ -75,11 +69,6 @@ class SpeedTarget:
         plan = self.plans[kind]
         return {"kind": kind, "params_ratio": plan.achieved_ratio, "speedup_when_chosen": plan.achieved_speedup,
                 "measured_on": plan.measured_on}
-
-
-def _spec(config, speedup: float, method: str) -> RankSpec:
-    return RankSpec(speedup, budget="latency", method=method, runtime=config.runtime,
-                    latency_batch=config.latency_batch, latency_threads=config.latency_threads)
 
 
 def _file(folder: Path, speedup: float, kind: str) -> Path:
@@ -105,7 +94,7 @@ def _read_or_choose(dense: nn.Module, config, speedup: float, kind: str, input_s
                                          reference=None if reference is None else lowrank.decompose(dense, reference))
         write_json(path, target.to_dict())
         return target
-    spec = _spec(config, speedup, kind)
+    spec = RankSpec(speedup, method=kind, **config.latency_budget())
     if path.exists():
         plan = RankPlan.load(path)
         lowrank.check_plan(dense, plan, spec)
@@ -129,18 +118,18 @@ def _check_recorded(path: Path, target: float, measured_on: str, speedup: float,
                          f"{speedup:g}x with {_where(config)}: resume where and as it was made, or give a new --out")
 
 
-def speed_targets(dense: nn.Module, config, kinds: set[str], input_shape: tuple[int, ...],
-                  out: Path) -> dict[float, SpeedTarget]:
-    """The :class:`SpeedTarget` of every speed-up of ``config.ratios`` for the method kinds ``kinds``, chosen on
-    the main process (read back from ``out/speed_targets`` where chosen before) and shared with the others."""
-    targets = None
+def speed_targets(dense: nn.Module, config, input_shape: tuple[int, ...], out: Path) -> dict[float, SpeedTarget]:
+    """The :class:`SpeedTarget` of every speed-up of ``config.ratios`` for the ways its methods meet one
+    (``config.speed_kinds()``), chosen on the main process (read back from ``out/speed_targets`` where chosen
+    before) and shared with the others."""
+    targets, kinds = None, config.speed_kinds()
     if distributed.is_main():
         folder = out / "speed_targets"
         folder.mkdir(parents=True, exist_ok=True)
         dense_cpu = copy.deepcopy(dense).cpu().eval()
         targets = {}
         for speedup in config.ratios:
-            target = SpeedTarget(speedup, config.runtime, config.latency_batch, config.latency_threads)
+            target = SpeedTarget(speedup, config.latency_budget())
             for kind in sorted(kinds - {"pruning"}):  # "global", "uniform": the rank plans first
                 target.plans[kind] = _read_or_choose(dense_cpu, config, speedup, kind, input_shape, folder)
             if "pruning" in kinds:
