@@ -306,6 +306,15 @@ def test_every_command_of_the_parser_has_one_short_function():
     assert max(lengths.values()) <= 40, lengths
 
 
+def test_compare_help_names_every_registered_method():
+    from cstar.cli import build_parser
+    from cstar.pipeline import compressors
+
+    text = " ".join(build_parser().subcommands["compare"].format_help().split()).replace("- ", "-")
+    assert all(name in text for name in compressors.names()), text
+    assert "harp" in text and "lowrank_learned" in text
+
+
 @pytest.mark.parametrize("ratio", ["0.5", "100000"])
 def test_an_impossible_ratio_is_refused_before_training_and_leaves_no_output(capsys, tmp_path, ratio):
     out = tmp_path / "run"

@@ -90,3 +90,20 @@ def test_the_dataset_preset_used_is_printed_and_recorded(capsys, tmp_path):
     assert json.loads((out / "env.json").read_text())["defaults_preset"] == "mnist_small_cnn_cpu"
     recorded = yaml.safe_load((out / "config.yaml").read_text())
     assert recorded["search"]["optimizer"] == "adam" and recorded["search"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("config, named", [(None, False), ("compare_mnist_cpu", False),
+                                           ("configs/compare_mnist_4x_budget.yaml", True)])
+def test_the_printed_preset_names_a_config_laid_over_it(capsys, config, named):
+    import argparse
+
+    import torch
+
+    from cstar.cli import _runs
+
+    args = argparse.Namespace(data="mnist", defaults_preset="compare_mnist_cpu", config=config)
+    _runs.print_defaults(args, torch.device("cpu"))
+    printed = capsys.readouterr().out
+    assert "the mnist preset for CPU 'compare_mnist_cpu'" in printed
+    assert ("--config configs/compare_mnist_4x_budget.yaml" in printed) == named
+    assert printed.rstrip().endswith("the options given")

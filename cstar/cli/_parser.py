@@ -18,6 +18,7 @@ from .._core.checks import check_radius
 from .._core.errors import CstarError
 from .._core.renamed import old_name, renamed_value
 from ..lowrank._spec import RUNTIMES
+from ..pipeline import compressors
 from ..training.fit import AMP_DTYPES, ATTACKS, OPTIMIZERS, SCHEDULES, TrainConfig
 
 FACTORY_FORMS = "package.module:factory, torchvision:NAME, timm:NAME (with --model-arg KEY=VALUE)"
@@ -352,9 +353,8 @@ def _compare(sub) -> None:
                    help="comma-separated speed-ups measured on --runtime: the same as --budget latency --ratios LIST")
     _latency_options(g, "structures and models")
     g.add_argument("--methods", default="dense,cstar,hydra,magnitude,lowrank_global,lowrank_uniform",
-                   help="comma-separated: dense, cstar, hydra, magnitude, lowrank_global, lowrank_uniform, and "
-                        "cstar_equal_macs, lowrank_equal_macs (held to pruning's MACs ratio too), "
-                        "cstar_sensitivity, lowrank_sensitivity (robustness-aware ranks)")
+                   help=f"comma-separated: dense and the registered methods ({', '.join(compressors.names())}; "
+                        "what each does: cstar.pipeline.compressors; default: %(default)s)")
     g.add_argument("--dense", type=yaml_mapping, default=None, help="dense training settings (without --checkpoint)")
     g.add_argument("--search", type=yaml_mapping, default=None,
                    help="first-phase settings of every method (default epochs 5, lr 0.01)")

@@ -96,5 +96,7 @@ def write_run_files(out: Path, args: argparse.Namespace, eps: float, where: torc
 def print_defaults(args: argparse.Namespace, where: torch.device) -> None:
     """Say which dataset preset the settings start from (recorded in env.json as ``defaults_preset``)."""
     if args.defaults_preset:
+        named = args.config and Path(args.config).stem != args.defaults_preset  # not the preset itself
+        given = f"--config {args.config} and the options given" if named else "the options given"
         print(f"settings: the {args.data} preset for {where.type.upper()} '{args.defaults_preset}' "
-              f"(cstar/presets/{args.defaults_preset}.yaml), under the options given", flush=True)
+              f"(cstar/presets/{args.defaults_preset}.yaml), under {given}", flush=True)
