@@ -187,6 +187,19 @@ def test_a_crafted_pruning_record_is_refused_in_one_line(finished, digits, conte
         compare(dense_model(train_set.spec), train_set, test_set, config(), out, val_size=200)
 
 
+@pytest.mark.parametrize("field, value", [("dense_ms", True), ("pruned_ms", float("inf")), ("pruned_ms", 0),
+                                          ("reference_ms", -1.0), ("params_ratio", 1.0)],
+                         ids=["a-bool-time", "an-infinite-time", "a-zero-time", "a-negative-reference", "ratio-one"])
+def test_a_pruning_record_with_a_bad_field_is_refused(field, value):
+    from cstar.prune import PruningSpeed
+
+    record = {"target_speedup": 2.0, "params_ratio": 2.5, "dense_ms": 1.0, "pruned_ms": 0.5, "measured_on": "x",
+              "reference_ms": None}
+    assert PruningSpeed.from_dict(record, "r.json").speedup == 2.0
+    with pytest.raises(CstarError, match="r.json is not a pruning speed record cstar wrote"):
+        PruningSpeed.from_dict({**record, field: value}, "r.json")
+
+
 def test_a_method_that_cannot_meet_a_speedup_is_refused_before_any_work():
     with pytest.raises(CstarError, match="cstar_learned cannot be held to a measured speed-up"):
         config(methods=["dense", "cstar", "cstar_learned"])

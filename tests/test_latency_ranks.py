@@ -245,7 +245,8 @@ def test_learned_ranks_and_admm_reselection_refuse_a_latency_budget():
 
 
 @pytest.mark.parametrize("key, value", [pytest.param("latency_ms", "fast", id="latency-not-a-number"), ("dense_latency_ms", -1.0), ("runtime", 3),
-                                        ("latency_ms", float("nan"))])
+                                        ("latency_ms", float("nan")),
+                                        pytest.param("latency_ms", True, id="latency-a-bool")])
 def test_a_crafted_plan_with_bad_latency_fields_is_refused(key, value):
     record = select_ranks(ConvNet(), 2, budget="macs", input_shape=SHAPE).to_dict()
     record[key] = value

@@ -38,7 +38,7 @@ class Rule:
         """``value`` normalised (an int, a float, a bool, a choice or None), or one line naming ``what``."""
         if value is None and self.optional:
             return None
-        if not self._holds(value):
+        if not self.holds(value):
             if self.message:
                 raise CstarError(self.message.format(what=what, value=value))
             fix = f"; {self.fix}" if self.fix else ""
@@ -47,7 +47,8 @@ class Rule:
             return value
         return int(value) if self.kind == "int" else float(value)
 
-    def _holds(self, value: object) -> bool:
+    def holds(self, value: object) -> bool:
+        """Whether ``value`` is what the rule asks, as it is (no conversion, no message)."""
         if self.kind == "bool":
             return isinstance(value, bool)
         if self.kind == "choice":

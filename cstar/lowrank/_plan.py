@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .._core.checks import number
 from .._core.errors import CstarError
 from .._core.io import write_json
 from .._core.renamed import PLAN, accepting_old_names, old_attribute, renamed
@@ -190,6 +190,7 @@ RankPlan.__init__ = accepting_old_names(RankPlan.__init__, PLAN, "RankPlan()")
 
 _LATENCY_FIELDS = ("runtime", "measured_on", "dense_latency_ms", "latency_ms", "dense_latency_alone_ms",
                    "latency_alone_ms")
+_A_TIME = number(at_least=0)  # a latency field's time in ms: finite, >= 0, not a bool or text
 
 
 def _required(cls) -> list[str]:
@@ -202,8 +203,7 @@ def _check_latency_record(values: dict, what: str) -> None:
     for key in _LATENCY_FIELDS:
         value = values.get(key)
         text = key in ("runtime", "measured_on")
-        ok = value is None or (isinstance(value, str) if text else (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0))
+        ok = value is None or (isinstance(value, str) if text else _A_TIME.holds(value))
         if not ok:
             raise CstarError(f"{what}: {key} is {value!r}, not {'text' if text else 'a time in ms'}: pass a plan "
                              "written by RankPlan.save")

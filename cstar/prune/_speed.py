@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .._core.checks import check_ratio
+from .._core.checks import check_ratio, number
 from .._core.errors import CstarError
 from ..lowrank._latency import check_runtime, model_latencies_ms, where_timed
 from ._magnitude import magnitude_prune
@@ -65,10 +65,7 @@ class PruningSpeed:
         names = {"target_speedup", "params_ratio", "dense_ms", "pruned_ms", "measured_on", "reference_ms"}
         numbers = names - {"measured_on", "reference_ms"}
 
-        def positive(value) -> bool:
-            return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                    and value > 0)
-
+        positive = number(above=0).holds  # a finite time or ratio > 0, not a bool or text
         ok = (isinstance(values, dict) and set(values) == names and isinstance(values["measured_on"], str)
               and all(positive(values[k]) for k in numbers)
               and (values["reference_ms"] is None or positive(values["reference_ms"]))
