@@ -12,8 +12,8 @@ and, when the run has one, ``<out>.png`` (its accuracy-vs-ratio plot).
 
 ``--ours cstar_equal_macs --rival "post-hoc low rank=lowrank_equal_macs"``
 measures another method against other families (a ``--rival`` replaces the
-default family of its name; the default families: pruning = hydra, magnitude;
-post-hoc low rank = lowrank_global, lowrank_uniform).
+default family of its name; the default families: pruning = hydra, magnitude, harp;
+post-hoc low rank = lowrank_global, lowrank_uniform, lowrank_learned, lowrank_conditioned).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from pathlib import Path
 from cstar.records import cell_name, format_comparison, write_bytes, write_json, write_text
 from cstar import paired_difference
 
-RIVALS = {"pruning": ("hydra", "magnitude"), "post-hoc low rank": ("lowrank_global", "lowrank_uniform")}
+RIVALS = {"pruning": ("hydra", "magnitude", "harp"),
+          "post-hoc low rank": ("lowrank_global", "lowrank_uniform", "lowrank_learned", "lowrank_conditioned")}
 
 
 def margins(results: dict, per_example: dict[str, dict] | None = None, ours: str = "cstar",
