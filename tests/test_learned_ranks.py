@@ -145,18 +145,31 @@ def test_both_learned_methods_run_through_compare_at_the_ratio(tmp_path):
     for name in ("lowrank_learned-4x", "cstar_learned-4x"):
         assert 4.0 <= results["cells"][name]["params_ratio"] <= 4.0 * 1.02
         assert set(results["cells"][name]["train_seconds"]) == {"search", "finetune"}
-    assert len((cells / "lowrank_learned-4x" / "search" / "metrics.jsonl").read_text().splitlines()) == 2
+    # lowrank_learned: one of the two search epochs learns the scores, the other trains the factors at those ranks
+    assert len((cells / "lowrank_learned-4x" / "scores" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len((cells / "lowrank_learned-4x" / "search" / "metrics.jsonl").read_text().splitlines()) == 1
     # cstar_learned: one of the two search epochs learns the scores, the other is ADMM's, at the learned ranks
     assert len((cells / "cstar_learned-4x" / "scores" / "metrics.jsonl").read_text().splitlines()) == 1
     assert len((cells / "cstar_learned-4x" / "cstar" / "search" / "metrics.jsonl").read_text().splitlines()) == 1
     assert '"method": "learned"' in (cells / "cstar_learned-4x" / "cstar" / "plan.json").read_text()
 
 
-def test_cstar_learned_refuses_a_search_phase_it_cannot_split(tmp_path):
+@pytest.mark.parametrize("method", ["cstar_learned", "lowrank_learned"])
+def test_a_learned_rank_method_refuses_a_search_phase_it_cannot_split(tmp_path, method):
     train_set = data.load("digits", split="train")
     cfg = config()  # one search epoch
     cell = compressors.Cell(dense_model(train_set), 4.0, train_set, train_set, None, cfg.search, cfg.finetune,
                             cfg.admm, tmp_path / "c", 0)
-    with pytest.raises(CstarError, match="use search epochs >= 2"):
+    with pytest.raises(CstarError, match=f"{method} splits the search epochs.*use search epochs >= 2"):
+        compressors.get(method)(cell)
+    assert not (tmp_path / "c").exists()
+
+
+def test_cstar_learned_refuses_admm_that_would_replace_its_ranks(tmp_path):
+    train_set = data.load("digits", split="train")
+    cfg = config(search=dataclasses.replace(config().search, epochs=2))
+    cell = compressors.Cell(dense_model(train_set), 4.0, train_set, train_set, None, cfg.search, cfg.finetune,
+                            dataclasses.replace(cfg.admm, reselect=2), tmp_path / "c", 0)
+    with pytest.raises(CstarError, match="cstar_learned keeps its learned ranks: use admm reselect 0"):
         compressors.get("cstar_learned")(cell)
     assert not (tmp_path / "c").exists()

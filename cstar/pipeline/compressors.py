@@ -378,16 +378,29 @@ def learned_ranks(cell: Cell, settings: TrainConfig, out: Path) -> tuple[RankPla
     return plan, logged_seconds(out)
 
 
+SCORE_SHARE = 1 / 8  # the share of the search epochs (rounded up) in which the learned-rank methods learn ranks
+
+
+def split_search(cell: Cell, method: str) -> tuple[TrainConfig, TrainConfig]:
+    """The ``search`` settings of a learned-rank method, split: ``ceil(epochs * SCORE_SHARE)`` epochs for the rank
+    scores, the others for the weights (ADMM for ``cstar_learned``, the factors for ``lowrank_learned``)."""
+    epochs = cell.search.epochs
+    if epochs < 2:
+        raise CstarError(f"{method} splits the search epochs between its rank scores and its weights: use search "
+                         f"epochs >= 2 (got {epochs})")
+    scores = math.ceil(epochs * SCORE_SHARE)
+    return replace(cell.search, epochs=scores), replace(cell.search, epochs=epochs - scores)
+
+
 @register("lowrank_learned")
 def lowrank_learned(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
-    """Ranks learned on the adversarial loss with the weights frozen (``search``), post-hoc decomposition at those
-    ranks, then fine-tuning of the factors."""
-    plan, seconds = learned_ranks(cell, cell.search, cell.out_dir / "search")
-    model = decompose(cell.fresh_copy(), plan).to(cell.device)
-    return model, {"search": seconds, "finetune": cell.train(model, "finetune")}
-
-
-SCORE_SHARE = 1 / 8  # the share of the search epochs (rounded up) in which cstar_learned learns its ranks
+    """``cstar_learned`` without ADMM: ranks learned on the adversarial loss with the weights frozen in
+    ``ceil(search.epochs / 8)`` of the ``search`` epochs, the post-hoc decomposition at those ranks, its factors
+    trained in the other search epochs, then fine-tuned (the same budget as every method)."""
+    scores, factors = split_search(cell, "lowrank_learned")
+    plan, seconds = learned_ranks(cell, scores, cell.out_dir / "scores")
+    model, phases = replace(cell, search=factors).train_weights(decompose(cell.fresh_copy(), plan))
+    return model, {"search": round(seconds + phases["search"], 1), "finetune": phases["finetune"]}
 
 
 @register("cstar_learned", settings=("search", "finetune", "admm"))
@@ -395,14 +408,11 @@ def cstar_learned(cell: Cell) -> tuple[nn.Module, dict[str, float]]:
     """CSTAR at learned ranks: the scores learn in ``ceil(search.epochs / 8)`` of the ``search`` epochs, ADMM trains
     under the learned ranks in the others (the same budget as every method), then the decomposition and
     fine-tuning."""
-    epochs = cell.search.epochs
-    if epochs < 2 or cell.admm.reselect:
-        raise CstarError(f"cstar_learned splits the search epochs between its scores and ADMM and keeps its "
-                         f"learned ranks: use search epochs >= 2 (got {epochs}) and admm reselect 0 "
-                         f"(got {cell.admm.reselect})")
-    score_epochs = math.ceil(epochs * SCORE_SHARE)
-    plan, seconds = learned_ranks(cell, replace(cell.search, epochs=score_epochs), cell.out_dir / "scores")
-    model, phases = _cstar(cell, plan=plan, search=replace(cell.search, epochs=epochs - score_epochs))
+    if cell.admm.reselect:
+        raise CstarError(f"cstar_learned keeps its learned ranks: use admm reselect 0 (got {cell.admm.reselect})")
+    scores, admm = split_search(cell, "cstar_learned")
+    plan, seconds = learned_ranks(cell, scores, cell.out_dir / "scores")
+    model, phases = _cstar(cell, plan=plan, search=admm)
     return model, {**phases, "search": round(seconds + phases["search"], 1)}
 
 
