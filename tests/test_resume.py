@@ -339,3 +339,15 @@ def test_a_resume_with_other_settings_is_refused_in_one_line_naming_them():
     with pytest.raises(CstarError) as caught:
         check_same({"n": 5, "seed": 0}, {"n": 6, "seed": 0}, "the card was written", "delete it")
     assert str(caught.value) == "the card was written with other settings (n differ): delete it"
+
+
+def test_a_resume_of_a_finished_run_says_it_is_done_not_a_later_epoch(capsys, tmp_path):
+    train_set = data.load("digits", split="train")
+    config = TrainConfig(attack="clean", epochs=1, batch_size=64, check_size=0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    fit(model, data.make_loader(train_set, 64, train=True), config, out_dir=tmp_path, name="dense")
+    capsys.readouterr()
+    fit(model, data.make_loader(train_set, 64, train=True), config, out_dir=tmp_path, resume=True, name="dense")
+    out = capsys.readouterr().out
+    assert f"dense: all 1 epoch(s) done in {tmp_path / 'checkpoint.pt'}" in out
+    assert "epoch 2 of 1" not in out

@@ -276,7 +276,9 @@ def _resume(saver: Checkpointer, model: nn.Module, config: TrainConfig, out: Pat
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.history))
         batches = progress.partial["batches"]
         where = f"epoch {progress.epoch + 1}" + (f", batch {batches + 1}" if batches else "")
-        log.info(f"{name + ': ' if name else ''}resuming {saver.path} at {where} of {config.epochs}")
+        doing = (f"all {config.epochs} epoch(s) done in {saver.path}" if progress.epoch >= config.epochs
+                 else f"resuming {saver.path} at {where} of {config.epochs}")
+        log.info(f"{name + ': ' if name else ''}{doing}")
     return progress
 
 
