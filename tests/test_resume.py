@@ -309,15 +309,20 @@ def test_a_comparison_resumed_with_another_method_trains_only_the_new_cell(capsy
     assert yaml.safe_load((out / "config.yaml").read_text())["methods"] == "dense,magnitude,lowrank_global"
 
 
-def test_a_resumed_run_says_where_it_resumes(capsys, tmp_path):
+def resumed_output(capsys, out_dir, epochs: int) -> str:
+    """What a resume with ``epochs`` epochs prints after a finished run of one epoch in ``out_dir``."""
     train_set = data.load("digits", split="train")
     config = TrainConfig(attack="clean", epochs=1, batch_size=64, check_size=0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    fit(model, data.make_loader(train_set, 64, train=True), config, out_dir=tmp_path, name="dense")
+    fit(model, data.make_loader(train_set, 64, train=True), config, out_dir=out_dir, name="dense")
     capsys.readouterr()
-    fit(model, data.make_loader(train_set, 64, train=True), TrainConfig(**{**config.to_dict(), "epochs": 2}),
-        out_dir=tmp_path, resume=True, name="dense")
-    out = capsys.readouterr().out
+    fit(model, data.make_loader(train_set, 64, train=True), TrainConfig(**{**config.to_dict(), "epochs": epochs}),
+        out_dir=out_dir, resume=True, name="dense")
+    return capsys.readouterr().out
+
+
+def test_a_resumed_run_says_where_it_resumes(capsys, tmp_path):
+    out = resumed_output(capsys, tmp_path, epochs=2)
     assert f"dense: resuming {tmp_path / 'checkpoint.pt'} at epoch 2 of 2" in out
     assert "dense: epoch   2/2" in out
 
@@ -342,12 +347,6 @@ def test_a_resume_with_other_settings_is_refused_in_one_line_naming_them():
 
 
 def test_a_resume_of_a_finished_run_says_it_is_done_not_a_later_epoch(capsys, tmp_path):
-    train_set = data.load("digits", split="train")
-    config = TrainConfig(attack="clean", epochs=1, batch_size=64, check_size=0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    fit(model, data.make_loader(train_set, 64, train=True), config, out_dir=tmp_path, name="dense")
-    capsys.readouterr()
-    fit(model, data.make_loader(train_set, 64, train=True), config, out_dir=tmp_path, resume=True, name="dense")
-    out = capsys.readouterr().out
+    out = resumed_output(capsys, tmp_path, epochs=1)
     assert f"dense: all 1 epoch(s) done in {tmp_path / 'checkpoint.pt'}" in out
     assert "epoch 2 of 1" not in out
