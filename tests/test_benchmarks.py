@@ -46,6 +46,15 @@ def test_margins_are_cstar_minus_the_best_of_each_family_per_metric(summarize_co
     assert "pruning" not in rows[4.0, "clean"]  # no rival ran at 4x
 
 
+def test_harp_is_a_pruning_rival_and_learned_ranks_a_post_hoc_one(summarize_compare):
+    results = {"cells": {str(i): c for i, c in enumerate([
+        cell("cstar", 64.0, 0.50, 0.30), cell("magnitude", 64.0, 0.40, 0.20), cell("harp", 64.0, 0.45, 0.25),
+        cell("lowrank_global", 64.0, 0.49, 0.29), cell("lowrank_learned", 64.0, 0.52, 0.31)])}}
+    rows = {r["label"]: r for r in summarize_compare.margins(results)}
+    assert rows["pgd20"]["pruning"]["best"] == "harp"
+    assert rows["pgd20"]["post-hoc low rank"] == {"best": "lowrank_learned", "accuracy": 31.0, "margin": -1.0}
+
+
 def test_margins_of_another_method_against_named_families(summarize_compare):
     results = {"cells": {str(i): c for i, c in enumerate([
         cell("cstar", 32.0, 0.45, 0.30), cell("cstar_equal_macs", 32.0, 0.44, 0.29),
